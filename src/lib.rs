@@ -1,11 +1,17 @@
 //! bnlab: Batch Normalization (Ioffe & Szegedy 2015, arXiv 1502.03167) on CPU.
 //!
 //! The data path reads top to bottom, one module per arrow:
-//! `data` -> `nn` (layers built on `kernels`) -> `train` (loss, `optim`) -> `probes` -> `report`.
-//! See ARCHITECTURE.md.
+//! `data` -> `nn` (layers built on `kernels`) -> `network` (loss) -> `optim` -> `train`
+//! (steps, evaluation, Algorithm 2, probes) -> `report`. See ARCHITECTURE.md.
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod kernels;
+pub mod network;
+pub mod nn;
+pub mod optim;
+pub mod presets;
 pub mod report;
 
 pub use error::{Error, Result};

@@ -1,0 +1,209 @@
+//! Checkpoints as safetensors files with PyTorch's `state_dict` names, float32 tensors and
+//! `num_batches_tracked` as I64, so that `model.load_state_dict(safetensors.torch.load_file(p))`
+//! loads ours and we load PyTorch's. Writes are atomic: a temporary file, then a rename.
+
+use crate::network::Network;
+use crate::nn::TensorMut;
+use crate::{Error, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+/// A tensor read from a safetensors file, converted to f64 or i64 for checking.
+#[derive(Clone, Debug)]
+pub enum Loaded {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+}
+
+/// Every tensor of a safetensors file with its dtype and shape, plus the metadata map.
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, (Vec<usize>, Loaded)>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<TensorFile> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::checkpoint(path, msg);
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let loaded = decode(&view).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
+            tensors.insert(name, (view.shape().to_vec(), loaded));
+        }
+        Ok(TensorFile {
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    /// A float tensor as f64 (from F32 or F64).
+    pub fn f64s(&self, name: &str) -> Option<Vec<f64>> {
+        match self.tensors.get(name)? {
+            (_, Loaded::F32(v)) => Some(v.iter().map(|&x| x as f64).collect()),
+            (_, Loaded::F64(v)) => Some(v.clone()),
+            (_, Loaded::I64(_)) => None,
+        }
+    }
+
+    /// A float tensor as f32 (from F32 only).
+    pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
+        match self.tensors.get(name)? {
+            (_, Loaded::F32(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|(s, _)| s.as_slice())
+    }
+}
+
+fn decode(view: &TensorView<'_>) -> std::result::Result<Loaded, String> {
+    let data = view.data();
+    let count: usize = view.shape().iter().product();
+    let check = |size: usize| {
+        if data.len() != count * size {
+            Err(format!(
+                "{} bytes of data for {} elements",
+                data.len(),
+                count
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match view.dtype() {
+        Dtype::F32 => {
+            check(4)?;
+            Loaded::F32(
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            )
+        }
+        Dtype::F64 => {
+            check(8)?;
+            Loaded::F64(
+                data.chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect(),
+            )
+        }
+        Dtype::I64 => {
+            check(8)?;
+            Loaded::I64(
+                data.chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect(),
+            )
+        }
+        other => return Err(format!("unsupported dtype {other:?}")),
+    })
+}
+
+/// Write `bytes` to `path` atomically: a temporary file in the same directory, flushed to disk,
+/// then renamed over the target, so a kill at any instant leaves the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Save the network's `state_dict` to `path`.
+pub fn save(net: &mut Network, path: &Path) -> Result<()> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    net.visit_state(&mut |name, shape, t| {
+        let (dtype, bytes) = match t {
+            TensorMut::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorMut::I64(v) => (Dtype::I64, v.to_le_bytes().to_vec()),
+        };
+        owned.push((name.to_string(), dtype, shape.to_vec(), bytes));
+    });
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::checkpoint(path, format!("cannot encode '{n}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("bnlab_model".to_string(), net.preset.name().to_string());
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::checkpoint(path, format!("cannot encode: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Load a `state_dict` into the network. Every expected tensor must be present with the right
+/// shape and dtype and finite values, and no other tensor may be present: a checkpoint of
+/// another model is refused, with the first difference named.
+pub fn load(net: &mut Network, path: &Path) -> Result<()> {
+    let file = TensorFile::read(path)?;
+    let model = net.preset.name();
+    let bad = |msg: String| Error::checkpoint(path, format!("{msg} (loading into {model})"));
+    let mut expected = Vec::new();
+    let mut err: Option<Error> = None;
+    net.visit_state(&mut |name, shape, t| {
+        expected.push(name.to_string());
+        if err.is_some() {
+            return;
+        }
+        let Some((got_shape, data)) = file.tensors.get(name) else {
+            err = Some(bad(format!("missing tensor '{name}'")));
+            return;
+        };
+        if got_shape.as_slice() != shape {
+            err = Some(bad(format!(
+                "tensor '{name}' has shape {got_shape:?}, expected {shape:?}"
+            )));
+            return;
+        }
+        match (t, data) {
+            (TensorMut::F32(dst), Loaded::F32(src)) => {
+                if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+                    err = Some(bad(format!(
+                        "tensor '{name}' holds a non-finite value ({}) at index {i}",
+                        src[i]
+                    )));
+                    return;
+                }
+                dst.copy_from_slice(src);
+            }
+            (TensorMut::I64(dst), Loaded::I64(src)) => {
+                *dst = src.first().copied().unwrap_or(0);
+            }
+            (TensorMut::F32(_), _) => {
+                err = Some(bad(format!("tensor '{name}' must be F32")));
+            }
+            (TensorMut::I64(_), _) => {
+                err = Some(bad(format!("tensor '{name}' must be I64")));
+            }
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if let Some(extra) = file.tensors.keys().find(|k| !expected.contains(k)) {
+        return Err(bad(format!(
+            "unexpected tensor '{extra}': this checkpoint belongs to another model"
+        )));
+    }
+    Ok(())
+}

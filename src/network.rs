@@ -1,0 +1,115 @@
+//! A model ready to train: a preset's layers, the softmax cross-entropy loss on top, and the
+//! logits buffers, all sized once for the largest batch.
+
+use crate::kernels::activation::softmax_cross_entropy;
+use crate::nn::{BatchNorm, Ctx, InferenceStats, Layer, Mode, Sequential, TensorMut};
+use crate::presets::Preset;
+use crate::{Error, Result};
+
+pub struct Network {
+    pub preset: Preset,
+    pub body: Sequential,
+    pub threads: usize,
+    logits: Vec<f32>,
+    dlogits: Vec<f32>,
+    max_batch: usize,
+}
+
+impl Network {
+    pub fn new(preset: Preset, seed: u64, max_batch: usize, threads: usize) -> Self {
+        let mut body = preset.build(seed);
+        body.reserve(max_batch);
+        let k = body.out_size();
+        Network {
+            preset,
+            body,
+            threads: threads.max(1),
+            logits: vec![0.0; max_batch * k],
+            dlogits: vec![0.0; max_batch * k],
+            max_batch,
+        }
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    pub fn classes(&self) -> usize {
+        self.body.out_size()
+    }
+
+    fn ctx(&self, mode: Mode) -> Ctx {
+        Ctx {
+            mode,
+            threads: self.threads,
+        }
+    }
+
+    fn check_batch(&self, x: &[f32], n: usize) -> Result<()> {
+        if n == 0 || n > self.max_batch {
+            return Err(Error::Shape(format!(
+                "batch of {n} examples, network sized for 1..={}",
+                self.max_batch
+            )));
+        }
+        if x.len() < n * self.body.in_size() {
+            return Err(Error::Shape(format!(
+                "input holds {} values, need {} x {}",
+                x.len(),
+                n,
+                self.body.in_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward pass; returns the `n x classes` logits.
+    pub fn forward(&mut self, x: &[f32], n: usize, mode: Mode) -> Result<&[f32]> {
+        self.check_batch(x, n)?;
+        let ctx = self.ctx(mode);
+        self.body.forward(ctx, x, &mut self.logits, n)?;
+        Ok(&self.logits[..n * self.body.out_size()])
+    }
+
+    /// One forward and backward pass in training mode; leaves the gradients in the layers and
+    /// returns the mean cross-entropy loss.
+    pub fn forward_backward(&mut self, x: &[f32], labels: &[usize], n: usize) -> Result<f64> {
+        self.check_batch(x, n)?;
+        let ctx = self.ctx(Mode::Train);
+        let k = self.body.out_size();
+        self.body.forward(ctx, x, &mut self.logits, n)?;
+        let loss = softmax_cross_entropy(&self.logits, labels, n, k, Some(&mut self.dlogits));
+        self.body
+            .backward(ctx, x, &self.logits, &self.dlogits, None, n);
+        Ok(loss)
+    }
+
+    /// Mean cross-entropy of the last forward pass's logits.
+    pub fn loss_of_last(&self, labels: &[usize], n: usize) -> f64 {
+        softmax_cross_entropy(&self.logits, labels, n, self.body.out_size(), None)
+    }
+
+    pub fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        self.body.for_each_batch_norm(f)
+    }
+
+    pub fn set_inference_stats(&mut self, stats: InferenceStats) {
+        self.for_each_batch_norm(&mut |bn| bn.inference = stats);
+    }
+
+    /// Every tensor of the `state_dict`, in order.
+    pub fn visit_state(&mut self, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
+        self.body.visit_state("", f)
+    }
+
+    /// True when every parameter and buffer is finite.
+    pub fn all_finite(&mut self) -> bool {
+        let mut ok = true;
+        self.visit_state(&mut |_, _, t| {
+            if let TensorMut::F32(v) = t {
+                ok &= v.iter().all(|x| x.is_finite());
+            }
+        });
+        ok
+    }
+}

@@ -1,0 +1,294 @@
+//! The batch-normalization layer (PyTorch's `BatchNorm1d` for `s = 1`, `BatchNorm2d` for
+//! feature maps of `s = H * W` positions). The arithmetic lives in `kernels::batch_norm`; this
+//! layer owns gamma and beta, the running statistics, Algorithm 2's population statistics, and
+//! the cache (`xhat`, `inv_std`) for the backward pass.
+
+use super::{Ctx, Layer, Mode, TensorMut};
+use crate::kernels::batch_norm::{self as k, Dims, PopulationStats, RunningAverage};
+use crate::Result;
+
+/// Which statistics normalize at inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InferenceStats {
+    /// The running averages kept during training (PyTorch's convention).
+    Running,
+    /// The paper's Algorithm 2: averages over training mini-batches after training.
+    Population,
+}
+
+pub struct BatchNorm {
+    /// Feature maps (or features).
+    pub c: usize,
+    /// Positions per feature map (1 for fully connected layers).
+    pub s: usize,
+    pub eps: f32,
+    pub running_average: RunningAverage,
+    pub gamma: Option<Vec<f32>>,
+    pub beta: Option<Vec<f32>>,
+    grad_gamma: Vec<f32>,
+    grad_beta: Vec<f32>,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+    pub num_batches_tracked: i64,
+    pub inference: InferenceStats,
+    /// Algorithm 2's E[x] and Var[x], once computed.
+    pub population_mean: Option<Vec<f32>>,
+    pub population_var: Option<Vec<f32>>,
+    population: Option<PopulationStats>,
+    // Per-step workspace and backward cache.
+    batch_mean: Vec<f32>,
+    batch_mean_lo: Vec<f32>,
+    batch_var: Vec<f32>,
+    inv_std: Vec<f32>,
+    zeros: Vec<f32>,
+    xhat: Vec<f32>,
+    acc: Vec<f64>,
+    last_mode: Mode,
+}
+
+impl BatchNorm {
+    /// gamma = 1, beta = 0, running mean 0 and variance 1, as PyTorch initializes them.
+    pub fn new(c: usize, s: usize, eps: f32, affine: bool) -> Self {
+        BatchNorm {
+            c,
+            s,
+            eps,
+            running_average: RunningAverage::Exponential { momentum: 0.1 },
+            gamma: affine.then(|| vec![1.0; c]),
+            beta: affine.then(|| vec![0.0; c]),
+            grad_gamma: vec![0.0; c],
+            grad_beta: vec![0.0; c],
+            running_mean: vec![0.0; c],
+            running_var: vec![1.0; c],
+            num_batches_tracked: 0,
+            inference: InferenceStats::Running,
+            population_mean: None,
+            population_var: None,
+            population: None,
+            batch_mean: vec![0.0; c],
+            batch_mean_lo: vec![0.0; c],
+            batch_var: vec![0.0; c],
+            inv_std: vec![0.0; c],
+            zeros: vec![0.0; c],
+            xhat: Vec::new(),
+            acc: vec![0.0; 2 * c],
+            last_mode: Mode::Train,
+        }
+    }
+
+    /// The mini-batch mean and biased variance of the last training-mode forward pass.
+    pub fn batch_stats(&self) -> (&[f32], &[f32]) {
+        (&self.batch_mean, &self.batch_var)
+    }
+
+    /// Start Algorithm 2: the following `Mode::Population` passes accumulate batch statistics.
+    pub fn begin_population(&mut self) {
+        self.population = Some(PopulationStats::new(self.c));
+    }
+
+    /// End Algorithm 2: fix E[x] and Var[x]. Returns the number of batches averaged.
+    pub fn finish_population(&mut self) -> usize {
+        let Some(p) = self.population.take() else {
+            return 0;
+        };
+        let mut mean = vec![0.0; self.c];
+        let mut var = vec![0.0; self.c];
+        if p.finish(&mut mean, &mut var) {
+            self.population_mean = Some(mean);
+            self.population_var = Some(var);
+        }
+        p.batches()
+    }
+
+    fn dims(&self, n: usize) -> Dims {
+        Dims {
+            n,
+            c: self.c,
+            s: self.s,
+        }
+    }
+
+    fn training_stats(&mut self, x: &[f32], n: usize) -> Result<()> {
+        if self.s == 1 {
+            k::batch_stats_nc(
+                x,
+                n,
+                self.c,
+                &mut self.batch_mean,
+                &mut self.batch_mean_lo,
+                &mut self.batch_var,
+                &mut self.acc,
+            )?;
+        } else {
+            let d = self.dims(n);
+            k::batch_stats(
+                x,
+                d,
+                &mut self.batch_mean,
+                &mut self.batch_mean_lo,
+                &mut self.batch_var,
+            )?;
+        }
+        k::inv_std(&self.batch_var, self.eps, &mut self.inv_std);
+        Ok(())
+    }
+}
+
+impl Layer for BatchNorm {
+    fn in_size(&self) -> usize {
+        self.c * self.s
+    }
+    fn out_size(&self) -> usize {
+        self.c * self.s
+    }
+    fn reserve(&mut self, max_batch: usize) {
+        self.xhat.resize(max_batch * self.c * self.s, 0.0);
+    }
+
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let d = self.dims(n);
+        self.last_mode = ctx.mode;
+        let mean_lo: &[f32] = match ctx.mode {
+            Mode::Train | Mode::Population => {
+                self.training_stats(x, n)?;
+                &self.batch_mean_lo
+            }
+            Mode::Eval => {
+                let var = match (self.inference, &self.population_var) {
+                    (InferenceStats::Population, Some(v)) => v,
+                    _ => &self.running_var,
+                };
+                k::inv_std(var, self.eps, &mut self.inv_std);
+                &self.zeros
+            }
+        };
+        let mean: &[f32] = match ctx.mode {
+            Mode::Train | Mode::Population => &self.batch_mean,
+            Mode::Eval => match (self.inference, &self.population_mean) {
+                (InferenceStats::Population, Some(m)) => m,
+                _ => &self.running_mean,
+            },
+        };
+        k::normalize(
+            x,
+            d,
+            mean,
+            mean_lo,
+            &self.inv_std,
+            self.gamma.as_deref(),
+            self.beta.as_deref(),
+            y,
+            Some(&mut self.xhat),
+        );
+        match ctx.mode {
+            Mode::Train => {
+                self.num_batches_tracked += 1;
+                k::update_running(
+                    &mut self.running_mean,
+                    &mut self.running_var,
+                    &self.batch_mean,
+                    &self.batch_var,
+                    d.m(),
+                    self.running_average,
+                    self.num_batches_tracked,
+                );
+            }
+            Mode::Population => {
+                if let Some(p) = &mut self.population {
+                    p.add_batch(&self.batch_mean, &self.batch_var, d.m());
+                }
+            }
+            Mode::Eval => {}
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        _ctx: Ctx,
+        _x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let d = self.dims(n);
+        let affine = self.gamma.is_some();
+        let (dg, db) = if affine {
+            (
+                Some(&mut self.grad_gamma[..]),
+                Some(&mut self.grad_beta[..]),
+            )
+        } else {
+            (None, None)
+        };
+        let f = if self.last_mode == Mode::Eval {
+            k::backward_eval
+        } else {
+            k::backward_train
+        };
+        f(
+            dy,
+            &self.xhat,
+            &self.inv_std,
+            self.gamma.as_deref(),
+            d,
+            dx,
+            dg,
+            db,
+            &mut self.acc,
+        );
+    }
+
+    fn for_each_param(&mut self, f: &mut dyn FnMut(&mut [f32], &[f32])) {
+        if let Some(g) = &mut self.gamma {
+            f(g, &self.grad_gamma);
+        }
+        if let Some(b) = &mut self.beta {
+            f(b, &self.grad_beta);
+        }
+    }
+
+    fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
+        let c = [self.c];
+        if let Some(g) = &mut self.gamma {
+            f(&format!("{prefix}weight"), &c, TensorMut::F32(g));
+        }
+        if let Some(b) = &mut self.beta {
+            f(&format!("{prefix}bias"), &c, TensorMut::F32(b));
+        }
+        f(
+            &format!("{prefix}running_mean"),
+            &c,
+            TensorMut::F32(&mut self.running_mean),
+        );
+        f(
+            &format!("{prefix}running_var"),
+            &c,
+            TensorMut::F32(&mut self.running_var),
+        );
+        f(
+            &format!("{prefix}num_batches_tracked"),
+            &[],
+            TensorMut::I64(&mut self.num_batches_tracked),
+        );
+    }
+
+    fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        f(self)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "BatchNorm{}({}, eps={}{})",
+            if self.s == 1 { "1d" } else { "2d" },
+            self.c,
+            self.eps,
+            if self.gamma.is_some() {
+                ""
+            } else {
+                ", affine=False"
+            }
+        )
+    }
+}

@@ -1,0 +1,82 @@
+//! Inverted dropout: in training each value is kept with probability 1 - p and scaled by
+//! 1 / (1 - p), so inference is the identity.
+
+use super::{Ctx, Layer, Mode};
+use crate::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub struct Dropout {
+    size: usize,
+    pub p: f32,
+    rng: ChaCha8Rng,
+    mask: Vec<f32>,
+    last_train: bool,
+}
+
+impl Dropout {
+    pub fn new(size: usize, p: f32, seed: u64) -> Self {
+        Dropout {
+            size,
+            p,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            mask: Vec::new(),
+            last_train: false,
+        }
+    }
+}
+
+impl Layer for Dropout {
+    fn in_size(&self) -> usize {
+        self.size
+    }
+    fn out_size(&self) -> usize {
+        self.size
+    }
+    fn reserve(&mut self, max_batch: usize) {
+        self.mask.resize(max_batch * self.size, 0.0);
+    }
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let len = n * self.size;
+        self.last_train = ctx.mode == Mode::Train && self.p > 0.0;
+        if !self.last_train {
+            y[..len].copy_from_slice(&x[..len]);
+            return Ok(());
+        }
+        let keep = 1.0 - self.p;
+        let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
+        for m in &mut self.mask[..len] {
+            *m = if self.rng.gen::<f32>() < keep {
+                scale
+            } else {
+                0.0
+            };
+        }
+        for ((o, &v), &m) in y[..len].iter_mut().zip(&x[..len]).zip(&self.mask[..len]) {
+            *o = v * m;
+        }
+        Ok(())
+    }
+    fn backward(
+        &mut self,
+        _ctx: Ctx,
+        _x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let Some(dx) = dx else { return };
+        let len = n * self.size;
+        if self.last_train {
+            for ((o, &g), &m) in dx[..len].iter_mut().zip(&dy[..len]).zip(&self.mask[..len]) {
+                *o = g * m;
+            }
+        } else {
+            dx[..len].copy_from_slice(&dy[..len]);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("Dropout(p={})", self.p)
+    }
+}

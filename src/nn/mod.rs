@@ -1,0 +1,84 @@
+//! Layers: each owns its parameters, their gradients, its buffers (BN running statistics) and the
+//! cache its backward pass needs, sized once by `reserve` for the largest batch and reused.
+//!
+//! Conventions shared by every layer:
+//! - activations are row-major `n x features` slices (`features = C*H*W` for feature maps);
+//! - `backward` *writes* (does not accumulate) parameter gradients: no parameter is used twice
+//!   in one step, so no zeroing pass is needed;
+//! - `visit_state` walks named tensors with PyTorch's `state_dict` names.
+
+pub mod activation;
+pub mod batch_norm;
+pub mod dropout;
+pub mod linear;
+pub mod sequential;
+
+pub use activation::{Relu, Sigmoid};
+pub use batch_norm::{BatchNorm, InferenceStats};
+pub use dropout::Dropout;
+pub use linear::Linear;
+pub use sequential::Sequential;
+
+use crate::Result;
+
+/// What a forward pass is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: BN normalizes with mini-batch statistics and updates its running averages;
+    /// dropout drops.
+    Train,
+    /// Inference: BN normalizes with its inference statistics (running or population);
+    /// dropout is the identity.
+    Eval,
+    /// The paper's Algorithm 2 pass: the network is frozen, BN normalizes with mini-batch
+    /// statistics (as the layer above saw them in training) and accumulates them; dropout off.
+    Population,
+}
+
+/// Per-call settings passed down the network.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    pub mode: Mode,
+    /// Most threads a kernel may use.
+    pub threads: usize,
+}
+
+/// A named tensor handed out by `visit_state`.
+pub enum TensorMut<'a> {
+    F32(&'a mut [f32]),
+    I64(&'a mut i64),
+}
+
+pub trait Layer: Send {
+    /// Features per example in and out.
+    fn in_size(&self) -> usize;
+    fn out_size(&self) -> usize;
+    /// Size caches for batches of up to `max_batch` examples. Called once, outside the hot loop.
+    fn reserve(&mut self, max_batch: usize);
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()>;
+    /// `x` and `y` are the input and output of the last forward; `dx` is `None` when no
+    /// gradient is needed below (the first layer).
+    fn backward(
+        &mut self,
+        ctx: Ctx,
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    );
+    /// Each trainable parameter with its gradient, in `state_dict` order.
+    fn for_each_param(&mut self, f: &mut dyn FnMut(&mut [f32], &[f32])) {
+        let _ = f;
+    }
+    /// Each tensor of the `state_dict` (parameters and buffers) with its name and shape.
+    fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
+        let _ = (prefix, f);
+    }
+    /// Each batch-normalization layer inside, for settings and Algorithm 2.
+    fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        let _ = f;
+    }
+    /// A short description for summaries, e.g. `Linear(784, 100)`.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,119 @@
+//! SGD with PyTorch's semantics and learning-rate schedules.
+//!
+//! For each parameter w with gradient g:  d = g + weight_decay * w;
+//! v = d on the first step, then v = momentum * v + d;  w = w - lr * v.
+//! (With momentum 0 this is w = w - lr * d.) Weight decay applies to every parameter, BN's gamma
+//! and beta included, as `torch.optim.SGD(net.parameters(), ...)` does.
+
+use crate::network::Network;
+use crate::nn::Layer;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// lr * gamma^(floor(step / every))
+    Step {
+        every: usize,
+        gamma: f64,
+    },
+    /// lr * gamma^(step / every), decaying smoothly
+    Exponential {
+        every: usize,
+        gamma: f64,
+    },
+}
+
+impl Schedule {
+    /// The learning rate for 0-based step `step`.
+    pub fn lr(&self, base: f64, step: usize) -> f64 {
+        match *self {
+            Schedule::Constant => base,
+            Schedule::Step { every, gamma } => base * gamma.powi((step / every.max(1)) as i32),
+            Schedule::Exponential { every, gamma } => {
+                base * gamma.powf(step as f64 / every.max(1) as f64)
+            }
+        }
+    }
+
+    /// Parse `constant`, `step:EVERY:GAMMA` or `exp:EVERY:GAMMA`.
+    pub fn parse(s: &str) -> Result<Schedule> {
+        let bad = || {
+            Error::config(
+                "--schedule",
+                format!("'{s}' (expected constant, step:EVERY:GAMMA or exp:EVERY:GAMMA)"),
+            )
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        match parts.as_slice() {
+            ["constant"] => Ok(Schedule::Constant),
+            [kind @ ("step" | "exp"), every, gamma] => {
+                let every: usize = every.parse().map_err(|_| bad())?;
+                let gamma: f64 = gamma.parse().map_err(|_| bad())?;
+                if every == 0 || !gamma.is_finite() || gamma <= 0.0 {
+                    return Err(bad());
+                }
+                Ok(if *kind == "step" {
+                    Schedule::Step { every, gamma }
+                } else {
+                    Schedule::Exponential { every, gamma }
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub schedule: Schedule,
+    velocity: Vec<Vec<f32>>,
+    pub steps_taken: usize,
+}
+
+impl Sgd {
+    pub fn new(lr: f64, momentum: f32, weight_decay: f32, schedule: Schedule) -> Self {
+        Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            schedule,
+            velocity: Vec::new(),
+            steps_taken: 0,
+        }
+    }
+
+    /// Apply one update with the gradients the last backward pass left in the network.
+    pub fn step(&mut self, net: &mut Network) {
+        let lr = self.schedule.lr(self.lr, self.steps_taken) as f32;
+        let (mom, wd) = (self.momentum, self.weight_decay);
+        let first = self.steps_taken == 0;
+        if mom != 0.0 && self.velocity.is_empty() {
+            // Sized once, on the first step.
+            net.body
+                .for_each_param(&mut |w, _| self.velocity.push(vec![0.0; w.len()]));
+        }
+        let mut idx = 0;
+        let velocity = &mut self.velocity;
+        net.body.for_each_param(&mut |w, g| {
+            if mom == 0.0 {
+                for (wv, &gv) in w.iter_mut().zip(g) {
+                    let d = gv + wd * *wv;
+                    *wv -= lr * d;
+                }
+            } else {
+                let v = &mut velocity[idx];
+                for ((wv, &gv), vv) in w.iter_mut().zip(g).zip(v.iter_mut()) {
+                    let d = gv + wd * *wv;
+                    *vv = if first { d } else { mom * *vv + d };
+                    *wv -= lr * *vv;
+                }
+            }
+            idx += 1;
+        });
+        self.steps_taken += 1;
+    }
+}
