@@ -1,1 +1,211 @@
-//! report
+//! Reports: the files a finished experiment leaves behind for people and for other programs.
+//!
+//! [`write_mnist_report`] turns the measurements of the paper's MNIST experiment (Figure 1 of
+//! Ioffe & Szegedy 2015) into five files in one directory:
+//!
+//! | file | for |
+//! | --- | --- |
+//! | `metrics.csv` | every evaluation of every net, one row each, for spreadsheets and pandas |
+//! | `results.json` | the same curves plus setup and final accuracies, for programs |
+//! | `fig1.svg`, `fig1.png` | the paper's Figure 1: (a) test accuracy, (b)/(c) sigmoid-input percentiles |
+//! | `summary.md` | a readable report with our numbers beside the PyTorch reference |
+//!
+//! Every file is written atomically ([`write_atomic`]): a crash or a full disk never leaves a
+//! half-written report that looks complete. [`line_chart`] is the generic accuracy-vs-steps chart
+//! for later studies.
+
+mod figure;
+mod png;
+mod summary;
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+pub use figure::line_chart;
+
+/// One evaluation during training.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CurvePoint {
+    /// Training steps (mini-batches) done before this evaluation.
+    pub step: usize,
+    /// Test accuracy as a fraction in 0..1.
+    pub test_accuracy: f64,
+    /// 15th percentile of the input to the probed sigmoid of the last hidden layer.
+    pub p15: f64,
+    /// 50th percentile (median) of the same input.
+    pub p50: f64,
+    /// 85th percentile of the same input.
+    pub p85: f64,
+    /// Training loss around this step.
+    pub train_loss: f64,
+}
+
+/// The measurements of one trained net.
+#[derive(Clone, Debug)]
+pub struct VariantRun {
+    /// "mlp-fig1" (no BN) or "mlp-fig1-bn".
+    pub name: String,
+    /// One point per evaluation, ascending step (the first point may be step 0).
+    pub curve: Vec<CurvePoint>,
+    /// Final test accuracy (fraction 0..1) with running-average BN statistics.
+    pub final_running: f64,
+    /// Final test accuracy with the paper's Algorithm 2 population statistics (plain net: same as running).
+    pub final_population: f64,
+    /// Wall-clock seconds spent training.
+    pub train_seconds: f64,
+}
+
+/// Everything [`write_mnist_report`] needs.
+#[derive(Clone, Debug)]
+pub struct MnistReport {
+    /// Free-form description of the run (flags, seeds, data paths); copied into results.json and summary.md.
+    pub setup: serde_json::Value,
+    /// The nets, usually "mlp-fig1" and "mlp-fig1-bn".
+    pub variants: Vec<VariantRun>,
+}
+
+/// Name of the net without batch normalization.
+pub const PLAIN_NAME: &str = "mlp-fig1";
+/// Name of the net with batch normalization.
+pub const BN_NAME: &str = "mlp-fig1-bn";
+
+/// Writes metrics.csv, results.json, fig1.svg, fig1.png and summary.md into `out_dir`, creating it if needed.
+pub fn write_mnist_report(out_dir: &Path, report: &MnistReport) -> Result<()> {
+    validate(out_dir, report)?;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    write_atomic(&out_dir.join("metrics.csv"), metrics_csv(report).as_bytes())?;
+    let json_path = out_dir.join("results.json");
+    let json = serde_json::to_string_pretty(&results_json(report)).map_err(|e| Error::Report {
+        path: json_path.clone(),
+        msg: e.to_string(),
+    })?;
+    write_atomic(&json_path, format!("{json}\n").as_bytes())?;
+    figure::write_fig1(&out_dir.join("fig1"), report)?;
+    write_atomic(
+        &out_dir.join("summary.md"),
+        summary::summary_md(report).as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Rejects reports that would produce misleading files: duplicate names (results.json is keyed
+/// by name, so one net would silently vanish) and curves whose steps go backwards (the lines in
+/// the figure would fold over and "steps to 97%" would be meaningless).
+fn validate(out_dir: &Path, report: &MnistReport) -> Result<()> {
+    let fail = |msg: String| Error::Report {
+        path: out_dir.to_path_buf(),
+        msg,
+    };
+    for (i, v) in report.variants.iter().enumerate() {
+        if v.name.is_empty() {
+            return Err(fail(format!("variant {i} has an empty name")));
+        }
+        if v.name.contains([',', '"', '\n', '\r']) {
+            // The CSV is written without quoting, so a name must not need it.
+            return Err(fail(format!(
+                "variant name {:?} contains a comma, quote or newline",
+                v.name
+            )));
+        }
+        if report.variants[..i].iter().any(|w| w.name == v.name) {
+            return Err(fail(format!("variant {:?} appears twice", v.name)));
+        }
+        if let Some(w) = v.curve.windows(2).find(|w| w[1].step < w[0].step) {
+            return Err(fail(format!(
+                "curve of {:?} goes back from step {} to step {}",
+                v.name, w[0].step, w[1].step
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `variant,step,test_accuracy,...`; floats use Rust's shortest round-trip form so that reading
+/// the file back gives exactly the measured values.
+fn metrics_csv(report: &MnistReport) -> String {
+    let mut s = String::from("variant,step,test_accuracy,p15,p50,p85,train_loss\n");
+    for v in &report.variants {
+        for p in &v.curve {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{},{}",
+                v.name, p.step, p.test_accuracy, p.p15, p.p50, p.p85, p.train_loss
+            );
+        }
+    }
+    s
+}
+
+fn results_json(report: &MnistReport) -> serde_json::Value {
+    let variants: serde_json::Map<String, serde_json::Value> = report
+        .variants
+        .iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                serde_json::json!({
+                    "curve": v.curve,
+                    "final": { "running": v.final_running, "population": v.final_population },
+                    "train_seconds": v.train_seconds,
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({ "setup": report.setup, "variants": variants })
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
+/// write `path.tmp`, fsync it, rename it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path.file_name().ok_or_else(|| Error::Report {
+        path: path.to_path_buf(),
+        msg: "path has no file name".into(),
+    })?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        // Without the fsync a crash after the rename could leave an empty file under the final name.
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        // Best effort: a stale .tmp would only confuse whoever looks at the directory.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Percentage with two decimals, as used in summary.md: 0.98123 -> "98.12%".
+pub fn fmt_percent(acc: f64) -> String {
+    format!("{:.2}%", acc * 100.0)
+}
+
+/// Step counts as on the figure axes: 0, 500, 1k, 2.5k, 10k.
+pub fn fmt_steps(step: f64) -> String {
+    if step.abs() >= 1000.0 {
+        let k = step / 1000.0;
+        if (k - k.round()).abs() < 1e-9 {
+            format!("{}k", k.round() as i64)
+        } else {
+            format!("{k:.1}k")
+        }
+    } else {
+        format!("{}", step.round() as i64)
+    }
+}
+
+/// The readable name of a variant, as used in the figure legend and summary.md.
+pub fn display_name(name: &str) -> &str {
+    match name {
+        PLAIN_NAME => "Without BN",
+        BN_NAME => "With BN",
+        other => other,
+    }
+}
