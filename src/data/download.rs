@@ -1,0 +1,191 @@
+//! Fetching data files from mirrors, verified by SHA-256 before anything is written.
+//!
+//! Checksums are over the *decompressed* files because the gzip wrappers differ between mirrors
+//! while the IDX content is the same everywhere. A file is written only after its content has
+//! been verified, and then atomically (temporary file, fsync, rename), so an interrupted or bad
+//! download never leaves a file that a later run would trust.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::idx::{gunzip, is_gzip};
+use super::mnist::find_file;
+use crate::error::{Error, Result};
+
+/// Base URLs (ending in `/`) that serve `<name>.gz` for each MNIST file, tried in order.
+/// The original yann.lecun.com site now refuses automated downloads, so it is not listed.
+pub const MNIST_MIRRORS: &[&str] = &[
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+];
+
+/// SHA-256 of each decompressed MNIST file.
+pub const MNIST_SHA256: [(&str, &str); 4] = [
+    (
+        "train-images-idx3-ubyte",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    (
+        "train-labels-idx1-ubyte",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    (
+        "t10k-images-idx3-ubyte",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    (
+        "t10k-labels-idx1-ubyte",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Whole-request limit: generous enough for the 9.9 MB training images on a slow link, short
+/// enough that a stalled mirror gives way to the next one.
+const GLOBAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest response body accepted (ureq's default cap of 10 MB is below the MNIST image file).
+const MAX_BODY: u64 = 256 * 1024 * 1024;
+
+/// Downloads every `(name, sha256)` in `files` that is missing from `dir` (as `name` or
+/// `name.gz`): tries `{mirror}{name}.gz` for each mirror in turn, checks the SHA-256 of the
+/// decompressed content and writes `dir/{name}.gz`. Files already present are left alone.
+pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> Result<()> {
+    let todo: Vec<(&str, &str)> = files
+        .iter()
+        .copied()
+        .filter(|(name, _)| find_file(dir, name).is_none())
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_global(Some(GLOBAL_TIMEOUT))
+        .build()
+        .into();
+    for (name, sha) in todo {
+        let gz_name = format!("{name}.gz");
+        let mut failures = Vec::new();
+        let mut fetched = None;
+        for mirror in mirrors {
+            let url = join_url(mirror, &gz_name);
+            match fetch_verified(&agent, &url, sha) {
+                Ok(bytes) => {
+                    fetched = Some((url, bytes));
+                    break;
+                }
+                Err(msg) => {
+                    eprintln!("warning: {url}: {msg}");
+                    failures.push(format!("{url}: {msg}"));
+                }
+            }
+        }
+        let Some((url, bytes)) = fetched else {
+            let msg = if failures.is_empty() {
+                "no mirrors to download from".to_string()
+            } else {
+                format!(
+                    "all {} mirror(s) failed: {}",
+                    failures.len(),
+                    failures.join("; ")
+                )
+            };
+            return Err(Error::Download { url: gz_name, msg });
+        };
+        let dest = dir.join(&gz_name);
+        write_atomic(&dest, &bytes)?;
+        eprintln!(
+            "downloaded {url} ({} bytes, SHA-256 verified) -> {}",
+            bytes.len(),
+            dest.display()
+        );
+    }
+    Ok(())
+}
+
+/// `base` + `file`, inserting a `/` if `base` lacks one (users write mirrors either way).
+fn join_url(base: &str, file: &str) -> String {
+    if base.ends_with('/') {
+        format!("{base}{file}")
+    } else {
+        format!("{base}/{file}")
+    }
+}
+
+/// GETs `url` and returns the (gzipped) body if its decompressed content has SHA-256 `sha`;
+/// otherwise a one-line reason for the failure.
+fn fetch_verified(
+    agent: &ureq::Agent,
+    url: &str,
+    sha: &str,
+) -> std::result::Result<Vec<u8>, String> {
+    // Ask for the bytes as stored: a server applying Content-Encoding on top of the .gz would
+    // otherwise have ureq strip our gzip layer and the file written would not be the .gz.
+    let mut resp = agent
+        .get(url)
+        .header("Accept-Encoding", "identity")
+        .call()
+        .map_err(|e| e.to_string())?;
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_vec()
+        .map_err(|e| format!("reading the response failed: {e}"))?;
+    if !is_gzip(&body) {
+        return Err(format!(
+            "response ({} bytes) is not a gzip file",
+            body.len()
+        ));
+    }
+    let raw = gunzip(&body, Path::new(url)).map_err(|e| match e {
+        Error::Data { msg, .. } => msg,
+        other => other.to_string(),
+    })?;
+    let got = sha256_hex(&raw);
+    if !got.eq_ignore_ascii_case(sha) {
+        return Err(format!(
+            "SHA-256 checksum mismatch of the decompressed content: expected {sha}, got {got}"
+        ));
+    }
+    Ok(body)
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes `dest` via `dest.tmp` in the same directory, fsync and rename, so readers only ever see
+/// a missing file or a complete one. The temporary file is removed on failure.
+fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp_name = dest.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return result;
+    }
+    // Persist the rename itself; best effort, as not every platform can open a directory.
+    if let Some(parent) = dest.parent() {
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

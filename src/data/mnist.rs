@@ -1,0 +1,253 @@
+//! In-memory image-classification data sets in the MNIST layout: a directory holding
+//! `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and
+//! `t10k-labels-idx1-ubyte`, each optionally gzipped. MNIST and Fashion-MNIST share this layout,
+//! so nothing here is specific to digits beyond the default directory name and class count.
+//!
+//! Images stay as bytes (60,000 x 784 bytes = 47 MB for MNIST) and are turned into `f32` only one
+//! mini-batch at a time by [`Dataset::fill_batch`], which keeps memory at a quarter of an all-float
+//! copy and lets the training loop reuse one batch buffer.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::download::{download_files, MNIST_MIRRORS, MNIST_SHA256};
+use super::idx::read_idx;
+use crate::error::{Error, Result};
+
+/// File names (without `.gz`) of a data set in the MNIST layout: training images and labels,
+/// then test images and labels.
+pub const MNIST_FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Number of classes in MNIST (and Fashion-MNIST).
+pub const MNIST_CLASSES: usize = 10;
+
+/// Environment variable naming the directory that holds one sub-directory per data set.
+pub const DATA_ENV: &str = "BNLAB_DATA";
+
+/// Environment variable overriding the MNIST download mirrors with one base URL.
+pub const MIRROR_ENV: &str = "BNLAB_MNIST_MIRROR";
+
+/// Labelled images held as bytes. `images` is row-major `len() x rows x cols`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dataset {
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
+    pub classes: usize,
+}
+
+impl Dataset {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pixels per image (`rows * cols`).
+    pub fn features(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// The bytes of image `i`.
+    ///
+    /// # Panics
+    /// If `i >= len()`; indices come from the program, not from user input.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let f = self.features();
+        &self.images[i * f..(i + 1) * f]
+    }
+
+    /// Copies the examples `indices` into a batch: `x` (row-major `indices.len() x features()`)
+    /// gets pixels / 255 as `f32`, `y` gets the labels. Does not allocate.
+    ///
+    /// # Panics
+    /// If `x` or `y` has the wrong length or an index is out of range: these are bugs in the
+    /// caller, not bad input.
+    pub fn fill_batch(&self, indices: &[usize], x: &mut [f32], y: &mut [usize]) {
+        let f = self.features();
+        assert_eq!(
+            x.len(),
+            indices.len() * f,
+            "fill_batch: x has {} floats, expected {} examples x {f} features",
+            x.len(),
+            indices.len()
+        );
+        assert_eq!(
+            y.len(),
+            indices.len(),
+            "fill_batch: y has {} labels, expected {}",
+            y.len(),
+            indices.len()
+        );
+        for ((&i, xr), yr) in indices.iter().zip(x.chunks_exact_mut(f)).zip(y.iter_mut()) {
+            // Division (not multiplication by 1/255) so every pixel is exactly the correctly
+            // rounded byte/255, matching the reference statistics to the last bit.
+            for (xv, &b) in xr.iter_mut().zip(self.image(i)) {
+                *xv = b as f32 / 255.0;
+            }
+            *yr = self.labels[i] as usize;
+        }
+    }
+}
+
+/// A training set and a test set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+/// Loads an image file (3-D IDX) and its label file (1-D IDX) and checks that they belong
+/// together and that every label is below `classes`.
+pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<Dataset> {
+    let img = read_idx(images, 3)?;
+    let lab = read_idx(labels, 1)?;
+    let (n_img, rows, cols) = (img.dims[0], img.dims[1], img.dims[2]);
+    let n_lab = lab.dims[0];
+    if n_img != n_lab {
+        return Err(Error::data(
+            images,
+            format!(
+                "count mismatch: {n_img} images but {} has {n_lab} labels",
+                labels.display()
+            ),
+        ));
+    }
+    if let Some((i, &v)) = lab
+        .data
+        .iter()
+        .enumerate()
+        .find(|&(_, &v)| v as usize >= classes)
+    {
+        return Err(Error::data(
+            labels,
+            format!("label out of range: label at index {i} is {v}, expected 0..{classes}"),
+        ));
+    }
+    Ok(Dataset {
+        images: img.data,
+        labels: lab.data,
+        rows,
+        cols,
+        classes,
+    })
+}
+
+/// The path of `name` in `dir`, preferring `name.gz` over `name`; `None` if neither exists.
+pub fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    let gz = dir.join(format!("{name}.gz"));
+    if gz.is_file() {
+        return Some(gz);
+    }
+    let raw = dir.join(name);
+    raw.is_file().then_some(raw)
+}
+
+/// The names among `names` that exist in `dir` neither gzipped nor raw.
+pub fn missing_files<'a>(dir: &Path, names: &[&'a str]) -> Vec<&'a str> {
+    names
+        .iter()
+        .copied()
+        .filter(|n| find_file(dir, n).is_none())
+        .collect()
+}
+
+/// Loads a directory in the MNIST layout with `classes` classes.
+pub fn load_idx_dir(dir: &Path, classes: usize) -> Result<Split> {
+    let missing = missing_files(dir, &MNIST_FILES);
+    if !missing.is_empty() {
+        let expected: Vec<String> = missing
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} (or {})",
+                    dir.join(format!("{n}.gz")).display(),
+                    dir.join(n).display()
+                )
+            })
+            .collect();
+        return Err(Error::data(
+            dir,
+            format!(
+                "missing data file(s): {}; pass `--data DIR` for a directory that holds them, \
+                 or enable the download (`--download`) to fetch them",
+                expected.join(", ")
+            ),
+        ));
+    }
+    let path = |n: &str| find_file(dir, n).unwrap_or_else(|| dir.join(n));
+    let [tri, trl, tei, tel] = MNIST_FILES.map(path);
+    // Decompressing the training images dominates loading; doing the test set on a second
+    // thread at the same time hides most of the rest.
+    let (train, test) = std::thread::scope(|s| {
+        let test = s.spawn(|| load_pair(&tei, &tel, classes));
+        let train = load_pair(&tri, &trl, classes);
+        let test = test.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (train, test)
+    });
+    let (train, test) = (train?, test?);
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(Error::data(
+            &tei,
+            format!(
+                "test images are {}x{} but training images ({}) are {}x{}",
+                test.rows,
+                test.cols,
+                tri.display(),
+                train.rows,
+                train.cols
+            ),
+        ));
+    }
+    Ok(Split { train, test })
+}
+
+/// Loads MNIST (10 classes) from `dir`.
+pub fn load_mnist_dir(dir: &Path) -> Result<Split> {
+    load_idx_dir(dir, MNIST_CLASSES)
+}
+
+/// The directory of data set `name`: `--data DIR` if given, else `$BNLAB_DATA/<name>`, else
+/// `./data/<name>`.
+pub fn resolve_data_dir(flag: Option<&Path>, name: &str) -> PathBuf {
+    resolve_data_dir_with(flag, std::env::var_os(DATA_ENV), name)
+}
+
+/// [`resolve_data_dir`] with the value of `BNLAB_DATA` passed in, so the precedence can be
+/// tested without mutating the process environment. An empty value counts as unset.
+pub fn resolve_data_dir_with(flag: Option<&Path>, env: Option<OsString>, name: &str) -> PathBuf {
+    match (flag, env) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(root)) if !root.is_empty() => PathBuf::from(root).join(name),
+        _ => Path::new("data").join(name),
+    }
+}
+
+/// MNIST from `--data DIR` / `$BNLAB_DATA/mnist` / `./data/mnist`; if files are missing and
+/// `download` is set, fetches them first from `$BNLAB_MNIST_MIRROR` or else [`MNIST_MIRRORS`].
+pub fn mnist(flag: Option<&Path>, download: bool) -> Result<Split> {
+    let dir = resolve_data_dir(flag, "mnist");
+    let mirror = std::env::var(MIRROR_ENV).ok().filter(|m| !m.is_empty());
+    let mirrors: Vec<&str> = match &mirror {
+        Some(m) => vec![m.as_str()],
+        None => MNIST_MIRRORS.to_vec(),
+    };
+    mnist_from(&dir, download, &mirrors)
+}
+
+/// [`mnist`] with the directory and mirrors given explicitly.
+pub fn mnist_from(dir: &Path, download: bool, mirrors: &[&str]) -> Result<Split> {
+    if download && !missing_files(dir, &MNIST_FILES).is_empty() {
+        download_files(dir, mirrors, &MNIST_SHA256)?;
+    }
+    load_mnist_dir(dir)
+}
