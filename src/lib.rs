@@ -7,11 +7,13 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod experiments;
 pub mod kernels;
 pub mod network;
 pub mod nn;
 pub mod optim;
 pub mod presets;
 pub mod report;
+pub mod train;
 
 pub use error::{Error, Result};

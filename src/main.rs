@@ -1,1 +1,457 @@
-fn main() {}
+//! The `bnlab` command line: parse, validate, call the library, print. Errors become one line
+//! on stderr and a non-zero exit status.
+
+use bnlab::checkpoint;
+use bnlab::data::{self, Split};
+use bnlab::experiments::mnist::{self, MnistSetup, Progress};
+use bnlab::network::Network;
+use bnlab::nn::InferenceStats;
+use bnlab::optim::Schedule;
+use bnlab::presets::Preset;
+use bnlab::report;
+use bnlab::train::{population_statistics, Evaluator, Order, TrainConfig, Trainer};
+use bnlab::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "bnlab",
+    version,
+    about = "Batch Normalization (Ioffe & Szegedy 2015) on CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a preset network on MNIST.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on the MNIST test set.
+    Eval(EvalArgs),
+    /// Measure training steps per second of the training loop alone.
+    Bench(BenchArgs),
+    /// Reproduce one of the paper's experiments.
+    Reproduce {
+        #[command(subcommand)]
+        study: Study,
+    },
+}
+
+#[derive(Subcommand)]
+enum Study {
+    /// Section 4.1, Figure 1: the MNIST sigmoid MLP with and without BN.
+    Mnist(ReproduceArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// MNIST directory (default: $BNLAB_DATA/mnist, else ./data/mnist; downloaded if missing).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Never download missing data files.
+    #[arg(long)]
+    no_download: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Preset: mlp-fig1 or mlp-fig1-bn.
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 50_000)]
+    steps: i64,
+    #[arg(long, default_value_t = 60)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Learning-rate schedule: constant, step:EVERY:GAMMA or exp:EVERY:GAMMA.
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// shuffle (reshuffled every epoch) or sequential (batch k = examples kB..(k+1)B-1).
+    #[arg(long, default_value = "shuffle")]
+    order: String,
+    /// Start from this checkpoint (safetensors, PyTorch state_dict names).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// Write the final checkpoint here.
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
+    /// Evaluate on the test set every K steps (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    eval_every: i64,
+    /// Write metrics.csv and checkpoints (last good, final) here.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// running (averages kept in training) or population (the paper's Algorithm 2, computed
+    /// here by a pass over the training set).
+    #[arg(long, default_value = "running")]
+    bn_stats: String,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 5000)]
+    steps: i64,
+    #[arg(long, default_value_t = 60)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReproduceArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 50_000)]
+    steps: i64,
+    #[arg(long, default_value = "runs/mnist", value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 500)]
+    eval_every: i64,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::Bench(a) => bench(a),
+        Command::Reproduce {
+            study: Study::Mnist(a),
+        } => reproduce_mnist(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn positive(name: &str, v: i64) -> Result<usize> {
+    if v <= 0 {
+        return Err(Error::config(
+            name,
+            format!("{v} (must be a positive integer)"),
+        ));
+    }
+    Ok(v as usize)
+}
+
+fn load_data(a: &DataArgs) -> Result<Split> {
+    data::mnist(a.data.as_deref(), !a.no_download)
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let preset = Preset::parse(&a.model)?;
+    let config = TrainConfig {
+        steps: positive("--steps", a.steps)?,
+        batch_size: positive("--batch-size", a.batch_size)?,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        schedule: Schedule::parse(&a.schedule)?,
+        seed: a.seed,
+        order: Order::parse(&a.order)?,
+        eval_every: if a.eval_every < 0 {
+            return Err(Error::config("--eval-every", "must be >= 0"));
+        } else {
+            a.eval_every as usize
+        },
+        threads: a.threads,
+    };
+    config.validate(preset.has_batch_norm())?;
+    let split = load_data(&a.data)?;
+    let eval_batch = 500;
+    let mut net = Network::new(
+        preset,
+        config.seed,
+        config.batch_size.max(eval_batch),
+        config.threads,
+    );
+    if let Some(init) = &a.init {
+        checkpoint::load(&mut net, init)?;
+    }
+    let features = split.train.features();
+    let mut trainer = Trainer::new(config.clone(), split.train.len(), features);
+    let mut evaluator = Evaluator::new(eval_batch, features);
+    let bar = ProgressBar::new(config.steps as u64).with_style(bar_style());
+    bar.set_prefix(preset.name());
+    let mut rows = String::from("step,train_loss,test_accuracy\n");
+    let last_good = a.out.as_ref().map(|d| d.join("last_good.safetensors"));
+    let mut loss_sum = 0.0;
+    let mut count = 0;
+    while trainer.step < config.steps {
+        let loss = match trainer.step(&mut net, &split.train) {
+            Ok(l) => l,
+            Err(e) => {
+                bar.abandon();
+                if let Some(p) = &last_good {
+                    eprintln!("the last good checkpoint is {}", p.display());
+                }
+                return Err(e);
+            }
+        };
+        loss_sum += loss;
+        count += 1;
+        let step = trainer.step;
+        if step % 100 == 0 {
+            bar.set_position(step as u64);
+        }
+        let eval_now = config.eval_every > 0 && step % config.eval_every == 0;
+        if eval_now || step == config.steps {
+            let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
+            if !net.all_finite() {
+                bar.abandon();
+                return Err(Error::Diverged {
+                    step,
+                    msg: "a weight or BN statistic is NaN or infinite".into(),
+                });
+            }
+            let mean_loss = loss_sum / count.max(1) as f64;
+            rows.push_str(&format!("{step},{mean_loss:.6},{:.6}\n", ev.accuracy()));
+            bar.set_message(format!(
+                "loss {mean_loss:.4} test acc {:.2}%",
+                100.0 * ev.accuracy()
+            ));
+            bar.println(format!(
+                "step {step}: train loss {mean_loss:.4}, test accuracy {:.2}%",
+                100.0 * ev.accuracy()
+            ));
+            loss_sum = 0.0;
+            count = 0;
+            if let (Some(dir), Some(p)) = (&a.out, &last_good) {
+                checkpoint::save(&mut net, p)?;
+                report::write_atomic(&dir.join("metrics.csv"), rows.as_bytes())?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(dir) = &a.out {
+        checkpoint::save(&mut net, &dir.join("final.safetensors"))?;
+        report::write_atomic(&dir.join("metrics.csv"), rows.as_bytes())?;
+        eprintln!("wrote {}", dir.join("final.safetensors").display());
+    }
+    if let Some(p) = &a.save {
+        checkpoint::save(&mut net, p)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let preset = Preset::parse(&a.model)?;
+    let stats = match a.bn_stats.as_str() {
+        "running" => InferenceStats::Running,
+        "population" => InferenceStats::Population,
+        other => {
+            return Err(Error::config(
+                "--bn-stats",
+                format!("'{other}' (expected running or population)"),
+            ))
+        }
+    };
+    if a.threads == 0 {
+        return Err(Error::config("--threads", "must be at least 1"));
+    }
+    let batch = 500;
+    let mut net = Network::new(preset, 0, batch, a.threads);
+    checkpoint::load(&mut net, &a.weights)?;
+    let split = load_data(&a.data)?;
+    let mut pop_batches = 0;
+    if stats == InferenceStats::Population && preset.has_batch_norm() {
+        pop_batches = population_statistics(&mut net, &split.train, 60, None)?;
+    }
+    let mut evaluator = Evaluator::new(batch, split.test.features());
+    let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
+    println!(
+        "{}: test accuracy {:.2}% ({} / {}), loss {:.4}, BN statistics: {}",
+        preset.name(),
+        100.0 * ev.accuracy(),
+        ev.correct,
+        ev.total,
+        ev.loss,
+        a.bn_stats
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "model": preset.name(),
+            "weights": a.weights.display().to_string(),
+            "bn_stats": a.bn_stats,
+            "population_batches": pop_batches,
+            "accuracy": ev.accuracy(),
+            "correct": ev.correct,
+            "total": ev.total,
+            "loss": ev.loss,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let preset = Preset::parse(&a.model)?;
+    let steps = positive("--steps", a.steps)?;
+    let config = TrainConfig {
+        steps,
+        batch_size: positive("--batch-size", a.batch_size)?,
+        lr: 0.1,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        schedule: Schedule::Constant,
+        seed: 1,
+        order: Order::Shuffle,
+        eval_every: 0,
+        threads: a.threads,
+    };
+    config.validate(preset.has_batch_norm())?;
+    let split = load_data(&a.data)?;
+    let mut net = Network::new(preset, 1, config.batch_size, config.threads);
+    let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
+    let warmup = (steps / 10).clamp(1, 200);
+    for _ in 0..warmup {
+        trainer.step(&mut net, &split.train)?;
+    }
+    let t = Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..steps {
+        loss = trainer.step(&mut net, &split.train)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let rate = steps as f64 / secs;
+    println!(
+        "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({} threads, last loss {loss:.4})",
+        preset.name(),
+        config.batch_size,
+        config.threads
+    );
+    if a.json {
+        let j = serde_json::json!({
+            "model": preset.name(),
+            "batch_size": config.batch_size,
+            "steps": steps,
+            "threads": config.threads,
+            "seconds": secs,
+            "steps_per_s": rate,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>6}/{len} {per_sec:>12} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
+    let setup = MnistSetup {
+        steps: positive("--steps", a.steps)?,
+        eval_every: positive("--eval-every", a.eval_every)?,
+        lr: if a.lr.is_finite() && a.lr > 0.0 {
+            a.lr
+        } else {
+            return Err(Error::config(
+                "--lr",
+                format!("{} (must be positive)", a.lr),
+            ));
+        },
+        seed: a.seed,
+        ..MnistSetup::default()
+    };
+    let split = load_data(&a.data)?;
+    let multi = MultiProgress::new();
+    let bars: HashMap<&str, ProgressBar> = ["mlp-fig1", "mlp-fig1-bn"]
+        .into_iter()
+        .map(|name| {
+            let b = multi.add(ProgressBar::new(setup.steps as u64).with_style(bar_style()));
+            b.set_prefix(name);
+            (name, b)
+        })
+        .collect();
+    let bars = Mutex::new(bars);
+    let on_progress = |p: Progress<'_>| {
+        if let Ok(bars) = bars.lock() {
+            if let Some(b) = bars.get(p.variant) {
+                b.set_position(p.step as u64);
+                let acc = p
+                    .last_accuracy
+                    .map(|a| format!(" test acc {:.2}%", 100.0 * a))
+                    .unwrap_or_default();
+                b.set_message(format!("loss {:.4}{acc}", p.loss));
+            }
+        }
+    };
+    let t = Instant::now();
+    let result = mnist::reproduce(&setup, &split, &on_progress)?;
+    if let Ok(bars) = bars.lock() {
+        for b in bars.values() {
+            b.finish();
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    report::write_mnist_report(&a.out, &result)?;
+    for v in &result.variants {
+        eprintln!(
+            "{}: final test accuracy {:.2}% (running statistics), {:.2}% (population statistics), trained in {:.1} s",
+            v.name,
+            100.0 * v.final_running,
+            100.0 * v.final_population,
+            v.train_seconds
+        );
+    }
+    eprintln!(
+        "reproduce mnist: {wall:.1} s; wrote {}",
+        display_dir(&a.out)
+    );
+    Ok(())
+}
+
+fn display_dir(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -179,7 +179,7 @@ pub fn load_idx_dir(dir: &Path, classes: usize) -> Result<Split> {
             dir,
             format!(
                 "missing data file(s): {}; pass `--data DIR` for a directory that holds them, \
-                 or enable the download (`--download`) to fetch them",
+                 or drop `--no-download` to fetch them",
                 expected.join(", ")
             ),
         ));

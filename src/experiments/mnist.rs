@@ -1,0 +1,198 @@
+//! Section 4.1 of the paper, Figure 1: a 784-100-100-100-10 sigmoid network on MNIST, with and
+//! without batch normalization, trained by plain SGD on mini-batches of 60 with weights drawn
+//! from N(0, 0.1^2). We follow test accuracy over training and, for one fixed sigmoid of the last
+//! hidden layer, the 15th, 50th and 85th percentiles of its input over the test images.
+//!
+//! The two networks train at the same time, one per thread; each is single-threaded, which is
+//! the fastest use of two cores for matrices this small and keeps every run bit-reproducible.
+
+use crate::data::Split;
+use crate::network::Network;
+use crate::optim::Schedule;
+use crate::presets::Preset;
+use crate::report::{CurvePoint, MnistReport, VariantRun};
+use crate::train::{
+    percentile, population_statistics, Evaluator, Order, Probe, TrainConfig, Trainer,
+};
+use crate::{Error, Result};
+use std::time::Instant;
+
+/// Settings of the reproduction; the defaults are the paper's.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MnistSetup {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub init_std: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+    /// The sigmoid of the last hidden layer whose input is followed.
+    pub probe_unit: usize,
+    pub eval_batch: usize,
+}
+
+impl Default for MnistSetup {
+    fn default() -> Self {
+        MnistSetup {
+            steps: 50_000,
+            batch_size: 60,
+            lr: 0.1,
+            init_std: 0.1,
+            seed: 1,
+            eval_every: 500,
+            probe_unit: 0,
+            eval_batch: 500,
+        }
+    }
+}
+
+/// Progress of one variant, reported every few steps.
+pub struct Progress<'a> {
+    pub variant: &'a str,
+    pub step: usize,
+    pub loss: f64,
+    pub last_accuracy: Option<f64>,
+}
+
+/// Train one variant and follow it.
+pub fn run_variant(
+    preset: Preset,
+    setup: &MnistSetup,
+    data: &Split,
+    on_progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<VariantRun> {
+    let features = data.train.features();
+    let max_batch = setup.batch_size.max(setup.eval_batch);
+    let mut net = Network::new(preset, setup.seed, max_batch, 1);
+    let config = TrainConfig {
+        steps: setup.steps,
+        batch_size: setup.batch_size,
+        lr: setup.lr,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        schedule: Schedule::Constant,
+        seed: setup.seed,
+        order: Order::Shuffle,
+        eval_every: setup.eval_every,
+        threads: 1,
+    };
+    config.validate(preset.has_batch_norm())?;
+    let mut trainer = Trainer::new(config, data.train.len(), features);
+    let mut evaluator = Evaluator::new(setup.eval_batch, features);
+    let probe = Probe {
+        layer: preset.probe_layer(),
+        unit: setup.probe_unit,
+    };
+    let mut curve = Vec::new();
+    let mut loss_sum = 0.0;
+    let mut loss_count = 0usize;
+    let mut train_seconds = 0.0;
+    let mut evaluate = |net: &mut Network, step: usize, train_loss: f64| -> Result<CurvePoint> {
+        let mut ev = evaluator.evaluate(net, &data.test, Some(probe), None)?;
+        Ok(CurvePoint {
+            step,
+            test_accuracy: ev.accuracy(),
+            p15: percentile(&mut ev.probe, 15.0),
+            p50: percentile(&mut ev.probe, 50.0),
+            p85: percentile(&mut ev.probe, 85.0),
+            train_loss,
+        })
+    };
+    curve.push(evaluate(&mut net, 0, f64::NAN)?);
+    let mut t0 = Instant::now();
+    while trainer.step < setup.steps {
+        let loss = trainer.step(&mut net, &data.train)?;
+        loss_sum += loss;
+        loss_count += 1;
+        let step = trainer.step;
+        if step % setup.eval_every == 0 || step == setup.steps {
+            train_seconds += t0.elapsed().as_secs_f64();
+            let point = evaluate(&mut net, step, loss_sum / loss_count as f64)?;
+            on_progress(Progress {
+                variant: preset.name(),
+                step,
+                loss: loss_sum / loss_count as f64,
+                last_accuracy: Some(point.test_accuracy),
+            });
+            curve.push(point);
+            loss_sum = 0.0;
+            loss_count = 0;
+            if !net.all_finite() {
+                return Err(Error::Diverged {
+                    step,
+                    msg: "a weight or BN statistic is NaN or infinite".into(),
+                });
+            }
+            t0 = Instant::now();
+        } else if step % 100 == 0 {
+            on_progress(Progress {
+                variant: preset.name(),
+                step,
+                loss,
+                last_accuracy: curve.last().map(|p| p.test_accuracy),
+            });
+        }
+    }
+    let final_running = curve.last().map_or(0.0, |p| p.test_accuracy);
+    let final_population = if preset.has_batch_norm() {
+        population_statistics(&mut net, &data.train, setup.batch_size, None)?;
+        evaluator
+            .evaluate(&mut net, &data.test, None, None)?
+            .accuracy()
+    } else {
+        final_running
+    };
+    Ok(VariantRun {
+        name: preset.name().to_string(),
+        curve,
+        final_running,
+        final_population,
+        train_seconds,
+    })
+}
+
+/// Train both networks (in parallel, one thread each) and collect the report.
+pub fn reproduce(
+    setup: &MnistSetup,
+    data: &Split,
+    on_progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<MnistReport> {
+    if setup.steps == 0 || setup.eval_every == 0 || setup.batch_size < 2 {
+        return Err(Error::config(
+            "reproduce mnist",
+            "steps and eval-every must be positive and the batch at least 2",
+        ));
+    }
+    let (plain, bn) = std::thread::scope(|s| {
+        let h = s.spawn(|| run_variant(Preset::MlpFig1, setup, data, on_progress));
+        let bn = run_variant(Preset::MlpFig1Bn, setup, data, on_progress);
+        let plain = h
+            .join()
+            .unwrap_or_else(|_| Err(Error::config("reproduce mnist", "training thread panicked")));
+        (plain, bn)
+    });
+    let setup_json =
+        serde_json::to_value(setup).map_err(|e| Error::config("setup", e.to_string()))?;
+    let mut setup_json = setup_json;
+    if let Some(obj) = setup_json.as_object_mut() {
+        obj.insert(
+            "dataset".into(),
+            "MNIST (60,000 train / 10,000 test)".into(),
+        );
+        obj.insert(
+            "optimizer".into(),
+            "plain SGD (no momentum, no weight decay)".into(),
+        );
+        obj.insert("order".into(), "shuffled every epoch".into());
+        obj.insert("bn_eps".into(), 1e-5.into());
+        obj.insert("bn_running_momentum".into(), 0.1.into());
+        obj.insert(
+            "population_stats".into(),
+            "Algorithm 2 over the whole training set, batches of 60".into(),
+        );
+    }
+    Ok(MnistReport {
+        setup: setup_json,
+        variants: vec![plain?, bn?],
+    })
+}

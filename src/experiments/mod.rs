@@ -1,0 +1,3 @@
+//! The paper's studies as functions that train their variants and collect results for `report`.
+
+pub mod mnist;

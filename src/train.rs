@@ -1,0 +1,349 @@
+//! Training and evaluation: mini-batch order, the training step (forward, loss, backward, SGD),
+//! divergence checks, evaluation with a probe on one unit's input, and the paper's Algorithm 2.
+//!
+//! Buffers (the batch's pixels and labels, the probe's values) are sized once per run; the step
+//! itself allocates nothing.
+
+use crate::data::Dataset;
+use crate::network::Network;
+use crate::nn::{InferenceStats, Mode};
+use crate::optim::{Schedule, Sgd};
+use crate::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// How training examples are grouped into mini-batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// A fresh random permutation every epoch; a tail shorter than a batch is skipped.
+    Shuffle,
+    /// Batch k holds examples k*B .. (k+1)*B-1 in file order, wrapping around at the end.
+    Sequential,
+}
+
+impl Order {
+    pub fn parse(s: &str) -> Result<Order> {
+        match s {
+            "shuffle" => Ok(Order::Shuffle),
+            "sequential" => Ok(Order::Sequential),
+            _ => Err(Error::config(
+                "--order",
+                format!("'{s}' (expected shuffle or sequential)"),
+            )),
+        }
+    }
+}
+
+/// Yields the example indices of successive mini-batches.
+pub struct Batches {
+    order: Order,
+    n: usize,
+    batch: usize,
+    perm: Vec<usize>,
+    pos: usize,
+    rng: ChaCha8Rng,
+    indices: Vec<usize>,
+}
+
+impl Batches {
+    pub fn new(order: Order, n: usize, batch: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0bde_0000_0001);
+        let mut perm: Vec<usize> = (0..n).collect();
+        if order == Order::Shuffle {
+            perm.shuffle(&mut rng);
+        }
+        Batches {
+            order,
+            n,
+            batch,
+            perm,
+            pos: 0,
+            rng,
+            indices: vec![0; batch],
+        }
+    }
+
+    /// The indices of the next mini-batch.
+    pub fn next_batch(&mut self) -> &[usize] {
+        match self.order {
+            Order::Sequential => {
+                for (j, ix) in self.indices.iter_mut().enumerate() {
+                    *ix = (self.pos + j) % self.n;
+                }
+                self.pos = (self.pos + self.batch) % self.n;
+            }
+            Order::Shuffle => {
+                if self.pos + self.batch > self.n {
+                    self.perm.shuffle(&mut self.rng);
+                    self.pos = 0;
+                }
+                self.indices
+                    .copy_from_slice(&self.perm[self.pos..self.pos + self.batch]);
+                self.pos += self.batch;
+            }
+        }
+        &self.indices
+    }
+}
+
+/// Settings of a training run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub schedule: Schedule,
+    pub seed: u64,
+    pub order: Order,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    pub threads: usize,
+}
+
+impl TrainConfig {
+    /// Reject settings that make no sense, naming the flag.
+    pub fn validate(&self, has_batch_norm: bool) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config("--batch-size", "must be at least 1"));
+        }
+        if has_batch_norm && self.batch_size < 2 {
+            return Err(Error::config(
+                "--batch-size",
+                "a batch-normalized network needs at least 2 examples per mini-batch \
+                 (its statistics are undefined for 1)",
+            ));
+        }
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return Err(Error::config(
+                "--lr",
+                format!("{} (must be finite and >= 0)", self.lr),
+            ));
+        }
+        if !self.momentum.is_finite() || !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::config(
+                "--momentum",
+                format!("{} (must be in [0, 1))", self.momentum),
+            ));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return Err(Error::config(
+                "--weight-decay",
+                format!("{} (must be finite and >= 0)", self.weight_decay),
+            ));
+        }
+        if self.threads == 0 {
+            return Err(Error::config("--threads", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// One evaluation on a data set.
+#[derive(Clone, Debug, Default)]
+pub struct Evaluation {
+    pub correct: usize,
+    pub total: usize,
+    pub loss: f64,
+    /// Values of the probed unit's input, one per example, when a probe was asked for.
+    pub probe: Vec<f32>,
+}
+
+impl Evaluation {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Which unit's input to record during evaluation: the output of `layer` (of the network's
+/// `Sequential` body), feature `unit`.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub layer: usize,
+    pub unit: usize,
+}
+
+/// Buffers for evaluating in batches, sized once.
+pub struct Evaluator {
+    batch: usize,
+    x: Vec<f32>,
+    y: Vec<usize>,
+    indices: Vec<usize>,
+}
+
+impl Evaluator {
+    pub fn new(batch: usize, features: usize) -> Self {
+        Evaluator {
+            batch,
+            x: vec![0.0; batch * features],
+            y: vec![0; batch],
+            indices: vec![0; batch],
+        }
+    }
+
+    /// Test accuracy and mean loss over `data` (the first `limit` examples if given), in
+    /// inference mode, recording the probe's values if asked.
+    pub fn evaluate(
+        &mut self,
+        net: &mut Network,
+        data: &Dataset,
+        probe: Option<Probe>,
+        limit: Option<usize>,
+    ) -> Result<Evaluation> {
+        let total = limit.unwrap_or(data.len()).min(data.len());
+        let k = net.classes();
+        let mut ev = Evaluation {
+            total,
+            ..Default::default()
+        };
+        if probe.is_some() {
+            ev.probe.reserve_exact(total);
+        }
+        let mut start = 0;
+        let mut loss_sum = 0.0;
+        while start < total {
+            let n = self.batch.min(total - start).min(net.max_batch());
+            for (j, ix) in self.indices[..n].iter_mut().enumerate() {
+                *ix = start + j;
+            }
+            data.fill_batch(&self.indices[..n], &mut self.x, &mut self.y);
+            let logits = net.forward(&self.x, n, Mode::Eval)?;
+            for i in 0..n {
+                let row = &logits[i * k..][..k];
+                if argmax(row) == self.y[i] {
+                    ev.correct += 1;
+                }
+            }
+            loss_sum += net.loss_of_last(&self.y, n) * n as f64;
+            if let Some(p) = probe {
+                let out = net.body.output_of(p.layer);
+                let width = out.len() / net.max_batch();
+                for i in 0..n {
+                    ev.probe.push(out[i * width + p.unit]);
+                }
+            }
+            start += n;
+        }
+        ev.loss = loss_sum / total.max(1) as f64;
+        Ok(ev)
+    }
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// The `q`-th percentile (0..=100) with linear interpolation between order statistics, as
+/// numpy's default. Sorts `values` in place.
+pub fn percentile(values: &mut [f32], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let pos = q / 100.0 * (values.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let t = pos - lo as f64;
+    values[lo] as f64 * (1.0 - t) + values[hi] as f64 * t
+}
+
+/// The state of a training run between steps.
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub sgd: Sgd,
+    pub batches: Batches,
+    pub step: usize,
+    x: Vec<f32>,
+    y: Vec<usize>,
+}
+
+impl Trainer {
+    pub fn new(config: TrainConfig, train_len: usize, features: usize) -> Self {
+        let sgd = Sgd::new(
+            config.lr,
+            config.momentum,
+            config.weight_decay,
+            config.schedule,
+        );
+        let batches = Batches::new(config.order, train_len, config.batch_size, config.seed);
+        let b = config.batch_size;
+        Trainer {
+            config,
+            sgd,
+            batches,
+            step: 0,
+            x: vec![0.0; b * features],
+            y: vec![0; b],
+        }
+    }
+
+    /// One SGD step on the next mini-batch; returns the loss. A NaN or infinite loss stops
+    /// training with `Error::Diverged` before the weights are touched.
+    pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
+        let b = self.config.batch_size;
+        let idx = self.batches.next_batch();
+        data.fill_batch(idx, &mut self.x, &mut self.y);
+        let loss = net.forward_backward(&self.x, &self.y, b)?;
+        self.step += 1;
+        if !loss.is_finite() {
+            return Err(Error::Diverged {
+                step: self.step,
+                msg: format!("the loss is {loss}"),
+            });
+        }
+        self.sgd.step(net);
+        Ok(loss)
+    }
+}
+
+/// The paper's Algorithm 2 (lines 8-11): with the network frozen, run training mini-batches of
+/// `batch` examples in file order (`max_batches` of them, by default the whole training set)
+/// and set each BN layer's population statistics to E[x] = E_B[mu_B] and
+/// Var[x] = m/(m-1) E_B[sigma2_B]. Layers are processed in one pass: each BN sees its input as
+/// it was during training (every BN below it normalizing with mini-batch statistics).
+/// Leaves the network using population statistics for inference. Returns the batch count.
+pub fn population_statistics(
+    net: &mut Network,
+    train: &Dataset,
+    batch: usize,
+    max_batches: Option<usize>,
+) -> Result<usize> {
+    if !net.preset.has_batch_norm() {
+        return Ok(0);
+    }
+    let batch = batch.min(net.max_batch());
+    if batch < 2 {
+        return Err(Error::config(
+            "batch size",
+            "Algorithm 2 needs mini-batches of at least 2 examples",
+        ));
+    }
+    let count = (train.len() / batch).min(max_batches.unwrap_or(usize::MAX));
+    let features = train.features();
+    let mut x = vec![0.0; batch * features];
+    let mut y = vec![0; batch];
+    let mut indices = vec![0; batch];
+    net.for_each_batch_norm(&mut |bn| bn.begin_population());
+    for b in 0..count {
+        for (j, ix) in indices.iter_mut().enumerate() {
+            *ix = b * batch + j;
+        }
+        train.fill_batch(&indices, &mut x, &mut y);
+        net.forward(&x, batch, Mode::Population)?;
+    }
+    net.for_each_batch_norm(&mut |bn| {
+        bn.finish_population();
+    });
+    net.set_inference_stats(InferenceStats::Population);
+    Ok(count)
+}
