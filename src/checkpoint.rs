@@ -131,6 +131,13 @@ pub fn save(net: &mut Network, path: &Path) -> Result<()> {
     net.visit_state(&mut |name, shape, t| {
         let (dtype, bytes) = match t {
             TensorMut::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorMut::F32T(v) => (
+                Dtype::F32,
+                transpose(v, shape[1], shape[0])
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
             TensorMut::I64(v) => (Dtype::I64, v.to_le_bytes().to_vec()),
         };
         owned.push((name.to_string(), dtype, shape.to_vec(), bytes));
@@ -176,20 +183,24 @@ pub fn load(net: &mut Network, path: &Path) -> Result<()> {
             return;
         }
         match (t, data) {
-            (TensorMut::F32(dst), Loaded::F32(src)) => {
-                if let Some(i) = src.iter().position(|v| !v.is_finite()) {
-                    err = Some(bad(format!(
-                        "tensor '{name}' holds a non-finite value ({}) at index {i}",
-                        src[i]
-                    )));
-                    return;
-                }
-                dst.copy_from_slice(src);
+            (TensorMut::F32(dst) | TensorMut::F32T(dst), Loaded::F32(src))
+                if src.iter().any(|v| !v.is_finite()) =>
+            {
+                let _ = dst;
+                let i = src.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                err = Some(bad(format!(
+                    "tensor '{name}' holds a non-finite value ({}) at index {i}",
+                    src[i]
+                )));
+            }
+            (TensorMut::F32(dst), Loaded::F32(src)) => dst.copy_from_slice(src),
+            (TensorMut::F32T(dst), Loaded::F32(src)) => {
+                dst.copy_from_slice(&transpose(src, shape[0], shape[1]))
             }
             (TensorMut::I64(dst), Loaded::I64(src)) => {
                 *dst = src.first().copied().unwrap_or(0);
             }
-            (TensorMut::F32(_), _) => {
+            (TensorMut::F32(_) | TensorMut::F32T(_), _) => {
                 err = Some(bad(format!("tensor '{name}' must be F32")));
             }
             (TensorMut::I64(_), _) => {
@@ -206,4 +217,15 @@ pub fn load(net: &mut Network, path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The transpose of a row-major `rows x cols` matrix.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
 }

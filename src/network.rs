@@ -105,8 +105,8 @@ impl Network {
     /// True when every parameter and buffer is finite.
     pub fn all_finite(&mut self) -> bool {
         let mut ok = true;
-        self.visit_state(&mut |_, _, t| {
-            if let TensorMut::F32(v) = t {
+        self.visit_state(&mut |_, _, mut t| {
+            if let Some(v) = t.floats() {
                 ok &= v.iter().all(|x| x.is_finite());
             }
         });

@@ -70,9 +70,13 @@ impl Preset {
         let bn = self.has_batch_norm();
         let mut layers: Vec<Box<dyn Layer>> = Vec::new();
         let sizes = [784, 100, 100, 100];
-        for w in sizes.windows(2) {
+        for (li, w) in sizes.windows(2).enumerate() {
             let mut lin = Linear::new(w[0], w[1], !bn);
-            fill_normal(&mut lin.weight, 0.1, &mut rng);
+            let mut wv = vec![0.0; w[0] * w[1]];
+            fill_normal(&mut wv, 0.1, &mut rng);
+            lin.set_weight(&wv);
+            // The input layer sees raw pixels, mostly zeros.
+            lin.sparse_input = li == 0;
             layers.push(Box::new(lin));
             if bn {
                 layers.push(Box::new(BatchNorm::new(w[1], 1, 1e-5, true)));
@@ -80,7 +84,9 @@ impl Preset {
             layers.push(Box::new(Sigmoid::new(w[1])));
         }
         let mut out = Linear::new(100, 10, true);
-        fill_normal(&mut out.weight, 0.1, &mut rng);
+        let mut wv = vec![0.0; 1000];
+        fill_normal(&mut wv, 0.1, &mut rng);
+        out.set_weight(&wv);
         layers.push(Box::new(out));
         Sequential::new(layers)
     }

@@ -32,6 +32,16 @@ pub const DATA_ENV: &str = "BNLAB_DATA";
 /// Environment variable overriding the MNIST download mirrors with one base URL.
 pub const MIRROR_ENV: &str = "BNLAB_MNIST_MIRROR";
 
+crate::kernels::simd_kernel! {
+    /// pixels / 255 by true division (not multiplication by 1/255), so each value is the
+    /// correctly rounded quotient that PyTorch's `x / 255` gives.
+    fn bytes_to_pixels(bytes: &[u8], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(bytes) {
+            *o = b as f32 / 255.0;
+        }
+    }
+}
+
 /// Labelled images held as bytes. `images` is row-major `len() x rows x cols`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
@@ -66,34 +76,29 @@ impl Dataset {
         &self.images[i * f..(i + 1) * f]
     }
 
-    /// Copies the examples `indices` into a batch: `x` (row-major `indices.len() x features()`)
-    /// gets pixels / 255 as `f32`, `y` gets the labels. Does not allocate.
+    /// Copies the examples `indices` into a batch: the first `indices.len()` rows of `x`
+    /// (row-major, `features()` wide) get pixels / 255 as `f32`, `y` gets the labels.
+    /// Does not allocate.
     ///
     /// # Panics
-    /// If `x` or `y` has the wrong length or an index is out of range: these are bugs in the
-    /// caller, not bad input.
+    /// If `x` or `y` is too short or an index is out of range: these are bugs in the caller,
+    /// not bad input.
     pub fn fill_batch(&self, indices: &[usize], x: &mut [f32], y: &mut [usize]) {
         let f = self.features();
-        assert_eq!(
-            x.len(),
-            indices.len() * f,
-            "fill_batch: x has {} floats, expected {} examples x {f} features",
+        assert!(
+            x.len() >= indices.len() * f,
+            "fill_batch: x has {} floats, need {} examples x {f} features",
             x.len(),
             indices.len()
         );
-        assert_eq!(
-            y.len(),
-            indices.len(),
-            "fill_batch: y has {} labels, expected {}",
+        assert!(
+            y.len() >= indices.len(),
+            "fill_batch: y has {} labels, need {}",
             y.len(),
             indices.len()
         );
         for ((&i, xr), yr) in indices.iter().zip(x.chunks_exact_mut(f)).zip(y.iter_mut()) {
-            // Division (not multiplication by 1/255) so every pixel is exactly the correctly
-            // rounded byte/255, matching the reference statistics to the last bit.
-            for (xv, &b) in xr.iter_mut().zip(self.image(i)) {
-                *xv = b as f32 / 255.0;
-            }
+            bytes_to_pixels(self.image(i), xr);
             *yr = self.labels[i] as usize;
         }
     }

@@ -8,12 +8,16 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
+/// 1.5 * 2^23: adding it rounds a float of magnitude below 2^22 to an integer, which then sits
+/// in the low mantissa bits (no float-to-int conversion, so the loop vectorizes).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// e^x for x in about [-87, 88]; inputs beyond are clamped (results stay finite).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // n = round(x / ln 2); the offset keeps the truncating cast a floor.
-    let n = ((x * LOG2E + 0.5 + 127.0) as i32 - 127) as f32;
+    let t = x * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC; // round(x / ln 2), in [-126, 127]
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -22,21 +26,26 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // 2^n: the low bits of t hold n (plus 2^22, shifted out); n + 127 is the biased exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     e * scale
 }
 
-/// y = 1 / (1 + e^-x)
-pub fn sigmoid_forward(x: &[f32], y: &mut [f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = 1.0 / (1.0 + exp(-v));
+simd_kernel! {
+    /// y = 1 / (1 + e^-x)
+    pub fn sigmoid_forward(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = 1.0 / (1.0 + exp(-v));
+        }
     }
 }
 
-/// dx = dy * y * (1 - y)
-pub fn sigmoid_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
-    for ((o, &s), &g) in dx.iter_mut().zip(y).zip(dy) {
-        *o = g * s * (1.0 - s);
+simd_kernel! {
+    /// dx = dy * y * (1 - y)
+    pub fn sigmoid_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((o, &s), &g) in dx.iter_mut().zip(y).zip(dy) {
+            *o = g * s * (1.0 - s);
+        }
     }
 }
 

@@ -46,7 +46,20 @@ pub struct Ctx {
 /// A named tensor handed out by `visit_state`.
 pub enum TensorMut<'a> {
     F32(&'a mut [f32]),
+    /// A 2-D tensor of the given shape `[rows, cols]` stored transposed (`cols x rows`), as
+    /// `Linear` keeps its weight; checkpoints transpose on the way in and out.
+    F32T(&'a mut [f32]),
     I64(&'a mut i64),
+}
+
+impl TensorMut<'_> {
+    /// The float values in storage order, if this is a float tensor.
+    pub fn floats(&mut self) -> Option<&mut [f32]> {
+        match self {
+            TensorMut::F32(v) | TensorMut::F32T(v) => Some(v),
+            TensorMut::I64(_) => None,
+        }
+    }
 }
 
 pub trait Layer: Send {
