@@ -40,3 +40,6 @@ pub mod activation;
 pub mod batch_norm;
 pub mod matmul;
 pub mod sparse;
+pub mod team;
+
+pub use team::join;

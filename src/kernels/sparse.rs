@@ -1,40 +1,27 @@
 //! Products with a sparse left operand, for the input layer: raw MNIST pixels are about 81%
-//! zero. The nonzeros of each row are gathered once per batch (`gather_nonzeros`) and used by
-//! both the forward product and the weight gradient.
+//! zero. The nonzeros of each row are gathered once per batch and used by both the forward
+//! product and the weight gradient. Each row has its own fixed slot of `cols` entries, so rows
+//! can be gathered and multiplied on several threads without coordination.
 
-/// Collect the nonzeros of the `n x cols` matrix `x`, row by row, into `index`/`value`
-/// (`row_end[r]` is one past row r's last). Returns false, leaving the lists incomplete, as
-/// soon as more than `limit` nonzeros are found. `index` and `value` need `n * cols + 1` slots.
-pub fn gather_nonzeros(
-    x: &[f32],
-    n: usize,
-    cols: usize,
-    limit: usize,
-    index: &mut [u32],
-    value: &mut [f32],
-    row_end: &mut [usize],
-) -> bool {
+/// Collect the nonzeros of one row of `x` into its slot (`index`, `value`, each `cols` long);
+/// returns their count.
+#[inline]
+pub fn gather_row(row: &[f32], index: &mut [u32], value: &mut [f32]) -> usize {
     let mut count = 0;
-    for r in 0..n {
-        let row = &x[r * cols..(r + 1) * cols];
-        // Runs of eight zeros (image borders) are skipped whole; inside a run with a nonzero,
-        // branch-free compaction: always write, advance only past nonzeros.
-        for (chunk_no, chunk) in row.chunks(8).enumerate() {
-            if chunk.iter().all(|&v| v == 0.0) {
-                continue;
-            }
-            for (j, &v) in chunk.iter().enumerate() {
-                index[count] = (chunk_no * 8 + j) as u32;
-                value[count] = v;
-                count += (v != 0.0) as usize;
-            }
+    // Runs of eight zeros (image borders) are skipped whole; inside a run with a nonzero,
+    // branch-free compaction: always write, advance only past nonzeros. The write position
+    // never passes the number of values seen, so the slot is never overrun.
+    for (chunk_no, chunk) in row.chunks(8).enumerate() {
+        if chunk.iter().all(|&v| v == 0.0) {
+            continue;
         }
-        row_end[r] = count;
-        if count > limit {
-            return false;
+        for (j, &v) in chunk.iter().enumerate() {
+            index[count] = (chunk_no * 8 + j) as u32;
+            value[count] = v;
+            count += (v != 0.0) as usize;
         }
     }
-    true
+    count
 }
 
 /// `acc[j] (+)= sum_p value[p] * rows[index[p] * stride + j]` for `p` in `range`, with the `B`
@@ -103,85 +90,113 @@ fn sparse_row_times(
 }
 
 simd_kernel! {
-    /// `y (n x o) = [bias +] x Wt` where `x` is given by its nonzeros (row lists from
-    /// `gather_nonzeros`) and `wt` is `cols x o`.
+    /// `y (rows x o) = [bias +] x Wt` where row r of `x` is given by the first `len[r]` entries
+    /// of its slot `r * cols ..` in `index`/`value`, and `wt` is `cols x o`.
     pub fn sparse_matmul(
         index: &[u32],
         value: &[f32],
-        row_end: &[usize],
+        len: &[usize],
+        cols: usize,
         wt: &[f32],
         bias: Option<&[f32]>,
         y: &mut [f32],
-        n: usize,
         o: usize,
     ) {
-        let mut start = 0;
-        for r in 0..n {
-            let end = row_end[r];
-            sparse_row_times(start..end, index, value, wt, o, bias, &mut y[r * o..(r + 1) * o]);
-            start = end;
+        for (r, &l) in len.iter().enumerate() {
+            let start = r * cols;
+            sparse_row_times(start..start + l, index, value, wt, o, bias, &mut y[r * o..(r + 1) * o]);
         }
     }
 }
 
-/// Regroup the row lists of `gather_nonzeros` by column: the nonzeros of column k are
-/// `col_row/col_value[col_start[k]..col_start[k + 1]]` (row index and value), rows ascending.
-/// `col_start` needs `cols + 1` slots; `col_row` and `col_value` as many as there are nonzeros.
-pub fn columns_of(
+/// Per-thread workspace for `sparse_weight_grad`: the nonzeros of a range of columns
+/// regrouped column by column (compressed sparse columns).
+#[derive(Default)]
+pub struct ColumnScratch {
+    start: Vec<usize>,
+    row: Vec<u32>,
+    value: Vec<f32>,
+}
+
+impl ColumnScratch {
+    /// Room for `width` columns and up to `max_nonzeros` values.
+    pub fn reserve(&mut self, width: usize, max_nonzeros: usize) {
+        self.start.resize(width + 1, 0);
+        self.row.resize(max_nonzeros, 0);
+        self.value.resize(max_nonzeros, 0.0);
+    }
+}
+
+/// `gwt[k0..k1] = (x^T dy)[k0..k1]`, rows k0..k1 of the `cols x o` weight gradient (`gwt` holds
+/// just those rows), with `x` given by row slots as in `sparse_matmul`. Rows of `gwt` for
+/// all-zero columns come out zero. Each column's sum runs over the batch rows in order.
+pub fn sparse_weight_grad(
     index: &[u32],
     value: &[f32],
-    row_end: &[usize],
-    n: usize,
+    len: &[usize],
     cols: usize,
-    col_start: &mut [usize],
-    col_row: &mut [u32],
-    col_value: &mut [f32],
+    k0: usize,
+    k1: usize,
+    dy: &[f32],
+    gwt: &mut [f32],
+    o: usize,
+    scratch: &mut ColumnScratch,
 ) {
-    let total = if n == 0 { 0 } else { row_end[n - 1] };
-    col_start[..=cols].fill(0);
-    for &k in &index[..total] {
-        col_start[k as usize + 1] += 1;
-    }
-    for k in 0..cols {
-        col_start[k + 1] += col_start[k];
-    }
-    // col_start[k] serves as the fill cursor of column k, then is shifted back.
-    let mut start = 0;
-    for r in 0..n {
-        for p in start..row_end[r] {
-            let k = index[p] as usize;
-            let q = col_start[k];
-            col_row[q] = r as u32;
-            col_value[q] = value[p];
-            col_start[k] += 1;
+    let width = k1 - k0;
+    let ColumnScratch {
+        start,
+        row,
+        value: cval,
+    } = scratch;
+    start[..=width].fill(0);
+    for (r, &l) in len.iter().enumerate() {
+        for &k in &index[r * cols..r * cols + l] {
+            let k = k as usize;
+            if (k0..k1).contains(&k) {
+                start[k - k0 + 1] += 1;
+            }
         }
-        start = row_end[r];
     }
-    for k in (1..=cols).rev() {
-        col_start[k] = col_start[k - 1];
+    for k in 0..width {
+        start[k + 1] += start[k];
     }
-    col_start[0] = 0;
+    // start[k] serves as the fill cursor of column k, then is shifted back.
+    for (r, &l) in len.iter().enumerate() {
+        let slot = r * cols;
+        for p in slot..slot + l {
+            let k = index[p] as usize;
+            if (k0..k1).contains(&k) {
+                let q = start[k - k0];
+                row[q] = r as u32;
+                cval[q] = value[p];
+                start[k - k0] += 1;
+            }
+        }
+    }
+    for k in (1..=width).rev() {
+        start[k] = start[k - 1];
+    }
+    start[0] = 0;
+    columns_times(start, row, cval, dy, gwt, width, o);
 }
 
 simd_kernel! {
-    /// `gwt (cols x o) = x^T dy` where `x` is given column by column (`columns_of`); rows of
-    /// `gwt` for all-zero columns come out zero.
-    pub fn sparse_weight_grad(
-        col_start: &[usize],
-        col_row: &[u32],
-        col_value: &[f32],
+    fn columns_times(
+        start: &[usize],
+        row: &[u32],
+        value: &[f32],
         dy: &[f32],
         gwt: &mut [f32],
-        cols: usize,
+        width: usize,
         o: usize,
     ) {
-        for k in 0..cols {
-            let (a, b) = (col_start[k], col_start[k + 1]);
+        for k in 0..width {
+            let (a, b) = (start[k], start[k + 1]);
             let out = &mut gwt[k * o..(k + 1) * o];
             if a == b {
                 out.fill(0.0);
             } else {
-                sparse_row_times(a..b, col_row, col_value, dy, o, None, out);
+                sparse_row_times(a..b, row, value, dy, o, None, out);
             }
         }
     }

@@ -9,7 +9,7 @@
 
 use super::{Ctx, Layer, TensorMut};
 use crate::kernels::matmul::{matmul, Trans};
-use crate::kernels::sparse;
+use crate::kernels::{join, sparse};
 use crate::Result;
 
 /// Inputs denser than this go through the dense product.
@@ -25,14 +25,12 @@ pub struct Linear {
     grad_bias: Option<Vec<f32>>,
     /// Look for zeros in the input (worth it for raw pixels, not for hidden activations).
     pub sparse_input: bool,
-    // The nonzeros of the last input, row by row, when the sparse path was taken.
+    // The nonzeros of the last input, each row in a slot of `in_features` entries, when the
+    // sparse path was taken; and per-thread workspace for the weight gradient.
     nz_index: Vec<u32>,
     nz_value: Vec<f32>,
-    nz_row_end: Vec<usize>,
-    // The same nonzeros grouped by input feature, for the weight gradient.
-    col_start: Vec<usize>,
-    col_row: Vec<u32>,
-    col_value: Vec<f32>,
+    nz_len: Vec<usize>,
+    scratch: [sparse::ColumnScratch; 2],
     last_sparse: bool,
 }
 
@@ -49,10 +47,8 @@ impl Linear {
             sparse_input: false,
             nz_index: Vec::new(),
             nz_value: Vec::new(),
-            nz_row_end: Vec::new(),
-            col_start: Vec::new(),
-            col_row: Vec::new(),
-            col_value: Vec::new(),
+            nz_len: Vec::new(),
+            scratch: Default::default(),
             last_sparse: false,
         }
     }
@@ -68,6 +64,44 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The forward product through the input's nonzeros, rows split over two threads when
+    /// allowed. Returns false (nothing usable kept) when the input is too dense for it.
+    fn forward_sparse(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> bool {
+        let (i, o) = (self.in_features, self.out_features);
+        let h = n.div_ceil(2);
+        let (idx_a, idx_b) = self.nz_index[..n * i].split_at_mut(h * i);
+        let (val_a, val_b) = self.nz_value[..n * i].split_at_mut(h * i);
+        let (len_a, len_b) = self.nz_len[..n].split_at_mut(h);
+        let (y_a, y_b) = y[..n * o].split_at_mut(h * o);
+        let (x_a, x_b) = x[..n * i].split_at(h * i);
+        let (wt, bias) = (&self.weight_t, self.bias.as_deref());
+        let half = |x: &[f32],
+                    idx: &mut [u32],
+                    val: &mut [f32],
+                    len: &mut [usize],
+                    y: &mut [f32]| {
+            let mut total = 0;
+            for (r, l) in len.iter_mut().enumerate() {
+                let slot = r * i..(r + 1) * i;
+                *l = sparse::gather_row(&x[slot.clone()], &mut idx[slot.clone()], &mut val[slot]);
+                total += *l;
+            }
+            let dense_enough = total as f64 > SPARSE_MAX_DENSITY * (len.len() * i) as f64;
+            if !dense_enough {
+                sparse::sparse_matmul(idx, val, len, i, wt, bias, y, o);
+            }
+            !dense_enough
+        };
+        let (a, b) = join(
+            ctx.threads,
+            || half(x_a, idx_a, val_a, len_a, y_a),
+            || half(x_b, idx_b, val_b, len_b, y_b),
+        );
+        a && b
+    }
+}
+
 impl Layer for Linear {
     fn in_size(&self) -> usize {
         self.in_features
@@ -77,39 +111,21 @@ impl Layer for Linear {
     }
     fn reserve(&mut self, max_batch: usize) {
         if self.sparse_input {
-            // One slot past the end: the compaction writes before it checks.
-            self.nz_index.resize(max_batch * self.in_features + 1, 0);
-            self.nz_value.resize(max_batch * self.in_features + 1, 0.0);
-            self.nz_row_end.resize(max_batch, 0);
-            self.col_start.resize(self.in_features + 1, 0);
-            self.col_row.resize(max_batch * self.in_features, 0);
-            self.col_value.resize(max_batch * self.in_features, 0.0);
+            let i = self.in_features;
+            self.nz_index.resize(max_batch * i, 0);
+            self.nz_value.resize(max_batch * i, 0.0);
+            self.nz_len.resize(max_batch, 0);
+            for (h, s) in self.scratch.iter_mut().enumerate() {
+                let width = if h == 0 { i / 2 } else { i - i / 2 };
+                s.reserve(width, max_batch * i);
+            }
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let (i, o) = (self.in_features, self.out_features);
-        self.last_sparse = self.sparse_input
-            && sparse::gather_nonzeros(
-                x,
-                n,
-                i,
-                (SPARSE_MAX_DENSITY * (n * i) as f64) as usize,
-                &mut self.nz_index,
-                &mut self.nz_value,
-                &mut self.nz_row_end,
-            );
+        self.last_sparse = self.sparse_input && self.forward_sparse(ctx, x, y, n);
         if self.last_sparse {
-            sparse::sparse_matmul(
-                &self.nz_index,
-                &self.nz_value,
-                &self.nz_row_end,
-                &self.weight_t,
-                self.bias.as_deref(),
-                y,
-                n,
-                o,
-            );
             return Ok(());
         }
         matmul(y, x, &self.weight_t, n, i, o, Trans::No, false, ctx.threads);
@@ -134,24 +150,14 @@ impl Layer for Linear {
     ) {
         let (i, o) = (self.in_features, self.out_features);
         if self.last_sparse {
-            sparse::columns_of(
-                &self.nz_index,
-                &self.nz_value,
-                &self.nz_row_end,
-                n,
-                i,
-                &mut self.col_start,
-                &mut self.col_row,
-                &mut self.col_value,
-            );
-            sparse::sparse_weight_grad(
-                &self.col_start,
-                &self.col_row,
-                &self.col_value,
-                dy,
-                &mut self.grad_weight_t,
-                i,
-                o,
+            let (k_mid, threads) = (i / 2, ctx.threads);
+            let (idx, val, len) = (&self.nz_index, &self.nz_value, &self.nz_len[..n]);
+            let (g_a, g_b) = self.grad_weight_t.split_at_mut(k_mid * o);
+            let [s_a, s_b] = &mut self.scratch;
+            join(
+                threads,
+                || sparse::sparse_weight_grad(idx, val, len, i, 0, k_mid, dy, g_a, o, s_a),
+                || sparse::sparse_weight_grad(idx, val, len, i, k_mid, i, dy, g_b, o, s_b),
             );
         } else {
             // dWt = x^T dy  ([i, n] x [n, o])
