@@ -239,10 +239,10 @@ fn train(a: TrainArgs) -> Result<()> {
         loss_sum += loss;
         count += 1;
         let step = trainer.step;
-        if step % 100 == 0 {
+        if step.is_multiple_of(100) {
             bar.set_position(step as u64);
         }
-        let eval_now = config.eval_every > 0 && step % config.eval_every == 0;
+        let eval_now = config.eval_every > 0 && step.is_multiple_of(config.eval_every);
         if eval_now || step == config.steps {
             let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
             if !net.all_finite() {

@@ -5,6 +5,7 @@
 //! itself allocates nothing.
 
 use crate::data::Dataset;
+use crate::kernels::join;
 use crate::network::Network;
 use crate::nn::{InferenceStats, Mode};
 use crate::optim::{Schedule, Sgd};
@@ -257,6 +258,21 @@ pub fn percentile(values: &mut [f32], q: f64) -> f64 {
     values[lo] as f64 * (1.0 - t) + values[hi] as f64 * t
 }
 
+/// A buffer two threads write in disjoint, interleaved parts.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32, usize);
+// SAFETY: used only for disjoint writes, joined before the buffer is read.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// # Safety
+    /// Callers must write disjoint elements only, and the buffer must outlive the use.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
 /// The state of a training run between steps.
 pub struct Trainer {
     pub config: TrainConfig,
@@ -292,7 +308,23 @@ impl Trainer {
     pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
         let b = self.config.batch_size;
         let idx = self.batches.next_batch();
-        data.fill_batch(idx, &mut self.x, &mut self.y);
+        if self.config.threads > 1 {
+            // Each thread converts the half of every image that its half of the input layer
+            // reads (see `kernels::sparse`), so the pixels stay in that core's cache.
+            let f = data.features();
+            let x = SendPtr(self.x.as_mut_ptr(), self.x.len());
+            join(
+                2,
+                // SAFETY: the two halves write disjoint columns of the same rows.
+                || data.fill_columns(idx, unsafe { x.slice() }, 0..f / 2),
+                || data.fill_columns(idx, unsafe { x.slice() }, f / 2..f),
+            );
+            for (y, &i) in self.y.iter_mut().zip(idx) {
+                *y = data.labels[i] as usize;
+            }
+        } else {
+            data.fill_batch(idx, &mut self.x, &mut self.y);
+        }
         let loss = net.forward_backward(&self.x, &self.y, b)?;
         self.step += 1;
         if !loss.is_finite() {

@@ -76,6 +76,20 @@ impl Dataset {
         &self.images[i * f..(i + 1) * f]
     }
 
+    /// Like `fill_batch` for the pixel columns `cols` of each row only (labels untouched): lets
+    /// two threads each convert the half of every image that their half of the input layer
+    /// reads.
+    pub fn fill_columns(&self, indices: &[usize], x: &mut [f32], cols: std::ops::Range<usize>) {
+        let f = self.features();
+        assert!(
+            cols.end <= f && x.len() >= indices.len() * f,
+            "fill_columns: bad range"
+        );
+        for (&i, xr) in indices.iter().zip(x.chunks_exact_mut(f)) {
+            bytes_to_pixels(&self.image(i)[cols.clone()], &mut xr[cols.clone()]);
+        }
+    }
+
     /// Copies the examples `indices` into a batch: the first `indices.len()` rows of `x`
     /// (row-major, `features()` wide) get pixels / 255 as `f32`, `y` gets the labels.
     /// Does not allocate.

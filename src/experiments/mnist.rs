@@ -105,7 +105,7 @@ pub fn run_variant(
         loss_sum += loss;
         loss_count += 1;
         let step = trainer.step;
-        if step % setup.eval_every == 0 || step == setup.steps {
+        if step.is_multiple_of(setup.eval_every) || step == setup.steps {
             train_seconds += t0.elapsed().as_secs_f64();
             let point = evaluate(&mut net, step, loss_sum / loss_count as f64)?;
             on_progress(Progress {
@@ -124,7 +124,7 @@ pub fn run_variant(
                 });
             }
             t0 = Instant::now();
-        } else if step % 100 == 0 {
+        } else if step.is_multiple_of(100) {
             on_progress(Progress {
                 variant: preset.name(),
                 step,

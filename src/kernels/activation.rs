@@ -24,7 +24,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2^n: the low bits of t hold n (plus 2^22, shifted out); n + 127 is the biased exponent.
     let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);

@@ -495,7 +495,7 @@ pub mod reference {
                     let k = idx(d, i, ch, p);
                     let dxhat = dy[k] * gamma[ch];
                     dvar += dxhat * (x[k] - mu) * -0.5 * (v + eps).powf(-1.5);
-                    dmu_a += dxhat * -1.0 / sd;
+                    dmu_a += -dxhat / sd;
                     dmu_b += -2.0 * (x[k] - mu) / m;
                     dgamma[ch] += dy[k] * (x[k] - mu) / sd;
                     dbeta[ch] += dy[k];

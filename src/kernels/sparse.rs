@@ -1,7 +1,13 @@
 //! Products with a sparse left operand, for the input layer: raw MNIST pixels are about 81%
 //! zero. The nonzeros of each row are gathered once per batch and used by both the forward
-//! product and the weight gradient. Each row has its own fixed slot of `cols` entries, so rows
-//! can be gathered and multiplied on several threads without coordination.
+//! product and the weight gradient.
+//!
+//! The input features are split into two fixed blocks (`FeatureBlock`), each with its own rows
+//! of the weight, its own lists of nonzeros and its own workspace. On two threads each block
+//! stays on one core for the whole step (pixel conversion, gathering, forward partial product,
+//! weight gradient, SGD update of its weight rows), so the 300 KB weight never moves between
+//! cores; the partial products meet in one small sum. On one thread the same blocks run one
+//! after the other, so results do not depend on the thread count.
 
 /// Collect the nonzeros of one row of `x` into its slot (`index`, `value`, each `cols` long);
 /// returns their count.
@@ -27,6 +33,7 @@ pub fn gather_row(row: &[f32], index: &mut [u32], value: &mut [f32]) -> usize {
 /// `acc[j] (+)= sum_p value[p] * rows[index[p] * stride + j]` for `p` in `range`, with the `B`
 /// accumulators in registers; `init` seeds them (the bias) or zeros.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn dot_block<const B: usize>(
     range: std::ops::Range<usize>,
     index: &[u32],
@@ -109,78 +116,107 @@ simd_kernel! {
     }
 }
 
-/// Per-thread workspace for `sparse_weight_grad`: the nonzeros of a range of columns
-/// regrouped column by column (compressed sparse columns).
+/// One block of input features `k0..k1` of a sparse input layer, with its workspace.
 #[derive(Default)]
-pub struct ColumnScratch {
-    start: Vec<usize>,
-    row: Vec<u32>,
+pub struct FeatureBlock {
+    pub k0: usize,
+    pub k1: usize,
+    /// Row r's nonzeros: `index`/`value[r * width .. r * width + len[r]]`, index relative to k0.
+    index: Vec<u32>,
     value: Vec<f32>,
+    len: Vec<usize>,
+    /// The same nonzeros column by column, for the weight gradient.
+    col_start: Vec<usize>,
+    col_row: Vec<u32>,
+    col_value: Vec<f32>,
 }
 
-impl ColumnScratch {
-    /// Room for `width` columns and up to `max_nonzeros` values.
-    pub fn reserve(&mut self, width: usize, max_nonzeros: usize) {
-        self.start.resize(width + 1, 0);
-        self.row.resize(max_nonzeros, 0);
-        self.value.resize(max_nonzeros, 0.0);
+impl FeatureBlock {
+    pub fn new(k0: usize, k1: usize) -> Self {
+        FeatureBlock {
+            k0,
+            k1,
+            ..Default::default()
+        }
     }
-}
 
-/// `gwt[k0..k1] = (x^T dy)[k0..k1]`, rows k0..k1 of the `cols x o` weight gradient (`gwt` holds
-/// just those rows), with `x` given by row slots as in `sparse_matmul`. Rows of `gwt` for
-/// all-zero columns come out zero. Each column's sum runs over the batch rows in order.
-pub fn sparse_weight_grad(
-    index: &[u32],
-    value: &[f32],
-    len: &[usize],
-    cols: usize,
-    k0: usize,
-    k1: usize,
-    dy: &[f32],
-    gwt: &mut [f32],
-    o: usize,
-    scratch: &mut ColumnScratch,
-) {
-    let width = k1 - k0;
-    let ColumnScratch {
-        start,
-        row,
-        value: cval,
-    } = scratch;
-    start[..=width].fill(0);
-    for (r, &l) in len.iter().enumerate() {
-        for &k in &index[r * cols..r * cols + l] {
-            let k = k as usize;
-            if (k0..k1).contains(&k) {
-                start[k - k0 + 1] += 1;
+    fn width(&self) -> usize {
+        self.k1 - self.k0
+    }
+
+    pub fn reserve(&mut self, max_batch: usize) {
+        let w = self.width();
+        self.index.resize(max_batch * w, 0);
+        self.value.resize(max_batch * w, 0.0);
+        self.len.resize(max_batch, 0);
+        self.col_start.resize(w + 1, 0);
+        self.col_row.resize(max_batch * w, 0);
+        self.col_value.resize(max_batch * w, 0.0);
+    }
+
+    /// Gather the block's nonzeros from the `n x cols` input; returns their count.
+    pub fn gather(&mut self, x: &[f32], n: usize, cols: usize) -> usize {
+        let w = self.width();
+        let mut total = 0;
+        for r in 0..n {
+            let row = &x[r * cols + self.k0..r * cols + self.k1];
+            let slot = r * w..(r + 1) * w;
+            let l = gather_row(row, &mut self.index[slot.clone()], &mut self.value[slot]);
+            self.len[r] = l;
+            total += l;
+        }
+        total
+    }
+
+    /// `y (n x o) = [bias +] x[:, k0..k1] Wt[k0..k1, :]`, `wt` being the full `cols x o` weight.
+    pub fn forward(&self, wt: &[f32], bias: Option<&[f32]>, y: &mut [f32], n: usize, o: usize) {
+        sparse_matmul(
+            &self.index,
+            &self.value,
+            &self.len[..n],
+            self.width(),
+            &wt[self.k0 * o..self.k1 * o],
+            bias,
+            y,
+            o,
+        );
+    }
+
+    /// Rows k0..k1 of the weight gradient `x^T dy` (`gwt` holds just those rows).
+    pub fn weight_grad(&mut self, dy: &[f32], gwt: &mut [f32], n: usize, o: usize) {
+        let w = self.width();
+        let (start, crow, cval) = (&mut self.col_start, &mut self.col_row, &mut self.col_value);
+        start[..=w].fill(0);
+        for r in 0..n {
+            for &k in &self.index[r * w..r * w + self.len[r]] {
+                start[k as usize + 1] += 1;
             }
         }
-    }
-    for k in 0..width {
-        start[k + 1] += start[k];
-    }
-    // start[k] serves as the fill cursor of column k, then is shifted back.
-    for (r, &l) in len.iter().enumerate() {
-        let slot = r * cols;
-        for p in slot..slot + l {
-            let k = index[p] as usize;
-            if (k0..k1).contains(&k) {
-                let q = start[k - k0];
-                row[q] = r as u32;
-                cval[q] = value[p];
-                start[k - k0] += 1;
+        for k in 0..w {
+            start[k + 1] += start[k];
+        }
+        // start[k] serves as the fill cursor of column k, then is shifted back.
+        for r in 0..n {
+            let slot = r * w;
+            for p in slot..slot + self.len[r] {
+                let k = self.index[p] as usize;
+                let q = start[k];
+                crow[q] = r as u32;
+                cval[q] = self.value[p];
+                start[k] += 1;
             }
         }
+        for k in (1..=w).rev() {
+            start[k] = start[k - 1];
+        }
+        start[0] = 0;
+        columns_times(start, crow, cval, dy, gwt, w, o);
     }
-    for k in (1..=width).rev() {
-        start[k] = start[k - 1];
-    }
-    start[0] = 0;
-    columns_times(start, row, cval, dy, gwt, width, o);
 }
 
 simd_kernel! {
+    /// `gwt[k] = sum over the nonzeros (r, v) of column k of v * dy[r]`, each column's sum in
+    /// row order; all-zero columns give zero rows.
     fn columns_times(
         start: &[usize],
         row: &[u32],

@@ -17,7 +17,8 @@ use std::thread::Thread;
 
 const IDLE: u8 = 0;
 const POSTED: u8 = 1;
-const DONE: u8 = 2;
+const RUNNING: u8 = 2;
+const DONE: u8 = 3;
 
 /// Spin iterations, then yields, before the helper parks.
 const SPINS: u32 = 20_000;
@@ -65,7 +66,15 @@ fn team() -> Option<&'static Team> {
 fn helper_loop(team: &'static Team) {
     loop {
         let mut waited = 0u32;
-        while team.state.load(Ordering::Acquire) != POSTED {
+        loop {
+            if team.state.load(Ordering::Acquire) == POSTED
+                && team
+                    .state
+                    .compare_exchange(POSTED, RUNNING, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break;
+            }
             if waited < SPINS {
                 std::hint::spin_loop();
             } else if waited < SPINS + YIELDS {
@@ -121,14 +130,27 @@ where
     team.state.store(POSTED, Ordering::Release);
     team.helper.unpark();
     let ra = catch_unwind(AssertUnwindSafe(a));
-    while team.state.load(Ordering::Acquire) != DONE {
-        std::hint::spin_loop();
-    }
-    team.state.store(IDLE, Ordering::Relaxed);
-    let helper_panicked = team.panicked.swap(false, Ordering::Relaxed);
+    // If the helper has not started `b` yet (its core may be busy with something else, or
+    // its virtual CPU not running at all), take it back and run it here rather than wait.
+    let helper_panicked = if team
+        .state
+        .compare_exchange(POSTED, IDLE, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+    {
+        // SAFETY: the helper only reads the slot after winning POSTED -> RUNNING, which can
+        // no longer happen.
+        unsafe { *team.job.get() = None };
+        catch_unwind(AssertUnwindSafe(&mut job)).is_err()
+    } else {
+        while team.state.load(Ordering::Acquire) != DONE {
+            std::hint::spin_loop();
+        }
+        team.state.store(IDLE, Ordering::Relaxed);
+        team.panicked.swap(false, Ordering::Relaxed)
+    };
     team.busy.store(false, Ordering::Release);
     let ra = ra.unwrap_or_else(|p| resume_unwind(p));
-    drop(job);
+    let _ = &mut job;
     assert!(!helper_panicked, "a parallel piece of work panicked");
     (ra, rb.expect("the helper ran the job"))
 }

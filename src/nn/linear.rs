@@ -25,12 +25,10 @@ pub struct Linear {
     grad_bias: Option<Vec<f32>>,
     /// Look for zeros in the input (worth it for raw pixels, not for hidden activations).
     pub sparse_input: bool,
-    // The nonzeros of the last input, each row in a slot of `in_features` entries, when the
-    // sparse path was taken; and per-thread workspace for the weight gradient.
-    nz_index: Vec<u32>,
-    nz_value: Vec<f32>,
-    nz_len: Vec<usize>,
-    scratch: [sparse::ColumnScratch; 2],
+    // The sparse path: two blocks of input features (see `kernels::sparse`), and the second
+    // block's partial product.
+    blocks: [sparse::FeatureBlock; 2],
+    partial: Vec<f32>,
     last_sparse: bool,
 }
 
@@ -45,10 +43,11 @@ impl Linear {
             grad_weight_t: vec![0.0; in_features * out_features],
             grad_bias: bias.then(|| vec![0.0; out_features]),
             sparse_input: false,
-            nz_index: Vec::new(),
-            nz_value: Vec::new(),
-            nz_len: Vec::new(),
-            scratch: Default::default(),
+            blocks: [
+                sparse::FeatureBlock::new(0, in_features / 2),
+                sparse::FeatureBlock::new(in_features / 2, in_features),
+            ],
+            partial: Vec::new(),
             last_sparse: false,
         }
     }
@@ -65,40 +64,38 @@ impl Linear {
 }
 
 impl Linear {
-    /// The forward product through the input's nonzeros, rows split over two threads when
-    /// allowed. Returns false (nothing usable kept) when the input is too dense for it.
+    /// The forward product through the input's nonzeros, one feature block per thread.
+    /// Returns false (nothing usable kept) when the input is too dense for it.
     fn forward_sparse(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> bool {
         let (i, o) = (self.in_features, self.out_features);
-        let h = n.div_ceil(2);
-        let (idx_a, idx_b) = self.nz_index[..n * i].split_at_mut(h * i);
-        let (val_a, val_b) = self.nz_value[..n * i].split_at_mut(h * i);
-        let (len_a, len_b) = self.nz_len[..n].split_at_mut(h);
-        let (y_a, y_b) = y[..n * o].split_at_mut(h * o);
-        let (x_a, x_b) = x[..n * i].split_at(h * i);
         let (wt, bias) = (&self.weight_t, self.bias.as_deref());
-        let half = |x: &[f32],
-                    idx: &mut [u32],
-                    val: &mut [f32],
-                    len: &mut [usize],
-                    y: &mut [f32]| {
-            let mut total = 0;
-            for (r, l) in len.iter_mut().enumerate() {
-                let slot = r * i..(r + 1) * i;
-                *l = sparse::gather_row(&x[slot.clone()], &mut idx[slot.clone()], &mut val[slot]);
-                total += *l;
-            }
-            let dense_enough = total as f64 > SPARSE_MAX_DENSITY * (len.len() * i) as f64;
-            if !dense_enough {
-                sparse::sparse_matmul(idx, val, len, i, wt, bias, y, o);
-            }
-            !dense_enough
-        };
-        let (a, b) = join(
+        let [b_a, b_b] = &mut self.blocks;
+        let y = &mut y[..n * o];
+        let partial = &mut self.partial[..n * o];
+        let limit = |b: &sparse::FeatureBlock| SPARSE_MAX_DENSITY * (n * (b.k1 - b.k0)) as f64;
+        let (ok_a, ok_b) = join(
             ctx.threads,
-            || half(x_a, idx_a, val_a, len_a, y_a),
-            || half(x_b, idx_b, val_b, len_b, y_b),
+            || {
+                let ok = b_a.gather(x, n, i) as f64 <= limit(b_a);
+                if ok {
+                    b_a.forward(wt, bias, y, n, o);
+                }
+                ok
+            },
+            || {
+                let ok = b_b.gather(x, n, i) as f64 <= limit(b_b);
+                if ok {
+                    b_b.forward(wt, None, partial, n, o);
+                }
+                ok
+            },
         );
-        a && b
+        if ok_a && ok_b {
+            for (v, &p) in y.iter_mut().zip(partial.iter()) {
+                *v += p;
+            }
+        }
+        ok_a && ok_b
     }
 }
 
@@ -111,14 +108,10 @@ impl Layer for Linear {
     }
     fn reserve(&mut self, max_batch: usize) {
         if self.sparse_input {
-            let i = self.in_features;
-            self.nz_index.resize(max_batch * i, 0);
-            self.nz_value.resize(max_batch * i, 0.0);
-            self.nz_len.resize(max_batch, 0);
-            for (h, s) in self.scratch.iter_mut().enumerate() {
-                let width = if h == 0 { i / 2 } else { i - i / 2 };
-                s.reserve(width, max_batch * i);
+            for b in &mut self.blocks {
+                b.reserve(max_batch);
             }
+            self.partial.resize(max_batch * self.out_features, 0.0);
         }
     }
 
@@ -150,14 +143,12 @@ impl Layer for Linear {
     ) {
         let (i, o) = (self.in_features, self.out_features);
         if self.last_sparse {
-            let (k_mid, threads) = (i / 2, ctx.threads);
-            let (idx, val, len) = (&self.nz_index, &self.nz_value, &self.nz_len[..n]);
-            let (g_a, g_b) = self.grad_weight_t.split_at_mut(k_mid * o);
-            let [s_a, s_b] = &mut self.scratch;
+            let [b_a, b_b] = &mut self.blocks;
+            let (g_a, g_b) = self.grad_weight_t.split_at_mut(b_a.k1 * o);
             join(
-                threads,
-                || sparse::sparse_weight_grad(idx, val, len, i, 0, k_mid, dy, g_a, o, s_a),
-                || sparse::sparse_weight_grad(idx, val, len, i, k_mid, i, dy, g_b, o, s_b),
+                ctx.threads,
+                || b_a.weight_grad(dy, g_a, n, o),
+                || b_b.weight_grad(dy, g_b, n, o),
             );
         } else {
             // dWt = x^T dy  ([i, n] x [n, o])
