@@ -62,6 +62,7 @@ struct DataArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct TrainArgs {
     /// Preset: mlp-fig1 or mlp-fig1-bn.
     #[arg(long, value_name = "PRESET")]
@@ -103,6 +104,7 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct EvalArgs {
     #[arg(long, value_name = "PRESET")]
     model: String,
@@ -122,6 +124,7 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct BenchArgs {
     #[arg(long, value_name = "PRESET")]
     model: String,
@@ -138,6 +141,7 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct ReproduceArgs {
     #[command(flatten)]
     data: DataArgs,

@@ -165,6 +165,7 @@ fn same_seed_and_threads_give_bit_identical_results() {
         return;
     };
     for preset in [Preset::MlpFig1, Preset::MlpFig1Bn] {
+        let mut by_threads = Vec::new();
         for threads in [1, 2] {
             let run = || {
                 let mut net = Network::new(preset, 7, 60, threads);
@@ -181,7 +182,11 @@ fn same_seed_and_threads_give_bit_identical_results() {
             };
             let (a, b) = (run(), run());
             assert!(a == b, "{preset:?} with {threads} threads: two runs differ");
+            by_threads.push(a);
         }
+        // Stronger than promised: every parallel split computes each output exactly as one
+        // thread does, so the thread count does not change the result either.
+        assert!(by_threads[0] == by_threads[1], "{preset:?}: 1 and 2 threads differ");
         // A different seed gives a different run (the check above can fail).
         let mut n1 = Network::new(preset, 7, 60, 1);
         let mut n2 = Network::new(preset, 8, 60, 1);
