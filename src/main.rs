@@ -4,6 +4,7 @@
 use bnlab::checkpoint;
 use bnlab::data::{self, Split};
 use bnlab::experiments::mnist::{self, MnistSetup, Progress};
+use bnlab::kernels::batch_norm::RunningAverage;
 use bnlab::network::Network;
 use bnlab::nn::InferenceStats;
 use bnlab::optim::Schedule;
@@ -99,6 +100,10 @@ struct TrainArgs {
     /// Write metrics.csv and checkpoints (last good, final) here.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Running averages of BN statistics: PyTorch's momentum, or `cumulative` (the plain
+    /// average over all batches, PyTorch's momentum=None).
+    #[arg(long, default_value = "0.1", value_name = "X|cumulative")]
+    bn_momentum: String,
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
@@ -209,6 +214,7 @@ fn train(a: TrainArgs) -> Result<()> {
         threads: a.threads,
     };
     config.validate(preset.has_batch_norm())?;
+    let running_average = RunningAverage::parse(&a.bn_momentum)?;
     let split = load_data(&a.data)?;
     let eval_batch = 500;
     let mut net = Network::new(
@@ -220,6 +226,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(init) = &a.init {
         checkpoint::load(&mut net, init)?;
     }
+    net.for_each_batch_norm(&mut |bn| bn.running_average = running_average);
     let features = split.train.features();
     let mut trainer = Trainer::new(config.clone(), split.train.len(), features);
     let mut evaluator = Evaluator::new(eval_batch, features);

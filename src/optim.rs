@@ -138,3 +138,23 @@ impl Sgd {
         self.steps_taken += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        assert_eq!(Schedule::Constant.lr(0.1, 12345), 0.1);
+        let s = Schedule::parse("step:100:0.5").unwrap();
+        assert_eq!(s.lr(1.0, 99), 1.0);
+        assert_eq!(s.lr(1.0, 100), 0.5);
+        assert_eq!(s.lr(1.0, 250), 0.25);
+        let e = Schedule::parse("exp:100:0.5").unwrap();
+        assert!((e.lr(1.0, 50) - 0.5f64.sqrt()).abs() < 1e-12);
+        assert!((e.lr(2.0, 200) - 0.5).abs() < 1e-12);
+        for bad in ["cosine", "step:0:0.5", "exp:10:-1", "step:10", "exp:a:0.5"] {
+            assert!(Schedule::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

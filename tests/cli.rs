@@ -38,19 +38,88 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 fn nonsense_flags_are_refused() {
     let Some(d) = common::mnist_dir() else { return };
     let d = d.to_str().unwrap();
-    fails_with(&["train", "--model", "mlp-fig1", "--frobnicate"], &["--frobnicate"]);
-    fails_with(&["train", "--model", "resnet", "--data", d], &["unknown preset 'resnet'"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--batch-size", "0"], &["--batch-size"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--steps", "-5"], &["--steps"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--lr", "NaN"], &["--lr"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--momentum", "1.5"], &["--momentum"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--order", "random"], &["--order"]);
-    fails_with(&["train", "--model", "mlp-fig1", "--data", d, "--schedule", "cosine"], &["--schedule"]);
     fails_with(
-        &["train", "--model", "mlp-fig1-bn", "--data", d, "--batch-size", "1"],
+        &["train", "--model", "mlp-fig1", "--frobnicate"],
+        &["--frobnicate"],
+    );
+    fails_with(
+        &["train", "--model", "resnet", "--data", d],
+        &["unknown preset 'resnet'"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            d,
+            "--batch-size",
+            "0",
+        ],
+        &["--batch-size"],
+    );
+    fails_with(
+        &["train", "--model", "mlp-fig1", "--data", d, "--steps", "-5"],
+        &["--steps"],
+    );
+    fails_with(
+        &["train", "--model", "mlp-fig1", "--data", d, "--lr", "NaN"],
+        &["--lr"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            d,
+            "--momentum",
+            "1.5",
+        ],
+        &["--momentum"],
+    );
+    fails_with(
+        &[
+            "train", "--model", "mlp-fig1", "--data", d, "--order", "random",
+        ],
+        &["--order"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            d,
+            "--schedule",
+            "cosine",
+        ],
+        &["--schedule"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--batch-size",
+            "1",
+        ],
         &["--batch-size", "at least 2"],
     );
-    fails_with(&["eval", "--model", "mlp-fig1", "--weights", "x", "--bn-stats", "median"], &["--bn-stats"]);
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            "x",
+            "--bn-stats",
+            "median",
+        ],
+        &["--bn-stats"],
+    );
 }
 
 #[test]
@@ -67,26 +136,69 @@ fn missing_data_and_bad_checkpoints_are_named() {
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
     fails_with(
-        &["eval", "--model", "mlp-fig1", "--weights", junk.to_str().unwrap(), "--data", d],
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            junk.to_str().unwrap(),
+            "--data",
+            d,
+        ],
         &["junk.safetensors", "not a safetensors file"],
     );
     fails_with(
-        &["eval", "--model", "mlp-fig1", "--weights", "/no/such/file.safetensors", "--data", d],
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            "/no/such/file.safetensors",
+            "--data",
+            d,
+        ],
         &["/no/such/file.safetensors"],
     );
     // A checkpoint of the BN net given to the plain net.
     let bn = tmp.path().join("bn.safetensors");
     let o = bnlab(&[
-        "train", "--model", "mlp-fig1-bn", "--data", d, "--steps", "20", "--eval-every", "0",
-        "--save", bn.to_str().unwrap(),
+        "train",
+        "--model",
+        "mlp-fig1-bn",
+        "--data",
+        d,
+        "--steps",
+        "20",
+        "--eval-every",
+        "0",
+        "--save",
+        bn.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     fails_with(
-        &["eval", "--model", "mlp-fig1", "--weights", bn.to_str().unwrap(), "--data", d],
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            bn.to_str().unwrap(),
+            "--data",
+            d,
+        ],
         &["bn.safetensors", "mlp-fig1"],
     );
     fails_with(
-        &["train", "--model", "mlp-fig1", "--init", bn.to_str().unwrap(), "--data", d, "--steps", "1"],
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--init",
+            bn.to_str().unwrap(),
+            "--data",
+            d,
+            "--steps",
+            "1",
+        ],
         &["bn.safetensors"],
     );
 }
@@ -98,8 +210,19 @@ fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = bnlab(&[
-        "train", "--model", "mlp-fig1-bn", "--data", d, "--steps", "600", "--eval-every", "300",
-        "--out", out.to_str().unwrap(), "--lr", "0.5",
+        "train",
+        "--model",
+        "mlp-fig1-bn",
+        "--data",
+        d,
+        "--steps",
+        "600",
+        "--eval-every",
+        "300",
+        "--out",
+        out.to_str().unwrap(),
+        "--lr",
+        "0.5",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
@@ -107,8 +230,16 @@ fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
     let w = out.join("final.safetensors");
     for stats in ["running", "population"] {
         let o = bnlab(&[
-            "eval", "--model", "mlp-fig1-bn", "--weights", w.to_str().unwrap(), "--data", d,
-            "--bn-stats", stats, "--json",
+            "eval",
+            "--model",
+            "mlp-fig1-bn",
+            "--weights",
+            w.to_str().unwrap(),
+            "--data",
+            d,
+            "--bn-stats",
+            stats,
+            "--json",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let text = stdout(&o);
@@ -117,7 +248,10 @@ fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
         assert_eq!(j["total"], 10000);
         let acc = j["accuracy"].as_f64().unwrap();
         assert!(acc > 0.85, "{stats}: accuracy {acc} after 600 steps");
-        assert_eq!(j["correct"].as_u64().unwrap(), (acc * 10000.0).round() as u64);
+        assert_eq!(
+            j["correct"].as_u64().unwrap(),
+            (acc * 10000.0).round() as u64
+        );
         if stats == "population" {
             assert_eq!(j["population_batches"], 1000);
         }
@@ -131,8 +265,19 @@ fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = bnlab(&[
-        "train", "--model", "mlp-fig1", "--data", d, "--steps", "500", "--lr", "1e38",
-        "--eval-every", "1", "--out", out.to_str().unwrap(),
+        "train",
+        "--model",
+        "mlp-fig1",
+        "--data",
+        d,
+        "--steps",
+        "500",
+        "--lr",
+        "1e38",
+        "--eval-every",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     let err = stderr(&o);
     assert!(!o.status.success());
@@ -142,14 +287,31 @@ fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     // Evaluated and saved after step 1, before the loss became NaN: it loads, so it was
     // written whole and holds finite values.
     let good = out.join("last_good.safetensors");
-    let o = bnlab(&["eval", "--model", "mlp-fig1", "--weights", good.to_str().unwrap(), "--data", d]);
+    let o = bnlab(&[
+        "eval",
+        "--model",
+        "mlp-fig1",
+        "--weights",
+        good.to_str().unwrap(),
+        "--data",
+        d,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
 fn bench_prints_steps_per_second_as_json() {
     let Some(d) = common::mnist_dir() else { return };
-    let o = bnlab(&["bench", "--model", "mlp-fig1-bn", "--data", d.to_str().unwrap(), "--steps", "200", "--json"]);
+    let o = bnlab(&[
+        "bench",
+        "--model",
+        "mlp-fig1-bn",
+        "--data",
+        d.to_str().unwrap(),
+        "--steps",
+        "200",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
     assert!(j["steps_per_s"].as_f64().unwrap() > 0.0);
@@ -161,11 +323,25 @@ fn reproduce_writes_the_whole_report() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fig1");
     let o = bnlab(&[
-        "reproduce", "mnist", "--data", d.to_str().unwrap(), "--steps", "1000", "--eval-every",
-        "250", "--out", out.to_str().unwrap(),
+        "reproduce",
+        "mnist",
+        "--data",
+        d.to_str().unwrap(),
+        "--steps",
+        "1000",
+        "--eval-every",
+        "250",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["metrics.csv", "results.json", "summary.md", "fig1.svg", "fig1.png"] {
+    for f in [
+        "metrics.csv",
+        "results.json",
+        "summary.md",
+        "fig1.svg",
+        "fig1.png",
+    ] {
         assert!(Path::new(&out.join(f)).exists(), "{f} missing");
     }
     let j: serde_json::Value =

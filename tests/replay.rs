@@ -186,7 +186,10 @@ fn same_seed_and_threads_give_bit_identical_results() {
         }
         // Stronger than promised: every parallel split computes each output exactly as one
         // thread does, so the thread count does not change the result either.
-        assert!(by_threads[0] == by_threads[1], "{preset:?}: 1 and 2 threads differ");
+        assert!(
+            by_threads[0] == by_threads[1],
+            "{preset:?}: 1 and 2 threads differ"
+        );
         // A different seed gives a different run (the check above can fail).
         let mut n1 = Network::new(preset, 7, 60, 1);
         let mut n2 = Network::new(preset, 8, 60, 1);

@@ -348,6 +348,22 @@ pub enum RunningAverage {
     Cumulative,
 }
 
+impl RunningAverage {
+    /// Parse a momentum in (0, 1] or `cumulative`.
+    pub fn parse(s: &str) -> crate::Result<RunningAverage> {
+        if s == "cumulative" {
+            return Ok(RunningAverage::Cumulative);
+        }
+        match s.parse::<f32>() {
+            Ok(m) if m > 0.0 && m <= 1.0 => Ok(RunningAverage::Exponential { momentum: m }),
+            _ => Err(Error::config(
+                "--bn-momentum",
+                format!("'{s}' (expected a number in (0, 1] or 'cumulative')"),
+            )),
+        }
+    }
+}
+
 /// Update running mean and variance after a training step. The variance follows the unbiased
 /// batch variance `m / (m - 1) * sigma2_B`, as PyTorch does. `batches_tracked` is the count
 /// after this update (at least 1).

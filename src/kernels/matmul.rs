@@ -81,7 +81,11 @@ struct Strides {
     b_cs: usize,
 }
 
-/// One gemm call on `m` rows of op(a), starting at `a[0]`.
+/// Products up to this many multiply-adds use `small_gemm` (ours, allocation-free); larger
+/// ones the `gemm` crate, which is faster on big matrices but allocates a little per call.
+const SMALL_MAX_FLOPS: usize = 1 << 22;
+
+/// One product on `m` rows of op(a), starting at `a[0]`.
 #[allow(clippy::too_many_arguments)]
 fn block(
     c: &mut [f32],
@@ -103,6 +107,10 @@ fn block(
         "matmul: b too small"
     );
     assert!(m * n <= c.len(), "matmul: c too small");
+    if m * n * k <= SMALL_MAX_FLOPS && s.b_cs == 1 {
+        small_gemm(c, a, s.a_rs, s.a_cs, b, s.b_rs, m, k, n, accumulate);
+        return;
+    }
     // SAFETY: the asserts above keep every index gemm touches inside the slices; c does not
     // alias a or b (distinct borrows).
     unsafe {
@@ -127,6 +135,120 @@ fn block(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// `c[r0..r0+R, c0..c0+W] (+)= a[r0..r0+R, :] * b[:, c0..c0+W]` with the R x W block of `c` held
+/// in registers while k runs. The caller has checked every index against the slices.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize, const W: usize>(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    k: usize,
+    n: usize,
+    r0: usize,
+    c0: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0f32; W]; R];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[(r0 + r) * n + c0..][..W]);
+        }
+    }
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for p in 0..k {
+        // SAFETY: `small_gemm` asserted that rows r0..r0+R of a, and columns c0..c0+W of every
+        // row of b, lie inside the slices.
+        let bv: [f32; W] =
+            unsafe { std::ptr::read_unaligned(bp.add(p * b_rs + c0) as *const [f32; W]) };
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = unsafe { *ap.add((r0 + r) * a_rs + p * a_cs) };
+            for j in 0..W {
+                row[j] = av.mul_add(bv[j], row[j]);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        c[(r0 + r) * n + c0..][..W].copy_from_slice(row);
+    }
+}
+
+/// All column tiles of the rows `r0..r0+R`: 16 wide, then one 8-wide tile. When `c` is
+/// overwritten (not accumulated) the last tile may overlap the one before it: the overlapped
+/// columns are recomputed with the same operations in the same order, so they get the same
+/// values, and no slow scalar tail remains.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_tiles<const R: usize>(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    k: usize,
+    n: usize,
+    r0: usize,
+    accumulate: bool,
+) {
+    let mut c0 = 0;
+    while c0 + 16 <= n {
+        tile::<R, 16>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        c0 += 16;
+    }
+    if c0 < n && n >= 8 && (!accumulate || c0 + 8 <= n) {
+        let start = c0.min(n - 8);
+        tile::<R, 8>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, start, accumulate);
+        c0 = start + 8;
+    }
+    while c0 < n {
+        tile::<R, 1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        c0 += 1;
+    }
+}
+
+crate::simd_kernel! {
+    /// `c (m x n) = [c +] a * b` for small matrices, register-tiled (4 rows x 16 columns of `c`
+    /// at a time); `a` has strides (`a_rs`, `a_cs`), `b` is row-major with row stride `b_rs`.
+    /// Allocates nothing. Each element of `c` is one fused multiply-add chain over k in order,
+    /// whatever the tiling (on CPUs without FMA, `mul_add` is a correctly rounded library call:
+    /// slower, same values).
+    fn small_gemm(
+        c: &mut [f32],
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        b_rs: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "small_gemm: a too small");
+        assert!((k - 1) * b_rs + n <= b.len(), "small_gemm: b too small");
+        assert!(m * n <= c.len(), "small_gemm: c too small");
+        let mut r0 = 0;
+        // SAFETY: the asserts above bound every index the tiles read.
+        unsafe {
+            while r0 + 4 <= m {
+                row_tiles::<4>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+                r0 += 4;
+            }
+            while r0 < m {
+                row_tiles::<1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+                r0 += 1;
+            }
+        }
     }
 }
 
@@ -162,6 +284,52 @@ pub mod reference {
                     s += av * bv;
                 }
                 c[i * n + j] = if accumulate { c[i * n + j] + s } else { s };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_and_large_products_match_the_f64_twin() {
+        let mut seed = 1u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 3, 7),
+            (60, 100, 100),
+            (100, 60, 10),
+            (13, 17, 33),
+            (300, 200, 150),
+        ] {
+            for trans in [Trans::No, Trans::A, Trans::B] {
+                for accumulate in [false, true] {
+                    let a: Vec<f64> = (0..m * k).map(|_| rnd()).collect();
+                    let b: Vec<f64> = (0..k * n).map(|_| rnd()).collect();
+                    let c0: Vec<f64> = (0..m * n).map(|_| rnd()).collect();
+                    let mut want = c0.clone();
+                    reference::matmul(&mut want, &a, &b, m, k, n, trans, accumulate);
+                    let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+                    let b32: Vec<f32> = b.iter().map(|&v| v as f32).collect();
+                    for threads in [1, 2] {
+                        let mut c: Vec<f32> = c0.iter().map(|&v| v as f32).collect();
+                        matmul(&mut c, &a32, &b32, m, k, n, trans, accumulate, threads);
+                        for (g, w) in c.iter().zip(&want) {
+                            assert!(
+                                (*g as f64 - w).abs() < 1e-5 * (1.0 + k as f64),
+                                "{m}x{k}x{n} {trans:?} acc={accumulate}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     grad_weight_t: Vec<f32>,
     grad_bias: Option<Vec<f32>>,
+    /// PyTorch's `[out, in]` layout of the weight, refreshed for each input gradient.
+    weight_scratch: Vec<f32>,
     /// Look for zeros in the input (worth it for raw pixels, not for hidden activations).
     pub sparse_input: bool,
     // The sparse path: two blocks of input features (see `kernels::sparse`), and the second
@@ -42,6 +44,7 @@ impl Linear {
             bias: bias.then(|| vec![0.0; out_features]),
             grad_weight_t: vec![0.0; in_features * out_features],
             grad_bias: bias.then(|| vec![0.0; out_features]),
+            weight_scratch: vec![0.0; in_features * out_features],
             sparse_input: false,
             blocks: [
                 sparse::FeatureBlock::new(0, in_features / 2),
@@ -173,15 +176,17 @@ impl Layer for Linear {
             }
         }
         if let Some(dx) = dx {
-            // dx = dy Wt^T  ([n, o] x [o, i])
+            // dx = dy W  ([n, o] x [o, i]), with W = Wt^T laid out row-major first so that the
+            // product streams contiguous rows.
+            transpose(&self.weight_t, i, o, &mut self.weight_scratch);
             matmul(
                 dx,
                 dy,
-                &self.weight_t,
+                &self.weight_scratch,
                 n,
                 o,
                 i,
-                Trans::B,
+                Trans::No,
                 false,
                 ctx.threads,
             );
@@ -221,5 +226,14 @@ impl Layer for Linear {
                 ", bias=False"
             }
         )
+    }
+}
+
+/// `out (cols x rows) = m^T` for a row-major `rows x cols` matrix `m`.
+fn transpose(m: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    for r in 0..rows {
+        for (c, &v) in m[r * cols..(r + 1) * cols].iter().enumerate() {
+            out[c * rows + r] = v;
+        }
     }
 }
