@@ -125,24 +125,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Save the network's `state_dict` to `path`.
-pub fn save(net: &mut Network, path: &Path) -> Result<()> {
-    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+/// One tensor ready to be written: name, dtype, shape, little-endian bytes.
+pub type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// The network's `state_dict` as entries, in PyTorch's layouts.
+pub fn state_entries(net: &mut Network) -> Vec<Entry> {
+    let mut owned: Vec<Entry> = Vec::new();
     net.visit_state(&mut |name, shape, t| {
         let (dtype, bytes) = match t {
-            TensorMut::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            TensorMut::F32T(v) => (
-                Dtype::F32,
-                transpose(v, shape[1], shape[0])
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
+            TensorMut::F32(v) => (Dtype::F32, f32_bytes(v)),
+            TensorMut::F32T(v) => (Dtype::F32, f32_bytes(&transpose(v, shape[1], shape[0]))),
             TensorMut::I64(v) => (Dtype::I64, v.to_le_bytes().to_vec()),
         };
         owned.push((name.to_string(), dtype, shape.to_vec(), bytes));
     });
-    let views: Vec<(String, TensorView<'_>)> = owned
+    owned
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Write entries and metadata as one safetensors file, atomically.
+pub fn write_entries(path: &Path, entries: &[Entry], meta: HashMap<String, String>) -> Result<()> {
+    let views: Vec<(String, TensorView<'_>)> = entries
         .iter()
         .map(|(n, d, s, b)| {
             TensorView::new(*d, s.clone(), b)
@@ -150,12 +156,18 @@ pub fn save(net: &mut Network, path: &Path) -> Result<()> {
                 .map_err(|e| Error::checkpoint(path, format!("cannot encode '{n}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("bnlab_model".to_string(), net.preset.name().to_string());
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::checkpoint(path, format!("cannot encode: {e}")))?;
     write_atomic(path, &bytes)
+}
+
+/// Save the network's `state_dict` to `path`.
+pub fn save(net: &mut Network, path: &Path) -> Result<()> {
+    let entries = state_entries(net);
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("bnlab_model".to_string(), net.preset.name().to_string());
+    write_entries(path, &entries, meta)
 }
 
 /// Load a `state_dict` into the network. Every expected tensor must be present with the right
@@ -163,6 +175,17 @@ pub fn save(net: &mut Network, path: &Path) -> Result<()> {
 /// another model is refused, with the first difference named.
 pub fn load(net: &mut Network, path: &Path) -> Result<()> {
     let file = TensorFile::read(path)?;
+    load_from(net, &file, path, None)
+}
+
+/// `load` from a file already read; tensors whose names start with `ignore_prefix` (extra
+/// state of a run checkpoint) are not counted as belonging to another model.
+pub fn load_from(
+    net: &mut Network,
+    file: &TensorFile,
+    path: &Path,
+    ignore_prefix: Option<&str>,
+) -> Result<()> {
     let model = net.preset.name();
     let bad = |msg: String| Error::checkpoint(path, format!("{msg} (loading into {model})"));
     let mut expected = Vec::new();
@@ -211,7 +234,9 @@ pub fn load(net: &mut Network, path: &Path) -> Result<()> {
     if let Some(e) = err {
         return Err(e);
     }
-    if let Some(extra) = file.tensors.keys().find(|k| !expected.contains(k)) {
+    let foreign =
+        |k: &&String| !expected.contains(k) && !ignore_prefix.is_some_and(|p| k.starts_with(p));
+    if let Some(extra) = file.tensors.keys().find(foreign) {
         return Err(bad(format!(
             "unexpected tensor '{extra}': this checkpoint belongs to another model"
         )));

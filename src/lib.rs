@@ -14,6 +14,7 @@ pub mod nn;
 pub mod optim;
 pub mod presets;
 pub mod report;
+pub mod run;
 pub mod train;
 
 pub use error::{Error, Result};

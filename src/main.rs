@@ -10,6 +10,7 @@ use bnlab::nn::InferenceStats;
 use bnlab::optim::Schedule;
 use bnlab::presets::Preset;
 use bnlab::report;
+use bnlab::run::{self, Event, Run, RunSpec};
 use bnlab::train::{population_statistics, Evaluator, Order, TrainConfig, Trainer};
 use bnlab::{Error, Result};
 use clap::{Args, Parser, Subcommand};
@@ -67,7 +68,10 @@ struct DataArgs {
 struct TrainArgs {
     /// Preset: mlp-fig1 or mlp-fig1-bn.
     #[arg(long, value_name = "PRESET")]
-    model: String,
+    model: Option<String>,
+    /// Continue the run saved in RUN_DIR with its original settings.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "out", "init"])]
+    resume: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
     #[arg(long, default_value_t = 50_000)]
@@ -97,9 +101,13 @@ struct TrainArgs {
     /// Evaluate on the test set every K steps (0: only at the end).
     #[arg(long, default_value_t = 1000)]
     eval_every: i64,
-    /// Write metrics.csv and checkpoints (last good, final) here.
-    #[arg(long, value_name = "DIR")]
+    /// Run directory: the run state (every --checkpoint-every steps, atomically),
+    /// latest.safetensors, metrics.csv, and final.safetensors at the end.
+    #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
+    /// Checkpoint the run state every K steps (0: only at the end).
+    #[arg(long, default_value_t = 1000, value_name = "K")]
+    checkpoint_every: i64,
     /// Running averages of BN statistics: PyTorch's momentum, or `cumulative` (the plain
     /// average over all batches, PyTorch's momentum=None).
     #[arg(long, default_value = "0.1", value_name = "X|cumulative")]
@@ -196,102 +204,116 @@ fn load_data(a: &DataArgs) -> Result<Split> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let preset = Preset::parse(&a.model)?;
-    let config = TrainConfig {
-        steps: positive("--steps", a.steps)?,
-        batch_size: positive("--batch-size", a.batch_size)?,
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        schedule: Schedule::parse(&a.schedule)?,
-        seed: a.seed,
-        order: Order::parse(&a.order)?,
-        eval_every: if a.eval_every < 0 {
-            return Err(Error::config("--eval-every", "must be >= 0"));
-        } else {
-            a.eval_every as usize
-        },
-        threads: a.threads,
-    };
-    config.validate(preset.has_batch_norm())?;
-    let running_average = RunningAverage::parse(&a.bn_momentum)?;
-    let split = load_data(&a.data)?;
-    let eval_batch = 500;
-    let mut net = Network::new(
-        preset,
-        config.seed,
-        config.batch_size.max(eval_batch),
-        config.threads,
-    );
-    if let Some(init) = &a.init {
-        checkpoint::load(&mut net, init)?;
-    }
-    net.for_each_batch_norm(&mut |bn| bn.running_average = running_average);
-    let features = split.train.features();
-    let mut trainer = Trainer::new(config.clone(), split.train.len(), features);
-    let mut evaluator = Evaluator::new(eval_batch, features);
-    let bar = ProgressBar::new(config.steps as u64).with_style(bar_style());
-    bar.set_prefix(preset.name());
-    let mut rows = String::from("step,train_loss,test_accuracy\n");
-    let last_good = a.out.as_ref().map(|d| d.join("last_good.safetensors"));
-    let mut loss_sum = 0.0;
-    let mut count = 0;
-    while trainer.step < config.steps {
-        let loss = match trainer.step(&mut net, &split.train) {
-            Ok(l) => l,
-            Err(e) => {
-                bar.abandon();
-                if let Some(p) = &last_good {
-                    eprintln!("the last good checkpoint is {}", p.display());
-                }
-                return Err(e);
-            }
-        };
-        loss_sum += loss;
-        count += 1;
-        let step = trainer.step;
-        if step.is_multiple_of(100) {
-            bar.set_position(step as u64);
+    let mut run = match &a.resume {
+        Some(dir) => {
+            let spec = Run::read_spec(dir)?;
+            let data = DataArgs {
+                data: a.data.data.clone().or(spec.data.clone()),
+                no_download: a.data.no_download,
+            };
+            let split = load_data(&data)?;
+            let run = Run::resume(dir, split.train.features(), split.train.len())?;
+            eprintln!(
+                "resuming {} at step {} of {}",
+                dir.display(),
+                run.step(),
+                run.spec.config.steps
+            );
+            (run, split)
         }
-        let eval_now = config.eval_every > 0 && step.is_multiple_of(config.eval_every);
-        if eval_now || step == config.steps {
-            let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
-            if !net.all_finite() {
-                bar.abandon();
-                return Err(Error::Diverged {
-                    step,
-                    msg: "a weight or BN statistic is NaN or infinite".into(),
-                });
+        None => {
+            let model = a
+                .model
+                .clone()
+                .ok_or_else(|| Error::config("--model", "required (unless --resume RUN_DIR)"))?;
+            let preset = Preset::parse(&model)?;
+            let config = TrainConfig {
+                steps: positive("--steps", a.steps)?,
+                batch_size: positive("--batch-size", a.batch_size)?,
+                lr: a.lr,
+                momentum: a.momentum,
+                weight_decay: a.weight_decay,
+                schedule: Schedule::parse(&a.schedule)?,
+                seed: a.seed,
+                order: Order::parse(&a.order)?,
+                eval_every: non_negative("--eval-every", a.eval_every)?,
+                threads: a.threads,
+            };
+            config.validate(preset.has_batch_norm())?;
+            RunningAverage::parse(&a.bn_momentum)?;
+            let spec = RunSpec {
+                model,
+                config,
+                bn_momentum: a.bn_momentum.clone(),
+                data: a.data.data.clone(),
+                init: a.init.clone(),
+                checkpoint_every: non_negative("--checkpoint-every", a.checkpoint_every)?,
+            };
+            let split = load_data(&a.data)?;
+            let run = Run::new(
+                spec,
+                a.out.clone(),
+                split.train.features(),
+                split.train.len(),
+            )?;
+            (run, split)
+        }
+    };
+    let (run, split) = (&mut run.0, &run.1);
+    let bar = ProgressBar::new(run.spec.config.steps as u64).with_style(bar_style());
+    bar.set_prefix(run.preset.name());
+    bar.set_position(run.step() as u64);
+    let result = run.run(split, &mut |e| match e {
+        Event::Step { step, .. } => {
+            if step.is_multiple_of(100) {
+                bar.set_position(step as u64);
             }
-            let mean_loss = loss_sum / count.max(1) as f64;
-            rows.push_str(&format!("{step},{mean_loss:.6},{:.6}\n", ev.accuracy()));
+        }
+        Event::Evaluated {
+            step,
+            train_loss,
+            test_accuracy,
+        } => {
             bar.set_message(format!(
-                "loss {mean_loss:.4} test acc {:.2}%",
-                100.0 * ev.accuracy()
+                "loss {train_loss:.4} test acc {:.2}%",
+                100.0 * test_accuracy
             ));
             bar.println(format!(
-                "step {step}: train loss {mean_loss:.4}, test accuracy {:.2}%",
-                100.0 * ev.accuracy()
+                "step {step}: train loss {train_loss:.4}, test accuracy {:.2}%",
+                100.0 * test_accuracy
             ));
-            loss_sum = 0.0;
-            count = 0;
-            if let (Some(dir), Some(p)) = (&a.out, &last_good) {
-                checkpoint::save(&mut net, p)?;
-                report::write_atomic(&dir.join("metrics.csv"), rows.as_bytes())?;
+        }
+        Event::Checkpoint { .. } => {}
+    });
+    if let Err(e) = result {
+        bar.abandon();
+        if let Some(dir) = run.dir() {
+            if dir.join(run::STATE_FILE).exists() {
+                eprintln!(
+                    "the last good checkpoint is {} (weights: {})",
+                    dir.join(run::STATE_FILE).display(),
+                    dir.join(run::LATEST_FILE).display()
+                );
             }
         }
+        return Err(e);
     }
     bar.finish_and_clear();
-    if let Some(dir) = &a.out {
-        checkpoint::save(&mut net, &dir.join("final.safetensors"))?;
-        report::write_atomic(&dir.join("metrics.csv"), rows.as_bytes())?;
-        eprintln!("wrote {}", dir.join("final.safetensors").display());
+    if let Some(dir) = run.dir() {
+        eprintln!("wrote {}", dir.join(run::FINAL_FILE).display());
     }
     if let Some(p) = &a.save {
-        checkpoint::save(&mut net, p)?;
+        checkpoint::save(&mut run.net, p)?;
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+fn non_negative(name: &str, v: i64) -> Result<usize> {
+    if v < 0 {
+        return Err(Error::config(name, format!("{v} (must be >= 0)")));
+    }
+    Ok(v as usize)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

@@ -65,12 +65,18 @@ impl Schedule {
     }
 }
 
+// The updates also report whether every new weight is finite: `w * 0` is 0 for finite w and
+// NaN otherwise, and a sum of those costs one add per weight in a loop bound by memory.
 crate::kernels::simd_kernel! {
-    fn update_plain(w: &mut [f32], g: &[f32], lr: f32, wd: f32) {
+    fn update_plain(w: &mut [f32], g: &[f32], lr: f32, wd: f32) -> bool {
+        let mut check = 0f32;
         for (wv, &gv) in w.iter_mut().zip(g) {
             let d = gv + wd * *wv;
             *wv -= lr * d;
+            let w = *wv;
+            check += w * 0.0;
         }
+        check == 0.0
     }
 }
 
@@ -83,12 +89,16 @@ crate::kernels::simd_kernel! {
         wd: f32,
         mom: f32,
         first: bool,
-    ) {
+    ) -> bool {
+        let mut check = 0f32;
         for ((wv, &gv), vv) in w.iter_mut().zip(g).zip(v.iter_mut()) {
             let d = gv + wd * *wv;
             *vv = if first { d } else { mom * *vv + d };
             *wv -= lr * *vv;
+            let w = *wv;
+            check += w * 0.0;
         }
+        check == 0.0
     }
 }
 
@@ -114,7 +124,8 @@ impl Sgd {
     }
 
     /// Apply one update with the gradients the last backward pass left in the network.
-    pub fn step(&mut self, net: &mut Network) {
+    /// Returns false when some weight became NaN or infinite.
+    pub fn step(&mut self, net: &mut Network) -> bool {
         let lr = self.schedule.lr(self.lr, self.steps_taken) as f32;
         let (mom, wd) = (self.momentum, self.weight_decay);
         let first = self.steps_taken == 0;
@@ -127,15 +138,23 @@ impl Sgd {
         let velocity = &mut self.velocity;
         // One thread: splitting the update across cores measured slower (the halves of the
         // weights then have to travel between the cores' caches every step).
+        let mut finite = true;
         net.body.for_each_param(&mut |w, g| {
-            if mom == 0.0 {
-                update_plain(w, g, lr, wd);
+            finite &= if mom == 0.0 {
+                update_plain(w, g, lr, wd)
             } else {
-                update_momentum(w, g, &mut velocity[idx], lr, wd, mom, first);
-            }
+                update_momentum(w, g, &mut velocity[idx], lr, wd, mom, first)
+            };
             idx += 1;
         });
         self.steps_taken += 1;
+        finite
+    }
+
+    /// The momentum buffers, one per parameter in `state_dict` order (empty before the first
+    /// step or without momentum), for checkpoints.
+    pub fn velocity_mut(&mut self) -> &mut Vec<Vec<f32>> {
+        &mut self.velocity
     }
 }
 

@@ -66,6 +66,46 @@ impl Batches {
         }
     }
 
+    /// Everything the following batches depend on: the current permutation, the position in
+    /// it, and the shuffling generator's seed and stream position.
+    pub fn state(&self) -> (&[usize], usize, [u8; 32], u128) {
+        (
+            &self.perm,
+            self.pos,
+            self.rng.get_seed(),
+            self.rng.get_word_pos(),
+        )
+    }
+
+    /// Continue from a `state()`; refuses one that does not fit this data set.
+    pub fn restore(
+        &mut self,
+        perm: Vec<usize>,
+        pos: usize,
+        seed: [u8; 32],
+        word_pos: u128,
+    ) -> Result<()> {
+        let mut seen = vec![false; self.n];
+        let is_permutation = perm.len() == self.n
+            && perm
+                .iter()
+                .all(|&i| i < self.n && !std::mem::replace(&mut seen[i], true));
+        if !is_permutation || pos > self.n {
+            return Err(Error::config(
+                "run state",
+                format!(
+                    "the saved batch order does not fit a data set of {} examples",
+                    self.n
+                ),
+            ));
+        }
+        self.perm = perm;
+        self.pos = pos;
+        self.rng = ChaCha8Rng::from_seed(seed);
+        self.rng.set_word_pos(word_pos);
+        Ok(())
+    }
+
     /// The indices of the next mini-batch.
     pub fn next_batch(&mut self) -> &[usize] {
         match self.order {
@@ -333,7 +373,12 @@ impl Trainer {
                 msg: format!("the loss is {loss}"),
             });
         }
-        self.sgd.step(net);
+        if !self.sgd.step(net) {
+            return Err(Error::Diverged {
+                step: self.step,
+                msg: "a weight became NaN or infinite".into(),
+            });
+        }
         Ok(loss)
     }
 }

@@ -283,10 +283,10 @@ fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
     assert!(!o.status.success());
     assert!(err.contains("diverged at step"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains("last_good.safetensors"), "{err}");
-    // Evaluated and saved after step 1, before the loss became NaN: it loads, so it was
-    // written whole and holds finite values.
-    let good = out.join("last_good.safetensors");
+    assert!(err.contains("latest.safetensors"), "{err}");
+    // Checkpointed after step 1, before the loss became NaN: it loads, so it was written whole
+    // and holds finite values.
+    let good = out.join("latest.safetensors");
     let o = bnlab(&[
         "eval",
         "--model",

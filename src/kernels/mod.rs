@@ -11,17 +11,20 @@
 #[doc(hidden)]
 macro_rules! simd_kernel {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $crate::simd_kernel! { $(#[$meta])* $vis fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
+        #[allow(clippy::too_many_arguments, clippy::unused_unit)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn imp($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments, clippy::unused_unit)]
+            fn imp($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
+                #[allow(clippy::too_many_arguments, clippy::unused_unit)]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     imp($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {

@@ -76,6 +76,9 @@ impl Layer for Dropout {
             dx[..len].copy_from_slice(&dy[..len]);
         }
     }
+    fn for_each_rng(&mut self, f: &mut dyn FnMut(&mut ChaCha8Rng)) {
+        f(&mut self.rng)
+    }
     fn describe(&self) -> String {
         format!("Dropout(p={})", self.p)
     }

@@ -88,6 +88,10 @@ pub trait Layer: Send {
     fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
         let _ = (prefix, f);
     }
+    /// Each random generator inside (dropout masks), in a fixed order, for run checkpoints.
+    fn for_each_rng(&mut self, f: &mut dyn FnMut(&mut rand_chacha::ChaCha8Rng)) {
+        let _ = f;
+    }
     /// Each batch-normalization layer inside, for settings and Algorithm 2.
     fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
         let _ = f;

@@ -103,6 +103,12 @@ impl Layer for Sequential {
         }
     }
 
+    fn for_each_rng(&mut self, f: &mut dyn FnMut(&mut rand_chacha::ChaCha8Rng)) {
+        for layer in &mut self.layers {
+            layer.for_each_rng(f);
+        }
+    }
+
     fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
         for layer in &mut self.layers {
             layer.for_each_batch_norm(f);

@@ -1,0 +1,370 @@
+//! A training run that survives being killed. Every `checkpoint_every` steps the run writes
+//! everything the next step depends on into `RUN_DIR/state.safetensors`, atomically (temporary
+//! file, fsync, rename): the weights and BN buffers (PyTorch names), the optimizer's momentum
+//! buffers, the batch order (permutation, position, generator seed and stream position), the
+//! dropout generators, the step count, the metrics so far, and the run's settings. A kill at any
+//! instant leaves the previous state or the new one. `Run::resume` rebuilds the run from it, and
+//! since nothing else carries over from one step to the next, the resumed run ends bit-identical
+//! to one left alone (same machine, same thread count).
+//!
+//! Beside the state the run keeps `latest.safetensors` (the weights alone, loadable by
+//! `bnlab eval` and PyTorch), `metrics.csv`, and at the end `final.safetensors`.
+
+use crate::checkpoint::{self, f32_bytes, Entry, Loaded, TensorFile};
+use crate::data::Split;
+use crate::kernels::batch_norm::RunningAverage;
+use crate::network::Network;
+use crate::nn::Layer;
+use crate::presets::Preset;
+use crate::report::write_atomic;
+use crate::train::{Evaluator, TrainConfig, Trainer};
+use crate::{Error, Result};
+use safetensors::tensor::Dtype;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "state.safetensors";
+pub const LATEST_FILE: &str = "latest.safetensors";
+pub const FINAL_FILE: &str = "final.safetensors";
+pub const METRICS_FILE: &str = "metrics.csv";
+/// Tensors in the state file that are not part of the model's `state_dict`.
+const EXTRA: &str = "bnlab.";
+const STATE_VERSION: u32 = 1;
+/// Largest evaluation batch.
+pub const EVAL_BATCH: usize = 500;
+
+/// The settings of a run, fixed when it starts.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RunSpec {
+    pub model: String,
+    pub config: TrainConfig,
+    pub bn_momentum: String,
+    /// The data directory given at the start (`None`: the default lookup).
+    pub data: Option<PathBuf>,
+    pub init: Option<PathBuf>,
+    /// Write the run state every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+}
+
+/// The progress of a run, kept in the state file.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    version: u32,
+    spec: RunSpec,
+    step: usize,
+    sgd_steps_taken: usize,
+    batches_pos: usize,
+    batches_seed: String,
+    batches_word_pos: String,
+    dropout_rngs: Vec<(String, String)>,
+    metrics: String,
+    /// f64 bits, so the mean loss of the current evaluation interval resumes exactly.
+    loss_sum_bits: u64,
+    loss_count: usize,
+}
+
+/// What the run reports as it goes.
+pub enum Event<'a> {
+    Step {
+        step: usize,
+        loss: f64,
+    },
+    Evaluated {
+        step: usize,
+        train_loss: f64,
+        test_accuracy: f64,
+    },
+    Checkpoint {
+        step: usize,
+        path: &'a Path,
+    },
+}
+
+pub struct Run {
+    pub spec: RunSpec,
+    pub preset: Preset,
+    pub net: Network,
+    pub trainer: Trainer,
+    dir: Option<PathBuf>,
+    metrics: String,
+    loss_sum: f64,
+    loss_count: usize,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Run {
+    /// Start a run. With a directory, refuses one that already holds a run state.
+    pub fn new(
+        spec: RunSpec,
+        dir: Option<PathBuf>,
+        features: usize,
+        train_len: usize,
+    ) -> Result<Run> {
+        let preset = Preset::parse(&spec.model)?;
+        spec.config.validate(preset.has_batch_norm())?;
+        let running_average = RunningAverage::parse(&spec.bn_momentum)?;
+        if let Some(d) = &dir {
+            if d.join(STATE_FILE).exists() {
+                return Err(Error::config(
+                    "--out",
+                    format!(
+                        "{} already holds a run; continue it with --resume {0}, or choose another --out",
+                        d.display()
+                    ),
+                ));
+            }
+        }
+        let c = &spec.config;
+        let mut net = Network::new(preset, c.seed, c.batch_size.max(EVAL_BATCH), c.threads);
+        if let Some(init) = &spec.init {
+            checkpoint::load(&mut net, init)?;
+        }
+        net.for_each_batch_norm(&mut |bn| bn.running_average = running_average);
+        let trainer = Trainer::new(c.clone(), train_len, features);
+        Ok(Run {
+            spec,
+            preset,
+            net,
+            trainer,
+            dir,
+            metrics: String::from("step,train_loss,test_accuracy\n"),
+            loss_sum: 0.0,
+            loss_count: 0,
+        })
+    }
+
+    /// The settings saved in a run directory.
+    pub fn read_spec(dir: &Path) -> Result<RunSpec> {
+        let path = dir.join(STATE_FILE);
+        if !path.exists() {
+            return Err(Error::config(
+                "--resume",
+                format!(
+                    "no run to resume in {} ({STATE_FILE} is missing)",
+                    dir.display()
+                ),
+            ));
+        }
+        let file = TensorFile::read(&path)?;
+        Ok(Self::progress_of(&file, &path)?.spec)
+    }
+
+    fn progress_of(file: &TensorFile, path: &Path) -> Result<Progress> {
+        let text = file.metadata.get("bnlab_run").ok_or_else(|| {
+            Error::checkpoint(path, "not a bnlab run state (no 'bnlab_run' metadata)")
+        })?;
+        let p: Progress = serde_json::from_str(text)
+            .map_err(|e| Error::checkpoint(path, format!("unreadable run state: {e}")))?;
+        if p.version != STATE_VERSION {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "run state version {} (this bnlab reads {STATE_VERSION})",
+                    p.version
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Continue the run saved in `dir`.
+    pub fn resume(dir: &Path, features: usize, train_len: usize) -> Result<Run> {
+        let path = dir.join(STATE_FILE);
+        let file = TensorFile::read(&path)?;
+        let p = Self::progress_of(&file, &path)?;
+        let bad = |msg: String| Error::checkpoint(&path, msg);
+        let mut run = Run::new(p.spec.clone(), None, features, train_len)?;
+        run.dir = Some(dir.to_path_buf());
+        checkpoint::load_from(&mut run.net, &file, &path, Some(EXTRA))?;
+        // Optimizer momentum buffers.
+        let mut velocity = Vec::new();
+        while let Some((_, Loaded::F32(v))) = file
+            .tensors
+            .get(&format!("{EXTRA}velocity.{}", velocity.len()))
+        {
+            velocity.push(v.clone());
+        }
+        let mut sizes = Vec::new();
+        run.net.body.for_each_param(&mut |w, _| sizes.push(w.len()));
+        if !velocity.is_empty()
+            && (velocity.len() != sizes.len()
+                || velocity.iter().zip(&sizes).any(|(v, &s)| v.len() != s))
+        {
+            return Err(bad("momentum buffers do not fit the model".into()));
+        }
+        *run.trainer.sgd.velocity_mut() = velocity;
+        run.trainer.sgd.steps_taken = p.sgd_steps_taken;
+        run.trainer.step = p.step;
+        // Batch order.
+        let perm: Vec<usize> = match file.tensors.get(&format!("{EXTRA}order.perm")) {
+            Some((_, Loaded::I64(v))) => v.iter().map(|&i| i as usize).collect(),
+            _ => return Err(bad("missing the batch order".into())),
+        };
+        let seed = unhex32(&p.batches_seed).ok_or_else(|| bad("bad generator seed".into()))?;
+        let word_pos: u128 = p
+            .batches_word_pos
+            .parse()
+            .map_err(|_| bad("bad generator position".into()))?;
+        run.trainer
+            .batches
+            .restore(perm, p.batches_pos, seed, word_pos)?;
+        // Dropout generators.
+        let mut saved = p.dropout_rngs.iter();
+        let mut rng_err = None;
+        run.net.body.for_each_rng(&mut |rng| {
+            use rand::SeedableRng;
+            match saved
+                .next()
+                .and_then(|(s, w)| Some((unhex32(s)?, w.parse::<u128>().ok()?)))
+            {
+                Some((s, w)) => {
+                    *rng = rand_chacha::ChaCha8Rng::from_seed(s);
+                    rng.set_word_pos(w);
+                }
+                None => rng_err = Some(bad("dropout generator state missing".into())),
+            }
+        });
+        if let Some(e) = rng_err {
+            return Err(e);
+        }
+        run.metrics = p.metrics;
+        run.loss_sum = f64::from_bits(p.loss_sum_bits);
+        run.loss_count = p.loss_count;
+        Ok(run)
+    }
+
+    pub fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.trainer.step >= self.spec.config.steps
+    }
+
+    /// Write the run state, then the latest weights and the metrics (all atomically).
+    pub fn save_state(&mut self) -> Result<PathBuf> {
+        let Some(dir) = self.dir.clone() else {
+            return Err(Error::config(
+                "--out",
+                "no run directory to checkpoint into",
+            ));
+        };
+        let mut entries: Vec<Entry> = checkpoint::state_entries(&mut self.net);
+        for (i, v) in self.trainer.sgd.velocity_mut().iter().enumerate() {
+            entries.push((
+                format!("{EXTRA}velocity.{i}"),
+                Dtype::F32,
+                vec![v.len()],
+                f32_bytes(v),
+            ));
+        }
+        let (perm, pos, seed, word_pos) = self.trainer.batches.state();
+        let perm_bytes: Vec<u8> = perm
+            .iter()
+            .flat_map(|&i| (i as i64).to_le_bytes())
+            .collect();
+        entries.push((
+            format!("{EXTRA}order.perm"),
+            Dtype::I64,
+            vec![perm.len()],
+            perm_bytes,
+        ));
+        let mut dropout_rngs = Vec::new();
+        self.net.body.for_each_rng(&mut |r| {
+            dropout_rngs.push((hex(&r.get_seed()), r.get_word_pos().to_string()))
+        });
+        let progress = Progress {
+            version: STATE_VERSION,
+            spec: self.spec.clone(),
+            step: self.trainer.step,
+            sgd_steps_taken: self.trainer.sgd.steps_taken,
+            batches_pos: pos,
+            batches_seed: hex(&seed),
+            batches_word_pos: word_pos.to_string(),
+            dropout_rngs,
+            metrics: self.metrics.clone(),
+            loss_sum_bits: self.loss_sum.to_bits(),
+            loss_count: self.loss_count,
+        };
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert("bnlab_model".to_string(), self.preset.name().to_string());
+        meta.insert(
+            "bnlab_run".to_string(),
+            serde_json::to_string(&progress)
+                .map_err(|e| Error::config("run state", e.to_string()))?,
+        );
+        let path = dir.join(STATE_FILE);
+        checkpoint::write_entries(&path, &entries, meta)?;
+        checkpoint::save(&mut self.net, &dir.join(LATEST_FILE))?;
+        write_atomic(&dir.join(METRICS_FILE), self.metrics.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Train to the end, evaluating every `eval_every` steps and checkpointing every
+    /// `checkpoint_every` steps (and at the end). On divergence the run stops at once; the
+    /// state on disk is the last good one.
+    pub fn run(&mut self, data: &Split, on_event: &mut dyn FnMut(Event<'_>)) -> Result<()> {
+        let c = self.spec.config.clone();
+        let mut evaluator = Evaluator::new(EVAL_BATCH, data.train.features());
+        if self.dir.is_some() && self.trainer.step == 0 {
+            // A run killed before its first periodic checkpoint can be resumed too.
+            self.save_state()?;
+        }
+        while self.trainer.step < c.steps {
+            let loss = self.trainer.step(&mut self.net, &data.train)?;
+            self.loss_sum += loss;
+            self.loss_count += 1;
+            let step = self.trainer.step;
+            on_event(Event::Step { step, loss });
+            let last = step == c.steps;
+            if (c.eval_every > 0 && step.is_multiple_of(c.eval_every)) || last {
+                let ev = evaluator.evaluate(&mut self.net, &data.test, None, None)?;
+                if !self.net.all_finite() {
+                    return Err(Error::Diverged {
+                        step,
+                        msg: "a weight or BN statistic is NaN or infinite".into(),
+                    });
+                }
+                let mean = self.loss_sum / self.loss_count.max(1) as f64;
+                self.metrics
+                    .push_str(&format!("{step},{mean:.6},{:.6}\n", ev.accuracy()));
+                self.loss_sum = 0.0;
+                self.loss_count = 0;
+                on_event(Event::Evaluated {
+                    step,
+                    train_loss: mean,
+                    test_accuracy: ev.accuracy(),
+                });
+            }
+            let checkpoint_now =
+                self.spec.checkpoint_every > 0 && step.is_multiple_of(self.spec.checkpoint_every);
+            if self.dir.is_some() && (checkpoint_now || last) {
+                let path = self.save_state()?;
+                on_event(Event::Checkpoint { step, path: &path });
+            }
+        }
+        if let Some(dir) = self.dir.clone() {
+            checkpoint::save(&mut self.net, &dir.join(FINAL_FILE))?;
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+}
