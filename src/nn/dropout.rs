@@ -76,6 +76,9 @@ impl Layer for Dropout {
             dx[..len].copy_from_slice(&dy[..len]);
         }
     }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         format!("Dropout(p={})", self.p)
     }
