@@ -2,15 +2,19 @@
 //!
 //! The data path reads top to bottom, one module per arrow:
 //! `data` -> `nn` (layers built on `kernels`) -> `network` (loss) -> `optim` -> `train`
-//! (steps, evaluation, Algorithm 2, probes) -> `report`. See ARCHITECTURE.md.
+//! (steps, evaluation, Algorithm 2, probes) -> `report`. See ARCHITECTURE.md. Trained
+//! networks leave through `checkpoint`, `fold` (BN folded into the Linear before it) and
+//! `onnx` (export for other runtimes).
 
 pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod experiments;
+pub mod fold;
 pub mod kernels;
 pub mod network;
 pub mod nn;
+pub mod onnx;
 pub mod optim;
 pub mod presets;
 pub mod report;

@@ -46,6 +46,22 @@ impl Preset {
         matches!(self, Preset::MlpFig1Bn)
     }
 
+    /// The preset with the same layers minus batch normalization, whose checkpoint a folded
+    /// network (see `fold`) is saved as; `None` for presets without BN.
+    pub fn plain_counterpart(&self) -> Option<Preset> {
+        match self {
+            Preset::MlpFig1Bn => Some(Preset::MlpFig1),
+            Preset::MlpFig1 => None,
+        }
+    }
+
+    /// The shape of one example as the network sees it, without the batch dimension: `[784]`
+    /// for the MLPs (a convolutional preset would give `[1, 28, 28]`). Export writes the
+    /// model's input as `[N, ..input_shape]`.
+    pub fn input_shape(&self) -> &'static [usize] {
+        &[784]
+    }
+
     /// Input features per example and number of classes.
     pub fn input_size(&self) -> usize {
         784

@@ -273,6 +273,28 @@ impl Evaluator {
     }
 }
 
+/// The predicted class (argmax of the logits) of every example of `data`, in inference mode,
+/// in batches of at most the network's largest batch.
+pub fn predictions(net: &mut Network, data: &Dataset) -> Result<Vec<usize>> {
+    let batch = net.max_batch().min(data.len()).max(1);
+    let k = net.classes();
+    let mut x = vec![0.0; batch * data.features()];
+    let mut y = vec![0; batch];
+    let mut indices: Vec<usize> = Vec::with_capacity(batch);
+    let mut out = Vec::with_capacity(data.len());
+    let mut start = 0;
+    while start < data.len() {
+        let n = batch.min(data.len() - start);
+        indices.clear();
+        indices.extend(start..start + n);
+        data.fill_batch(&indices, &mut x, &mut y);
+        let logits = net.forward(&x, n, Mode::Eval)?;
+        out.extend(logits.chunks_exact(k).map(argmax));
+        start += n;
+    }
+    Ok(out)
+}
+
 /// Index of the largest value (the first one on ties, as `torch.argmax`).
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;

@@ -41,6 +41,9 @@ impl Layer for Sigmoid {
             k::sigmoid_backward(&y[..len], &dy[..len], &mut dx[..len]);
         }
     }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         "Sigmoid()".into()
     }
@@ -82,6 +85,9 @@ impl Layer for Relu {
             let len = n * self.size;
             k::relu_backward(&y[..len], &dy[..len], &mut dx[..len]);
         }
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
     fn describe(&self) -> String {
         "ReLU()".into()

@@ -81,6 +81,19 @@ impl BatchNorm {
         (&self.batch_mean, &self.batch_var)
     }
 
+    /// The mean and variance that inference normalizes with: Algorithm 2's population
+    /// statistics when `inference` asks for them and they have been computed, else the running
+    /// averages. Folding and export read them here so that they match `Mode::Eval` exactly.
+    pub fn inference_stats(&self) -> (&[f32], &[f32]) {
+        select_inference(
+            self.inference,
+            &self.population_mean,
+            &self.population_var,
+            &self.running_mean,
+            &self.running_var,
+        )
+    }
+
     /// Start Algorithm 2: the following `Mode::Population` passes accumulate batch statistics.
     pub fn begin_population(&mut self) {
         self.population = Some(PopulationStats::new(self.c));
@@ -134,6 +147,21 @@ impl BatchNorm {
     }
 }
 
+/// The one place that decides which statistics inference uses (see `inference_stats`); a free
+/// function so that `forward` can borrow the chosen slices next to its mutable workspace.
+fn select_inference<'a>(
+    which: InferenceStats,
+    population_mean: &'a Option<Vec<f32>>,
+    population_var: &'a Option<Vec<f32>>,
+    running_mean: &'a [f32],
+    running_var: &'a [f32],
+) -> (&'a [f32], &'a [f32]) {
+    match (which, population_mean, population_var) {
+        (InferenceStats::Population, Some(m), Some(v)) => (m, v),
+        _ => (running_mean, running_var),
+    }
+}
+
 impl Layer for BatchNorm {
     fn in_size(&self) -> usize {
         self.c * self.s
@@ -154,20 +182,29 @@ impl Layer for BatchNorm {
                 &self.batch_mean_lo
             }
             Mode::Eval => {
-                let var = match (self.inference, &self.population_var) {
-                    (InferenceStats::Population, Some(v)) => v,
-                    _ => &self.running_var,
-                };
+                let (_, var) = select_inference(
+                    self.inference,
+                    &self.population_mean,
+                    &self.population_var,
+                    &self.running_mean,
+                    &self.running_var,
+                );
                 k::inv_std(var, self.eps, &mut self.inv_std);
                 &self.zeros
             }
         };
         let mean: &[f32] = match ctx.mode {
             Mode::Train | Mode::Population => &self.batch_mean,
-            Mode::Eval => match (self.inference, &self.population_mean) {
-                (InferenceStats::Population, Some(m)) => m,
-                _ => &self.running_mean,
-            },
+            Mode::Eval => {
+                select_inference(
+                    self.inference,
+                    &self.population_mean,
+                    &self.population_var,
+                    &self.running_mean,
+                    &self.running_var,
+                )
+                .0
+            }
         };
         k::normalize(
             x,
@@ -278,6 +315,9 @@ impl Layer for BatchNorm {
         f(self)
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         format!(
             "BatchNorm{}({}, eps={}{})",

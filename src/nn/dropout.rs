@@ -79,6 +79,9 @@ impl Layer for Dropout {
     fn for_each_rng(&mut self, f: &mut dyn FnMut(&mut ChaCha8Rng)) {
         f(&mut self.rng)
     }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         format!("Dropout(p={})", self.p)
     }

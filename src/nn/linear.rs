@@ -215,6 +215,9 @@ impl Layer for Linear {
         }
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         format!(
             "Linear({}, {}{})",

@@ -98,4 +98,7 @@ pub trait Layer: Send {
     }
     /// A short description for summaries, e.g. `Linear(784, 100)`.
     fn describe(&self) -> String;
+    /// The concrete layer, for code that needs more than the trait (folding, export) to
+    /// downcast to `Linear`, `BatchNorm`, ...
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

@@ -115,6 +115,9 @@ impl Layer for Sequential {
         }
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
     fn describe(&self) -> String {
         let inner: Vec<String> = self
             .layers
