@@ -40,6 +40,10 @@ enum Command {
     Eval(EvalArgs),
     /// Measure training steps per second of the training loop alone.
     Bench(BenchArgs),
+    /// Fold each BN into the layer before it, giving a checkpoint of the plain preset.
+    Fold(FoldArgs),
+    /// Export a network in inference mode (ONNX).
+    Export(ExportArgs),
     /// Reproduce one of the paper's experiments.
     Reproduce {
         #[command(subcommand)]
@@ -137,6 +141,42 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct FoldArgs {
+    /// A BN preset (mlp-fig1-bn).
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// Where to write the plain preset's checkpoint.
+    #[arg(long, value_name = "OUT")]
+    save: PathBuf,
+    /// Inference statistics to fold: running, or population (Algorithm 2 over the training
+    /// set, which needs the data).
+    #[arg(long, default_value = "running")]
+    bn_stats: String,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long, value_name = "PRESET")]
+    model: String,
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// Only onnx.
+    #[arg(long, default_value = "onnx")]
+    format: String,
+    #[arg(long, value_name = "FILE.onnx")]
+    out: PathBuf,
+    /// Inference statistics for BN: running, or population (needs the data).
+    #[arg(long, default_value = "running")]
+    bn_stats: String,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct BenchArgs {
     #[arg(long, value_name = "PRESET")]
@@ -176,6 +216,8 @@ fn main() -> ExitCode {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench(a),
+        Command::Fold(a) => fold_cmd(a),
+        Command::Export(a) => export_cmd(a),
         Command::Reproduce {
             study: Study::Mnist(a),
         } => reproduce_mnist(a),
@@ -316,18 +358,66 @@ fn non_negative(name: &str, v: i64) -> Result<usize> {
     Ok(v as usize)
 }
 
+fn parse_bn_stats(s: &str) -> Result<InferenceStats> {
+    match s {
+        "running" => Ok(InferenceStats::Running),
+        "population" => Ok(InferenceStats::Population),
+        other => Err(Error::config(
+            "--bn-stats",
+            format!("'{other}' (expected running or population)"),
+        )),
+    }
+}
+
+/// A network of `model` with `weights`, using the chosen inference statistics (Algorithm 2
+/// over the training set for `population`).
+fn inference_net(
+    model: &str,
+    weights: &Path,
+    bn_stats: &str,
+    data: &DataArgs,
+    threads: usize,
+) -> Result<Network> {
+    let preset = Preset::parse(model)?;
+    let stats = parse_bn_stats(bn_stats)?;
+    let mut net = Network::new(preset, 0, 500, threads);
+    checkpoint::load(&mut net, weights)?;
+    if stats == InferenceStats::Population && preset.has_batch_norm() {
+        let split = load_data(data)?;
+        population_statistics(&mut net, &split.train, 60, None)?;
+    }
+    Ok(net)
+}
+
+fn fold_cmd(a: FoldArgs) -> Result<()> {
+    let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
+    let mut folded = bnlab::fold::fold(&mut net)?;
+    checkpoint::save(&mut folded, &a.save)?;
+    eprintln!(
+        "wrote {} ({} with {} statistics folded in)",
+        a.save.display(),
+        folded.preset.name(),
+        a.bn_stats
+    );
+    Ok(())
+}
+
+fn export_cmd(a: ExportArgs) -> Result<()> {
+    if a.format != "onnx" {
+        return Err(Error::config(
+            "--format",
+            format!("'{}' (only onnx is supported)", a.format),
+        ));
+    }
+    let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
+    bnlab::onnx::export_onnx(&mut net, &a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
     let preset = Preset::parse(&a.model)?;
-    let stats = match a.bn_stats.as_str() {
-        "running" => InferenceStats::Running,
-        "population" => InferenceStats::Population,
-        other => {
-            return Err(Error::config(
-                "--bn-stats",
-                format!("'{other}' (expected running or population)"),
-            ))
-        }
-    };
+    let stats = parse_bn_stats(&a.bn_stats)?;
     if a.threads == 0 {
         return Err(Error::config("--threads", "must be at least 1"));
     }
