@@ -188,6 +188,14 @@ pub fn load_from(
 ) -> Result<()> {
     let model = net.preset.name();
     let bad = |msg: String| Error::checkpoint(path, format!("{msg} (loading into {model})"));
+    if let Some(theirs) = file.metadata.get("bnlab_model") {
+        if theirs != model {
+            return Err(Error::checkpoint(
+                path,
+                format!("this checkpoint is for {theirs}, not {model}"),
+            ));
+        }
+    }
     let mut expected = Vec::new();
     let mut err: Option<Error> = None;
     net.visit_state(&mut |name, shape, t| {
@@ -232,7 +240,20 @@ pub fn load_from(
         }
     });
     if let Some(e) = err {
-        return Err(e);
+        // Name a stranger too: a missing tensor beside unknown ones means another model.
+        let stranger = file
+            .tensors
+            .keys()
+            .find(|k| !expected.contains(k) && !ignore_prefix.is_some_and(|p| k.starts_with(p)));
+        return Err(match (e, stranger) {
+            (Error::Checkpoint { path, msg }, Some(x)) if msg.starts_with("missing") => {
+                Error::Checkpoint {
+                    path,
+                    msg: format!("{msg}; it holds '{x}' instead: a checkpoint of another model"),
+                }
+            }
+            (e, _) => e,
+        });
     }
     let foreign =
         |k: &&String| !expected.contains(k) && !ignore_prefix.is_some_and(|p| k.starts_with(p));
