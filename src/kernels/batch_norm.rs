@@ -232,6 +232,31 @@ fn grad_sums(dy: &[f32], xhat: &[f32], d: Dims, sum_dy: &mut [f64], sum_dy_xhat:
     }
 }
 
+/// dgamma = sum dy * xhat and dbeta = sum dy per feature (written when asked), returning the
+/// two f64 sums, which live in `acc`.
+fn param_grads<'a>(
+    dy: &[f32],
+    xhat: &[f32],
+    d: Dims,
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+    acc: &'a mut [f64],
+) -> (&'a mut [f64], &'a mut [f64]) {
+    let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
+    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat);
+    if let Some(dg) = dgamma {
+        for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
+            *o = v as f32;
+        }
+    }
+    if let Some(db) = dbeta {
+        for (o, &v) in db.iter_mut().zip(sum_dy.iter()) {
+            *o = v as f32;
+        }
+    }
+    (sum_dy, sum_dy_xhat)
+}
+
 /// Backward pass of training-mode BN in the fused closed form (see the module docs).
 /// `acc` is caller workspace of at least `2 * c` f64. Writes `dx` when given, and
 /// `dgamma`/`dbeta` when the affine part is on.
@@ -247,18 +272,7 @@ pub fn backward_train(
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
 ) {
-    let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
-    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat);
-    if let Some(dg) = dgamma {
-        for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
-            *o = v as f32;
-        }
-    }
-    if let Some(db) = dbeta {
-        for (o, &v) in db.iter_mut().zip(sum_dy.iter()) {
-            *o = v as f32;
-        }
-    }
+    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, d, dgamma, dbeta, acc);
     let Some(dx) = dx else { return };
     let m = d.m() as f64;
     // dx = k * (dy - a - xhat * b) with k = gamma * inv_std, a = sum_dy / m, b = sum_dy_xhat / m.
@@ -314,18 +328,7 @@ pub fn backward_eval(
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
 ) {
-    let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
-    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat);
-    if let Some(dg) = dgamma {
-        for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
-            *o = v as f32;
-        }
-    }
-    if let Some(db) = dbeta {
-        for (o, &v) in db.iter_mut().zip(sum_dy.iter()) {
-            *o = v as f32;
-        }
-    }
+    param_grads(dy, xhat, d, dgamma, dbeta, acc);
     if let Some(dx) = dx {
         for i in 0..d.n {
             for ch in 0..d.c {

@@ -1,20 +1,58 @@
-//! Sigmoid and ReLU layers. Their backward passes use the saved output only.
+//! Sigmoid and ReLU layers: elementwise, their backward passes use the saved output only.
 
 use super::{Ctx, Layer};
 use crate::kernels::activation as k;
 use crate::Result;
 
-pub struct Sigmoid {
-    size: usize,
+/// An elementwise nonlinearity, by its forward and backward kernels.
+pub trait Nonlinearity: Send + 'static {
+    const NAME: &'static str;
+    fn forward(x: &[f32], y: &mut [f32]);
+    /// dx from the saved output y and the output gradient dy.
+    fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]);
 }
 
-impl Sigmoid {
-    pub fn new(size: usize) -> Self {
-        Sigmoid { size }
+pub struct SigmoidFn;
+impl Nonlinearity for SigmoidFn {
+    const NAME: &'static str = "Sigmoid()";
+    fn forward(x: &[f32], y: &mut [f32]) {
+        k::sigmoid_forward(x, y)
+    }
+    fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+        k::sigmoid_backward(y, dy, dx)
     }
 }
 
-impl Layer for Sigmoid {
+pub struct ReluFn;
+impl Nonlinearity for ReluFn {
+    const NAME: &'static str = "ReLU()";
+    fn forward(x: &[f32], y: &mut [f32]) {
+        k::relu_forward(x, y)
+    }
+    fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+        k::relu_backward(y, dy, dx)
+    }
+}
+
+/// The layer for a nonlinearity on `size` features per example.
+pub struct Elementwise<F: Nonlinearity> {
+    size: usize,
+    _f: std::marker::PhantomData<F>,
+}
+
+pub type Sigmoid = Elementwise<SigmoidFn>;
+pub type Relu = Elementwise<ReluFn>;
+
+impl<F: Nonlinearity> Elementwise<F> {
+    pub fn new(size: usize) -> Self {
+        Elementwise {
+            size,
+            _f: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<F: Nonlinearity> Layer for Elementwise<F> {
     fn in_size(&self) -> usize {
         self.size
     }
@@ -24,7 +62,7 @@ impl Layer for Sigmoid {
     fn reserve(&mut self, _max_batch: usize) {}
     fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let len = n * self.size;
-        k::sigmoid_forward(&x[..len], &mut y[..len]);
+        F::forward(&x[..len], &mut y[..len]);
         Ok(())
     }
     fn backward(
@@ -38,58 +76,13 @@ impl Layer for Sigmoid {
     ) {
         if let Some(dx) = dx {
             let len = n * self.size;
-            k::sigmoid_backward(&y[..len], &dy[..len], &mut dx[..len]);
+            F::backward(&y[..len], &dy[..len], &mut dx[..len]);
         }
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
     fn describe(&self) -> String {
-        "Sigmoid()".into()
-    }
-}
-
-pub struct Relu {
-    size: usize,
-}
-
-impl Relu {
-    pub fn new(size: usize) -> Self {
-        Relu { size }
-    }
-}
-
-impl Layer for Relu {
-    fn in_size(&self) -> usize {
-        self.size
-    }
-    fn out_size(&self) -> usize {
-        self.size
-    }
-    fn reserve(&mut self, _max_batch: usize) {}
-    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
-        let len = n * self.size;
-        k::relu_forward(&x[..len], &mut y[..len]);
-        Ok(())
-    }
-    fn backward(
-        &mut self,
-        _ctx: Ctx,
-        _x: &[f32],
-        y: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        n: usize,
-    ) {
-        if let Some(dx) = dx {
-            let len = n * self.size;
-            k::relu_backward(&y[..len], &dy[..len], &mut dx[..len]);
-        }
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-    fn describe(&self) -> String {
-        "ReLU()".into()
+        F::NAME.into()
     }
 }
