@@ -6,7 +6,7 @@
 //! position, the input value that kernel tap sees, zero in the padding); then
 //!
 //! - forward:  `y_i [out, oh*ow] = W [out, in*k*k] x cols_i`, plus the bias per row;
-//! - weights:  `dW += dy_i x cols_i^T`, summed over the batch;
+//! - weights:  `dW^T += cols_i x dy_i^T`, summed over the batch (transposed: see `backward_half`);
 //! - input:    `dcols = W^T x dy_i`, scattered back onto the input by `col2im` (the adjoint of
 //!   `im2col`: each column entry is added to the input pixel it was copied from).
 //!
@@ -113,31 +113,36 @@ fn im2col(g: Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// `dx [c, h, w] = col2im(cols)`: every column entry added to the input pixel `im2col` took it
-/// from (entries that came from padding are dropped).
-fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
-    let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
-    dx[..g.c * hw].fill(0.0);
-    let mut rows = cols[..g.ckk() * ohw].chunks_exact(ohw);
-    for c in 0..g.c {
-        let dc = &mut dx[c * hw..][..hw];
-        for ki in 0..g.k {
-            let (oy0, oy1) = valid_range(ki, g.s, g.p, g.h, g.oh);
-            for kj in 0..g.k {
-                let row = rows.next().expect("cols has c*k*k rows");
-                let (ox0, ox1) = valid_range(kj, g.s, g.p, g.w, g.ow);
-                if ox0 == ox1 {
-                    continue;
-                }
-                let ix0 = ox0 * g.s + kj - g.p;
-                for oy in oy0..oy1 {
-                    let r = &row[oy * g.ow + ox0..oy * g.ow + ox1];
-                    let dr = &mut dc[(oy * g.s + ki - g.p) * g.w..][..g.w];
-                    if g.s == 1 {
-                        add_assign(&mut dr[ix0..ix0 + r.len()], r);
-                    } else {
-                        for (d, &v) in dr[ix0..].iter_mut().step_by(g.s).zip(r) {
-                            *d += v;
+crate::simd_kernel! {
+    /// `dx [c, h, w] = col2im(cols)`: every column entry added to the input pixel `im2col` took
+    /// it from (entries that came from padding are dropped). Compiled for AVX2 as a whole, so
+    /// that the short row additions (`ow` long) inline instead of dispatching one by one.
+    fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
+        let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
+        dx[..g.c * hw].fill(0.0);
+        let mut rows = cols[..g.ckk() * ohw].chunks_exact(ohw);
+        for c in 0..g.c {
+            let dc = &mut dx[c * hw..][..hw];
+            for ki in 0..g.k {
+                let (oy0, oy1) = valid_range(ki, g.s, g.p, g.h, g.oh);
+                for kj in 0..g.k {
+                    let row = rows.next().expect("cols has c*k*k rows");
+                    let (ox0, ox1) = valid_range(kj, g.s, g.p, g.w, g.ow);
+                    if ox0 == ox1 {
+                        continue;
+                    }
+                    let ix0 = ox0 * g.s + kj - g.p;
+                    for oy in oy0..oy1 {
+                        let r = &row[oy * g.ow + ox0..oy * g.ow + ox1];
+                        let dr = &mut dc[(oy * g.s + ki - g.p) * g.w..][..g.w];
+                        if g.s == 1 {
+                            for (d, &v) in dr[ix0..ix0 + r.len()].iter_mut().zip(r) {
+                                *d += v;
+                            }
+                        } else {
+                            for (d, &v) in dr[ix0..].iter_mut().step_by(g.s).zip(r) {
+                                *d += v;
+                            }
                         }
                     }
                 }
@@ -147,10 +152,14 @@ fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
 }
 
 crate::simd_kernel! {
-    /// `a += b`, elementwise.
-    fn add_assign(a: &mut [f32], b: &[f32]) {
-        for (x, &y) in a.iter_mut().zip(b) {
-            *x += y;
+    /// `out [cols, rows] = (a + b)^T` for row-major `[rows, cols]` matrices `a` and `b`: the
+    /// two half-batch weight gradients, summed and turned into the weight's layout.
+    fn add_transposed(a: &[f32], b: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+        for r in 0..rows {
+            let (ar, br) = (&a[r * cols..][..cols], &b[r * cols..][..cols]);
+            for (c, (&x, &y)) in ar.iter().zip(br).enumerate() {
+                out[c * rows + r] = x + y;
+            }
         }
     }
 }
@@ -196,8 +205,12 @@ fn forward_half(
     }
 }
 
-/// Backward for the examples of one half-batch: `dw` gets their weight gradient (overwritten),
-/// `dx` (if wanted) their input gradients.
+/// Backward for the examples of one half-batch: `dwt` gets their weight gradient, transposed
+/// (`[in*k*k, out]`, overwritten), `dx` (if wanted) their input gradients.
+///
+/// Why transposed: `dW^T += cols_i x dy_i^T` has the long, contiguous `cols` rows as the left
+/// operand, and measured a third faster than `dW += dy_i x cols_i^T` (4.4 against 6.4 ms for a
+/// batch of 32 at 32 -> 32 channels, 28x28, 3x3).
 #[allow(clippy::too_many_arguments)]
 fn backward_half(
     g: Geom,
@@ -207,22 +220,22 @@ fn backward_half(
     dy: &[f32],
     mut dx: Option<&mut [f32]>,
     cols: &mut [f32],
-    dw: &mut [f32],
+    dwt: &mut [f32],
     threads: usize,
 ) {
     let (isz, ohw, ckk) = (g.c * g.h * g.w, g.oh * g.ow, g.ckk());
     let osz = out_ch * ohw;
     let m = x.len() / isz;
     if m == 0 {
-        dw.fill(0.0);
+        dwt.fill(0.0);
         return;
     }
     for i in 0..m {
         let xi = &x[i * isz..][..isz];
         let dyi = &dy[i * osz..][..osz];
         if g.pointwise() {
-            // dW [out, in] (+)= dy_i [out, hw] x x_i^T
-            matmul(dw, dyi, xi, out_ch, ohw, ckk, Trans::B, i > 0, threads);
+            // dW^T [in, out] (+)= x_i [in, hw] x dy_i^T
+            matmul(dwt, xi, dyi, ckk, ohw, out_ch, Trans::B, i > 0, threads);
             if let Some(dx) = dx.as_deref_mut() {
                 let dxi = &mut dx[i * isz..][..isz];
                 matmul(dxi, weight, dyi, ckk, out_ch, ohw, Trans::A, false, threads);
@@ -231,7 +244,7 @@ fn backward_half(
             // The patches are lowered again rather than kept from the forward pass: cheap next
             // to the products, and the workspace stays one example large.
             im2col(g, xi, cols);
-            matmul(dw, dyi, cols, out_ch, ohw, ckk, Trans::B, i > 0, threads);
+            matmul(dwt, cols, dyi, ckk, ohw, out_ch, Trans::B, i > 0, threads);
             if let Some(dx) = dx.as_deref_mut() {
                 // cols is free once dW has it: reuse it for dcols.
                 matmul(
@@ -267,8 +280,8 @@ pub struct Conv2d {
     pub bias: Option<Vec<f32>>,
     grad_weight: Vec<f32>,
     grad_bias: Option<Vec<f32>>,
-    /// The second half-batch's partial weight gradient (the first half writes `grad_weight`).
-    grad_weight_b: Vec<f32>,
+    /// Each half-batch's partial weight gradient, transposed (`[in*k*k, out]`).
+    grad_wt: [Vec<f32>; 2],
     /// One `im2col` workspace per half-batch (empty for the pointwise case).
     cols: [Vec<f32>; 2],
     max_batch: usize,
@@ -304,7 +317,7 @@ impl Conv2d {
             bias: bias.then(|| vec![0.0; out_ch]),
             grad_weight: vec![0.0; wlen],
             grad_bias: bias.then(|| vec![0.0; out_ch]),
-            grad_weight_b: vec![0.0; wlen],
+            grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: [Vec::new(), Vec::new()],
             max_batch: 0,
         }
@@ -398,14 +411,14 @@ impl Layer for Conv2d {
             None => (None, None),
         };
         let [ca, cb] = &mut self.cols;
-        let (gwa, gwb) = (&mut self.grad_weight[..], &mut self.grad_weight_b[..]);
+        let [gwa, gwb] = &mut self.grad_wt;
         let inner = if n >= 2 { 1 } else { ctx.threads };
         join(
             if n >= 2 { ctx.threads } else { 1 },
             || backward_half(g, out_ch, w, xa, dya, dxa, ca, gwa, inner),
             || backward_half(g, out_ch, w, xb, dyb, dxb, cb, gwb, inner),
         );
-        add_assign(gwa, gwb);
+        add_transposed(gwa, gwb, g.ckk(), out_ch, &mut self.grad_weight);
         if let Some(gb) = &mut self.grad_bias {
             let ohw = g.oh * g.ow;
             for (o, gbo) in gb.iter_mut().enumerate() {
