@@ -1,11 +1,15 @@
-//! A chain of layers, named "0", "1", ... as in PyTorch's `nn.Sequential`. It owns the
-//! intermediate activations and their gradients, sized once by `reserve`.
+//! A chain of layers, named "0", "1", ... as in PyTorch's `nn.Sequential`, or with explicit
+//! names (`Sequential::named`, see `named.rs`) for a module whose children are attributes. It
+//! owns the intermediate activations and their gradients, sized once by `reserve`.
 
+use super::named::child_prefix;
 use super::{BatchNorm, Ctx, Layer, TensorMut};
 use crate::Result;
 
 pub struct Sequential {
     pub layers: Vec<Box<dyn Layer>>,
+    /// Each child's `state_dict` name; `None` for PyTorch's indices "0", "1", ...
+    pub(super) names: Option<Vec<String>>,
     /// acts[i] is the output of layers[i], for every layer but the last (which writes to the
     /// caller's buffer).
     acts: Vec<Vec<f32>>,
@@ -17,6 +21,7 @@ impl Sequential {
     pub fn new(layers: Vec<Box<dyn Layer>>) -> Self {
         Sequential {
             layers,
+            names: None,
             acts: Vec::new(),
             grads: Vec::new(),
             max_batch: 0,
@@ -99,7 +104,11 @@ impl Layer for Sequential {
 
     fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            layer.visit_state(&format!("{prefix}{i}."), f);
+            let p = match &self.names {
+                Some(names) => child_prefix(prefix, &names[i]),
+                None => format!("{prefix}{i}."),
+            };
+            layer.visit_state(&p, f);
         }
     }
 
@@ -123,7 +132,15 @@ impl Layer for Sequential {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, l)| format!("  ({i}): {}", l.describe()))
+            .map(|(i, l)| {
+                let name = match &self.names {
+                    Some(names) if names[i].is_empty() => "-".to_string(),
+                    Some(names) => names[i].clone(),
+                    None => i.to_string(),
+                };
+                // Nested containers indent their lines one more level.
+                format!("  ({name}): {}", l.describe().replace('\n', "\n  "))
+            })
             .collect();
         format!("Sequential(\n{}\n)", inner.join("\n"))
     }

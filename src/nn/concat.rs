@@ -1,0 +1,187 @@
+//! Parallel branches on the same input, outputs concatenated on channels: PyTorch's
+//! `torch.cat([b1(x), b2(x), ...], 1)` as in an Inception block.
+//!
+//! In NCHW each example's output of a branch is one contiguous run of `C_b*H*W` values, so
+//! concatenating on channels is concatenating those runs per example, in branch order. The
+//! branches must produce maps of the same `H x W` (not checked here: a layer knows only its
+//! feature counts).
+//!
+//! The container owns each branch's output (needed again by the branch's backward pass), the
+//! branch's slice of the output gradient, and one input-gradient buffer: the first branch writes
+//! dx directly, each later one writes the buffer, which is then added to dx (the input feeds
+//! every branch, so its gradient is the sum).
+
+use super::named::{check_names, child_prefix};
+use super::{BatchNorm, Ctx, Layer, TensorMut};
+use crate::Result;
+
+pub struct Concat {
+    pub branches: Vec<Box<dyn Layer>>,
+    /// Each branch's `state_dict` name (`b1`, `b2`, ...; empty adds no level).
+    pub names: Vec<String>,
+    outs: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    dx_branch: Vec<f32>,
+    max_batch: usize,
+}
+
+impl Concat {
+    /// Branches in concatenation order with their names. All take the same input.
+    pub fn new(branches: Vec<(&str, Box<dyn Layer>)>) -> Self {
+        assert!(!branches.is_empty(), "Concat needs at least one branch");
+        let (names, branches): (Vec<String>, Vec<Box<dyn Layer>>) = branches
+            .into_iter()
+            .map(|(n, l)| (n.to_string(), l))
+            .unzip();
+        check_names(&names);
+        let in_size = branches[0].in_size();
+        for (n, b) in names.iter().zip(&branches) {
+            assert_eq!(
+                b.in_size(),
+                in_size,
+                "branch '{n}' takes a different input size"
+            );
+        }
+        Concat {
+            branches,
+            names,
+            outs: Vec::new(),
+            grads: Vec::new(),
+            dx_branch: Vec::new(),
+            max_batch: 0,
+        }
+    }
+
+    /// The output of branch `b` from the last forward pass, `n x out_size_b`.
+    pub fn output_of(&self, b: usize) -> &[f32] {
+        &self.outs[b]
+    }
+}
+
+impl Layer for Concat {
+    fn in_size(&self) -> usize {
+        self.branches[0].in_size()
+    }
+    fn out_size(&self) -> usize {
+        self.branches.iter().map(|b| b.out_size()).sum()
+    }
+
+    fn reserve(&mut self, max_batch: usize) {
+        self.max_batch = max_batch;
+        self.outs = self
+            .branches
+            .iter()
+            .map(|b| vec![0.0; max_batch * b.out_size()])
+            .collect();
+        self.grads = self.outs.iter().map(|o| vec![0.0; o.len()]).collect();
+        self.dx_branch = if self.branches.len() > 1 {
+            vec![0.0; max_batch * self.in_size()]
+        } else {
+            Vec::new()
+        };
+        for b in &mut self.branches {
+            b.reserve(max_batch);
+        }
+    }
+
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        debug_assert!(n <= self.max_batch, "forward: batch above reserve");
+        let total = self.out_size();
+        let mut offset = 0;
+        for (branch, out) in self.branches.iter_mut().zip(&mut self.outs) {
+            let ob = branch.out_size();
+            branch.forward(ctx, x, out, n)?;
+            for (dst, src) in y[..n * total]
+                .chunks_exact_mut(total)
+                .zip(out[..n * ob].chunks_exact(ob))
+            {
+                dst[offset..offset + ob].copy_from_slice(src);
+            }
+            offset += ob;
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        ctx: Ctx,
+        x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let (total, isz) = (self.out_size(), self.in_size());
+        let mut dx = dx.map(|d| &mut d[..n * isz]);
+        let mut offset = 0;
+        let parts = self
+            .branches
+            .iter_mut()
+            .zip(&self.outs)
+            .zip(&mut self.grads)
+            .enumerate();
+        for (b, ((branch, out), grad)) in parts {
+            let ob = branch.out_size();
+            for (dst, src) in grad[..n * ob]
+                .chunks_exact_mut(ob)
+                .zip(dy[..n * total].chunks_exact(total))
+            {
+                dst.copy_from_slice(&src[offset..offset + ob]);
+            }
+            offset += ob;
+            let grad_in: Option<&mut [f32]> = match dx.as_deref_mut() {
+                None => None,
+                Some(d) if b == 0 => Some(d),
+                Some(_) => Some(&mut self.dx_branch[..n * isz]),
+            };
+            branch.backward(ctx, x, &out[..n * ob], &grad[..n * ob], grad_in, n);
+            if b > 0 {
+                if let Some(d) = dx.as_deref_mut() {
+                    for (a, &v) in d.iter_mut().zip(&self.dx_branch[..n * isz]) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+    }
+
+    fn for_each_param(&mut self, f: &mut dyn FnMut(&mut [f32], &[f32])) {
+        for b in &mut self.branches {
+            b.for_each_param(f);
+        }
+    }
+
+    fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
+        for (b, name) in self.branches.iter_mut().zip(&self.names) {
+            b.visit_state(&child_prefix(prefix, name), f);
+        }
+    }
+
+    fn for_each_rng(&mut self, f: &mut dyn FnMut(&mut rand_chacha::ChaCha8Rng)) {
+        for b in &mut self.branches {
+            b.for_each_rng(f);
+        }
+    }
+
+    fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
+        for b in &mut self.branches {
+            b.for_each_batch_norm(f);
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn describe(&self) -> String {
+        let inner: Vec<String> = self
+            .branches
+            .iter()
+            .zip(&self.names)
+            .map(|(b, name)| {
+                let name = if name.is_empty() { "-" } else { name };
+                format!("  ({name}): {}", b.describe().replace('\n', "\n  "))
+            })
+            .collect();
+        format!("Concat(\n{}\n)", inner.join("\n"))
+    }
+}

@@ -1,0 +1,333 @@
+//! Pooling on NCHW feature maps: `MaxPool2d` and `AvgPool2d` (PyTorch's `nn.MaxPool2d`,
+//! `nn.AvgPool2d` with `count_include_pad=True`, no ceil mode), and `GlobalAvgPool` (the mean
+//! over all positions of each channel, `x.mean((2, 3))`, giving `n x C`). Pools act on each
+//! channel alone and behave the same in every mode.
+
+use super::conv::{out_len, valid_range};
+use super::{Ctx, Layer};
+use crate::Result;
+
+/// Window geometry shared by the two windowed pools.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Window {
+    fn new(c: usize, k: usize, s: usize, p: usize, h: usize, w: usize) -> Self {
+        // PyTorch's rule: a window may not lie entirely in the padding.
+        assert!(p <= k / 2, "pool padding {p} above half the kernel {k}");
+        Window {
+            c,
+            h,
+            w,
+            k,
+            s,
+            p,
+            oh: out_len(h, k, s, p),
+            ow: out_len(w, k, s, p),
+        }
+    }
+    fn in_size(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_size(&self) -> usize {
+        self.c * self.oh * self.ow
+    }
+    /// The input rows (or columns) under window `o` along an axis of length `len`: the kernel
+    /// taps clipped to the input.
+    fn span(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = o * self.s;
+        let lo = start.saturating_sub(self.p);
+        let hi = (start + self.k - self.p).min(len);
+        (lo, hi)
+    }
+    fn describe(&self, name: &str, extra: &str) -> String {
+        format!(
+            "{name}(kernel_size={}, stride={}, padding={}{extra}) on {}x{}x{}",
+            self.k, self.s, self.p, self.c, self.h, self.w
+        )
+    }
+}
+
+/// Max pooling; remembers where each maximum came from for the backward pass.
+pub struct MaxPool2d {
+    win: Window,
+    /// For each output of the last forward pass, the index (`y * w + x`) within its channel of
+    /// the input that won.
+    argmax: Vec<u32>,
+}
+
+impl MaxPool2d {
+    /// `channels` maps of `in_h x in_w`; a `k x k` window every `stride`, `padding` of -inf.
+    pub fn new(
+        channels: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        in_h: usize,
+        in_w: usize,
+    ) -> Self {
+        let win = Window::new(channels, k, stride, padding, in_h, in_w);
+        assert!(in_h * in_w <= u32::MAX as usize, "feature map too large");
+        MaxPool2d {
+            win,
+            argmax: Vec::new(),
+        }
+    }
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.win.oh, self.win.ow)
+    }
+}
+
+impl Layer for MaxPool2d {
+    fn in_size(&self) -> usize {
+        self.win.in_size()
+    }
+    fn out_size(&self) -> usize {
+        self.win.out_size()
+    }
+    fn reserve(&mut self, max_batch: usize) {
+        self.argmax.resize(max_batch * self.out_size(), 0);
+    }
+
+    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let g = self.win;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let planes = n * g.c;
+        let ys = y[..planes * ohw].chunks_exact_mut(ohw);
+        let args = self.argmax[..planes * ohw].chunks_exact_mut(ohw);
+        for ((xp, yp), ap) in x[..planes * hw].chunks_exact(hw).zip(ys).zip(args) {
+            for oy in 0..g.oh {
+                let (y0, y1) = g.span(oy, g.h);
+                for ox in 0..g.ow {
+                    let (x0, x1) = g.span(ox, g.w);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut arg = y0 * g.w + x0;
+                    for iy in y0..y1 {
+                        for ix in x0..x1 {
+                            let v = xp[iy * g.w + ix];
+                            // Strictly greater: the first maximum wins ties, as in PyTorch,
+                            // which also lets a NaN through.
+                            if v > best || v.is_nan() {
+                                best = v;
+                                arg = iy * g.w + ix;
+                            }
+                        }
+                    }
+                    yp[oy * g.ow + ox] = best;
+                    ap[oy * g.ow + ox] = arg as u32;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        _ctx: Ctx,
+        _x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let Some(dx) = dx else { return };
+        let g = self.win;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let planes = n * g.c;
+        let dxs = dx[..planes * hw].chunks_exact_mut(hw);
+        let args = self.argmax[..planes * ohw].chunks_exact(ohw);
+        for ((dxp, dyp), ap) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)).zip(args) {
+            dxp.fill(0.0);
+            // Overlapping windows (stride < k) may pick the same input twice: add.
+            for (&d, &a) in dyp.iter().zip(ap) {
+                dxp[a as usize] += d;
+            }
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn describe(&self) -> String {
+        self.win.describe("MaxPool2d", "")
+    }
+}
+
+/// Average pooling that always divides by `k * k`, padding counted as zeros
+/// (`count_include_pad=True`, PyTorch's default).
+pub struct AvgPool2d {
+    win: Window,
+}
+
+impl AvgPool2d {
+    pub fn new(
+        channels: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        in_h: usize,
+        in_w: usize,
+    ) -> Self {
+        AvgPool2d {
+            win: Window::new(channels, k, stride, padding, in_h, in_w),
+        }
+    }
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.win.oh, self.win.ow)
+    }
+}
+
+impl Layer for AvgPool2d {
+    fn in_size(&self) -> usize {
+        self.win.in_size()
+    }
+    fn out_size(&self) -> usize {
+        self.win.out_size()
+    }
+    fn reserve(&mut self, _max_batch: usize) {}
+
+    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let g = self.win;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let planes = n * g.c;
+        // Divided (not multiplied by the reciprocal), as PyTorch does, to round the same way.
+        let div = (g.k * g.k) as f32;
+        let ys = y[..planes * ohw].chunks_exact_mut(ohw);
+        for (xp, yp) in x[..planes * hw].chunks_exact(hw).zip(ys) {
+            for oy in 0..g.oh {
+                let (y0, y1) = g.span(oy, g.h);
+                for ox in 0..g.ow {
+                    let (x0, x1) = g.span(ox, g.w);
+                    let mut s = 0f32;
+                    for iy in y0..y1 {
+                        for &v in &xp[iy * g.w + x0..iy * g.w + x1] {
+                            s += v;
+                        }
+                    }
+                    yp[oy * g.ow + ox] = s / div;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        _ctx: Ctx,
+        _x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let Some(dx) = dx else { return };
+        let g = self.win;
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let planes = n * g.c;
+        let div = (g.k * g.k) as f32;
+        let dxs = dx[..planes * hw].chunks_exact_mut(hw);
+        for (dxp, dyp) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)) {
+            dxp.fill(0.0);
+            // Tap by tap (as im2col's adjoint): for each kernel offset, the outputs whose tap
+            // lands inside the input add their share to a contiguous run of input pixels
+            // (for stride 1).
+            for ki in 0..g.k {
+                let (oy0, oy1) = valid_range(ki, g.s, g.p, g.h, g.oh);
+                for kj in 0..g.k {
+                    let (ox0, ox1) = valid_range(kj, g.s, g.p, g.w, g.ow);
+                    if ox0 == ox1 {
+                        continue;
+                    }
+                    let ix0 = ox0 * g.s + kj - g.p;
+                    for oy in oy0..oy1 {
+                        let iy = oy * g.s + ki - g.p;
+                        let dr = &mut dxp[iy * g.w..][..g.w];
+                        let src = &dyp[oy * g.ow + ox0..oy * g.ow + ox1];
+                        for (d, &v) in dr[ix0..].iter_mut().step_by(g.s).zip(src) {
+                            *d += v / div;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn describe(&self) -> String {
+        self.win.describe("AvgPool2d", "")
+    }
+}
+
+/// The mean of each channel over all its positions: `n x (C*H*W)` in, `n x C` out.
+pub struct GlobalAvgPool {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl GlobalAvgPool {
+    pub fn new(channels: usize, h: usize, w: usize) -> Self {
+        GlobalAvgPool { c: channels, h, w }
+    }
+}
+
+impl Layer for GlobalAvgPool {
+    fn in_size(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_size(&self) -> usize {
+        self.c
+    }
+    fn reserve(&mut self, _max_batch: usize) {}
+
+    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let hw = self.h * self.w;
+        let inv = 1.0 / hw as f64;
+        for (xp, v) in x[..n * self.c * hw]
+            .chunks_exact(hw)
+            .zip(&mut y[..n * self.c])
+        {
+            // f64: a long f32 sum loses the low bits of small terms.
+            *v = (xp.iter().map(|&a| a as f64).sum::<f64>() * inv) as f32;
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        _ctx: Ctx,
+        _x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+    ) {
+        let Some(dx) = dx else { return };
+        let hw = self.h * self.w;
+        let scale = 1.0 / hw as f32;
+        for (dxp, &d) in dx[..n * self.c * hw]
+            .chunks_exact_mut(hw)
+            .zip(&dy[..n * self.c])
+        {
+            dxp.fill(d * scale);
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn describe(&self) -> String {
+        format!("GlobalAvgPool() on {}x{}x{}", self.c, self.h, self.w)
+    }
+}
