@@ -59,8 +59,9 @@ pub fn matmul(
         b_rs,
         b_cs,
     };
-    if threads > 1 && m >= 2 && m * n * k >= PARALLEL_MIN_FLOPS {
-        let h = m / 2;
+    if threads > 1 && m >= 8 && m * n * k >= PARALLEL_MIN_FLOPS {
+        // Halves on a multiple of the 4-row tile, so that neither half ends in slow 1-row tiles.
+        let h = (m / 2 + 2) / 4 * 4;
         let (c_top, c_bottom) = c[..m * n].split_at_mut(h * n);
         let a_bottom = &a[h * a_rs..];
         super::join(
@@ -244,9 +245,12 @@ crate::simd_kernel! {
                 row_tiles::<4>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
                 r0 += 4;
             }
-            while r0 < m {
+            if r0 + 2 <= m {
+                row_tiles::<2>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+                r0 += 2;
+            }
+            if r0 < m {
                 row_tiles::<1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
-                r0 += 1;
             }
         }
     }
