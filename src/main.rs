@@ -70,7 +70,8 @@ struct DataArgs {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct TrainArgs {
-    /// Preset: mlp-fig1 or mlp-fig1-bn.
+    /// Preset: mlp-fig1, mlp-fig1-bn (MNIST), inception-mini, inception-mini-bn,
+    /// inception-mini-bn-sigmoid (Fashion-MNIST).
     #[arg(long, value_name = "PRESET")]
     model: Option<String>,
     /// Continue the run saved in RUN_DIR with its original settings.
@@ -241,8 +242,14 @@ fn positive(name: &str, v: i64) -> Result<usize> {
     Ok(v as usize)
 }
 
-fn load_data(a: &DataArgs) -> Result<Split> {
-    data::mnist(a.data.as_deref(), !a.no_download)
+/// The data set a preset trains on: MNIST for the MLPs (downloaded when missing),
+/// Fashion-MNIST for the convolutional nets (Debian's dataset-fashion-mnist).
+fn load_data(a: &DataArgs, preset: Preset) -> Result<Split> {
+    if preset.is_convolutional() {
+        data::fashion_mnist(a.data.as_deref())
+    } else {
+        data::mnist(a.data.as_deref(), !a.no_download)
+    }
 }
 
 fn train(a: TrainArgs) -> Result<()> {
@@ -253,7 +260,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 data: a.data.data.clone().or(spec.data.clone()),
                 no_download: a.data.no_download,
             };
-            let split = load_data(&data)?;
+            let split = load_data(&data, Preset::parse(&spec.model)?)?;
             let run = Run::resume(dir, split.train.features(), split.train.len())?;
             eprintln!(
                 "resuming {} at step {} of {}",
@@ -291,7 +298,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 init: a.init.clone(),
                 checkpoint_every: non_negative("--checkpoint-every", a.checkpoint_every)?,
             };
-            let split = load_data(&a.data)?;
+            let split = load_data(&a.data, preset)?;
             let run = Run::new(
                 spec,
                 a.out.clone(),
@@ -383,7 +390,7 @@ fn inference_net(
     let mut net = Network::new(preset, 0, 500, threads);
     checkpoint::load(&mut net, weights)?;
     if stats == InferenceStats::Population && preset.has_batch_norm() {
-        let split = load_data(data)?;
+        let split = load_data(data, preset)?;
         population_statistics(&mut net, &split.train, 60, None)?;
     }
     Ok(net)
@@ -424,7 +431,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let batch = 500;
     let mut net = Network::new(preset, 0, batch, a.threads);
     checkpoint::load(&mut net, &a.weights)?;
-    let split = load_data(&a.data)?;
+    let split = load_data(&a.data, preset)?;
     let mut pop_batches = 0;
     if stats == InferenceStats::Population && preset.has_batch_norm() {
         pop_batches = population_statistics(&mut net, &split.train, 60, None)?;
@@ -472,7 +479,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         threads: a.threads,
     };
     config.validate(preset.has_batch_norm())?;
-    let split = load_data(&a.data)?;
+    let split = load_data(&a.data, preset)?;
     let mut net = Network::new(preset, 1, config.batch_size, config.threads);
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
@@ -527,7 +534,7 @@ fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
         seed: a.seed,
         ..MnistSetup::default()
     };
-    let split = load_data(&a.data)?;
+    let split = load_data(&a.data, Preset::MlpFig1)?;
     let multi = MultiProgress::new();
     let bars: HashMap<&str, ProgressBar> = ["mlp-fig1", "mlp-fig1-bn"]
         .into_iter()

@@ -263,6 +263,21 @@ pub fn mnist(flag: Option<&Path>, download: bool) -> Result<Split> {
     mnist_from(&dir, download, &mirrors)
 }
 
+/// Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
+pub const FASHION_SYSTEM_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Fashion-MNIST (the same IDX layout and file names as MNIST): from `--data DIR`, else
+/// `$BNLAB_DATA/fashion-mnist`, else Debian's `/usr/share/datasets/fashion-mnist`
+/// (`apt-get install dataset-fashion-mnist`). Never downloaded.
+pub fn fashion_mnist(flag: Option<&Path>) -> Result<Split> {
+    let dir = match (flag, std::env::var_os(DATA_ENV).filter(|v| !v.is_empty())) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(base)) => PathBuf::from(base).join("fashion-mnist"),
+        (None, None) => PathBuf::from(FASHION_SYSTEM_DIR),
+    };
+    load_idx_dir(&dir, MNIST_CLASSES)
+}
+
 /// [`mnist`] with the directory and mirrors given explicitly.
 pub fn mnist_from(dir: &Path, download: bool, mirrors: &[&str]) -> Result<Split> {
     if download && !missing_files(dir, &MNIST_FILES).is_empty() {

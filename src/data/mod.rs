@@ -12,6 +12,6 @@ pub mod mnist;
 pub use download::{download_files, sha256_hex, MNIST_MIRRORS, MNIST_SHA256};
 pub use idx::{parse_idx, read_idx, write_idx, Idx};
 pub use mnist::{
-    load_idx_dir, load_mnist_dir, load_pair, mnist, mnist_from, resolve_data_dir,
-    resolve_data_dir_with, Dataset, Split, MNIST_CLASSES, MNIST_FILES,
+    fashion_mnist, load_idx_dir, load_mnist_dir, load_pair, mnist, mnist_from, resolve_data_dir,
+    resolve_data_dir_with, Dataset, Split, FASHION_SYSTEM_DIR, MNIST_CLASSES, MNIST_FILES,
 };

@@ -80,7 +80,9 @@ pub fn run_variant(
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let mut evaluator = Evaluator::new(setup.eval_batch, features);
     let probe = Probe {
-        layer: preset.probe_layer(),
+        layer: preset
+            .probe_layer()
+            .ok_or_else(|| Error::config("--model", "Figure 1 needs an MLP preset"))?,
         unit: setup.probe_unit,
     };
     let mut curve = Vec::new();
