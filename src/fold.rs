@@ -13,8 +13,10 @@
 //!                                   affine parameters)
 //! ```
 //!
+//! A Conv2d folds the same way, one row of its `[out, in*k*k]` weight per output channel.
+//!
 //! `fold` turns a network of a BN preset into one of its plain counterpart (`mlp-fig1-bn` ->
-//! `mlp-fig1`), so the result trains, evaluates, saves and loads under the plain preset's
+//! `mlp-fig1`, `inception-mini-bn` -> `inception-mini`), so the result trains, evaluates, saves and loads under the plain preset's
 //! PyTorch names. `s` and the products are computed in f64 and rounded once to f32.
 
 use crate::network::Network;

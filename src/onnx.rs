@@ -13,14 +13,20 @@
 //!              statistics (running or population, see BatchNorm::inference_stats);
 //!              scale = 1 and B = 0 without affine parameters
 //! Sigmoid   -> Sigmoid,  ReLU -> Relu,  Dropout -> Identity
+//! Conv2d    -> Conv(x, W[, b]; kernel_shape, strides, pads), W in PyTorch's [out, in, k, k]
+//! MaxPool2d -> MaxPool(kernel_shape, strides, pads)
+//! AvgPool2d -> AveragePool(kernel_shape, strides, pads, count_include_pad = 1)
+//! GlobalAvgPool -> GlobalAveragePool, then Flatten(axis = 1)
+//! Concat    -> each branch a chain from the block's input, then Concat(axis = 1)
 //! ```
 //!
 //! Initializers carry the `state_dict` names (`0.weight`, `1.input_mean`, ...) as little-endian
 //! float32 `raw_data`. The protobuf encoding is written by hand (`Pb` below): the few field
 //! kinds ONNX needs do not justify a code generator. A layer kind without a mapping is an
-//! error naming the layer. The export walks per-example shapes, so a convolutional preset adds
-//! its Conv and pooling nodes in `Graph::layer` and an input shape `[1, 28, 28]` in
-//! `Preset::input_shape`, and the rest stays.
+//! error naming the layer. The export walks per-example shapes (`[784]`, or `[1, 28, 28]` for the
+//! convolutional presets, see `Preset::input_shape`). Node names follow the module tree, with
+//! the child's index where a child adds no naming level (the pools); initializer names are the
+//! `state_dict` names (`stem.conv.weight`, `a.b4.conv.weight`, ...).
 
 use crate::checkpoint::write_atomic;
 use crate::network::Network;

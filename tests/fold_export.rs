@@ -6,7 +6,9 @@
 //! on the whole test set with running and population statistics, and the folded net round-trips
 //! through a `mlp-fig1` checkpoint. With MNIST and `$BNLAB_ONNX_PYTHON` (a Python with
 //! onnxruntime and numpy): onnxruntime's predictions on the test set equal bnlab's
-//! (`scripts/onnx_check.py`).
+//! (`scripts/onnx_check.py`). With Fashion-MNIST (/usr/share/datasets/fashion-mnist): the same
+//! for `inception-mini-bn` (20 training steps) and its folded `inception-mini` (logits on the
+//! first 1000 test images, checkpoint round trip, onnxruntime on the whole test set).
 
 mod common;
 
