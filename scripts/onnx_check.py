@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Check an ONNX model exported by bnlab against bnlab's own predictions.
 
-Usage: onnx_check.py MODEL.onnx MNIST_DIR PREDICTIONS.txt
+Usage: onnx_check.py MODEL.onnx DATA_DIR PREDICTIONS.txt [--limit N]
 
-Runs the whole MNIST test set (pixels / 255 as float32, shape [N, 784]) through the model
-with onnxruntime and compares the argmax of each image's logits with the class bnlab
+Runs the whole test set of DATA_DIR (MNIST or Fashion-MNIST: t10k-images-idx3-ubyte[.gz];
+pixels / 255 as float32) through the model with onnxruntime, shaped [N, 784] or, for a model
+whose input has rank 4 (the convolutional presets), [N, 1, 28, 28] and compares the argmax of each image's logits with the class bnlab
 predicted (PREDICTIONS.txt: one integer per line, in test-set order). The batches are 1000
 images and then the remainder in batches of 7, so the symbolic batch dimension is exercised
-with several sizes. Prints one summary line; exit status 0 only if every image matches.
+with several sizes. With --limit N only the first N images are checked (PREDICTIONS.txt may
+hold N or all lines). Prints one summary line; exit status 0 only if every image matches.
 """
 
 import gzip
@@ -41,13 +43,21 @@ def read_idx(mnist_dir, name):
 
 
 def main():
-    if len(sys.argv) != 4:
+    args = sys.argv[1:]
+    limit = None
+    if len(args) == 5 and args[3] == "--limit":
+        limit = int(args[4])
+        args = args[:3]
+    if len(args) != 3:
         sys.exit(__doc__.strip().splitlines()[2])
-    model, mnist_dir, preds_path = sys.argv[1:]
+    model, mnist_dir, preds_path = args
     images = read_idx(mnist_dir, "t10k-images-idx3-ubyte")
     x = (images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0))
     with open(preds_path) as f:
         want = np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+    if limit is not None:
+        x = x[:limit]
+        want = want[:limit]
     if want.size != x.shape[0]:
         sys.exit(f"onnx_check: {want.size} predictions for {x.shape[0]} test images")
 
@@ -56,6 +66,8 @@ def main():
     (out,) = sess.get_outputs()
     if inp.name != "input" or out.name != "logits":
         sys.exit(f"onnx_check: model has input {inp.name!r}, output {out.name!r}")
+    if len(inp.shape) == 4:
+        x = x.reshape(x.shape[0], 1, 28, 28)
 
     # 1000 per batch, then the last 1000 in batches of 7 (and a shorter tail).
     starts, pos = [], 0

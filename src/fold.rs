@@ -13,15 +13,17 @@
 //!                                   affine parameters)
 //! ```
 //!
+//! A Conv2d folds the same way, one row of its `[out, in*k*k]` weight per output channel.
+//!
 //! `fold` turns a network of a BN preset into one of its plain counterpart (`mlp-fig1-bn` ->
-//! `mlp-fig1`), so the result trains, evaluates, saves and loads under the plain preset's
+//! `mlp-fig1`, `inception-mini-bn` -> `inception-mini`), so the result trains, evaluates, saves and loads under the plain preset's
 //! PyTorch names. `s` and the products are computed in f64 and rounded once to f32.
 
 use crate::network::Network;
-use crate::nn::{BatchNorm, Dropout, Layer, Linear, Relu, Sigmoid};
+use crate::nn::{BatchNorm, Concat, Conv2d, Dropout, Layer, Linear, Sequential};
 use crate::{Error, Result};
 
-/// One layer of the folded network, as read from the BN network.
+/// One parameterized layer of the folded network, as read from the BN network.
 enum Folded {
     /// A Linear with PyTorch's `[out, in]` weight and a bias.
     Linear {
@@ -30,15 +32,52 @@ enum Folded {
         weight: Vec<f32>,
         bias: Option<Vec<f32>>,
     },
-    /// A layer without parameters, named by `describe`, copied as it is.
+    /// A Conv2d (geometry `[in, out, k, stride, padding]`) with its `[out, in, k, k]` weight.
+    Conv {
+        geom: [usize; 5],
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    },
+    /// A layer without parameters, named by `describe`, that must match the plain network's.
     Stateless(String),
 }
 
+/// The leaves of `layer` in forward order, recursing through `Sequential` and `Concat`
+/// children (branches in concatenation order).
+fn leaves<'a>(layer: &'a mut dyn Layer, out: &mut Vec<&'a mut dyn Layer>) {
+    if layer.as_any_mut().is::<Sequential>() {
+        let seq = layer
+            .as_any_mut()
+            .downcast_mut::<Sequential>()
+            .expect("checked");
+        for l in seq.layers.iter_mut() {
+            leaves(l.as_mut(), out);
+        }
+    } else if layer.as_any_mut().is::<Concat>() {
+        let cat = layer
+            .as_any_mut()
+            .downcast_mut::<Concat>()
+            .expect("checked");
+        for l in cat.branches.iter_mut() {
+            leaves(l.as_mut(), out);
+        }
+    } else {
+        out.push(layer);
+    }
+}
+
+fn conv_geom(c: &Conv2d) -> [usize; 5] {
+    [c.in_ch, c.out_ch, c.k, c.stride, c.padding]
+}
+
 /// A network of `bn_net`'s plain counterpart preset computing the same inference function,
-/// each BatchNorm folded into the Linear before it with the BN's current inference statistics
-/// (see `BatchNorm::inference_stats`). `bn_net` is not changed (`&mut` only to reach its
-/// layers). Errors when the preset has no plain counterpart or the layers are not the
-/// expected `Linear -> BatchNorm` pairs and parameter-free layers.
+/// each BatchNorm folded into the Linear or Conv2d before it with the BN's current inference
+/// statistics (see `BatchNorm::inference_stats`). The structure is walked generically
+/// (through `Sequential` and `Concat` children, in forward order) on both networks and the
+/// folded values are copied into the plain network's layers in that order; Dropout (the
+/// identity at inference) is skipped on both sides. `bn_net` is not changed (`&mut` only to
+/// reach its layers). Errors when the preset has no plain counterpart or the layers do not
+/// correspond.
 pub fn fold(bn_net: &mut Network) -> Result<Network> {
     let preset = bn_net.preset;
     let plain = preset.plain_counterpart().ok_or_else(|| {
@@ -53,67 +92,91 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
     let unexpected =
         |msg: String| Error::config("model", format!("cannot fold {}: {msg}", preset.name()));
 
-    let layers = &mut bn_net.body.layers;
+    let mut layers: Vec<&mut dyn Layer> = Vec::new();
+    leaves(&mut bn_net.body, &mut layers);
     let mut folded = Vec::new();
     let mut i = 0;
     while i < layers.len() {
         let any = layers[i].as_any_mut();
-        if let Some(lin) = any.downcast_mut::<Linear>() {
-            let (in_f, out_f) = (lin.in_features, lin.out_features);
-            // PyTorch's [out, in] layout from the stored [in, out].
-            let mut weight = vec![0.0f32; in_f * out_f];
-            for (c, row) in lin.weight_t.chunks_exact(out_f).enumerate() {
-                for (r, &v) in row.iter().enumerate() {
-                    weight[r * in_f + c] = v;
-                }
-            }
-            let bias = lin.bias.clone();
-            let next_bn = layers
-                .get_mut(i + 1)
-                .and_then(|l| l.as_any_mut().downcast_mut::<BatchNorm>());
-            match next_bn {
-                Some(bn) => {
-                    if bn.s != 1 || bn.c != out_f {
-                        return Err(unexpected(format!(
-                            "layer {} ({}) does not normalize the {out_f} outputs of layer {i}",
-                            i + 1,
-                            bn.describe()
-                        )));
+        // (weight [out, rest], bias, out channels, spatial size per channel, rows' length)
+        let (weight, bias, out_c, spatial, row, kind) =
+            if let Some(lin) = any.downcast_mut::<Linear>() {
+                let (in_f, out_f) = (lin.in_features, lin.out_features);
+                // PyTorch's [out, in] layout from the stored [in, out].
+                let mut weight = vec![0.0f32; in_f * out_f];
+                for (c, r) in lin.weight_t.chunks_exact(out_f).enumerate() {
+                    for (r, &v) in r.iter().enumerate() {
+                        weight[r * in_f + c] = v;
                     }
-                    let (w, b) = fold_pair(&weight, bias.as_deref(), in_f, bn);
-                    folded.push(Folded::Linear {
-                        in_features: in_f,
-                        out_features: out_f,
-                        weight: w,
-                        bias: Some(b),
-                    });
-                    i += 2;
                 }
-                None => {
-                    folded.push(Folded::Linear {
-                        in_features: in_f,
-                        out_features: out_f,
-                        weight,
-                        bias,
-                    });
-                    i += 1;
+                (weight, lin.bias.clone(), out_f, 1, in_f, None)
+            } else if let Some(conv) = any.downcast_mut::<Conv2d>() {
+                (
+                    conv.weight.clone(),
+                    conv.bias.clone(),
+                    conv.out_ch,
+                    conv.out_h * conv.out_w,
+                    conv.in_ch * conv.k * conv.k,
+                    Some(conv_geom(conv)),
+                )
+            } else if any.is::<BatchNorm>() {
+                return Err(unexpected(format!(
+                    "layer {i} ({}) does not follow a Linear or Conv2d",
+                    layers[i].describe()
+                )));
+            } else {
+                if !any.is::<Dropout>() {
+                    folded.push(Folded::Stateless(layers[i].describe()));
                 }
+                i += 1;
+                continue;
+            };
+        let make = |weight: Vec<f32>, bias: Option<Vec<f32>>| match kind {
+            Some(geom) => Folded::Conv { geom, weight, bias },
+            None => Folded::Linear {
+                in_features: row,
+                out_features: out_c,
+                weight,
+                bias,
+            },
+        };
+        match layers
+            .get_mut(i + 1)
+            .and_then(|l| l.as_any_mut().downcast_mut::<BatchNorm>())
+        {
+            Some(bn) => {
+                if bn.c != out_c || bn.s != spatial {
+                    return Err(unexpected(format!(
+                        "layer {} ({}) does not normalize the {out_c} x {spatial} outputs of \
+                         layer {i}",
+                        i + 1,
+                        bn.describe()
+                    )));
+                }
+                let (w, b) = fold_pair(&weight, bias.as_deref(), row, bn);
+                folded.push(make(w, Some(b)));
+                i += 2;
             }
-            continue;
+            None => {
+                folded.push(make(weight, bias));
+                i += 1;
+            }
         }
-        if any.is::<Sigmoid>() || any.is::<Relu>() || any.is::<Dropout>() {
-            folded.push(Folded::Stateless(layers[i].describe()));
-            i += 1;
-            continue;
-        }
-        return Err(unexpected(format!(
-            "layer {i} ({}) is not a Linear, a Linear's BatchNorm or a parameter-free layer",
-            layers[i].describe()
-        )));
     }
 
     let mut out = Network::new(plain, 0, bn_net.max_batch(), bn_net.threads);
-    let targets = &mut out.body.layers;
+    let mut targets: Vec<&mut dyn Layer> = Vec::new();
+    leaves(&mut out.body, &mut targets);
+    let targets: Vec<&mut dyn Layer> = targets
+        .into_iter()
+        .filter_map(|l| {
+            if l.as_any_mut().is::<Dropout>() {
+                None
+            } else {
+                Some(l)
+            }
+        })
+        .collect();
     if targets.len() != folded.len() {
         return Err(unexpected(format!(
             "{} layers after folding, {} has {}",
@@ -122,7 +185,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
             targets.len()
         )));
     }
-    for (j, (src, dst)) in folded.into_iter().zip(targets.iter_mut()).enumerate() {
+    for (j, (src, dst)) in folded.into_iter().zip(targets).enumerate() {
         let what = dst.describe();
         match src {
             Folded::Linear {
@@ -148,6 +211,23 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 }
                 lin.set_weight(&weight);
                 lin.bias = bias;
+            }
+            Folded::Conv { geom, weight, bias } => {
+                let Some(conv) = dst.as_any_mut().downcast_mut::<Conv2d>() else {
+                    return Err(unexpected(format!(
+                        "folded layer {j} is a Conv2d, {} has {what}",
+                        plain.name()
+                    )));
+                };
+                if conv_geom(conv) != geom || conv.bias.is_some() != bias.is_some() {
+                    return Err(unexpected(format!(
+                        "folded layer {j} is Conv2d {geom:?} (bias {}), {} has {what}",
+                        bias.is_some(),
+                        plain.name()
+                    )));
+                }
+                conv.weight.copy_from_slice(&weight);
+                conv.bias = bias;
             }
             Folded::Stateless(desc) => {
                 if desc != what {

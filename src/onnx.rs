@@ -13,18 +13,28 @@
 //!              statistics (running or population, see BatchNorm::inference_stats);
 //!              scale = 1 and B = 0 without affine parameters
 //! Sigmoid   -> Sigmoid,  ReLU -> Relu,  Dropout -> Identity
+//! Conv2d    -> Conv(x, W[, b]; kernel_shape, strides, pads), W in PyTorch's [out, in, k, k]
+//! MaxPool2d -> MaxPool(kernel_shape, strides, pads)
+//! AvgPool2d -> AveragePool(kernel_shape, strides, pads, count_include_pad = 1)
+//! GlobalAvgPool -> GlobalAveragePool, then Flatten(axis = 1)
+//! Concat    -> each branch a chain from the block's input, then Concat(axis = 1)
 //! ```
 //!
 //! Initializers carry the `state_dict` names (`0.weight`, `1.input_mean`, ...) as little-endian
 //! float32 `raw_data`. The protobuf encoding is written by hand (`Pb` below): the few field
 //! kinds ONNX needs do not justify a code generator. A layer kind without a mapping is an
-//! error naming the layer. The export walks per-example shapes, so a convolutional preset adds
-//! its Conv and pooling nodes in `Graph::layer` and an input shape `[1, 28, 28]` in
-//! `Preset::input_shape`, and the rest stays.
+//! error naming the layer. The export walks per-example shapes (`[784]`, or `[1, 28, 28]` for the
+//! convolutional presets, see `Preset::input_shape`). Node names follow the module tree, with
+//! the child's index where a child adds no naming level (the pools); initializer names are the
+//! `state_dict` names (`stem.conv.weight`, `a.b4.conv.weight`, ...).
 
 use crate::checkpoint::write_atomic;
 use crate::network::Network;
-use crate::nn::{BatchNorm, Dropout, Layer, Linear, Relu, Sequential, Sigmoid};
+use crate::nn::named::child_prefix;
+use crate::nn::{
+    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu,
+    Sequential, Sigmoid,
+};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -38,6 +48,7 @@ const FLOAT: u64 = 1;
 /// `AttributeProto.AttributeType` values.
 const ATTR_FLOAT: u64 = 1;
 const ATTR_INT: u64 = 2;
+const ATTR_INTS: u64 = 7;
 
 /// Write `net`'s inference function to `path` as an ONNX model, atomically.
 pub fn export_onnx(net: &mut Network, path: &Path) -> Result<()> {
@@ -63,7 +74,7 @@ pub fn encode_model(net: &mut Network) -> Result<Vec<u8>> {
         value: "input".to_string(),
         shape: example.clone(),
     };
-    g.sequential(&mut net.body, "", "logits")?;
+    g.sequential(&mut net.body, "", "", "logits")?;
     if g.shape != [classes] {
         return Err(Error::Shape(format!(
             "the network ends with shape {:?} per example, expected [{classes}]",
@@ -108,37 +119,194 @@ struct Graph {
 enum Attr {
     Int(i64),
     Float(f32),
+    Ints(Vec<i64>),
 }
 
 impl Graph {
-    /// The layers of `seq` in order; `out` names the last one's output. Layer `i` is named
-    /// `{prefix}{i}` as in the `state_dict`.
-    fn sequential(&mut self, seq: &mut Sequential, prefix: &str, out: &str) -> Result<()> {
+    /// The layers of `seq` in order; `out` names the last one's output. Child `i` is named
+    /// `{prefix}{child name}` (its index for an empty name, which keeps node names unique);
+    /// initializers get the `state_dict` names, under `state` (empty or ending with a dot).
+    fn sequential(
+        &mut self,
+        seq: &mut Sequential,
+        prefix: &str,
+        state: &str,
+        out: &str,
+    ) -> Result<()> {
         let last = seq.layers.len().saturating_sub(1);
+        let names = seq.child_names();
         for (i, layer) in seq.layers.iter_mut().enumerate() {
-            let name = format!("{prefix}{i}");
+            let n = &names[i];
+            let name = if n.is_empty() {
+                format!("{prefix}{i}")
+            } else {
+                format!("{prefix}{n}")
+            };
+            let st = child_prefix(state, n);
             let output = if i == last {
                 out.to_string()
             } else {
                 format!("{name}.output")
             };
-            self.layer(layer.as_mut(), &name, &output)?;
+            self.layer(layer.as_mut(), &name, &st, &output)?;
         }
         Ok(())
     }
 
-    /// The nodes of one layer, reading `self.value` and writing `out`.
-    fn layer(&mut self, layer: &mut dyn Layer, name: &str, out: &str) -> Result<()> {
+    /// Each branch reads the block's input; the outputs are concatenated on channels.
+    fn concat(&mut self, cat: &mut Concat, name: &str, state: &str, out: &str) -> Result<()> {
+        let input = std::mem::take(&mut self.value);
+        let in_shape = self.shape.clone();
+        let mut outputs = Vec::new();
+        let mut channels = 0;
+        let mut hw: Option<Vec<usize>> = None;
+        for (i, branch) in cat.branches.iter_mut().enumerate() {
+            let n = &cat.names[i];
+            let b_name = if n.is_empty() {
+                format!("{name}.{i}")
+            } else {
+                format!("{name}.{n}")
+            };
+            let b_out = format!("{b_name}.output");
+            self.value = input.clone();
+            self.shape = in_shape.clone();
+            self.layer(branch.as_mut(), &b_name, &child_prefix(state, n), &b_out)?;
+            if self.shape.len() != 3 || hw.as_ref().is_some_and(|h| h[..] != self.shape[1..]) {
+                return Err(Error::Shape(format!(
+                    "branch {b_name} of {name} gives {:?} per example",
+                    self.shape
+                )));
+            }
+            channels += self.shape[0];
+            hw = Some(self.shape[1..].to_vec());
+            outputs.push(b_out);
+        }
+        let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        self.node("Concat", name, &refs, out, &[("axis", Attr::Int(1))]);
+        let hw = hw.unwrap_or_default();
+        self.shape = vec![channels, hw[0], hw[1]];
+        Ok(())
+    }
+
+    /// `[c, h, w]` per example, or a shape error naming the layer.
+    fn maps(&self, name: &str, desc: &str, c: usize) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [ch, h, w] if ch == c => Ok((h, w)),
+            _ => Err(Error::Shape(format!(
+                "layer {name} ({desc}) receives {:?} per example",
+                self.shape
+            ))),
+        }
+    }
+
+    fn conv(&mut self, conv: &Conv2d, name: &str, state: &str, out: &str) -> Result<()> {
+        let (h, w) = self.maps(name, &Layer::describe(conv), conv.in_ch)?;
+        if (h, w) != (conv.in_h, conv.in_w) {
+            return Err(Error::Shape(format!(
+                "layer {name} takes {}x{} maps, receives {h}x{w}",
+                conv.in_h, conv.in_w
+            )));
+        }
+        let w_name = format!("{state}weight");
+        self.initializer(
+            &w_name,
+            &[conv.out_ch, conv.in_ch, conv.k, conv.k],
+            &conv.weight,
+        );
+        let mut inputs = vec![std::mem::take(&mut self.value), w_name];
+        if let Some(b) = &conv.bias {
+            let b_name = format!("{state}bias");
+            self.initializer(&b_name, &[conv.out_ch], b);
+            inputs.push(b_name);
+        }
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let (k, s, p) = (conv.k as i64, conv.stride as i64, conv.padding as i64);
+        self.node(
+            "Conv",
+            name,
+            &refs,
+            out,
+            &[
+                ("kernel_shape", Attr::Ints(vec![k, k])),
+                ("strides", Attr::Ints(vec![s, s])),
+                ("pads", Attr::Ints(vec![p, p, p, p])),
+            ],
+        );
+        self.shape = vec![conv.out_ch, conv.out_h, conv.out_w];
+        Ok(())
+    }
+
+    /// MaxPool or AveragePool (padding counted) with a square window.
+    #[allow(clippy::too_many_arguments)]
+    fn pool(
+        &mut self,
+        op: &str,
+        name: &str,
+        desc: &str,
+        geom: (usize, usize, usize, usize),
+        out_hw: (usize, usize),
+        out: &str,
+    ) -> Result<()> {
+        let (k, s, p, c) = geom;
+        self.maps(name, desc, c)?;
+        let input = std::mem::take(&mut self.value);
+        let (k, s, p) = (k as i64, s as i64, p as i64);
+        let mut attrs = vec![
+            ("kernel_shape", Attr::Ints(vec![k, k])),
+            ("strides", Attr::Ints(vec![s, s])),
+            ("pads", Attr::Ints(vec![p, p, p, p])),
+        ];
+        if op == "AveragePool" {
+            attrs.push(("count_include_pad", Attr::Int(1)));
+        }
+        self.node(op, name, &[&input], out, &attrs);
+        self.shape = vec![c, out_hw.0, out_hw.1];
+        Ok(())
+    }
+
+    /// The nodes of one layer, reading `self.value` and writing `out`; `state` is the
+    /// layer's `state_dict` prefix (empty or ending with a dot).
+    fn layer(&mut self, layer: &mut dyn Layer, name: &str, state: &str, out: &str) -> Result<()> {
         let desc = layer.describe();
         let any = layer.as_any_mut();
         if let Some(seq) = any.downcast_mut::<Sequential>() {
-            return self.sequential(seq, &format!("{name}."), out);
+            return self.sequential(seq, &format!("{name}."), state, out);
+        }
+        if let Some(cat) = any.downcast_mut::<Concat>() {
+            return self.concat(cat, name, state, out);
         }
         if let Some(lin) = any.downcast_mut::<Linear>() {
-            return self.linear(lin, name, out);
+            return self.linear(lin, name, state, out);
         }
         if let Some(bn) = any.downcast_mut::<BatchNorm>() {
-            return self.batch_norm(bn, name, out);
+            return self.batch_norm(bn, name, state, out);
+        }
+        if let Some(conv) = any.downcast_mut::<Conv2d>() {
+            return self.conv(conv, name, state, out);
+        }
+        if let Some(mp) = any.downcast_mut::<MaxPool2d>() {
+            let (g, o) = (mp.geometry(), mp.out_hw());
+            return self.pool("MaxPool", name, &desc, g, o, out);
+        }
+        if let Some(ap) = any.downcast_mut::<AvgPool2d>() {
+            let (g, o) = (ap.geometry(), ap.out_hw());
+            return self.pool("AveragePool", name, &desc, g, o, out);
+        }
+        if let Some(gap) = any.downcast_mut::<GlobalAvgPool>() {
+            let c = gap.c;
+            self.maps(name, &desc, c)?;
+            let input = std::mem::take(&mut self.value);
+            let pooled = format!("{name}.pooled");
+            self.node("GlobalAveragePool", name, &[&input], &pooled, &[]);
+            self.node(
+                "Flatten",
+                &format!("{name}.flatten"),
+                &[&pooled],
+                out,
+                &[("axis", Attr::Int(1))],
+            );
+            self.shape = vec![c];
+            return Ok(());
         }
         let op = if any.is::<Sigmoid>() {
             "Sigmoid"
@@ -158,7 +326,7 @@ impl Graph {
         Ok(())
     }
 
-    fn linear(&mut self, lin: &Linear, name: &str, out: &str) -> Result<()> {
+    fn linear(&mut self, lin: &Linear, name: &str, state: &str, out: &str) -> Result<()> {
         let (i, o) = (lin.in_features, lin.out_features);
         let features: usize = self.shape.iter().product();
         if features != i {
@@ -188,11 +356,11 @@ impl Graph {
                 w[r * i + c] = v;
             }
         }
-        let w_name = format!("{name}.weight");
+        let w_name = format!("{state}weight");
         self.initializer(&w_name, &[o, i], &w);
         let mut inputs = vec![std::mem::take(&mut self.value), w_name];
         if let Some(b) = &lin.bias {
-            let b_name = format!("{name}.bias");
+            let b_name = format!("{state}bias");
             self.initializer(&b_name, &[o], b);
             inputs.push(b_name);
         }
@@ -202,7 +370,7 @@ impl Graph {
         Ok(())
     }
 
-    fn batch_norm(&mut self, bn: &BatchNorm, name: &str, out: &str) -> Result<()> {
+    fn batch_norm(&mut self, bn: &BatchNorm, name: &str, state: &str, out: &str) -> Result<()> {
         // Channels first: [C] for s = 1, [C, H, W] with H W = s for feature maps.
         let fits = self.shape.first() == Some(&bn.c)
             && self.shape.iter().product::<usize>() == bn.c * bn.s
@@ -225,7 +393,7 @@ impl Graph {
         ];
         let mut inputs = vec![std::mem::take(&mut self.value)];
         for (suffix, values) in tensors {
-            let t_name = format!("{name}.{suffix}");
+            let t_name = format!("{state}{suffix}");
             self.initializer(&t_name, &[bn.c], values);
             inputs.push(t_name);
         }
@@ -260,6 +428,12 @@ impl Graph {
                 Attr::Int(v) => {
                     p.varint(3, v as u64);
                     p.varint(20, ATTR_INT);
+                }
+                Attr::Ints(ref vs) => {
+                    for &v in vs {
+                        p.varint(8, v as u64);
+                    }
+                    p.varint(20, ATTR_INTS);
                 }
             }
             n.message(5, &p);

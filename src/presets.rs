@@ -82,7 +82,8 @@ impl Preset {
     pub fn plain_counterpart(&self) -> Option<Preset> {
         match self {
             Preset::MlpFig1Bn => Some(Preset::MlpFig1),
-            // Folding convolutions is not implemented yet.
+            // Dropout (plain preset only) is the identity at inference.
+            Preset::InceptionMiniBn => Some(Preset::InceptionMini),
             _ => None,
         }
     }

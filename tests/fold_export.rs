@@ -6,7 +6,9 @@
 //! on the whole test set with running and population statistics, and the folded net round-trips
 //! through a `mlp-fig1` checkpoint. With MNIST and `$BNLAB_ONNX_PYTHON` (a Python with
 //! onnxruntime and numpy): onnxruntime's predictions on the test set equal bnlab's
-//! (`scripts/onnx_check.py`).
+//! (`scripts/onnx_check.py`). With Fashion-MNIST (/usr/share/datasets/fashion-mnist): the same
+//! for `inception-mini-bn` (20 training steps) and its folded `inception-mini` (logits on the
+//! first 1000 test images, checkpoint round trip, onnxruntime on the whole test set).
 
 mod common;
 
@@ -406,6 +408,18 @@ fn onnx_file_parses_back_with_the_expected_graph() {
 
 /// Export `net`, write bnlab's predictions on the test set, and run `scripts/onnx_check.py`.
 fn check_with_onnxruntime(python: &str, net: &mut Network, data: &Split, label: &str) {
+    let dir = common::mnist_dir().unwrap();
+    check_with_onnxruntime_in(python, net, data, &dir, label);
+}
+
+/// As `check_with_onnxruntime`, for the test set of `data` read from `dir` by the script.
+fn check_with_onnxruntime_in(
+    python: &str,
+    net: &mut Network,
+    data: &Split,
+    dir: &std::path::Path,
+    label: &str,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model.onnx");
     export_onnx(net, &model).unwrap();
@@ -417,7 +431,7 @@ fn check_with_onnxruntime(python: &str, net: &mut Network, data: &Split, label: 
     let out = std::process::Command::new(python)
         .arg(&script)
         .arg(&model)
-        .arg(common::mnist_dir().unwrap())
+        .arg(dir)
         .arg(&preds_path)
         .output()
         .unwrap_or_else(|e| panic!("{label}: cannot run {python}: {e}"));
@@ -465,4 +479,210 @@ fn onnxruntime_predicts_as_bnlab() {
     );
     let mut plain = trained(Preset::MlpFig1, data);
     check_with_onnxruntime(&python, &mut plain, data, "mlp-fig1");
+}
+
+// ---- Convolutional presets (Fashion-MNIST) ----
+
+fn fashion() -> Option<&'static Split> {
+    static DATA: OnceLock<Option<Split>> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
+        dir.is_dir()
+            .then(|| bnlab::data::fashion_mnist(Some(dir)).expect("Fashion-MNIST loads"))
+    })
+    .as_ref()
+}
+
+/// An `inception-mini-bn` net trained 20 steps (batch 16, lr 0.05), sized for batches of 100.
+fn trained_inception(data: &Split) -> Network {
+    let cfg = TrainConfig {
+        steps: 20,
+        batch_size: 16,
+        lr: 0.05,
+        momentum: 0.0,
+        weight_decay: 0.0,
+        schedule: Schedule::Constant,
+        seed: 1,
+        order: Order::Shuffle,
+        eval_every: 0,
+        threads: 1,
+    };
+    let mut net = Network::new(Preset::InceptionMiniBn, 1, 100, 1);
+    let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
+    for _ in 0..cfg.steps {
+        t.step(&mut net, &data.train).unwrap();
+    }
+    net
+}
+
+/// Inference logits of the first `count` examples of `data` and the number classified right.
+fn first_logits(net: &mut Network, data: &Dataset, count: usize) -> (Vec<f32>, usize) {
+    let batch = net.max_batch();
+    let (mut x, mut y) = (vec![0.0; batch * data.features()], vec![0; batch]);
+    let (mut out, mut correct) = (Vec::new(), 0);
+    let mut start = 0;
+    while start < count {
+        let n = batch.min(count - start);
+        let idx: Vec<usize> = (start..start + n).collect();
+        data.fill_batch(&idx, &mut x, &mut y);
+        let l = net.forward(&x, n, Mode::Eval).unwrap();
+        for (row, &label) in l.chunks_exact(10).zip(&y[..n]) {
+            correct += usize::from(train::argmax(row) == label);
+        }
+        out.extend_from_slice(l);
+        start += n;
+    }
+    (out, correct)
+}
+
+#[test]
+fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
+    let mut sig = Network::new(Preset::InceptionMiniBnSigmoid, 1, 2, 1);
+    let e = fold(&mut sig)
+        .err()
+        .expect("no plain sigmoid preset")
+        .to_string();
+    assert!(e.contains("no plain counterpart"), "{e}");
+    let Some(data) = fashion() else {
+        eprintln!("note: Fashion-MNIST not present; skipped");
+        return;
+    };
+    let mut bn_net = trained_inception(data);
+    let mut folded = fold(&mut bn_net).unwrap();
+    assert_eq!(folded.preset, Preset::InceptionMini);
+    let (want, c_bn) = first_logits(&mut bn_net, &data.test, 1000);
+    let (got, c_folded) = first_logits(&mut folded, &data.test, 1000);
+    let e = rel_diff(&got, &want);
+    let flips = got
+        .chunks_exact(10)
+        .zip(want.chunks_exact(10))
+        .filter(|(a, b)| train::argmax(a) != train::argmax(b))
+        .count();
+    println!(
+        "inception-mini-bn -> inception-mini: BN {c_bn} / 1000, folded {c_folded} / 1000, \
+         logits relative difference {e:.2e}, {flips} argmax flips"
+    );
+    assert!(e <= 1e-4, "logits differ by {e:.2e} (relative)");
+    assert_eq!(c_folded, c_bn, "correct count");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("folded.safetensors");
+    checkpoint::save(&mut folded, &p).unwrap();
+    let mut fresh = Network::new(Preset::InceptionMini, 99, 100, 1);
+    checkpoint::load(&mut fresh, &p).unwrap();
+    assert!(
+        first_logits(&mut fresh, &data.test, 1000).0 == got,
+        "reloaded network differs"
+    );
+}
+
+#[test]
+fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
+    for preset in [Preset::InceptionMiniBn, Preset::InceptionMini] {
+        let mut net = Network::new(preset, 5, 2, 1);
+        let bytes = encode_model(&mut net).unwrap();
+        let model = fields(&bytes);
+        let graph = fields(bytes_of(&model, 7)[0]);
+        let nodes: Vec<_> = bytes_of(&graph, 1).into_iter().map(fields).collect();
+        let ops: Vec<String> = nodes.iter().map(|n| strings_of(n, 4).remove(0)).collect();
+        let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+        // stem + 2 blocks of 7 convolutions.
+        assert_eq!(count("Conv"), 15, "{preset:?}: {ops:?}");
+        assert_eq!(count("Concat"), 2);
+        assert_eq!(count("MaxPool"), 2);
+        assert_eq!(count("AveragePool"), 2);
+        assert_eq!(count("GlobalAveragePool"), 1);
+        assert_eq!(count("Flatten"), 1);
+        assert_eq!(count("Gemm"), 1);
+        assert_eq!(count("Relu"), 15);
+        let bn = if preset.has_batch_norm() { 15 } else { 0 };
+        assert_eq!(count("BatchNormalization"), bn);
+        assert_eq!(count("Identity"), usize::from(!preset.has_batch_norm()));
+        assert_eq!(ops.len(), 15 * 2 + bn + 2 + 2 + 2 + 3 + count("Identity"));
+        // Every input is the graph input, an initializer or an earlier node's output.
+        let mut known: std::collections::HashSet<String> = bytes_of(&graph, 5)
+            .into_iter()
+            .map(|t| strings_of(&fields(t), 8).remove(0))
+            .collect();
+        known.insert("input".into());
+        for n in &nodes {
+            for i in strings_of(n, 1) {
+                assert!(known.contains(&i), "{preset:?}: {i} used before defined");
+            }
+            let o = strings_of(n, 2).remove(0);
+            assert!(known.insert(o.clone()), "{preset:?}: {o} defined twice");
+        }
+        assert!(known.contains("logits"));
+        // Concat takes the four branches; Conv carries its attributes.
+        for (n, op) in nodes.iter().zip(&ops) {
+            let attrs: Vec<String> = bytes_of(n, 5)
+                .into_iter()
+                .map(|a| strings_of(&fields(a), 1).remove(0))
+                .collect();
+            match op.as_str() {
+                "Concat" => {
+                    assert_eq!(strings_of(n, 1).len(), 4);
+                    assert_eq!(attrs, ["axis"]);
+                }
+                "Conv" => {
+                    assert_eq!(attrs, ["kernel_shape", "strides", "pads"]);
+                    let bias = !preset.has_batch_norm();
+                    assert_eq!(strings_of(n, 1).len(), 2 + usize::from(bias));
+                }
+                "AveragePool" => assert!(attrs.contains(&"count_include_pad".to_string())),
+                _ => {}
+            }
+        }
+        let (_, in_dims) = value_info(bytes_of(&graph, 11)[0]);
+        assert_eq!(in_dims, vec![None, Some(1), Some(28), Some(28)]);
+        // Initializers carry the state_dict names.
+        let mut names = Vec::new();
+        net.visit_state(&mut |name, _, _| names.push(name.to_string()));
+        let inits: Vec<String> = bytes_of(&graph, 5)
+            .into_iter()
+            .map(|t| strings_of(&fields(t), 8).remove(0))
+            .collect();
+        for want in [
+            "stem.conv.weight",
+            "a.b4.conv.weight",
+            "b.b3.2.conv.weight",
+            "fc.weight",
+        ] {
+            assert!(inits.contains(&want.to_string()), "{preset:?}: {want}");
+        }
+        for i in &inits {
+            // BN's inference statistics are exported as input_mean / input_var.
+            let i = i
+                .replace("input_mean", "running_mean")
+                .replace("input_var", "running_var");
+            assert!(
+                names.contains(&i),
+                "{preset:?}: initializer {i} not in the state_dict"
+            );
+        }
+    }
+}
+
+#[test]
+fn onnxruntime_predicts_as_bnlab_on_inception() {
+    let Some(python) = std::env::var_os("BNLAB_ONNX_PYTHON") else {
+        eprintln!("note: BNLAB_ONNX_PYTHON not set; onnxruntime check skipped");
+        return;
+    };
+    let python = python.to_string_lossy().into_owned();
+    let Some(data) = fashion() else {
+        eprintln!("note: Fashion-MNIST not present; onnxruntime check skipped");
+        return;
+    };
+    let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
+    let mut bn_net = trained_inception(data);
+    check_with_onnxruntime_in(&python, &mut bn_net, data, dir, "inception-mini-bn");
+    let mut folded = fold(&mut bn_net).unwrap();
+    check_with_onnxruntime_in(
+        &python,
+        &mut folded,
+        data,
+        dir,
+        "inception-mini-bn folded into inception-mini",
+    );
 }

@@ -66,6 +66,10 @@ pub struct MaxPool2d {
 }
 
 impl MaxPool2d {
+    /// `(kernel, stride, padding, channels)`, for export.
+    pub fn geometry(&self) -> (usize, usize, usize, usize) {
+        (self.win.k, self.win.s, self.win.p, self.win.c)
+    }
     /// `channels` maps of `in_h x in_w`; a `k x k` window every `stride`, `padding` of -inf.
     pub fn new(
         channels: usize,
@@ -169,6 +173,10 @@ pub struct AvgPool2d {
 }
 
 impl AvgPool2d {
+    /// `(kernel, stride, padding, channels)`, for export.
+    pub fn geometry(&self) -> (usize, usize, usize, usize) {
+        (self.win.k, self.win.s, self.win.p, self.win.c)
+    }
     pub fn new(
         channels: usize,
         k: usize,
