@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use bnlab::nn::{Ctx, Layer, Mode};
 use std::path::PathBuf;
 
 /// `../shared` next to the project (or `$BNLAB_SHARED_DIR`), if present.
@@ -32,4 +33,95 @@ impl Lcg {
             .map(|_| (offset + scale * self.next()) as f32)
             .collect()
     }
+}
+
+pub fn ctx(mode: Mode) -> Ctx {
+    Ctx { mode, threads: 1 }
+}
+
+// The finite-difference harness shared by tests/gradients.rs and tests/conv_layers.rs.
+
+/// sum_i w_i y_i in f64 for a fresh layer from `make`, after `tweak` perturbs it.
+pub fn loss_of(
+    make: &dyn Fn() -> Box<dyn Layer>,
+    tweak: &dyn Fn(&mut dyn Layer),
+    x: &[f32],
+    n: usize,
+    mode: Mode,
+    w: &[f64],
+) -> f64 {
+    let mut layer = make();
+    tweak(layer.as_mut());
+    layer.reserve(n);
+    let mut y = vec![0f32; n * layer.out_size()];
+    layer.forward(ctx(mode), x, &mut y, n).unwrap();
+    y.iter().zip(w).map(|(&a, &b)| a as f64 * b).sum()
+}
+
+pub fn nudge_param(layer: &mut dyn Layer, which: usize, elem: usize, delta: f32) {
+    let mut k = 0;
+    layer.for_each_param(&mut |v, _| {
+        if k == which {
+            v[elem] += delta;
+        }
+        k += 1;
+    });
+}
+
+/// Compare the analytic dx and parameter gradients of the layer made by `make` against central
+/// differences with step `h`. Returns the number of parameter tensors checked.
+pub fn check(
+    make: &dyn Fn() -> Box<dyn Layer>,
+    x: Vec<f32>,
+    n: usize,
+    mode: Mode,
+    h: f32,
+    tol: f64,
+) -> usize {
+    let mut rng = Lcg(0x1234_5678);
+    let mut layer = make();
+    layer.reserve(n);
+    assert_eq!(x.len(), n * layer.in_size());
+    let out = n * layer.out_size();
+    let w: Vec<f64> = (0..out).map(|_| rng.next()).collect();
+    let mut y = vec![0f32; out];
+    layer.forward(ctx(mode), &x, &mut y, n).unwrap();
+    let dy: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    // Poisoned: backward must overwrite every element of dx.
+    let mut dx = vec![f32::NAN; x.len()];
+    layer.backward(ctx(mode), &x, &y, &dy, Some(&mut dx), n);
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    layer.for_each_param(&mut |_, g| grads.push(g.to_vec()));
+    let close = |num: f64, ana: f64, what: &str| {
+        assert!(
+            (num - ana).abs() <= tol * (1.0 + ana.abs()),
+            "{}: {what}: finite difference {num:.6e}, backward {ana:.6e}",
+            layer_name(make)
+        );
+    };
+    let none = |_: &mut dyn Layer| {};
+    for j in (0..x.len()).step_by((x.len() / 60).max(1)) {
+        let mut xp = x.clone();
+        xp[j] += h;
+        let mut xm = x.clone();
+        xm[j] -= h;
+        let num = (loss_of(make, &none, &xp, n, mode, &w) - loss_of(make, &none, &xm, n, mode, &w))
+            / (xp[j] as f64 - xm[j] as f64);
+        close(num, dx[j] as f64, &format!("dx[{j}]"));
+    }
+    for (p, g) in grads.iter().enumerate() {
+        for e in (0..g.len()).step_by((g.len() / 25).max(1)) {
+            let plus = |l: &mut dyn Layer| nudge_param(l, p, e, h);
+            let minus = |l: &mut dyn Layer| nudge_param(l, p, e, -h);
+            let num = (loss_of(make, &plus, &x, n, mode, &w)
+                - loss_of(make, &minus, &x, n, mode, &w))
+                / (2.0 * h as f64);
+            close(num, g[e] as f64, &format!("param {p}[{e}]"));
+        }
+    }
+    grads.len()
+}
+
+pub fn layer_name(make: &dyn Fn() -> Box<dyn Layer>) -> String {
+    make().describe().replace('\n', " ")
 }
