@@ -75,7 +75,12 @@ struct TrainArgs {
     #[arg(long, value_name = "PRESET")]
     model: Option<String>,
     /// Continue the run saved in RUN_DIR with its original settings.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "out", "init"])]
+    /// (The run's settings are its own: training flags given with it are refused.)
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "model", "out", "init", "steps", "batch_size", "lr", "momentum", "weight_decay",
+        "schedule", "seed", "order", "eval_every", "checkpoint_every", "bn_momentum", "threads",
+        "save",
+    ])]
     resume: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,

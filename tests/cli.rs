@@ -131,6 +131,23 @@ fn missing_data_and_bad_checkpoints_are_named() {
         &["train", "--model", "mlp-fig1", "--data", e, "--no-download"],
         &["train-images-idx3-ubyte", "nothing-here"],
     );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "inception-mini-bn",
+            "--data",
+            e,
+            "--steps",
+            "1",
+        ],
+        &["missing Fashion-MNIST", "dataset-fashion-mnist"],
+    );
+    // A resumed run keeps its own settings: training flags beside --resume are refused.
+    fails_with(
+        &["train", "--resume", e, "--lr", "0.5"],
+        &["--resume", "--lr"],
+    );
     let Some(d) = common::mnist_dir() else { return };
     let d = d.to_str().unwrap();
     let junk = tmp.path().join("junk.safetensors");

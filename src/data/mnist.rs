@@ -275,6 +275,18 @@ pub fn fashion_mnist(flag: Option<&Path>) -> Result<Split> {
         (None, Some(base)) => PathBuf::from(base).join("fashion-mnist"),
         (None, None) => PathBuf::from(FASHION_SYSTEM_DIR),
     };
+    let missing = missing_files(&dir, &MNIST_FILES);
+    if !missing.is_empty() {
+        // Not downloaded: the MNIST hint about downloads would mislead here.
+        return Err(Error::data(
+            &dir,
+            format!(
+                "missing Fashion-MNIST file(s): {}; pass `--data DIR` for a directory that holds \
+                 them, or install Debian's package (apt-get install dataset-fashion-mnist)",
+                missing.join(", ")
+            ),
+        ));
+    }
     load_idx_dir(&dir, MNIST_CLASSES)
 }
 
