@@ -59,36 +59,122 @@ pub fn batch_stats(
     mean: &mut [f32],
     mean_lo: &mut [f32],
     var: &mut [f32],
+    threads: usize,
 ) -> Result<()> {
     let m = d.m();
     if m < 2 {
         return Err(Error::BatchTooSmall { m });
     }
     debug_assert!(x.len() >= d.len() && mean.len() >= d.c && var.len() >= d.c);
-    let inv_m = 1.0 / m as f64;
-    for ch in 0..d.c {
-        let mut sum = 0.0f64;
-        for i in 0..d.n {
-            let run = &x[(i * d.c + ch) * d.s..][..d.s];
-            sum += run.iter().map(|&v| v as f64).sum::<f64>();
-        }
-        let mu = sum * inv_m;
-        let mut sq = 0.0f64;
-        for i in 0..d.n {
-            let run = &x[(i * d.c + ch) * d.s..][..d.s];
-            sq += run
-                .iter()
-                .map(|&v| {
-                    let t = v as f64 - mu;
-                    t * t
-                })
-                .sum::<f64>();
-        }
-        mean[ch] = mu as f32;
-        mean_lo[ch] = (mu - mean[ch] as f64) as f32;
-        var[ch] = (sq * inv_m) as f32;
-    }
+    // Each feature's statistics are its own: two threads take half the features each.
+    let h = d.c / 2;
+    let (ma, mb) = mean[..d.c].split_at_mut(h);
+    let (la, lb) = mean_lo[..d.c].split_at_mut(h);
+    let (va, vb) = var[..d.c].split_at_mut(h);
+    super::join(
+        threads,
+        || stats_features(x, d, 0, ma, la, va),
+        || stats_features(x, d, h, mb, lb, vb),
+    );
     Ok(())
+}
+
+/// `batch_stats` for the features `c0 .. c0 + mean.len()`.
+fn stats_features(
+    x: &[f32],
+    d: Dims,
+    c0: usize,
+    mean: &mut [f32],
+    mean_lo: &mut [f32],
+    var: &mut [f32],
+) {
+    let inv_m = 1.0 / d.m() as f64;
+    for (j, ((mo, lo), vo)) in mean.iter_mut().zip(mean_lo).zip(var).enumerate() {
+        let ch = c0 + j;
+        let runs = || (0..d.n).map(move |i| &x[(i * d.c + ch) * d.s..][..d.s]);
+        let mu = runs().map(sum_f64).sum::<f64>() * inv_m;
+        let sq: f64 = runs().map(|r| sum_sq_dev(r, mu)).sum();
+        *mo = mu as f32;
+        *lo = (mu - *mo as f64) as f32;
+        *vo = (sq * inv_m) as f32;
+    }
+}
+
+/// Lanes of the f64 accumulators below: enough independent sums to hide the add latency, and
+/// a fixed order, so that a sum does not depend on how the work is split.
+const LANES: usize = 16;
+
+crate::simd_kernel! {
+    /// `sum v` in f64, over `LANES` interleaved partial sums (vectorizes).
+    pub fn sum_f64(v: &[f32]) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = v.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x as f64;
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(tail) {
+            *a += x as f64;
+        }
+        reduce(&acc)
+    }
+}
+
+crate::simd_kernel! {
+    /// `sum (v - mu)^2` in f64, as `sum_f64`.
+    fn sum_sq_dev(v: &[f32], mu: f64) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = v.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                let t = x as f64 - mu;
+                *a += t * t;
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(tail) {
+            let t = x as f64 - mu;
+            *a += t * t;
+        }
+        reduce(&acc)
+    }
+}
+
+crate::simd_kernel! {
+    /// `(sum dy, sum dy * xhat)` in f64, as `sum_f64`.
+    fn sum_dy_dyxhat(dy: &[f32], xhat: &[f32]) -> (f64, f64) {
+        let mut a = [0f64; LANES];
+        let mut b = [0f64; LANES];
+        let (cd, ch) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
+        let (td, th) = (cd.remainder(), ch.remainder());
+        for (g, h) in cd.zip(ch) {
+            for j in 0..LANES {
+                a[j] += g[j] as f64;
+                b[j] += g[j] as f64 * h[j] as f64;
+            }
+        }
+        for j in 0..td.len() {
+            a[j] += td[j] as f64;
+            b[j] += td[j] as f64 * th[j] as f64;
+        }
+        (reduce(&a), reduce(&b))
+    }
+}
+
+/// The lanes added pairwise, in a fixed order.
+#[inline(always)]
+fn reduce(acc: &[f64; LANES]) -> f64 {
+    let mut w = *acc;
+    let mut len = LANES;
+    while len > 1 {
+        len /= 2;
+        for j in 0..len {
+            w[j] += w[j + len];
+        }
+    }
+    w[0]
 }
 
 /// The fully connected case (`s == 1`) is the hot one in the MLP: there the per-feature loops
@@ -153,6 +239,7 @@ pub fn normalize(
     beta: Option<&[f32]>,
     y: &mut [f32],
     mut xhat: Option<&mut [f32]>,
+    threads: usize,
 ) {
     if d.s == 1 {
         let c = d.c;
@@ -181,29 +268,75 @@ pub fn normalize(
         }
         return;
     }
-    for i in 0..d.n {
-        for ch in 0..d.c {
-            let off = (i * d.c + ch) * d.s;
-            let (mu, lo, is) = (mean[ch], mean_lo[ch], inv_std[ch]);
-            let (g, b) = match (gamma, beta) {
-                (Some(g), Some(b)) => (g[ch], b[ch]),
-                _ => (1.0, 0.0),
-            };
-            let xr = &x[off..off + d.s];
-            if let Some(h) = xhat.as_deref_mut() {
-                for (hv, &xv) in h[off..off + d.s].iter_mut().zip(xr) {
-                    *hv = (xv - mu - lo) * is;
+    // Examples are independent here: two threads take half the batch each.
+    let half = d.n / 2;
+    let sz = d.c * d.s;
+    let (xa, xb) = x[..d.len()].split_at(half * sz);
+    let (ya, yb) = y[..d.len()].split_at_mut(half * sz);
+    let (ha, hb) = match xhat {
+        Some(h) => {
+            let (a, b) = h[..d.len()].split_at_mut(half * sz);
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
+    let (da, db) = (Dims { n: half, ..d }, Dims { n: d.n - half, ..d });
+    let p = (mean, mean_lo, inv_std, gamma, beta);
+    super::join(
+        threads,
+        || normalize_maps(xa, da, p, ya, ha),
+        || normalize_maps(xb, db, p, yb, hb),
+    );
+}
+
+type NormParams<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    Option<&'a [f32]>,
+    Option<&'a [f32]>,
+);
+
+crate::simd_kernel! {
+    /// `normalize` for the convolutional layout (`s > 1`), one run of positions at a time.
+    fn normalize_maps(x: &[f32], d: Dims, p: NormParams<'_>, y: &mut [f32], xhat: Option<&mut [f32]>) {
+        let (mean, mean_lo, inv_std, gamma, beta) = p;
+        let mut xhat = xhat;
+        for i in 0..d.n {
+            for ch in 0..d.c {
+                let off = (i * d.c + ch) * d.s;
+                let (mu, lo, is) = (mean[ch], mean_lo[ch], inv_std[ch]);
+                let (g, b) = match (gamma, beta) {
+                    (Some(g), Some(b)) => (g[ch], b[ch]),
+                    _ => (1.0, 0.0),
+                };
+                let xr = &x[off..off + d.s];
+                let yr = &mut y[off..off + d.s];
+                if let Some(h) = xhat.as_deref_mut() {
+                    for ((hv, yv), &xv) in h[off..off + d.s].iter_mut().zip(yr).zip(xr) {
+                        let t = (xv - mu - lo) * is;
+                        *hv = t;
+                        *yv = t * g + b;
+                    }
+                } else {
+                    for (yv, &xv) in yr.iter_mut().zip(xr) {
+                        *yv = (xv - mu - lo) * is * g + b;
+                    }
                 }
-            }
-            for (yv, &xv) in y[off..off + d.s].iter_mut().zip(xr) {
-                *yv = (xv - mu - lo) * is * g + b;
             }
         }
     }
 }
 
 /// Per-feature `sum dy` and `sum dy * xhat` (= dbeta and dgamma), in f64.
-fn grad_sums(dy: &[f32], xhat: &[f32], d: Dims, sum_dy: &mut [f64], sum_dy_xhat: &mut [f64]) {
+fn grad_sums(
+    dy: &[f32],
+    xhat: &[f32],
+    d: Dims,
+    sum_dy: &mut [f64],
+    sum_dy_xhat: &mut [f64],
+    threads: usize,
+) {
     sum_dy[..d.c].fill(0.0);
     sum_dy_xhat[..d.c].fill(0.0);
     if d.s == 1 {
@@ -218,16 +351,33 @@ fn grad_sums(dy: &[f32], xhat: &[f32], d: Dims, sum_dy: &mut [f64], sum_dy_xhat:
         }
         return;
     }
-    for i in 0..d.n {
-        for ch in 0..d.c {
+    // Per feature, so two threads take half the features each.
+    let h = d.c / 2;
+    let (da, db) = sum_dy[..d.c].split_at_mut(h);
+    let (ha, hb) = sum_dy_xhat[..d.c].split_at_mut(h);
+    super::join(
+        threads,
+        || grad_sums_features(dy, xhat, d, 0, da, ha),
+        || grad_sums_features(dy, xhat, d, h, db, hb),
+    );
+}
+
+/// `grad_sums` (convolutional layout) for the features `c0 .. c0 + sum_dy.len()`.
+fn grad_sums_features(
+    dy: &[f32],
+    xhat: &[f32],
+    d: Dims,
+    c0: usize,
+    sum_dy: &mut [f64],
+    sum_dy_xhat: &mut [f64],
+) {
+    for (j, (a, b)) in sum_dy.iter_mut().zip(sum_dy_xhat).enumerate() {
+        let ch = c0 + j;
+        for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
-            let (mut a, mut b) = (0.0f64, 0.0f64);
-            for (&g, &h) in dy[off..off + d.s].iter().zip(&xhat[off..off + d.s]) {
-                a += g as f64;
-                b += (g * h) as f64;
-            }
-            sum_dy[ch] += a;
-            sum_dy_xhat[ch] += b;
+            let (sa, sb) = sum_dy_dyxhat(&dy[off..off + d.s], &xhat[off..off + d.s]);
+            *a += sa;
+            *b += sb;
         }
     }
 }
@@ -241,9 +391,10 @@ fn param_grads<'a>(
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &'a mut [f64],
+    threads: usize,
 ) -> (&'a mut [f64], &'a mut [f64]) {
     let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
-    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat);
+    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat, threads);
     if let Some(dg) = dgamma {
         for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
             *o = v as f32;
@@ -271,8 +422,9 @@ pub fn backward_train(
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
+    threads: usize,
 ) {
-    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, d, dgamma, dbeta, acc);
+    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, d, dgamma, dbeta, acc, threads);
     let Some(dx) = dx else { return };
     let m = d.m() as f64;
     // dx = k * (dy - a - xhat * b) with k = gamma * inv_std, a = sum_dy / m, b = sum_dy_xhat / m.
@@ -295,20 +447,45 @@ pub fn backward_train(
         }
         return;
     }
-    let mut coef = [0f32; 3];
-    for ch in 0..c {
-        let g = gamma.map_or(1.0, |g| g[ch]);
-        coef[0] = g * inv_std[ch];
-        coef[1] = sum_dy[ch] as f32;
-        coef[2] = sum_dy_xhat[ch] as f32;
+    // Examples are independent here: two threads take half the batch each.
+    let half = d.n / 2;
+    let sz = c * d.s;
+    let (dxa, dxb) = dx[..d.len()].split_at_mut(half * sz);
+    let (dya, dyb) = dy[..d.len()].split_at(half * sz);
+    let (ha, hb) = xhat[..d.len()].split_at(half * sz);
+    let (da, db) = (Dims { n: half, ..d }, Dims { n: d.n - half, ..d });
+    let sums = (&*sum_dy, &*sum_dy_xhat);
+    super::join(
+        threads,
+        || dx_maps(dya, ha, inv_std, gamma, da, sums, dxa),
+        || dx_maps(dyb, hb, inv_std, gamma, db, sums, dxb),
+    );
+}
+
+crate::simd_kernel! {
+    /// The fused dx of `backward_train` in the convolutional layout, given the per-feature
+    /// means of dy and dy * xhat.
+    fn dx_maps(
+        dy: &[f32],
+        xhat: &[f32],
+        inv_std: &[f32],
+        gamma: Option<&[f32]>,
+        d: Dims,
+        sums: (&[f64], &[f64]),
+        dx: &mut [f32],
+    ) {
         for i in 0..d.n {
-            let off = (i * c + ch) * d.s;
-            for ((o, &g), &h) in dx[off..off + d.s]
-                .iter_mut()
-                .zip(&dy[off..off + d.s])
-                .zip(&xhat[off..off + d.s])
-            {
-                *o = coef[0] * (g - coef[1] - h * coef[2]);
+            for ch in 0..d.c {
+                let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
+                let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
+                let off = (i * d.c + ch) * d.s;
+                for ((o, &g), &h) in dx[off..off + d.s]
+                    .iter_mut()
+                    .zip(&dy[off..off + d.s])
+                    .zip(&xhat[off..off + d.s])
+                {
+                    *o = k * (g - a - h * b);
+                }
             }
         }
     }
@@ -327,8 +504,9 @@ pub fn backward_eval(
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
+    threads: usize,
 ) {
-    param_grads(dy, xhat, d, dgamma, dbeta, acc);
+    param_grads(dy, xhat, d, dgamma, dbeta, acc, threads);
     if let Some(dx) = dx {
         for i in 0..d.n {
             for ch in 0..d.c {

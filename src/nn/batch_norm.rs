@@ -121,7 +121,7 @@ impl BatchNorm {
         }
     }
 
-    fn training_stats(&mut self, x: &[f32], n: usize) -> Result<()> {
+    fn training_stats(&mut self, x: &[f32], n: usize, threads: usize) -> Result<()> {
         if self.s == 1 {
             k::batch_stats_nc(
                 x,
@@ -140,6 +140,7 @@ impl BatchNorm {
                 &mut self.batch_mean,
                 &mut self.batch_mean_lo,
                 &mut self.batch_var,
+                threads,
             )?;
         }
         k::inv_std(&self.batch_var, self.eps, &mut self.inv_std);
@@ -178,7 +179,7 @@ impl Layer for BatchNorm {
         self.last_mode = ctx.mode;
         let mean_lo: &[f32] = match ctx.mode {
             Mode::Train | Mode::Population => {
-                self.training_stats(x, n)?;
+                self.training_stats(x, n, ctx.threads)?;
                 &self.batch_mean_lo
             }
             Mode::Eval => {
@@ -216,6 +217,7 @@ impl Layer for BatchNorm {
             self.beta.as_deref(),
             y,
             Some(&mut self.xhat),
+            ctx.threads,
         );
         match ctx.mode {
             Mode::Train => {
@@ -242,7 +244,7 @@ impl Layer for BatchNorm {
 
     fn backward(
         &mut self,
-        _ctx: Ctx,
+        ctx: Ctx,
         _x: &[f32],
         _y: &[f32],
         dy: &[f32],
@@ -274,6 +276,7 @@ impl Layer for BatchNorm {
             dg,
             db,
             &mut self.acc,
+            ctx.threads,
         );
     }
 

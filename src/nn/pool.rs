@@ -5,6 +5,7 @@
 
 use super::conv::{out_len, valid_range};
 use super::{Ctx, Layer};
+use crate::kernels::join;
 use crate::Result;
 
 /// Window geometry shared by the two windowed pools.
@@ -49,11 +50,196 @@ impl Window {
         let hi = (start + self.k - self.p).min(len);
         (lo, hi)
     }
+    /// The 3x3, stride 1, padding 1 window, which keeps the map size: a separable box filter.
+    fn is_box3(&self) -> bool {
+        self.k == 3 && self.s == 1 && self.p == 1 && self.w <= BOX_MAX_W
+    }
     fn describe(&self, name: &str, extra: &str) -> String {
         format!(
             "{name}(kernel_size={}, stride={}, padding={}{extra}) on {}x{}x{}",
             self.k, self.s, self.p, self.c, self.h, self.w
         )
+    }
+}
+
+/// Max pooling of whole planes (`x` holds `planes * h * w`), with the winners' indices.
+fn max_forward(g: Window, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let planes = y.len() / ohw.max(1);
+    let ys = y.chunks_exact_mut(ohw);
+    let args = argmax.chunks_exact_mut(ohw);
+    let fast = g.k == 2 && g.s == 2 && g.p == 0;
+    for ((xp, yp), ap) in x[..planes * hw].chunks_exact(hw).zip(ys).zip(args) {
+        if fast {
+            max_2x2(g, xp, yp, ap);
+            continue;
+        }
+        for oy in 0..g.oh {
+            let (y0, y1) = g.span(oy, g.h);
+            for ox in 0..g.ow {
+                let (x0, x1) = g.span(ox, g.w);
+                let mut best = f32::NEG_INFINITY;
+                let mut arg = y0 * g.w + x0;
+                for iy in y0..y1 {
+                    for ix in x0..x1 {
+                        let v = xp[iy * g.w + ix];
+                        // Strictly greater: the first maximum wins ties, as in PyTorch,
+                        // which also lets a NaN through.
+                        if v > best || v.is_nan() {
+                            best = v;
+                            arg = iy * g.w + ix;
+                        }
+                    }
+                }
+                yp[oy * g.ow + ox] = best;
+                ap[oy * g.ow + ox] = arg as u32;
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// The 2x2, stride 2 window of one plane, taps in PyTorch's order (row by row), with the
+    /// same rule as the general loop: a later tap wins if strictly greater, or NaN. Branch-free
+    /// selects, so the loop vectorizes.
+    fn max_2x2(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+        let w = g.w;
+        for oy in 0..g.oh {
+            let r0 = &xp[2 * oy * w..][..2 * g.ow];
+            let r1 = &xp[(2 * oy + 1) * w..][..2 * g.ow];
+            let yr = &mut yp[oy * g.ow..][..g.ow];
+            let ar = &mut ap[oy * g.ow..][..g.ow];
+            let base = (2 * oy * w) as u32;
+            for (ox, ((yv, av), (p0, p1))) in yr
+                .iter_mut()
+                .zip(ar.iter_mut())
+                .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+                .enumerate()
+            {
+                let mut best = p0[0];
+                let mut off = 0u32;
+                for (v, o) in [(p0[1], 1u32), (p1[0], w as u32), (p1[1], w as u32 + 1)] {
+                    let take = v > best || v.is_nan();
+                    best = if take { v } else { best };
+                    off = if take { o } else { off };
+                }
+                *yv = best;
+                *av = base + 2 * ox as u32 + off;
+            }
+        }
+    }
+}
+
+/// Scatter each output gradient onto the input that won its window.
+fn max_backward(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let planes = dx.len() / hw.max(1);
+    let dxs = dx.chunks_exact_mut(hw);
+    let args = argmax[..planes * ohw].chunks_exact(ohw);
+    for ((dxp, dyp), ap) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)).zip(args) {
+        dxp.fill(0.0);
+        // Overlapping windows (stride < k) may pick the same input twice: add.
+        for (&d, &a) in dyp.iter().zip(ap) {
+            dxp[a as usize] += d;
+        }
+    }
+}
+
+/// Widest map the separable 3x3 box filter handles with its row buffer on the stack.
+const BOX_MAX_W: usize = 256;
+
+/// Average pooling of whole planes, divided by `k * k` (padding counted as zeros). Also the
+/// backward pass of the 3x3, stride 1, padding 1 pool, whose adjoint is the same filter.
+fn avg_forward(g: Window, x: &[f32], y: &mut [f32]) {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let planes = y.len() / ohw.max(1);
+    // Divided (not multiplied by the reciprocal), as PyTorch does.
+    let div = (g.k * g.k) as f32;
+    let ys = y.chunks_exact_mut(ohw);
+    for (xp, yp) in x[..planes * hw].chunks_exact(hw).zip(ys) {
+        if g.is_box3() {
+            box3(g.h, g.w, xp, yp, div);
+            continue;
+        }
+        for oy in 0..g.oh {
+            let (y0, y1) = g.span(oy, g.h);
+            for ox in 0..g.ow {
+                let (x0, x1) = g.span(ox, g.w);
+                let mut s = 0f32;
+                for iy in y0..y1 {
+                    for &v in &xp[iy * g.w + x0..iy * g.w + x1] {
+                        s += v;
+                    }
+                }
+                yp[oy * g.ow + ox] = s / div;
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// The 3x3 box sum of one `h x w` plane with zero padding, divided by `div`: first the
+    /// three rows added (vectorizes), then three neighbours of that sum.
+    fn box3(h: usize, w: usize, xp: &[f32], yp: &mut [f32], div: f32) {
+        let mut v = [0f32; BOX_MAX_W + 2];
+        for oy in 0..h {
+            let mid = &xp[oy * w..][..w];
+            let col = &mut v[1..w + 1];
+            col.copy_from_slice(mid);
+            if oy > 0 {
+                for (c, &a) in col.iter_mut().zip(&xp[(oy - 1) * w..][..w]) {
+                    *c += a;
+                }
+            }
+            if oy + 1 < h {
+                for (c, &a) in col.iter_mut().zip(&xp[(oy + 1) * w..][..w]) {
+                    *c += a;
+                }
+            }
+            // v[0] and v[w + 1] stay zero: the padding.
+            let yr = &mut yp[oy * w..][..w];
+            for (j, o) in yr.iter_mut().enumerate() {
+                *o = (v[j] + v[j + 1] + v[j + 2]) / div;
+            }
+        }
+    }
+}
+
+/// Add each output gradient, divided by `k * k`, to the inputs its window covered.
+fn avg_backward(g: Window, dy: &[f32], dx: &mut [f32]) {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let planes = dx.len() / hw.max(1);
+    let div = (g.k * g.k) as f32;
+    if g.is_box3() {
+        // The box filter is its own adjoint.
+        for (dxp, dyp) in dx.chunks_exact_mut(hw).zip(dy[..planes * ohw].chunks_exact(ohw)) {
+            box3(g.h, g.w, dyp, dxp, div);
+        }
+        return;
+    }
+    for (dxp, dyp) in dx.chunks_exact_mut(hw).zip(dy[..planes * ohw].chunks_exact(ohw)) {
+        dxp.fill(0.0);
+        // Tap by tap (as im2col's adjoint): for each kernel offset, the outputs whose tap
+        // lands inside the input add their share to a contiguous run of input pixels
+        // (for stride 1).
+        for ki in 0..g.k {
+            let (oy0, oy1) = valid_range(ki, g.s, g.p, g.h, g.oh);
+            for kj in 0..g.k {
+                let (ox0, ox1) = valid_range(kj, g.s, g.p, g.w, g.ow);
+                if ox0 == ox1 {
+                    continue;
+                }
+                let ix0 = ox0 * g.s + kj - g.p;
+                for oy in oy0..oy1 {
+                    let iy = oy * g.s + ki - g.p;
+                    let dr = &mut dxp[iy * g.w..][..g.w];
+                    let src = &dyp[oy * g.ow + ox0..oy * g.ow + ox1];
+                    for (d, &v) in dr[ix0..].iter_mut().step_by(g.s).zip(src) {
+                        *d += v / div;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -102,41 +288,24 @@ impl Layer for MaxPool2d {
         self.argmax.resize(max_batch * self.out_size(), 0);
     }
 
-    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let g = self.win;
-        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let planes = n * g.c;
-        let ys = y[..planes * ohw].chunks_exact_mut(ohw);
-        let args = self.argmax[..planes * ohw].chunks_exact_mut(ohw);
-        for ((xp, yp), ap) in x[..planes * hw].chunks_exact(hw).zip(ys).zip(args) {
-            for oy in 0..g.oh {
-                let (y0, y1) = g.span(oy, g.h);
-                for ox in 0..g.ow {
-                    let (x0, x1) = g.span(ox, g.w);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut arg = y0 * g.w + x0;
-                    for iy in y0..y1 {
-                        for ix in x0..x1 {
-                            let v = xp[iy * g.w + ix];
-                            // Strictly greater: the first maximum wins ties, as in PyTorch,
-                            // which also lets a NaN through.
-                            if v > best || v.is_nan() {
-                                best = v;
-                                arg = iy * g.w + ix;
-                            }
-                        }
-                    }
-                    yp[oy * g.ow + ox] = best;
-                    ap[oy * g.ow + ox] = arg as u32;
-                }
-            }
-        }
+        let (isz, osz) = (g.in_size(), g.out_size());
+        let h = n / 2;
+        let (xa, xb) = x[..n * isz].split_at(h * isz);
+        let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
+        let (aa, ab) = self.argmax[..n * osz].split_at_mut(h * osz);
+        join(
+            ctx.threads,
+            || max_forward(g, xa, ya, aa),
+            || max_forward(g, xb, yb, ab),
+        );
         Ok(())
     }
 
     fn backward(
         &mut self,
-        _ctx: Ctx,
+        ctx: Ctx,
         _x: &[f32],
         _y: &[f32],
         dy: &[f32],
@@ -145,17 +314,16 @@ impl Layer for MaxPool2d {
     ) {
         let Some(dx) = dx else { return };
         let g = self.win;
-        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let planes = n * g.c;
-        let dxs = dx[..planes * hw].chunks_exact_mut(hw);
-        let args = self.argmax[..planes * ohw].chunks_exact(ohw);
-        for ((dxp, dyp), ap) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)).zip(args) {
-            dxp.fill(0.0);
-            // Overlapping windows (stride < k) may pick the same input twice: add.
-            for (&d, &a) in dyp.iter().zip(ap) {
-                dxp[a as usize] += d;
-            }
-        }
+        let (isz, osz) = (g.in_size(), g.out_size());
+        let h = n / 2;
+        let (dxa, dxb) = dx[..n * isz].split_at_mut(h * isz);
+        let (dya, dyb) = dy[..n * osz].split_at(h * osz);
+        let (aa, ab) = self.argmax[..n * osz].split_at(h * osz);
+        join(
+            ctx.threads,
+            || max_backward(g, dya, aa, dxa),
+            || max_backward(g, dyb, ab, dxb),
+        );
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -203,34 +371,19 @@ impl Layer for AvgPool2d {
     }
     fn reserve(&mut self, _max_batch: usize) {}
 
-    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let g = self.win;
-        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let planes = n * g.c;
-        // Divided (not multiplied by the reciprocal), as PyTorch does, to round the same way.
-        let div = (g.k * g.k) as f32;
-        let ys = y[..planes * ohw].chunks_exact_mut(ohw);
-        for (xp, yp) in x[..planes * hw].chunks_exact(hw).zip(ys) {
-            for oy in 0..g.oh {
-                let (y0, y1) = g.span(oy, g.h);
-                for ox in 0..g.ow {
-                    let (x0, x1) = g.span(ox, g.w);
-                    let mut s = 0f32;
-                    for iy in y0..y1 {
-                        for &v in &xp[iy * g.w + x0..iy * g.w + x1] {
-                            s += v;
-                        }
-                    }
-                    yp[oy * g.ow + ox] = s / div;
-                }
-            }
-        }
+        let (isz, osz) = (g.in_size(), g.out_size());
+        let h = n / 2;
+        let (xa, xb) = x[..n * isz].split_at(h * isz);
+        let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
+        join(ctx.threads, || avg_forward(g, xa, ya), || avg_forward(g, xb, yb));
         Ok(())
     }
 
     fn backward(
         &mut self,
-        _ctx: Ctx,
+        ctx: Ctx,
         _x: &[f32],
         _y: &[f32],
         dy: &[f32],
@@ -239,34 +392,11 @@ impl Layer for AvgPool2d {
     ) {
         let Some(dx) = dx else { return };
         let g = self.win;
-        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let planes = n * g.c;
-        let div = (g.k * g.k) as f32;
-        let dxs = dx[..planes * hw].chunks_exact_mut(hw);
-        for (dxp, dyp) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)) {
-            dxp.fill(0.0);
-            // Tap by tap (as im2col's adjoint): for each kernel offset, the outputs whose tap
-            // lands inside the input add their share to a contiguous run of input pixels
-            // (for stride 1).
-            for ki in 0..g.k {
-                let (oy0, oy1) = valid_range(ki, g.s, g.p, g.h, g.oh);
-                for kj in 0..g.k {
-                    let (ox0, ox1) = valid_range(kj, g.s, g.p, g.w, g.ow);
-                    if ox0 == ox1 {
-                        continue;
-                    }
-                    let ix0 = ox0 * g.s + kj - g.p;
-                    for oy in oy0..oy1 {
-                        let iy = oy * g.s + ki - g.p;
-                        let dr = &mut dxp[iy * g.w..][..g.w];
-                        let src = &dyp[oy * g.ow + ox0..oy * g.ow + ox1];
-                        for (d, &v) in dr[ix0..].iter_mut().step_by(g.s).zip(src) {
-                            *d += v / div;
-                        }
-                    }
-                }
-            }
-        }
+        let (isz, osz) = (g.in_size(), g.out_size());
+        let h = n / 2;
+        let (dxa, dxb) = dx[..n * isz].split_at_mut(h * isz);
+        let (dya, dyb) = dy[..n * osz].split_at(h * osz);
+        join(ctx.threads, || avg_backward(g, dya, dxa), || avg_backward(g, dyb, dxb));
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
