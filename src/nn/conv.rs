@@ -69,6 +69,15 @@ struct Geom {
 }
 
 impl Geom {
+    /// 3x3, stride 1, padding 1 on a map small enough for the flat paths.
+    fn same3(&self) -> bool {
+        self.k == 3
+            && self.s == 1
+            && self.p == 1
+            && self.h >= 2
+            && self.w >= 2
+            && self.h * self.w <= SAME3_MAX_HW
+    }
     fn pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.p == 0
     }
@@ -77,9 +86,87 @@ impl Geom {
     }
 }
 
-/// `cols [c*k*k, oh*ow]` from one example `x [c, h, w]`. Writes every element of `cols` once,
-/// row by row (contiguous), with plain copies for stride 1.
+/// `cols [c*k*k, oh*ow]` from one example `x [c, h, w]`.
 fn im2col(g: Geom, x: &[f32], cols: &mut [f32]) {
+    if g.same3() {
+        im2col_same3(g, x, cols)
+    } else {
+        im2col_general(g, x, cols)
+    }
+}
+
+/// Largest map (`h * w`) of the flat 3x3 paths, whose masks live on the stack.
+const SAME3_MAX_HW: usize = 1024;
+
+/// For the flat 3x3 paths: per kernel column `kj`, all ones where output column `ox` reads
+/// inside the input row (`0 <= ox + kj - 1 < w`), else zero; one entry per output pixel.
+fn column_masks(w: usize, hw: usize) -> [[u32; SAME3_MAX_HW]; 3] {
+    let mut m = [[0u32; SAME3_MAX_HW]; 3];
+    for i in 0..hw {
+        let ox = i % w;
+        m[0][i] = if ox >= 1 { u32::MAX } else { 0 };
+        m[1][i] = u32::MAX;
+        m[2][i] = if ox + 1 < w { u32::MAX } else { 0 };
+    }
+    m
+}
+
+/// The output rows `[oy0, oy1)` whose tap `ki` lands inside a 3x3, stride 1, padding 1 input.
+fn same3_rows(ki: usize, h: usize) -> (usize, usize) {
+    (usize::from(ki == 0), if ki == 2 { h - 1 } else { h })
+}
+
+crate::simd_kernel! {
+    /// `im2col` for a 3x3 kernel, stride 1, padding 1 (the output has the input's size): row
+    /// `(c, ki, kj)` of `cols` is plane `c` shifted by `(ki - 1) * w + kj - 1` positions, as one
+    /// flat run, with the entries that wrapped around a row end masked to zero. The planes of
+    /// the presets are small (7x7 to 28x28), so this beats copying row by row.
+    fn im2col_same3(g: Geom, x: &[f32], cols: &mut [f32]) {
+        let (h, w) = (g.h, g.w);
+        let hw = h * w;
+        let masks = column_masks(w, hw);
+        let mut rows = cols[..g.ckk() * hw].chunks_exact_mut(hw);
+        for c in 0..g.c {
+            let xc = &x[c * hw..][..hw];
+            for ki in 0..3 {
+                let (oy0, oy1) = same3_rows(ki, h);
+                for (kj, mask) in masks.iter().enumerate() {
+                    let row = rows.next().expect("cols has c*9 rows");
+                    let (o0, o1) = (oy0 * w, oy1 * w);
+                    let (a, b, off) = same3_run(o0, o1, ki, kj, w, hw);
+                    row[..a].fill(0.0);
+                    row[b..].fill(0.0);
+                    let src = &xc[a + off - w - 1..][..b - a];
+                    for ((r, &v), &m) in row[a..b].iter_mut().zip(src).zip(&mask[a..b]) {
+                        *r = f32::from_bits(v.to_bits() & m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// For tap `(ki, kj)` of the flat 3x3 paths, output pixel `o` reads input `o + off - w - 1`
+/// (`off = ki * w + kj`). Returns the outputs `[a, b)` inside `[o0, o1)` whose input index lies
+/// in the plane, and `off`; those outside it are at a row end, where the mask is zero anyway.
+fn same3_run(
+    o0: usize,
+    o1: usize,
+    ki: usize,
+    kj: usize,
+    w: usize,
+    hw: usize,
+) -> (usize, usize, usize) {
+    let off = ki * w + kj;
+    // o + off >= w + 1 and o + off - w - 1 < hw.
+    let a = o0.max((w + 1).saturating_sub(off));
+    let b = o1.min(hw + w + 1 - off).max(a);
+    (a, b, off)
+}
+
+/// `im2col` for any geometry. Writes every element of `cols` once, row by row (contiguous),
+/// with plain copies for stride 1.
+fn im2col_general(g: Geom, x: &[f32], cols: &mut [f32]) {
     let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
     let mut rows = cols[..g.ckk() * ohw].chunks_exact_mut(ohw);
     for c in 0..g.c {
@@ -113,11 +200,46 @@ fn im2col(g: Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// `dx [c, h, w] = col2im(cols)`: every column entry added to the input pixel `im2col` took
+/// it from (entries that came from padding are dropped).
+fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
+    if g.same3() {
+        col2im_same3(g, cols, dx)
+    } else {
+        col2im_general(g, cols, dx)
+    }
+}
+
 crate::simd_kernel! {
-    /// `dx [c, h, w] = col2im(cols)`: every column entry added to the input pixel `im2col` took
-    /// it from (entries that came from padding are dropped). Compiled for AVX2 as a whole, so
-    /// that the short row additions (`ow` long) inline instead of dispatching one by one.
-    fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
+    /// `col2im` for the geometry of `im2col_same3`, with the same flat runs: each row of
+    /// `cols`, masked at the row ends, added to the plane shifted back.
+    fn col2im_same3(g: Geom, cols: &[f32], dx: &mut [f32]) {
+        let (h, w) = (g.h, g.w);
+        let hw = h * w;
+        let masks = column_masks(w, hw);
+        dx[..g.c * hw].fill(0.0);
+        let mut rows = cols[..g.ckk() * hw].chunks_exact(hw);
+        for c in 0..g.c {
+            let dc = &mut dx[c * hw..][..hw];
+            for ki in 0..3 {
+                let (oy0, oy1) = same3_rows(ki, h);
+                for (kj, mask) in masks.iter().enumerate() {
+                    let row = rows.next().expect("cols has c*9 rows");
+                    let (a, b, off) = same3_run(oy0 * w, oy1 * w, ki, kj, w, hw);
+                    let dst = &mut dc[a + off - w - 1..][..b - a];
+                    for ((d, &v), &m) in dst.iter_mut().zip(&row[a..b]).zip(&mask[a..b]) {
+                        *d += f32::from_bits(v.to_bits() & m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `col2im` for any geometry. Compiled for AVX2 as a whole, so that the short row
+    /// additions (`ow` long) inline instead of dispatching one by one.
+    fn col2im_general(g: Geom, cols: &[f32], dx: &mut [f32]) {
         let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
         dx[..g.c * hw].fill(0.0);
         let mut rows = cols[..g.ckk() * ohw].chunks_exact(ohw);

@@ -52,7 +52,7 @@ impl Window {
     }
     /// The 3x3, stride 1, padding 1 window, which keeps the map size: a separable box filter.
     fn is_box3(&self) -> bool {
-        self.k == 3 && self.s == 1 && self.p == 1 && self.w <= BOX_MAX_W
+        self.k == 3 && self.s == 1 && self.p == 1 && self.h >= 2 && self.h * self.w <= BOX_MAX_HW
     }
     fn describe(&self, name: &str, extra: &str) -> String {
         format!(
@@ -145,8 +145,8 @@ fn max_backward(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
     }
 }
 
-/// Widest map the separable 3x3 box filter handles with its row buffer on the stack.
-const BOX_MAX_W: usize = 256;
+/// Largest map (`h * w`) the 3x3 box filter handles with its buffers on the stack.
+const BOX_MAX_HW: usize = 1024;
 
 /// Average pooling of whole planes, divided by `k * k` (padding counted as zeros). Also the
 /// backward pass of the 3x3, stride 1, padding 1 pool, whose adjoint is the same filter.
@@ -155,12 +155,12 @@ fn avg_forward(g: Window, x: &[f32], y: &mut [f32]) {
     let planes = y.len() / ohw.max(1);
     // Divided (not multiplied by the reciprocal), as PyTorch does.
     let div = (g.k * g.k) as f32;
+    if g.is_box3() {
+        box3(g.h, g.w, &x[..planes * hw], y, div);
+        return;
+    }
     let ys = y.chunks_exact_mut(ohw);
     for (xp, yp) in x[..planes * hw].chunks_exact(hw).zip(ys) {
-        if g.is_box3() {
-            box3(g.h, g.w, xp, yp, div);
-            continue;
-        }
         for oy in 0..g.oh {
             let (y0, y1) = g.span(oy, g.h);
             for ox in 0..g.ow {
@@ -178,28 +178,37 @@ fn avg_forward(g: Window, x: &[f32], y: &mut [f32]) {
 }
 
 crate::simd_kernel! {
-    /// The 3x3 box sum of one `h x w` plane with zero padding, divided by `div`: first the
-    /// three rows added (vectorizes), then three neighbours of that sum.
+    /// The 3x3 box sum of each `h x w` plane of `xp` with zero padding, divided by `div`. The
+    /// planes are small (7x7 in the presets), so rather than row by row (where loop overhead
+    /// dominates) each plane is one flat run: the rows above and below are added as shifted
+    /// runs, then the left and right neighbours, masked off at the row ends. Every output is
+    /// `((up + mid + down) of the left column + ... )` in a fixed order.
     fn box3(h: usize, w: usize, xp: &[f32], yp: &mut [f32], div: f32) {
-        let mut v = [0f32; BOX_MAX_W + 2];
-        for oy in 0..h {
-            let mid = &xp[oy * w..][..w];
-            let col = &mut v[1..w + 1];
-            col.copy_from_slice(mid);
-            if oy > 0 {
-                for (c, &a) in col.iter_mut().zip(&xp[(oy - 1) * w..][..w]) {
-                    *c += a;
-                }
+        let hw = h * w;
+        // Column sums with one zero of padding at each end of the plane: vs[1 + i] for pixel i.
+        let mut vs = [0f32; BOX_MAX_HW + 2];
+        // All ones where the pixel has a left (right) neighbour in its row, else zero.
+        let mut left = [0u32; BOX_MAX_HW];
+        let mut right = [0u32; BOX_MAX_HW];
+        for i in 0..hw {
+            left[i] = if i % w != 0 { u32::MAX } else { 0 };
+            right[i] = if i % w != w - 1 { u32::MAX } else { 0 };
+        }
+        let (left, right) = (&left[..hw], &right[..hw]);
+        for (xq, yq) in xp.chunks_exact(hw).zip(yp.chunks_exact_mut(hw)) {
+            let col = &mut vs[1..hw + 1];
+            col.copy_from_slice(xq);
+            for (c, &a) in col[w..].iter_mut().zip(&xq[..hw - w]) {
+                *c += a;
             }
-            if oy + 1 < h {
-                for (c, &a) in col.iter_mut().zip(&xp[(oy + 1) * w..][..w]) {
-                    *c += a;
-                }
+            for (c, &a) in col[..hw - w].iter_mut().zip(&xq[w..]) {
+                *c += a;
             }
-            // v[0] and v[w + 1] stay zero: the padding.
-            let yr = &mut yp[oy * w..][..w];
-            for (j, o) in yr.iter_mut().enumerate() {
-                *o = (v[j] + v[j + 1] + v[j + 2]) / div;
+            let (l, m, r) = (&vs[..hw], &vs[1..hw + 1], &vs[2..hw + 2]);
+            for (i, o) in yq.iter_mut().enumerate() {
+                let lv = f32::from_bits(l[i].to_bits() & left[i]);
+                let rv = f32::from_bits(r[i].to_bits() & right[i]);
+                *o = (lv + m[i] + rv) / div;
             }
         }
     }
@@ -212,12 +221,13 @@ fn avg_backward(g: Window, dy: &[f32], dx: &mut [f32]) {
     let div = (g.k * g.k) as f32;
     if g.is_box3() {
         // The box filter is its own adjoint.
-        for (dxp, dyp) in dx.chunks_exact_mut(hw).zip(dy[..planes * ohw].chunks_exact(ohw)) {
-            box3(g.h, g.w, dyp, dxp, div);
-        }
+        box3(g.h, g.w, &dy[..planes * ohw], dx, div);
         return;
     }
-    for (dxp, dyp) in dx.chunks_exact_mut(hw).zip(dy[..planes * ohw].chunks_exact(ohw)) {
+    for (dxp, dyp) in dx
+        .chunks_exact_mut(hw)
+        .zip(dy[..planes * ohw].chunks_exact(ohw))
+    {
         dxp.fill(0.0);
         // Tap by tap (as im2col's adjoint): for each kernel offset, the outputs whose tap
         // lands inside the input add their share to a contiguous run of input pixels
@@ -377,7 +387,11 @@ impl Layer for AvgPool2d {
         let h = n / 2;
         let (xa, xb) = x[..n * isz].split_at(h * isz);
         let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
-        join(ctx.threads, || avg_forward(g, xa, ya), || avg_forward(g, xb, yb));
+        join(
+            ctx.threads,
+            || avg_forward(g, xa, ya),
+            || avg_forward(g, xb, yb),
+        );
         Ok(())
     }
 
@@ -396,7 +410,11 @@ impl Layer for AvgPool2d {
         let h = n / 2;
         let (dxa, dxb) = dx[..n * isz].split_at_mut(h * isz);
         let (dya, dyb) = dy[..n * osz].split_at(h * osz);
-        join(ctx.threads, || avg_backward(g, dya, dxa), || avg_backward(g, dyb, dxb));
+        join(
+            ctx.threads,
+            || avg_backward(g, dya, dxa),
+            || avg_backward(g, dyb, dxb),
+        );
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
