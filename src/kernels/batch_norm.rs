@@ -92,11 +92,14 @@ fn stats_features(
     for (j, ((mo, lo), vo)) in mean.iter_mut().zip(mean_lo).zip(var).enumerate() {
         let ch = c0 + j;
         let runs = || (0..d.n).map(move |i| &x[(i * d.c + ch) * d.s..][..d.s]);
-        let mu = runs().map(sum_f64).sum::<f64>() * inv_m;
-        let sq: f64 = runs().map(|r| sum_sq_dev(r, mu)).sum();
+        let mut acc = [0f64; LANES];
+        runs().for_each(|r| add_f64(r, &mut acc));
+        let mu = reduce(&acc) * inv_m;
+        let mut acc = [0f64; LANES];
+        runs().for_each(|r| add_sq_dev(r, mu, &mut acc));
         *mo = mu as f32;
         *lo = (mu - *mo as f64) as f32;
-        *vo = (sq * inv_m) as f32;
+        *vo = (reduce(&acc) * inv_m) as f32;
     }
 }
 
@@ -105,61 +108,60 @@ fn stats_features(
 const LANES: usize = 16;
 
 crate::simd_kernel! {
-    /// `sum v` in f64, over `LANES` interleaved partial sums (vectorizes).
-    pub fn sum_f64(v: &[f32]) -> f64 {
-        let mut acc = [0f64; LANES];
+    /// `acc += v` lane by lane (element `j` of `v` into lane `j % LANES`), in f64. Many
+    /// independent sums hide the add latency and vectorize; the lanes are added at the end
+    /// (`reduce`), once per feature, in a fixed order.
+    fn add_f64(v: &[f32], acc: &mut [f64; LANES]) {
         let chunks = v.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
-            for (a, &x) in acc.iter_mut().zip(c) {
-                *a += x as f64;
+            let c: &[f32; LANES] = c.try_into().expect("chunk of LANES");
+            for j in 0..LANES {
+                acc[j] += c[j] as f64;
             }
         }
         for (a, &x) in acc.iter_mut().zip(tail) {
             *a += x as f64;
         }
-        reduce(&acc)
     }
 }
 
 crate::simd_kernel! {
-    /// `sum (v - mu)^2` in f64, as `sum_f64`.
-    fn sum_sq_dev(v: &[f32], mu: f64) -> f64 {
-        let mut acc = [0f64; LANES];
+    /// `acc += (v - mu)^2`, as `add_f64`.
+    fn add_sq_dev(v: &[f32], mu: f64, acc: &mut [f64; LANES]) {
         let chunks = v.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
-            for (a, &x) in acc.iter_mut().zip(c) {
-                let t = x as f64 - mu;
-                *a += t * t;
+            let c: &[f32; LANES] = c.try_into().expect("chunk of LANES");
+            for j in 0..LANES {
+                let t = c[j] as f64 - mu;
+                acc[j] += t * t;
             }
         }
         for (a, &x) in acc.iter_mut().zip(tail) {
             let t = x as f64 - mu;
             *a += t * t;
         }
-        reduce(&acc)
     }
 }
 
 crate::simd_kernel! {
-    /// `(sum dy, sum dy * xhat)` in f64, as `sum_f64`.
-    fn sum_dy_dyxhat(dy: &[f32], xhat: &[f32]) -> (f64, f64) {
-        let mut a = [0f64; LANES];
-        let mut b = [0f64; LANES];
+    /// `sa += dy` and `sb += dy * xhat` (the product in f64), as `add_f64`.
+    fn add_dy_dyxhat(dy: &[f32], xhat: &[f32], sa: &mut [f64; LANES], sb: &mut [f64; LANES]) {
         let (cd, ch) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
         let (td, th) = (cd.remainder(), ch.remainder());
         for (g, h) in cd.zip(ch) {
+            let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
+            let h: &[f32; LANES] = h.try_into().expect("chunk of LANES");
             for j in 0..LANES {
-                a[j] += g[j] as f64;
-                b[j] += g[j] as f64 * h[j] as f64;
+                sa[j] += g[j] as f64;
+                sb[j] += g[j] as f64 * h[j] as f64;
             }
         }
-        for j in 0..td.len() {
-            a[j] += td[j] as f64;
-            b[j] += td[j] as f64 * th[j] as f64;
+        for j in 0..td.len().min(th.len()) {
+            sa[j] += td[j] as f64;
+            sb[j] += td[j] as f64 * th[j] as f64;
         }
-        (reduce(&a), reduce(&b))
     }
 }
 
@@ -373,12 +375,13 @@ fn grad_sums_features(
 ) {
     for (j, (a, b)) in sum_dy.iter_mut().zip(sum_dy_xhat).enumerate() {
         let ch = c0 + j;
+        let (mut sa, mut sb) = ([0f64; LANES], [0f64; LANES]);
         for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
-            let (sa, sb) = sum_dy_dyxhat(&dy[off..off + d.s], &xhat[off..off + d.s]);
-            *a += sa;
-            *b += sb;
+            add_dy_dyxhat(&dy[off..off + d.s], &xhat[off..off + d.s], &mut sa, &mut sb);
         }
+        *a = reduce(&sa);
+        *b = reduce(&sb);
     }
 }
 
