@@ -112,6 +112,11 @@ fn block(
         small_gemm(c, a, s.a_rs, s.a_cs, b, s.b_rs, m, k, n, accumulate);
         return;
     }
+    if s.a_cs == 1 && s.b_rs == 1 {
+        // Trans::B: rows of a against rows of b, both contiguous in k.
+        dot_gemm(c, a, s.a_rs, b, s.b_cs, m, k, n, accumulate);
+        return;
+    }
     // SAFETY: the asserts above keep every index gemm touches inside the slices; c does not
     // alias a or b (distinct borrows).
     unsafe {
@@ -251,6 +256,111 @@ crate::simd_kernel! {
             }
             if r0 < m {
                 row_tiles::<1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            }
+        }
+    }
+}
+
+/// Vector width of `dot_gemm`'s accumulators.
+const DOT_W: usize = 8;
+
+/// `c[r0..r0+R, c0..c0+C] (+)= a[r0.., :] . b[c0.., :]` (rows of a against rows of b), each
+/// element a sum over `DOT_W` lanes of k, the lanes added in a fixed order, then the tail: the
+/// same operations for an element wherever its block lies.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_tile<const R: usize, const C: usize>(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    k: usize,
+    n: usize,
+    r0: usize,
+    c0: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[[0f32; DOT_W]; C]; R];
+    let kk = k / DOT_W * DOT_W;
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let mut p = 0;
+    while p < kk {
+        // SAFETY: `dot_gemm` asserted that rows r0..r0+R of a and c0..c0+C of b, each k long,
+        // lie inside the slices.
+        let av: [[f32; DOT_W]; R] = std::array::from_fn(|r| unsafe {
+            std::ptr::read_unaligned(ap.add((r0 + r) * a_rs + p) as *const [f32; DOT_W])
+        });
+        for j in 0..C {
+            let bv: [f32; DOT_W] = unsafe {
+                std::ptr::read_unaligned(bp.add((c0 + j) * b_rs + p) as *const [f32; DOT_W])
+            };
+            for r in 0..R {
+                for l in 0..DOT_W {
+                    acc[r][j][l] = av[r][l].mul_add(bv[l], acc[r][j][l]);
+                }
+            }
+        }
+        p += DOT_W;
+    }
+    for r in 0..R {
+        for j in 0..C {
+            let l = &acc[r][j];
+            let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+            for q in kk..k {
+                s = unsafe { *ap.add((r0 + r) * a_rs + q) }
+                    .mul_add(unsafe { *bp.add((c0 + j) * b_rs + q) }, s);
+            }
+            let o = &mut c[(r0 + r) * n + c0 + j];
+            *o = if accumulate { *o + s } else { s };
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `c (m x n) = [c +] a * b^T` with `a` `[m, k]` (row stride `a_rs`) and `b` `[n, k]` (row
+    /// stride `b_rs`): dot products of rows, for long k. Blocks of 2 x 4 elements, so each
+    /// loaded vector serves several products. Allocates nothing.
+    fn dot_gemm(
+        c: &mut [f32],
+        a: &[f32],
+        a_rs: usize,
+        b: &[f32],
+        b_rs: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        assert!((m - 1) * a_rs + k <= a.len(), "dot_gemm: a too small");
+        assert!((n - 1) * b_rs + k <= b.len(), "dot_gemm: b too small");
+        assert!(m * n <= c.len(), "dot_gemm: c too small");
+        // SAFETY: the asserts above bound every index the tiles read.
+        unsafe {
+            let mut r0 = 0;
+            while r0 < m {
+                let two = r0 + 2 <= m;
+                let mut c0 = 0;
+                while c0 + 4 <= n {
+                    if two {
+                        dot_tile::<2, 4>(c, a, a_rs, b, b_rs, k, n, r0, c0, accumulate);
+                    } else {
+                        dot_tile::<1, 4>(c, a, a_rs, b, b_rs, k, n, r0, c0, accumulate);
+                    }
+                    c0 += 4;
+                }
+                while c0 < n {
+                    if two {
+                        dot_tile::<2, 1>(c, a, a_rs, b, b_rs, k, n, r0, c0, accumulate);
+                    } else {
+                        dot_tile::<1, 1>(c, a, a_rs, b, b_rs, k, n, r0, c0, accumulate);
+                    }
+                    c0 += 1;
+                }
+                r0 += if two { 2 } else { 1 };
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use super::{Ctx, Layer};
 use crate::kernels::activation as k;
+use crate::kernels::join;
 use crate::Result;
 
 /// An elementwise nonlinearity, by its forward and backward kernels.
@@ -35,6 +36,10 @@ impl Nonlinearity for ReluFn {
 }
 
 /// The layer for a nonlinearity on `size` features per example.
+/// Below this many values a layer's work stays on one thread (the MLP's layers are far
+/// smaller; the convolutional maps far larger).
+const PARALLEL_MIN_LEN: usize = 1 << 15;
+
 pub struct Elementwise<F: Nonlinearity> {
     size: usize,
     _f: std::marker::PhantomData<F>,
@@ -60,14 +65,22 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
         self.size
     }
     fn reserve(&mut self, _max_batch: usize) {}
-    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let len = n * self.size;
-        F::forward(&x[..len], &mut y[..len]);
+        let threads = if len >= PARALLEL_MIN_LEN {
+            ctx.threads
+        } else {
+            1
+        };
+        let h = len / 2;
+        let (xa, xb) = x[..len].split_at(h);
+        let (ya, yb) = y[..len].split_at_mut(h);
+        join(threads, || F::forward(xa, ya), || F::forward(xb, yb));
         Ok(())
     }
     fn backward(
         &mut self,
-        _ctx: Ctx,
+        ctx: Ctx,
         _x: &[f32],
         y: &[f32],
         dy: &[f32],
@@ -76,7 +89,20 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
     ) {
         if let Some(dx) = dx {
             let len = n * self.size;
-            F::backward(&y[..len], &dy[..len], &mut dx[..len]);
+            let threads = if len >= PARALLEL_MIN_LEN {
+                ctx.threads
+            } else {
+                1
+            };
+            let h = len / 2;
+            let (ya, yb) = y[..len].split_at(h);
+            let (da, db) = dy[..len].split_at(h);
+            let (xa, xb) = dx[..len].split_at_mut(h);
+            join(
+                threads,
+                || F::backward(ya, da, xa),
+                || F::backward(yb, db, xb),
+            );
         }
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
