@@ -146,21 +146,31 @@ crate::simd_kernel! {
 }
 
 crate::simd_kernel! {
-    /// `sa += dy` and `sb += dy * xhat` (the product in f64), as `add_f64`.
-    fn add_dy_dyxhat(dy: &[f32], xhat: &[f32], sa: &mut [f64; LANES], sb: &mut [f64; LANES]) {
-        let (cd, ch) = (dy.chunks_exact(LANES), xhat.chunks_exact(LANES));
-        let (td, th) = (cd.remainder(), ch.remainder());
-        for (g, h) in cd.zip(ch) {
+    /// `sa += dy` and `sb += dy * xhat` (the product in f64), as `add_f64`, with
+    /// `xhat = (x - mu - lo) * is` computed as the forward pass did.
+    fn add_dy_dyxhat(
+        dy: &[f32],
+        x: &[f32],
+        stats: (f32, f32, f32),
+        sa: &mut [f64; LANES],
+        sb: &mut [f64; LANES],
+    ) {
+        let (mu, lo, is) = stats;
+        let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+        let (td, tx) = (cd.remainder(), cx.remainder());
+        for (g, xv) in cd.zip(cx) {
             let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
-            let h: &[f32; LANES] = h.try_into().expect("chunk of LANES");
+            let xv: &[f32; LANES] = xv.try_into().expect("chunk of LANES");
             for j in 0..LANES {
+                let h = (xv[j] - mu - lo) * is;
                 sa[j] += g[j] as f64;
-                sb[j] += g[j] as f64 * h[j] as f64;
+                sb[j] += g[j] as f64 * h as f64;
             }
         }
-        for j in 0..td.len().min(th.len()) {
+        for j in 0..td.len().min(tx.len()) {
+            let h = (tx[j] - mu - lo) * is;
             sa[j] += td[j] as f64;
-            sb[j] += td[j] as f64 * th[j] as f64;
+            sb[j] += td[j] as f64 * h as f64;
         }
     }
 }
@@ -330,10 +340,46 @@ crate::simd_kernel! {
     }
 }
 
+/// What the backward pass knows of `xhat`.
+#[derive(Clone, Copy)]
+pub enum Xhat<'a> {
+    /// Written by the forward pass (the fully connected layout keeps it: it is small).
+    Stored(&'a [f32]),
+    /// Recomputed from the layer's input and the statistics the forward pass used (the
+    /// convolutional layout: saves writing and reading back a copy of every activation).
+    FromInput {
+        x: &'a [f32],
+        mean: &'a [f32],
+        mean_lo: &'a [f32],
+    },
+}
+
+impl<'a> Xhat<'a> {
+    /// The values to compute feature `ch`'s xhat from, as `(v - mu - lo) * is`: the stored
+    /// xhat with `(0, 0, 1)` (exact), or the input with the feature's statistics.
+    #[inline(always)]
+    fn source(&self, ch: usize, inv_std: &[f32]) -> (&'a [f32], (f32, f32, f32)) {
+        match *self {
+            Xhat::Stored(h) => (h, (0.0, 0.0, 1.0)),
+            Xhat::FromInput { x, mean, mean_lo } => (x, (mean[ch], mean_lo[ch], inv_std[ch])),
+        }
+    }
+
+    fn stored(&self) -> &'a [f32] {
+        match *self {
+            Xhat::Stored(h) => h,
+            Xhat::FromInput { .. } => {
+                unreachable!("the fully connected layout keeps xhat from the forward pass")
+            }
+        }
+    }
+}
+
 /// Per-feature `sum dy` and `sum dy * xhat` (= dbeta and dgamma), in f64.
 fn grad_sums(
     dy: &[f32],
-    xhat: &[f32],
+    xhat: Xhat<'_>,
+    inv_std: &[f32],
     d: Dims,
     sum_dy: &mut [f64],
     sum_dy_xhat: &mut [f64],
@@ -343,6 +389,7 @@ fn grad_sums(
     sum_dy_xhat[..d.c].fill(0.0);
     if d.s == 1 {
         let c = d.c;
+        let xhat = xhat.stored();
         for i in 0..d.n {
             let dr = &dy[i * c..][..c];
             let hr = &xhat[i * c..][..c];
@@ -359,15 +406,16 @@ fn grad_sums(
     let (ha, hb) = sum_dy_xhat[..d.c].split_at_mut(h);
     super::join(
         threads,
-        || grad_sums_features(dy, xhat, d, 0, da, ha),
-        || grad_sums_features(dy, xhat, d, h, db, hb),
+        || grad_sums_features(dy, xhat, inv_std, d, 0, da, ha),
+        || grad_sums_features(dy, xhat, inv_std, d, h, db, hb),
     );
 }
 
 /// `grad_sums` (convolutional layout) for the features `c0 .. c0 + sum_dy.len()`.
 fn grad_sums_features(
     dy: &[f32],
-    xhat: &[f32],
+    xhat: Xhat<'_>,
+    inv_std: &[f32],
     d: Dims,
     c0: usize,
     sum_dy: &mut [f64],
@@ -376,9 +424,10 @@ fn grad_sums_features(
     for (j, (a, b)) in sum_dy.iter_mut().zip(sum_dy_xhat).enumerate() {
         let ch = c0 + j;
         let (mut sa, mut sb) = ([0f64; LANES], [0f64; LANES]);
+        let (v, stats) = xhat.source(ch, inv_std);
         for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
-            add_dy_dyxhat(&dy[off..off + d.s], &xhat[off..off + d.s], &mut sa, &mut sb);
+            add_dy_dyxhat(&dy[off..off + d.s], &v[off..off + d.s], stats, &mut sa, &mut sb);
         }
         *a = reduce(&sa);
         *b = reduce(&sb);
@@ -387,9 +436,11 @@ fn grad_sums_features(
 
 /// dgamma = sum dy * xhat and dbeta = sum dy per feature (written when asked), returning the
 /// two f64 sums, which live in `acc`.
+#[allow(clippy::too_many_arguments)]
 fn param_grads<'a>(
     dy: &[f32],
-    xhat: &[f32],
+    xhat: Xhat<'_>,
+    inv_std: &[f32],
     d: Dims,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
@@ -397,7 +448,7 @@ fn param_grads<'a>(
     threads: usize,
 ) -> (&'a mut [f64], &'a mut [f64]) {
     let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
-    grad_sums(dy, xhat, d, sum_dy, sum_dy_xhat, threads);
+    grad_sums(dy, xhat, inv_std, d, sum_dy, sum_dy_xhat, threads);
     if let Some(dg) = dgamma {
         for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
             *o = v as f32;
@@ -417,7 +468,7 @@ fn param_grads<'a>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward_train(
     dy: &[f32],
-    xhat: &[f32],
+    xhat: Xhat<'_>,
     inv_std: &[f32],
     gamma: Option<&[f32]>,
     d: Dims,
@@ -427,7 +478,7 @@ pub fn backward_train(
     acc: &mut [f64],
     threads: usize,
 ) {
-    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, d, dgamma, dbeta, acc, threads);
+    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
     let Some(dx) = dx else { return };
     let m = d.m() as f64;
     // dx = k * (dy - a - xhat * b) with k = gamma * inv_std, a = sum_dy / m, b = sum_dy_xhat / m.
@@ -437,6 +488,7 @@ pub fn backward_train(
         sum_dy_xhat[ch] /= m;
     }
     if d.s == 1 {
+        let xhat = xhat.stored();
         for i in 0..d.n {
             let dr = &dy[i * c..][..c];
             let hr = &xhat[i * c..][..c];
@@ -455,13 +507,25 @@ pub fn backward_train(
     let sz = c * d.s;
     let (dxa, dxb) = dx[..d.len()].split_at_mut(half * sz);
     let (dya, dyb) = dy[..d.len()].split_at(half * sz);
-    let (ha, hb) = xhat[..d.len()].split_at(half * sz);
     let (da, db) = (Dims { n: half, ..d }, Dims { n: d.n - half, ..d });
     let sums = (&*sum_dy, &*sum_dy_xhat);
+    let (xh_a, xh_b) = match xhat {
+        Xhat::Stored(h) => {
+            let (a, b) = h[..d.len()].split_at(half * sz);
+            (Xhat::Stored(a), Xhat::Stored(b))
+        }
+        Xhat::FromInput { x, mean, mean_lo } => {
+            let (a, b) = x[..d.len()].split_at(half * sz);
+            (
+                Xhat::FromInput { x: a, mean, mean_lo },
+                Xhat::FromInput { x: b, mean, mean_lo },
+            )
+        }
+    };
     super::join(
         threads,
-        || dx_maps(dya, ha, inv_std, gamma, da, sums, dxa),
-        || dx_maps(dyb, hb, inv_std, gamma, db, sums, dxb),
+        || dx_maps(dya, xh_a, inv_std, gamma, da, sums, dxa),
+        || dx_maps(dyb, xh_b, inv_std, gamma, db, sums, dxb),
     );
 }
 
@@ -470,7 +534,7 @@ crate::simd_kernel! {
     /// means of dy and dy * xhat.
     fn dx_maps(
         dy: &[f32],
-        xhat: &[f32],
+        xhat: Xhat<'_>,
         inv_std: &[f32],
         gamma: Option<&[f32]>,
         d: Dims,
@@ -481,12 +545,14 @@ crate::simd_kernel! {
             for ch in 0..d.c {
                 let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
                 let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
+                let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
                 let off = (i * d.c + ch) * d.s;
-                for ((o, &g), &h) in dx[off..off + d.s]
+                for ((o, &g), &xv) in dx[off..off + d.s]
                     .iter_mut()
                     .zip(&dy[off..off + d.s])
-                    .zip(&xhat[off..off + d.s])
+                    .zip(&v[off..off + d.s])
                 {
+                    let h = (xv - mu - lo) * is;
                     *o = k * (g - a - h * b);
                 }
             }
@@ -499,7 +565,7 @@ crate::simd_kernel! {
 #[allow(clippy::too_many_arguments)]
 pub fn backward_eval(
     dy: &[f32],
-    xhat: &[f32],
+    xhat: Xhat<'_>,
     inv_std: &[f32],
     gamma: Option<&[f32]>,
     d: Dims,
@@ -509,7 +575,7 @@ pub fn backward_eval(
     acc: &mut [f64],
     threads: usize,
 ) {
-    param_grads(dy, xhat, d, dgamma, dbeta, acc, threads);
+    param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
     if let Some(dx) = dx {
         for i in 0..d.n {
             for ch in 0..d.c {

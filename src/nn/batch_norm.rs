@@ -1,7 +1,8 @@
 //! The batch-normalization layer (PyTorch's `BatchNorm1d` for `s = 1`, `BatchNorm2d` for
 //! feature maps of `s = H * W` positions). The arithmetic lives in `kernels::batch_norm`; this
 //! layer owns gamma and beta, the running statistics, Algorithm 2's population statistics, and
-//! the cache (`xhat`, `inv_std`) for the backward pass.
+//! the cache for the backward pass (`inv_std`; `xhat` in the fully connected layout, where it
+//! is small; feature maps recompute it from the layer's input).
 
 use super::{Ctx, Layer, Mode, TensorMut};
 use crate::kernels::batch_norm::{self as k, Dims, PopulationStats, RunningAverage};
@@ -171,7 +172,9 @@ impl Layer for BatchNorm {
         self.c * self.s
     }
     fn reserve(&mut self, max_batch: usize) {
-        self.xhat.resize(max_batch * self.c * self.s, 0.0);
+        if self.s == 1 {
+            self.xhat.resize(max_batch * self.c, 0.0);
+        }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
@@ -216,7 +219,8 @@ impl Layer for BatchNorm {
             self.gamma.as_deref(),
             self.beta.as_deref(),
             y,
-            Some(&mut self.xhat),
+            // The convolutional layout recomputes xhat from x in the backward pass.
+            (self.s == 1).then_some(&mut self.xhat[..]),
             ctx.threads,
         );
         match ctx.mode {
@@ -245,7 +249,7 @@ impl Layer for BatchNorm {
     fn backward(
         &mut self,
         ctx: Ctx,
-        _x: &[f32],
+        x: &[f32],
         _y: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
@@ -266,9 +270,29 @@ impl Layer for BatchNorm {
         } else {
             k::backward_train
         };
+        let xhat = if self.s == 1 {
+            k::Xhat::Stored(&self.xhat)
+        } else {
+            // The statistics the forward pass normalized with.
+            let (mean, mean_lo) = match self.last_mode {
+                Mode::Eval => (
+                    select_inference(
+                        self.inference,
+                        &self.population_mean,
+                        &self.population_var,
+                        &self.running_mean,
+                        &self.running_var,
+                    )
+                    .0,
+                    &self.zeros[..],
+                ),
+                Mode::Train | Mode::Population => (&self.batch_mean[..], &self.batch_mean_lo[..]),
+            };
+            k::Xhat::FromInput { x, mean, mean_lo }
+        };
         f(
             dy,
-            &self.xhat,
+            xhat,
             &self.inv_std,
             self.gamma.as_deref(),
             d,
