@@ -233,7 +233,7 @@ struct InceptionArgs {
     quick: bool,
     #[arg(long, default_value = "runs/inception", value_name = "DIR")]
     out: PathBuf,
-    /// Training steps of every run (default 2200; --quick 120).
+    /// Training steps of every run (default 2200; --quick 100).
     #[arg(long)]
     steps: Option<i64>,
     /// Evaluate on the test subset every K steps (default 100; --quick 20).
