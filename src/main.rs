@@ -669,6 +669,7 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
         ),
     );
     total.set_prefix("reproduce inception");
+    total.enable_steady_tick(std::time::Duration::from_secs(1));
     let workers: Vec<ProgressBar> = (0..setup.workers)
         .map(|_| {
             let b = multi.add(
@@ -692,13 +693,16 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
             b.reset();
             b.set_length(p.steps as u64);
             b.set_prefix(p.label.to_string());
+            b.set_message("");
         }
         b.set_position(p.step as u64);
-        b.set_message(
-            p.last_accuracy
-                .map(|a| format!("test acc {:.2}%", 100.0 * a))
-                .unwrap_or_default(),
-        );
+        if p.evaluated {
+            b.set_message(
+                p.last_accuracy
+                    .map(|a| format!("test acc {:.2}%", 100.0 * a))
+                    .unwrap_or_default(),
+            );
+        }
         if p.finished {
             total.inc(1);
             total.println(format!(

@@ -291,6 +291,9 @@ pub struct Progress<'a> {
     pub step: usize,
     pub steps: usize,
     pub last_accuracy: Option<f64>,
+    /// `last_accuracy` is new (an evaluation just happened); between evaluations only the step
+    /// moves, and a receiver that formats messages only on these keeps the loop allocation-free.
+    pub evaluated: bool,
     /// The run has ended (finished or diverged).
     pub finished: bool,
 }
@@ -421,13 +424,14 @@ fn run_job(
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let mut evaluator = Evaluator::new(setup.eval_batch, features);
     let subset = Some(setup.eval_subset);
-    let progress = |step: usize, last_accuracy: Option<f64>, finished: bool| {
+    let progress = |step: usize, last_accuracy: Option<f64>, evaluated: bool, finished: bool| {
         on_progress(Progress {
             worker,
             label: &job.label,
             step,
             steps: setup.steps,
             last_accuracy,
+            evaluated,
             finished,
         })
     };
@@ -441,7 +445,7 @@ fn run_job(
             test_accuracy: acc,
         });
     }
-    progress(0, curve.last().map(|p| p.test_accuracy), false);
+    progress(0, curve.last().map(|p| p.test_accuracy), job.curve, false);
     let mut diverged = None;
     let mut train_seconds = 0.0;
     let mut t0 = Instant::now();
@@ -464,7 +468,7 @@ fn run_job(
                 step,
                 test_accuracy: acc,
             });
-            progress(step, Some(acc), false);
+            progress(step, Some(acc), true, false);
             // The BN running statistics can overflow without the loss doing so.
             if !net.all_finite() {
                 diverged = Some((step, "a weight or BN statistic is NaN or infinite".into()));
@@ -472,7 +476,7 @@ fn run_job(
             }
             t0 = Instant::now();
         } else if step.is_multiple_of(25) {
-            progress(step, curve.last().map(|p| p.test_accuracy), false);
+            progress(step, curve.last().map(|p| p.test_accuracy), false, false);
         }
     }
     if diverged.is_none() {
@@ -494,6 +498,7 @@ fn run_job(
     progress(
         diverged.as_ref().map_or(setup.steps, |d| d.0),
         test_accuracy.or(curve.last().map(|p| p.test_accuracy)),
+        true,
         true,
     );
     Ok(Outcome {
