@@ -3,6 +3,7 @@
 
 use bnlab::checkpoint;
 use bnlab::data::{self, Split};
+use bnlab::experiments::inception::{self, InceptionSetup};
 use bnlab::experiments::mnist::{self, MnistSetup, Progress};
 use bnlab::kernels::batch_norm::RunningAverage;
 use bnlab::network::Network;
@@ -55,6 +56,9 @@ enum Command {
 enum Study {
     /// Section 4.1, Figure 1: the MNIST sigmoid MLP with and without BN.
     Mnist(ReproduceArgs),
+    /// Section 4.2, Figures 2-4: inception-mini on Fashion-MNIST with and without BN, at the
+    /// baseline's best learning rate (from a sweep) and 5x / 30x it, and a BN-x30 ensemble.
+    Inception(InceptionArgs),
 }
 
 #[derive(Args)]
@@ -71,7 +75,8 @@ struct DataArgs {
 #[command(allow_negative_numbers = true)]
 struct TrainArgs {
     /// Preset: mlp-fig1, mlp-fig1-bn (MNIST), inception-mini, inception-mini-bn,
-    /// inception-mini-bn-sigmoid (Fashion-MNIST).
+    /// inception-mini-bn-sigmoid, inception-mini-sigmoid, inception-mini-bn-dropout
+    /// (Fashion-MNIST).
     #[arg(long, value_name = "PRESET")]
     model: Option<String>,
     /// Continue the run saved in RUN_DIR with its original settings.
@@ -216,6 +221,34 @@ struct ReproduceArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct InceptionArgs {
+    /// Fashion-MNIST directory (default: $BNLAB_DATA/fashion-mnist, else
+    /// /usr/share/datasets/fashion-mnist; never downloaded).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The whole path in a few minutes: few steps, two ensemble members.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value = "runs/inception", value_name = "DIR")]
+    out: PathBuf,
+    /// Training steps of every run (default 2200; --quick 100).
+    #[arg(long)]
+    steps: Option<i64>,
+    /// Evaluate on the test subset every K steps (default 100; --quick 20).
+    #[arg(long, value_name = "K")]
+    eval_every: Option<i64>,
+    /// Learning rates of the no-BN sweep, comma-separated (default 0.01,0.02,...,0.32).
+    #[arg(long, value_name = "LIST")]
+    sweep: Option<String>,
+    /// BN-x30 networks in the ensemble (default 6; --quick 2).
+    #[arg(long)]
+    members: Option<i64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -227,6 +260,9 @@ fn main() -> ExitCode {
         Command::Reproduce {
             study: Study::Mnist(a),
         } => reproduce_mnist(a),
+        Command::Reproduce {
+            study: Study::Inception(a),
+        } => reproduce_inception(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -582,6 +618,137 @@ fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
     }
     eprintln!(
         "reproduce mnist: {wall:.1} s; wrote {}",
+        display_dir(&a.out)
+    );
+    Ok(())
+}
+
+fn reproduce_inception(a: InceptionArgs) -> Result<()> {
+    let mut setup = if a.quick {
+        InceptionSetup::quick()
+    } else {
+        InceptionSetup::default()
+    };
+    if let Some(n) = a.steps {
+        setup.steps = positive("--steps", n)?;
+    }
+    if let Some(k) = a.eval_every {
+        setup.eval_every = positive("--eval-every", k)?;
+    }
+    if let Some(m) = a.members {
+        setup.ensemble_members = positive("--members", m)?;
+    }
+    if let Some(list) = &a.sweep {
+        let bad = || {
+            Error::config(
+                "--sweep",
+                format!("'{list}' (expected positive learning rates separated by commas)"),
+            )
+        };
+        let mut rates = list
+            .split(',')
+            .map(|r| r.trim().parse::<f64>().map_err(|_| bad()))
+            .collect::<Result<Vec<f64>>>()?;
+        if rates.iter().any(|r| !r.is_finite() || *r <= 0.0) {
+            return Err(bad());
+        }
+        rates.sort_by(f64::total_cmp);
+        rates.dedup();
+        setup.sweep_rates = rates;
+    }
+    setup.seed = a.seed;
+    setup.validate()?;
+    let split = data::fashion_mnist(a.data.as_deref())?;
+
+    let multi = MultiProgress::new();
+    let total = multi.add(
+        ProgressBar::new(setup.job_count() as u64).with_style(
+            ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} runs, {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        ),
+    );
+    total.set_prefix("reproduce inception");
+    total.enable_steady_tick(std::time::Duration::from_secs(1));
+    let workers: Vec<ProgressBar> = (0..setup.workers)
+        .map(|_| {
+            let b = multi.add(
+                ProgressBar::new(setup.steps as u64).with_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>24} [{bar:30}] {pos:>6}/{len} {per_sec:>12} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                ),
+            );
+            b.set_prefix("waiting");
+            b
+        })
+        .collect();
+    let on_progress = |p: inception::Progress<'_>| {
+        let Some(b) = workers.get(p.worker) else {
+            return;
+        };
+        if p.step == 0 && !p.finished {
+            b.reset();
+            b.set_length(p.steps as u64);
+            b.set_prefix(p.label.to_string());
+            b.set_message("");
+        }
+        b.set_position(p.step as u64);
+        if p.evaluated {
+            b.set_message(
+                p.last_accuracy
+                    .map(|a| format!("test acc {:.2}%", 100.0 * a))
+                    .unwrap_or_default(),
+            );
+        }
+        if p.finished {
+            total.inc(1);
+            total.println(format!(
+                "{}: {}",
+                p.label,
+                p.last_accuracy
+                    .map(|a| format!("{:.2}% at step {}", 100.0 * a, p.step))
+                    .unwrap_or_else(|| format!("stopped at step {}", p.step))
+            ));
+        }
+    };
+    let t = Instant::now();
+    let result = inception::reproduce(&setup, &split, &on_progress);
+    for b in &workers {
+        b.finish_and_clear();
+    }
+    total.finish();
+    let result = result?;
+    report::write_inception_report(&a.out, &result)?;
+    eprintln!("lr0 = {} (best of the no-BN sweep)", result.lr0);
+    for v in &result.variants {
+        eprintln!(
+            "{:>18}: max {:.2}% (subset), steps to Inception's max {}, final {}{}",
+            v.name,
+            100.0 * v.max_accuracy,
+            v.steps_to_baseline_max
+                .map_or_else(|| "never".to_string(), |n| n.to_string()),
+            v.final_test_accuracy
+                .map_or_else(|| "—".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+            if v.diverged { " (diverged)" } else { "" }
+        );
+    }
+    if let Some(acc) = result.ensemble.accuracy {
+        eprintln!(
+            "ensemble of {}: {:.2}% (best member {})",
+            result.ensemble.members,
+            100.0 * acc,
+            result
+                .ensemble
+                .best_member_accuracy
+                .map_or_else(|| "—".to_string(), |a| format!("{:.2}%", 100.0 * a))
+        );
+    }
+    eprintln!(
+        "reproduce inception: {:.1} s; wrote {}",
+        t.elapsed().as_secs_f64(),
         display_dir(&a.out)
     );
     Ok(())

@@ -6,6 +6,13 @@
 //!              Linear(100,10))
 //! `mlp-fig1-bn` (section 4.1 with BN before each sigmoid; the bias is dropped, beta replaces it):
 //!   Sequential(Linear(784,100,bias=False), BatchNorm1d(100), Sigmoid(), ... , Linear(100,10))
+//!
+//! `inception-mini`, `inception-mini-bn`, `inception-mini-bn-sigmoid` are the three variants of
+//! ../shared/peers/torch_inception.py; `inception-mini-sigmoid` (no BN, sigmoid, dropout 0.4)
+//! and `inception-mini-bn-dropout` (BN, ReLU, dropout 0.4) are the same `InceptionMini` module
+//! with the other combinations of its arguments, for the section 4.2 study
+//! (`experiments::inception`). Dropout has no state, so the dropout and no-dropout networks
+//! share their `state_dict` names; convolutions have biases exactly when not followed by BN.
 
 use crate::nn::{
     AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu,
@@ -25,6 +32,13 @@ pub enum Preset {
     InceptionMiniBn,
     /// As `InceptionMiniBn` with sigmoid in place of ReLU.
     InceptionMiniBnSigmoid,
+    /// As `InceptionMini` (no BN, dropout 0.4) with sigmoid in place of ReLU: the section 4.2
+    /// study's `Inception-Sigmoid`.
+    InceptionMiniSigmoid,
+    /// As `InceptionMiniBn` with `InceptionMini`'s dropout 0.4 before the classifier: the
+    /// section 4.2 study's `BN-Baseline` ("BN after every convolution, everything else as
+    /// Inception"; removing dropout is one of the section 4.2.1 changes).
+    InceptionMiniBnDropout,
 }
 
 pub const PRESET_NAMES: &[&str] = &[
@@ -33,6 +47,8 @@ pub const PRESET_NAMES: &[&str] = &[
     "inception-mini",
     "inception-mini-bn",
     "inception-mini-bn-sigmoid",
+    "inception-mini-sigmoid",
+    "inception-mini-bn-dropout",
 ];
 
 impl Preset {
@@ -43,6 +59,8 @@ impl Preset {
             "inception-mini" => Ok(Preset::InceptionMini),
             "inception-mini-bn" => Ok(Preset::InceptionMiniBn),
             "inception-mini-bn-sigmoid" => Ok(Preset::InceptionMiniBnSigmoid),
+            "inception-mini-sigmoid" => Ok(Preset::InceptionMiniSigmoid),
+            "inception-mini-bn-dropout" => Ok(Preset::InceptionMiniBnDropout),
             other => Err(Error::config(
                 "--model",
                 format!(
@@ -60,20 +78,29 @@ impl Preset {
             Preset::InceptionMini => "inception-mini",
             Preset::InceptionMiniBn => "inception-mini-bn",
             Preset::InceptionMiniBnSigmoid => "inception-mini-bn-sigmoid",
+            Preset::InceptionMiniSigmoid => "inception-mini-sigmoid",
+            Preset::InceptionMiniBnDropout => "inception-mini-bn-dropout",
         }
     }
 
     pub fn has_batch_norm(&self) -> bool {
         matches!(
             self,
-            Preset::MlpFig1Bn | Preset::InceptionMiniBn | Preset::InceptionMiniBnSigmoid
+            Preset::MlpFig1Bn
+                | Preset::InceptionMiniBn
+                | Preset::InceptionMiniBnSigmoid
+                | Preset::InceptionMiniBnDropout
         )
     }
 
     pub fn is_convolutional(&self) -> bool {
         matches!(
             self,
-            Preset::InceptionMini | Preset::InceptionMiniBn | Preset::InceptionMiniBnSigmoid
+            Preset::InceptionMini
+                | Preset::InceptionMiniBn
+                | Preset::InceptionMiniBnSigmoid
+                | Preset::InceptionMiniSigmoid
+                | Preset::InceptionMiniBnDropout
         )
     }
 
@@ -82,8 +109,9 @@ impl Preset {
     pub fn plain_counterpart(&self) -> Option<Preset> {
         match self {
             Preset::MlpFig1Bn => Some(Preset::MlpFig1),
-            // Dropout (plain preset only) is the identity at inference.
-            Preset::InceptionMiniBn => Some(Preset::InceptionMini),
+            // Dropout is the identity at inference, so it may differ between the two.
+            Preset::InceptionMiniBn | Preset::InceptionMiniBnDropout => Some(Preset::InceptionMini),
+            Preset::InceptionMiniBnSigmoid => Some(Preset::InceptionMiniSigmoid),
             _ => None,
         }
     }
@@ -125,6 +153,8 @@ impl Preset {
             Preset::InceptionMini => return inception_mini(false, false, 0.4, &mut rng),
             Preset::InceptionMiniBn => return inception_mini(true, false, 0.0, &mut rng),
             Preset::InceptionMiniBnSigmoid => return inception_mini(true, true, 0.0, &mut rng),
+            Preset::InceptionMiniSigmoid => return inception_mini(false, true, 0.4, &mut rng),
+            Preset::InceptionMiniBnDropout => return inception_mini(true, false, 0.4, &mut rng),
             Preset::MlpFig1 | Preset::MlpFig1Bn => {}
         }
         let bn = self.has_batch_norm();

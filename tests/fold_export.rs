@@ -8,7 +8,9 @@
 //! onnxruntime and numpy): onnxruntime's predictions on the test set equal bnlab's
 //! (`scripts/onnx_check.py`). With Fashion-MNIST (/usr/share/datasets/fashion-mnist): the same
 //! for `inception-mini-bn` (20 training steps) and its folded `inception-mini` (logits on the
-//! first 1000 test images, checkpoint round trip, onnxruntime on the whole test set).
+//! first 1000 test images, checkpoint round trip, onnxruntime on the whole test set), and the
+//! logits and round trip for `inception-mini-bn-sigmoid` -> `inception-mini-sigmoid` and
+//! `inception-mini-bn-dropout` -> `inception-mini`.
 
 mod common;
 
@@ -493,8 +495,8 @@ fn fashion() -> Option<&'static Split> {
     .as_ref()
 }
 
-/// An `inception-mini-bn` net trained 20 steps (batch 16, lr 0.05), sized for batches of 100.
-fn trained_inception(data: &Split) -> Network {
+/// A BN `inception-mini*` net trained 20 steps (batch 16, lr 0.05), sized for batches of 100.
+fn trained_inception(preset: Preset, data: &Split) -> Network {
     let cfg = TrainConfig {
         steps: 20,
         batch_size: 16,
@@ -507,7 +509,7 @@ fn trained_inception(data: &Split) -> Network {
         eval_every: 0,
         threads: 1,
     };
-    let mut net = Network::new(Preset::InceptionMiniBn, 1, 100, 1);
+    let mut net = Network::new(preset, 1, 100, 1);
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
     for _ in 0..cfg.steps {
         t.step(&mut net, &data.train).unwrap();
@@ -537,48 +539,70 @@ fn first_logits(net: &mut Network, data: &Dataset, count: usize) -> (Vec<f32>, u
 
 #[test]
 fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
-    let mut sig = Network::new(Preset::InceptionMiniBnSigmoid, 1, 2, 1);
-    let e = fold(&mut sig)
-        .err()
-        .expect("no plain sigmoid preset")
-        .to_string();
+    let mut plain = Network::new(Preset::InceptionMini, 1, 2, 1);
+    let e = fold(&mut plain).err().expect("nothing to fold").to_string();
     assert!(e.contains("no plain counterpart"), "{e}");
     let Some(data) = fashion() else {
         eprintln!("note: Fashion-MNIST not present; skipped");
         return;
     };
-    let mut bn_net = trained_inception(data);
-    let mut folded = fold(&mut bn_net).unwrap();
-    assert_eq!(folded.preset, Preset::InceptionMini);
-    let (want, c_bn) = first_logits(&mut bn_net, &data.test, 1000);
-    let (got, c_folded) = first_logits(&mut folded, &data.test, 1000);
-    let e = rel_diff(&got, &want);
-    let flips = got
-        .chunks_exact(10)
-        .zip(want.chunks_exact(10))
-        .filter(|(a, b)| train::argmax(a) != train::argmax(b))
-        .count();
-    println!(
-        "inception-mini-bn -> inception-mini: BN {c_bn} / 1000, folded {c_folded} / 1000, \
-         logits relative difference {e:.2e}, {flips} argmax flips"
-    );
-    assert!(e <= 1e-4, "logits differ by {e:.2e} (relative)");
-    assert_eq!(c_folded, c_bn, "correct count");
+    for (bn_preset, plain_preset) in [
+        (Preset::InceptionMiniBn, Preset::InceptionMini),
+        (Preset::InceptionMiniBnSigmoid, Preset::InceptionMiniSigmoid),
+        (Preset::InceptionMiniBnDropout, Preset::InceptionMini),
+    ] {
+        let mut bn_net = trained_inception(bn_preset, data);
+        let mut folded = fold(&mut bn_net).unwrap();
+        assert_eq!(folded.preset, plain_preset);
+        let (want, c_bn) = first_logits(&mut bn_net, &data.test, 1000);
+        let (got, c_folded) = first_logits(&mut folded, &data.test, 1000);
+        let e = rel_diff(&got, &want);
+        let flips = got
+            .chunks_exact(10)
+            .zip(want.chunks_exact(10))
+            .filter(|(a, b)| train::argmax(a) != train::argmax(b))
+            .count();
+        println!(
+            "{} -> {}: BN {c_bn} / 1000, folded {c_folded} / 1000, \
+             logits relative difference {e:.2e}, {flips} argmax flips",
+            bn_preset.name(),
+            plain_preset.name()
+        );
+        assert!(
+            e <= 1e-4,
+            "{bn_preset:?}: logits differ by {e:.2e} (relative)"
+        );
+        assert_eq!(c_folded, c_bn, "{bn_preset:?}: correct count");
 
-    let tmp = tempfile::tempdir().unwrap();
-    let p = tmp.path().join("folded.safetensors");
-    checkpoint::save(&mut folded, &p).unwrap();
-    let mut fresh = Network::new(Preset::InceptionMini, 99, 100, 1);
-    checkpoint::load(&mut fresh, &p).unwrap();
-    assert!(
-        first_logits(&mut fresh, &data.test, 1000).0 == got,
-        "reloaded network differs"
-    );
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("folded.safetensors");
+        checkpoint::save(&mut folded, &p).unwrap();
+        let mut fresh = Network::new(plain_preset, 99, 100, 1);
+        checkpoint::load(&mut fresh, &p).unwrap();
+        assert!(
+            first_logits(&mut fresh, &data.test, 1000).0 == got,
+            "{bn_preset:?}: reloaded network differs"
+        );
+    }
 }
 
 #[test]
 fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
-    for preset in [Preset::InceptionMiniBn, Preset::InceptionMini] {
+    for preset in [
+        Preset::InceptionMiniBn,
+        Preset::InceptionMini,
+        Preset::InceptionMiniBnSigmoid,
+        Preset::InceptionMiniSigmoid,
+        Preset::InceptionMiniBnDropout,
+    ] {
+        let sigmoid = matches!(
+            preset,
+            Preset::InceptionMiniBnSigmoid | Preset::InceptionMiniSigmoid
+        );
+        let dropout = matches!(
+            preset,
+            Preset::InceptionMini | Preset::InceptionMiniSigmoid | Preset::InceptionMiniBnDropout
+        );
         let mut net = Network::new(preset, 5, 2, 1);
         let bytes = encode_model(&mut net).unwrap();
         let model = fields(&bytes);
@@ -594,10 +618,16 @@ fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
         assert_eq!(count("GlobalAveragePool"), 1);
         assert_eq!(count("Flatten"), 1);
         assert_eq!(count("Gemm"), 1);
-        assert_eq!(count("Relu"), 15);
+        let (act, other) = if sigmoid {
+            ("Sigmoid", "Relu")
+        } else {
+            ("Relu", "Sigmoid")
+        };
+        assert_eq!(count(act), 15, "{preset:?}");
+        assert_eq!(count(other), 0, "{preset:?}");
         let bn = if preset.has_batch_norm() { 15 } else { 0 };
         assert_eq!(count("BatchNormalization"), bn);
-        assert_eq!(count("Identity"), usize::from(!preset.has_batch_norm()));
+        assert_eq!(count("Identity"), usize::from(dropout), "{preset:?}");
         assert_eq!(ops.len(), 15 * 2 + bn + 2 + 2 + 2 + 3 + count("Identity"));
         // Every input is the graph input, an initializer or an earlier node's output.
         let mut known: std::collections::HashSet<String> = bytes_of(&graph, 5)
@@ -675,7 +705,7 @@ fn onnxruntime_predicts_as_bnlab_on_inception() {
         return;
     };
     let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
-    let mut bn_net = trained_inception(data);
+    let mut bn_net = trained_inception(Preset::InceptionMiniBn, data);
     check_with_onnxruntime_in(&python, &mut bn_net, data, dir, "inception-mini-bn");
     let mut folded = fold(&mut bn_net).unwrap();
     check_with_onnxruntime_in(

@@ -1,3 +1,4 @@
 //! The paper's studies as functions that train their variants and collect results for `report`.
 
+pub mod inception;
 pub mod mnist;

@@ -10,11 +10,15 @@
 //! | `fig1.svg`, `fig1.png` | the paper's Figure 1: (a) test accuracy, (b)/(c) sigmoid-input percentiles |
 //! | `summary.md` | a readable report with our numbers beside the PyTorch reference |
 //!
+//! [`write_inception_report`] does the same for the section 4.2 study (Figures 2-4, see
+//! `inception.rs`): results.json, metrics.csv, summary.md and accuracy figures.
+//!
 //! Every file is written atomically ([`write_atomic`]): a crash or a full disk never leaves a
 //! half-written report that looks complete. [`line_chart`] is the generic accuracy-vs-steps chart
 //! for later studies.
 
 mod figure;
+mod inception;
 mod png;
 mod summary;
 
@@ -25,6 +29,10 @@ use std::path::Path;
 use crate::{Error, Result};
 
 pub use figure::line_chart;
+pub use inception::{
+    write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
+    SetupRow, SweepRun,
+};
 
 /// One evaluation during training.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
