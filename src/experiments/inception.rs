@@ -126,7 +126,7 @@ pub struct InceptionSetup {
 impl Default for InceptionSetup {
     fn default() -> Self {
         InceptionSetup {
-            steps: 2_200,
+            steps: 3_600,
             batch_size: 32,
             momentum: 0.9,
             sweep_rates: vec![0.01, 0.02, 0.04, 0.08, 0.16, 0.32],

@@ -427,7 +427,13 @@ fn grad_sums_features(
         let (v, stats) = xhat.source(ch, inv_std);
         for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
-            add_dy_dyxhat(&dy[off..off + d.s], &v[off..off + d.s], stats, &mut sa, &mut sb);
+            add_dy_dyxhat(
+                &dy[off..off + d.s],
+                &v[off..off + d.s],
+                stats,
+                &mut sa,
+                &mut sb,
+            );
         }
         *a = reduce(&sa);
         *b = reduce(&sb);
@@ -517,8 +523,16 @@ pub fn backward_train(
         Xhat::FromInput { x, mean, mean_lo } => {
             let (a, b) = x[..d.len()].split_at(half * sz);
             (
-                Xhat::FromInput { x: a, mean, mean_lo },
-                Xhat::FromInput { x: b, mean, mean_lo },
+                Xhat::FromInput {
+                    x: a,
+                    mean,
+                    mean_lo,
+                },
+                Xhat::FromInput {
+                    x: b,
+                    mean,
+                    mean_lo,
+                },
             )
         }
     };
