@@ -705,13 +705,19 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
         }
         if p.finished {
             total.inc(1);
-            total.println(format!(
+            let line = format!(
                 "{}: {}",
                 p.label,
                 p.last_accuracy
                     .map(|a| format!("{:.2}% at step {}", 100.0 * a, p.step))
                     .unwrap_or_else(|| format!("stopped at step {}", p.step))
-            ));
+            );
+            // Bars are hidden when stderr is not a terminal (a log file): keep the lines.
+            if total.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                total.println(line);
+            }
         }
     };
     let t = Instant::now();

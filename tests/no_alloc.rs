@@ -32,8 +32,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counter is global: the tests of this file take turns, or one would count the other's
+/// allocations.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn training_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dir) = common::mnist_dir() else {
         eprintln!("note: MNIST not present; skipped");
         return;
@@ -65,6 +70,54 @@ fn training_steps_do_not_allocate() {
             // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is
             // covered too.
             for _ in 0..1200 {
+                t.step(&mut net, &data.train).unwrap();
+            }
+            let after = ALLOCATIONS.load(Ordering::SeqCst);
+            assert_eq!(
+                after - before,
+                0,
+                "{preset:?}, {threads} threads: allocations in steps"
+            );
+        }
+    }
+}
+
+/// The convolutional presets too: im2col workspaces, transposed gradients and all products
+/// (our own kernels; no `gemm`-crate call, which would allocate packing buffers) are sized at
+/// `reserve`. Both the BN net and the no-BN net with dropout, on one and two threads.
+#[test]
+fn convolutional_training_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dir) = common::mnist_dir() else {
+        eprintln!("note: MNIST not present; skipped");
+        return;
+    };
+    // The inception-mini presets take 28x28 grey images: MNIST's shape.
+    let data = load_mnist_dir(&dir).unwrap();
+    for preset in [Preset::InceptionMiniBn, Preset::InceptionMini] {
+        for threads in [1, 2] {
+            let cfg = TrainConfig {
+                steps: 100,
+                batch_size: 32,
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                schedule: Schedule::Exponential {
+                    every: 100,
+                    gamma: 0.9,
+                },
+                seed: 3,
+                order: Order::Shuffle,
+                eval_every: 0,
+                threads,
+            };
+            let mut net = Network::new(preset, 3, 32, threads);
+            let mut t = Trainer::new(cfg, data.train.len(), data.train.features());
+            for _ in 0..3 {
+                t.step(&mut net, &data.train).unwrap();
+            }
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            for _ in 0..25 {
                 t.step(&mut net, &data.train).unwrap();
             }
             let after = ALLOCATIONS.load(Ordering::SeqCst);

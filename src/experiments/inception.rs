@@ -126,7 +126,7 @@ pub struct InceptionSetup {
 impl Default for InceptionSetup {
     fn default() -> Self {
         InceptionSetup {
-            steps: 3_600,
+            steps: 4_500,
             batch_size: 32,
             momentum: 0.9,
             sweep_rates: vec![0.01, 0.02, 0.04, 0.08, 0.16, 0.32],
@@ -136,7 +136,7 @@ impl Default for InceptionSetup {
             fast_decay: 6.0,
             eval_every: 100,
             eval_subset: 2_000,
-            eval_batch: 250,
+            eval_batch: 32,
             seed: 1,
             ensemble_members: 6,
             workers: 2,
