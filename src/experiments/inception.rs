@@ -31,10 +31,11 @@
 //! as such.
 //!
 //! Budgets (`InceptionSetup::default()` / `quick()`): every run has the same step count; the
-//! default's 2,200 steps make the 17 runs (6 sweep, 6 more variants, 5 more ensemble members) fit
-//! in about 30 minutes on 2 cores at about 14 steps/s per single-threaded network plus
-//! evaluation (about 0.6 ms per test image); `quick()` keeps six sweep rates but trains 100
-//! steps, evaluates 500 images every 20 steps and has two ensemble members.
+//! default's 4,500 steps make the 17 runs (6 sweep, 6 more variants, 5 more ensemble members)
+//! take 23 minutes on the 2-core development machine (about 30 steps/s per single-threaded
+//! network, two at a time, plus evaluation), with a peak resident memory of 216 MB; `quick()`
+//! keeps six sweep rates but trains 100 steps, evaluates 500 images every 20 steps and has two
+//! ensemble members (under a minute).
 //!
 //! Evaluation every `eval_every` steps (and at step 0 and at the end) in inference mode (BN with
 //! running statistics, PyTorch's momentum 0.1) on a fixed subset, the first `eval_subset` test

@@ -268,7 +268,7 @@ const DOT_W: usize = 8;
 /// element a sum over `DOT_W` lanes of k, the lanes added in a fixed order, then the tail: the
 /// same operations for an element wherever its block lies.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 unsafe fn dot_tile<const R: usize, const C: usize>(
     c: &mut [f32],
     a: &[f32],

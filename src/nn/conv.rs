@@ -100,6 +100,7 @@ const SAME3_MAX_HW: usize = 1024;
 
 /// For the flat 3x3 paths: per kernel column `kj`, all ones where output column `ox` reads
 /// inside the input row (`0 <= ox + kj - 1 < w`), else zero; one entry per output pixel.
+#[allow(clippy::needless_range_loop)]
 fn column_masks(w: usize, hw: usize) -> [[u32; SAME3_MAX_HW]; 3] {
     let mut m = [[0u32; SAME3_MAX_HW]; 3];
     for i in 0..hw {
