@@ -36,20 +36,28 @@ static GLOBAL: Counting = Counting;
 /// allocations.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn training_steps_do_not_allocate() {
+/// Train `preset` for `warmup` steps, then count the allocations of `steps` more, on 1 and 2
+/// threads; SGD with momentum, weight decay and an exponential schedule, shuffled batches.
+fn assert_steps_allocate_nothing(
+    presets: &[Preset],
+    batch: usize,
+    lr: f64,
+    warmup: usize,
+    steps: usize,
+) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dir) = common::mnist_dir() else {
         eprintln!("note: MNIST not present; skipped");
         return;
     };
+    // The inception-mini presets take 28x28 grey images: MNIST's shape.
     let data = load_mnist_dir(&dir).unwrap();
-    for preset in [Preset::MlpFig1, Preset::MlpFig1Bn] {
+    for &preset in presets {
         for threads in [1, 2] {
             let cfg = TrainConfig {
-                steps: 300,
-                batch_size: 60,
-                lr: 0.1,
+                steps: warmup + steps,
+                batch_size: batch,
+                lr,
                 momentum: 0.9,
                 weight_decay: 1e-4,
                 schedule: Schedule::Exponential {
@@ -61,15 +69,13 @@ fn training_steps_do_not_allocate() {
                 eval_every: 0,
                 threads,
             };
-            let mut net = Network::new(preset, 3, 60, threads);
+            let mut net = Network::new(preset, 3, batch, threads);
             let mut t = Trainer::new(cfg, data.train.len(), data.train.features());
-            for _ in 0..20 {
+            for _ in 0..warmup {
                 t.step(&mut net, &data.train).unwrap();
             }
             let before = ALLOCATIONS.load(Ordering::SeqCst);
-            // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is
-            // covered too.
-            for _ in 0..1200 {
+            for _ in 0..steps {
                 t.step(&mut net, &data.train).unwrap();
             }
             let after = ALLOCATIONS.load(Ordering::SeqCst);
@@ -82,50 +88,22 @@ fn training_steps_do_not_allocate() {
     }
 }
 
+#[test]
+fn training_steps_do_not_allocate() {
+    // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is covered too.
+    assert_steps_allocate_nothing(&[Preset::MlpFig1, Preset::MlpFig1Bn], 60, 0.1, 20, 1200);
+}
+
 /// The convolutional presets too: im2col workspaces, transposed gradients and all products
 /// (our own kernels; no `gemm`-crate call, which would allocate packing buffers) are sized at
-/// `reserve`. Both the BN net and the no-BN net with dropout, on one and two threads.
+/// `reserve`. Both the BN net and the no-BN net with dropout.
 #[test]
 fn convolutional_training_steps_do_not_allocate() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(dir) = common::mnist_dir() else {
-        eprintln!("note: MNIST not present; skipped");
-        return;
-    };
-    // The inception-mini presets take 28x28 grey images: MNIST's shape.
-    let data = load_mnist_dir(&dir).unwrap();
-    for preset in [Preset::InceptionMiniBn, Preset::InceptionMini] {
-        for threads in [1, 2] {
-            let cfg = TrainConfig {
-                steps: 100,
-                batch_size: 32,
-                lr: 0.05,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                schedule: Schedule::Exponential {
-                    every: 100,
-                    gamma: 0.9,
-                },
-                seed: 3,
-                order: Order::Shuffle,
-                eval_every: 0,
-                threads,
-            };
-            let mut net = Network::new(preset, 3, 32, threads);
-            let mut t = Trainer::new(cfg, data.train.len(), data.train.features());
-            for _ in 0..3 {
-                t.step(&mut net, &data.train).unwrap();
-            }
-            let before = ALLOCATIONS.load(Ordering::SeqCst);
-            for _ in 0..25 {
-                t.step(&mut net, &data.train).unwrap();
-            }
-            let after = ALLOCATIONS.load(Ordering::SeqCst);
-            assert_eq!(
-                after - before,
-                0,
-                "{preset:?}, {threads} threads: allocations in steps"
-            );
-        }
-    }
+    assert_steps_allocate_nothing(
+        &[Preset::InceptionMiniBn, Preset::InceptionMini],
+        32,
+        0.05,
+        3,
+        25,
+    );
 }
