@@ -576,6 +576,7 @@ fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
         ..MnistSetup::default()
     };
     let split = load_data(&a.data, Preset::MlpFig1)?;
+    prepare_out_dir(&a.out)?;
     let multi = MultiProgress::new();
     let bars: HashMap<&str, ProgressBar> = ["mlp-fig1", "mlp-fig1-bn"]
         .into_iter()
@@ -659,6 +660,7 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
     setup.seed = a.seed;
     setup.validate()?;
     let split = data::fashion_mnist(a.data.as_deref())?;
+    prepare_out_dir(&a.out)?;
 
     let multi = MultiProgress::new();
     let total = multi.add(
@@ -758,6 +760,12 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
         display_dir(&a.out)
     );
     Ok(())
+}
+
+/// Create the output directory before a long run, so that an unusable `--out` fails at once
+/// rather than after the training.
+fn prepare_out_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
 fn display_dir(p: &Path) -> String {

@@ -376,3 +376,20 @@ fn reproduce_writes_the_whole_report() {
     }
     assert_eq!(j["setup"]["steps"], 1000);
 }
+
+/// An unusable output directory is refused before the long training, not after it: no run
+/// finishes (no "at step" line) before the error.
+#[test]
+fn reproduce_refuses_an_unusable_output_directory_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = file.join("out");
+    let o = out.to_str().unwrap();
+    let r = bnlab(&["reproduce", "inception", "--quick", "--out", o]);
+    let err = stderr(&r);
+    assert!(!r.status.success(), "reproduce inception succeeded: {err}");
+    assert!(err.contains("a-file"), "the path is named: {err}");
+    assert!(!err.contains("at step"), "training ran first: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
