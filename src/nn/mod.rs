@@ -70,6 +70,18 @@ impl TensorMut<'_> {
     }
 }
 
+/// The two batch halves the convolutional layers split their work into, examples `[0, n/2)`
+/// and `[n/2, n)` of a buffer holding `size` values per example: the same split whatever the
+/// thread count, so results do not depend on it.
+pub(crate) fn halves<T>(v: &[T], n: usize, size: usize) -> (&[T], &[T]) {
+    v[..n * size].split_at(n / 2 * size)
+}
+
+/// `halves` of a buffer the layer writes.
+pub(crate) fn halves_mut<T>(v: &mut [T], n: usize, size: usize) -> (&mut [T], &mut [T]) {
+    v[..n * size].split_at_mut(n / 2 * size)
+}
+
 pub trait Layer: Send {
     /// Features per example in and out.
     fn in_size(&self) -> usize;

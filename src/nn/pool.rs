@@ -4,7 +4,7 @@
 //! channel alone and behave the same in every mode.
 
 use super::conv::{out_len, valid_range};
-use super::{Ctx, Layer};
+use super::{halves, halves_mut, Ctx, Layer};
 use crate::kernels::join;
 use crate::Result;
 
@@ -301,10 +301,9 @@ impl Layer for MaxPool2d {
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let h = n / 2;
-        let (xa, xb) = x[..n * isz].split_at(h * isz);
-        let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
-        let (aa, ab) = self.argmax[..n * osz].split_at_mut(h * osz);
+        let (xa, xb) = halves(x, n, isz);
+        let (ya, yb) = halves_mut(y, n, osz);
+        let (aa, ab) = halves_mut(&mut self.argmax, n, osz);
         join(
             ctx.threads,
             || max_forward(g, xa, ya, aa),
@@ -325,10 +324,9 @@ impl Layer for MaxPool2d {
         let Some(dx) = dx else { return };
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let h = n / 2;
-        let (dxa, dxb) = dx[..n * isz].split_at_mut(h * isz);
-        let (dya, dyb) = dy[..n * osz].split_at(h * osz);
-        let (aa, ab) = self.argmax[..n * osz].split_at(h * osz);
+        let (dxa, dxb) = halves_mut(dx, n, isz);
+        let (dya, dyb) = halves(dy, n, osz);
+        let (aa, ab) = halves(&self.argmax, n, osz);
         join(
             ctx.threads,
             || max_backward(g, dya, aa, dxa),
@@ -384,9 +382,8 @@ impl Layer for AvgPool2d {
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let h = n / 2;
-        let (xa, xb) = x[..n * isz].split_at(h * isz);
-        let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
+        let (xa, xb) = halves(x, n, isz);
+        let (ya, yb) = halves_mut(y, n, osz);
         join(
             ctx.threads,
             || avg_forward(g, xa, ya),
@@ -407,9 +404,8 @@ impl Layer for AvgPool2d {
         let Some(dx) = dx else { return };
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let h = n / 2;
-        let (dxa, dxb) = dx[..n * isz].split_at_mut(h * isz);
-        let (dya, dyb) = dy[..n * osz].split_at(h * osz);
+        let (dxa, dxb) = halves_mut(dx, n, isz);
+        let (dya, dyb) = halves(dy, n, osz);
         join(
             ctx.threads,
             || avg_backward(g, dya, dxa),
