@@ -158,16 +158,72 @@ pub fn write_entries(path: &Path, entries: &[Entry], meta: HashMap<String, Strin
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::checkpoint(path, format!("cannot encode: {e}")))?;
+    let bytes = canonical_header(bytes)
+        .ok_or_else(|| Error::checkpoint(path, "cannot encode the header".to_string()))?;
     write_atomic(path, &bytes)
+}
+
+/// The metadata every checkpoint of `net` carries: PyTorch's `format`, the model's name, the
+/// shape of one example, and the model file itself (so that the checkpoint says what it is).
+pub fn model_metadata(net: &Network) -> HashMap<String, String> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("bnlab_model".to_string(), net.name().to_string());
+    meta.insert(
+        INPUT_SHAPE_KEY.to_string(),
+        serde_json::to_string(&net.input_shape).unwrap_or_default(),
+    );
+    meta.insert(MODEL_SPEC_KEY.to_string(), net.spec.to_json().to_string());
+    meta
+}
+
+/// Metadata key of the shape of one example (`[1, 28, 28]`).
+pub const INPUT_SHAPE_KEY: &str = "bnlab_input_shape";
+/// Metadata key of the model file (JSON) a checkpoint was saved from.
+pub const MODEL_SPEC_KEY: &str = "bnlab_model_spec";
+
+/// The input shape a checkpoint records, if any.
+pub fn recorded_input_shape(file: &TensorFile) -> Option<Vec<usize>> {
+    serde_json::from_str(file.metadata.get(INPUT_SHAPE_KEY)?).ok()
+}
+
+/// The same safetensors file with its JSON header's keys in sorted order (the metadata is a
+/// hash map, whose order varies from one write to the next), so that identical runs write
+/// identical bytes. Tensor offsets are relative to the data section, which does not move
+/// relative to the header's end; the header is padded with spaces to a multiple of 8 bytes,
+/// as safetensors does.
+fn canonical_header(bytes: Vec<u8>) -> Option<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8 + n)?;
+    let value: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let mut text = serde_json::to_vec(&sorted(value)).ok()?;
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Some(out)
+}
+
+/// `v` with every object's keys inserted in sorted order (whatever map serde_json uses).
+fn sorted(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut entries: Vec<(String, serde_json::Value)> = m.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sorted).collect()),
+        other => other,
+    }
 }
 
 /// Save the network's `state_dict` to `path`.
 pub fn save(net: &mut Network, path: &Path) -> Result<()> {
     let entries = state_entries(net);
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("bnlab_model".to_string(), net.preset.name().to_string());
-    write_entries(path, &entries, meta)
+    write_entries(path, &entries, model_metadata(net))
 }
 
 /// Load a `state_dict` into the network. Every expected tensor must be present with the right
@@ -186,7 +242,7 @@ pub fn load_from(
     path: &Path,
     ignore_prefix: Option<&str>,
 ) -> Result<()> {
-    let model = net.preset.name();
+    let model = net.name().to_string();
     let bad = |msg: String| Error::checkpoint(path, format!("{msg} (loading into {model})"));
     if let Some(theirs) = file.metadata.get("bnlab_model") {
         if theirs != model {

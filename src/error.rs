@@ -23,6 +23,10 @@ pub enum Error {
     /// A flag or setting has a value that makes no sense.
     #[error("invalid {name}: {msg}")]
     Config { name: String, msg: String },
+    /// A model file (or preset) that cannot be built: bad JSON, an unknown key or layer kind,
+    /// shapes that do not fit; the message names the place in the file.
+    #[error("model {model}: {msg}")]
+    Model { model: String, msg: String },
     /// Tensors whose shapes do not fit together.
     #[error("shape mismatch: {0}")]
     Shape(String),

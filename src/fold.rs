@@ -19,8 +19,9 @@
 //! `mlp-fig1`, `inception-mini-bn` -> `inception-mini`), so the result trains, evaluates, saves and loads under the plain preset's
 //! PyTorch names. `s` and the products are computed in f64 and rounded once to f32.
 
+use crate::model::{self, Child, ModelSpec, Node};
 use crate::network::Network;
-use crate::nn::{BatchNorm, Concat, Conv2d, Dropout, Layer, Linear, Sequential};
+use crate::nn::{BatchNorm, Conv2d, Dropout, Layer, Linear};
 use crate::{Error, Result};
 
 /// One parameterized layer of the folded network, as read from the BN network.
@@ -42,28 +43,121 @@ enum Folded {
     Stateless(String),
 }
 
-/// The leaves of `layer` in forward order, recursing through `Sequential` and `Concat`
-/// children (branches in concatenation order).
+/// The leaves of `layer` in forward order, through every container (`Layer::children`).
 fn leaves<'a>(layer: &'a mut dyn Layer, out: &mut Vec<&'a mut dyn Layer>) {
-    if layer.as_any_mut().is::<Sequential>() {
-        let seq = layer
-            .as_any_mut()
-            .downcast_mut::<Sequential>()
-            .expect("checked");
-        for l in seq.layers.iter_mut() {
-            leaves(l.as_mut(), out);
-        }
-    } else if layer.as_any_mut().is::<Concat>() {
-        let cat = layer
-            .as_any_mut()
-            .downcast_mut::<Concat>()
-            .expect("checked");
-        for l in cat.branches.iter_mut() {
-            leaves(l.as_mut(), out);
-        }
-    } else {
+    if layer.children().is_empty() {
         out.push(layer);
+    } else {
+        for child in layer.children() {
+            leaves(child, out);
+        }
     }
+}
+
+/// The model file of `spec` without batch normalization: every BatchNorm removed and the
+/// Conv2d or Linear before it given a bias. When that is a preset up to dropout (the identity
+/// at inference), the preset is returned (`mlp-fig1-bn` -> `mlp-fig1`, `inception-mini-bn` ->
+/// `inception-mini`), so the folded checkpoint loads under the preset's name; otherwise a
+/// model named `<name>-folded`.
+pub fn plain_spec(spec: &ModelSpec) -> Result<ModelSpec> {
+    fn strip(children: &[Child], path: &str) -> Result<Vec<Child>> {
+        let mut out: Vec<Child> = Vec::with_capacity(children.len());
+        for (i, c) in children.iter().enumerate() {
+            let here = match &c.name {
+                Some(n) if n.is_empty() => path.to_string(),
+                Some(n) => format!("{path}{n}."),
+                None => format!("{path}{i}."),
+            };
+            let node = match &c.node {
+                Node::BatchNorm { .. } => {
+                    match out.last_mut().map(|p| &mut p.node) {
+                        Some(Node::Linear { bias, .. }) | Some(Node::Conv2d { bias, .. }) => {
+                            *bias = true
+                        }
+                        _ => {
+                            return Err(Error::config(
+                                "model",
+                                format!(
+                                    "cannot fold the BatchNorm '{}': it does not follow a Conv2d or Linear in the same container",
+                                    here.trim_end_matches('.')
+                                ),
+                            ))
+                        }
+                    }
+                    continue;
+                }
+                Node::Sequential { layers } => Node::Sequential {
+                    layers: strip(layers, &here)?,
+                },
+                Node::Concat { branches } => Node::Concat {
+                    branches: strip(branches, &here)?,
+                },
+                Node::Residual {
+                    layers,
+                    shortcut,
+                    relu,
+                } => Node::Residual {
+                    layers: strip(layers, &here)?,
+                    shortcut: match shortcut {
+                        Some(s) => {
+                            let mut v = strip(std::slice::from_ref(s), &here)?;
+                            v.pop().map(Box::new)
+                        }
+                        None => None,
+                    },
+                    relu: *relu,
+                },
+                other => other.clone(),
+            };
+            out.push(Child {
+                name: c.name.clone(),
+                node,
+            });
+        }
+        Ok(out)
+    }
+    fn no_dropout(children: &[Child]) -> Vec<Child> {
+        children
+            .iter()
+            .filter(|c| !matches!(c.node, Node::Dropout { .. }))
+            .map(|c| Child {
+                name: c.name.clone(),
+                node: match &c.node {
+                    Node::Sequential { layers } => Node::Sequential {
+                        layers: no_dropout(layers),
+                    },
+                    Node::Concat { branches } => Node::Concat {
+                        branches: no_dropout(branches),
+                    },
+                    Node::Residual {
+                        layers,
+                        shortcut,
+                        relu,
+                    } => Node::Residual {
+                        layers: no_dropout(layers),
+                        shortcut: shortcut.clone(),
+                        relu: *relu,
+                    },
+                    other => other.clone(),
+                },
+            })
+            .collect()
+    }
+    let layers = strip(&spec.layers, "")?;
+    for name in model::preset_names() {
+        let p = model::preset(name)?;
+        if p.input == spec.input && p.init == spec.init && no_dropout(&p.layers) == no_dropout(&layers) {
+            return Ok(p);
+        }
+    }
+    Ok(ModelSpec {
+        name: format!("{}-folded", spec.name),
+        description: format!("{} with each BatchNorm folded into the layer before it", spec.name),
+        input: spec.input.clone(),
+        init: spec.init.clone(),
+        dataset: spec.dataset.clone(),
+        layers,
+    })
 }
 
 fn conv_geom(c: &Conv2d) -> [usize; 5] {
@@ -79,18 +173,15 @@ fn conv_geom(c: &Conv2d) -> [usize; 5] {
 /// reach its layers). Errors when the preset has no plain counterpart or the layers do not
 /// correspond.
 pub fn fold(bn_net: &mut Network) -> Result<Network> {
-    let preset = bn_net.preset;
-    let plain = preset.plain_counterpart().ok_or_else(|| {
-        Error::config(
+    if !bn_net.has_batch_norm() {
+        return Err(Error::config(
             "model",
-            format!(
-                "{} has no batch normalization to fold (no plain counterpart)",
-                preset.name()
-            ),
-        )
-    })?;
-    let unexpected =
-        |msg: String| Error::config("model", format!("cannot fold {}: {msg}", preset.name()));
+            format!("{} has no batch normalization to fold", bn_net.name()),
+        ));
+    }
+    let plain = plain_spec(&bn_net.spec)?;
+    let bn_name = bn_net.name().to_string();
+    let unexpected = |msg: String| Error::config("model", format!("cannot fold {bn_name}: {msg}"));
 
     let mut layers: Vec<&mut dyn Layer> = Vec::new();
     leaves(&mut bn_net.body, &mut layers);
@@ -164,7 +255,13 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
         }
     }
 
-    let mut out = Network::new(plain, 0, bn_net.max_batch(), bn_net.threads);
+    let mut out = Network::build(
+        &plain,
+        &bn_net.input_shape,
+        0,
+        bn_net.max_batch(),
+        bn_net.threads,
+    )?;
     let mut targets: Vec<&mut dyn Layer> = Vec::new();
     leaves(&mut out.body, &mut targets);
     let targets: Vec<&mut dyn Layer> = targets
@@ -181,7 +278,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
         return Err(unexpected(format!(
             "{} layers after folding, {} has {}",
             folded.len(),
-            plain.name(),
+            plain.name,
             targets.len()
         )));
     }
@@ -197,7 +294,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 let Some(lin) = dst.as_any_mut().downcast_mut::<Linear>() else {
                     return Err(unexpected(format!(
                         "folded layer {j} is a Linear, {} has {what}",
-                        plain.name()
+                        plain.name
                     )));
                 };
                 if (lin.in_features, lin.out_features) != (in_features, out_features)
@@ -206,7 +303,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                     return Err(unexpected(format!(
                         "folded layer {j} is Linear({in_features}, {out_features}{}), {} has {what}",
                         if bias.is_some() { "" } else { ", bias=False" },
-                        plain.name()
+                        plain.name
                     )));
                 }
                 lin.set_weight(&weight);
@@ -216,14 +313,14 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 let Some(conv) = dst.as_any_mut().downcast_mut::<Conv2d>() else {
                     return Err(unexpected(format!(
                         "folded layer {j} is a Conv2d, {} has {what}",
-                        plain.name()
+                        plain.name
                     )));
                 };
                 if conv_geom(conv) != geom || conv.bias.is_some() != bias.is_some() {
                     return Err(unexpected(format!(
                         "folded layer {j} is Conv2d {geom:?} (bias {}), {} has {what}",
                         bias.is_some(),
-                        plain.name()
+                        plain.name
                     )));
                 }
                 conv.weight.copy_from_slice(&weight);
@@ -233,7 +330,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 if desc != what {
                     return Err(unexpected(format!(
                         "folded layer {j} is {desc}, {} has {what}",
-                        plain.name()
+                        plain.name
                     )));
                 }
             }

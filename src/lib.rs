@@ -16,7 +16,7 @@ pub mod network;
 pub mod nn;
 pub mod onnx;
 pub mod optim;
-pub mod presets;
+pub mod model;
 pub mod report;
 pub mod run;
 pub mod train;

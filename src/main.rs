@@ -6,10 +6,10 @@ use bnlab::data::{self, Split};
 use bnlab::experiments::inception::{self, InceptionSetup};
 use bnlab::experiments::mnist::{self, MnistSetup, Progress};
 use bnlab::kernels::batch_norm::RunningAverage;
+use bnlab::model::{self, ModelSpec};
 use bnlab::network::Network;
 use bnlab::nn::InferenceStats;
 use bnlab::optim::Schedule;
-use bnlab::presets::Preset;
 use bnlab::report;
 use bnlab::run::{self, Event, Run, RunSpec};
 use bnlab::train::{population_statistics, Evaluator, Order, TrainConfig, Trainer};
@@ -35,16 +35,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a preset network on MNIST.
+    /// Train a network (a preset or a model file) on a data set.
+    ///
+    /// Example: bnlab train --model resnet20-bn --data /usr/share/datasets/fashion-mnist --steps 2000 --batch-size 128 --lr 0.05 --momentum 0.9 --out runs/r20
     Train(TrainArgs),
-    /// Evaluate a checkpoint on the MNIST test set.
+    /// Evaluate a checkpoint on a data set's test split.
     Eval(EvalArgs),
     /// Measure training steps per second of the training loop alone.
     Bench(BenchArgs),
-    /// Fold each BN into the layer before it, giving a checkpoint of the plain preset.
+    /// Fold each BN into the Conv2d or Linear before it (a checkpoint of the network without BN).
     Fold(FoldArgs),
     /// Export a network in inference mode (ONNX).
     Export(ExportArgs),
+    /// List the preset networks, or print one's model file (`models show NAME`).
+    Models(ModelsArgs),
+    /// Print a network's layers: path, output shape, parameters, multiply-adds per example.
+    ///
+    /// Example: bnlab summary --model resnet20-bn --data /usr/share/datasets/fashion-mnist
+    Summary(SummaryArgs),
+    /// Loss and gradient of every parameter for one mini-batch (training mode), as safetensors.
+    ///
+    /// Example: bnlab grad --model mlp-fig1-bn --weights w.safetensors --data ../shared/datasets/mnist --batch-size 60 --save grad.safetensors
+    Grad(GradArgs),
     /// Reproduce one of the paper's experiments.
     Reproduce {
         #[command(subcommand)]
@@ -61,11 +73,17 @@ enum Study {
     Inception(InceptionArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct DataArgs {
-    /// MNIST directory (default: $BNLAB_DATA/mnist, else ./data/mnist; downloaded if missing).
+    /// The data: a directory in the MNIST layout (IDX files; MNIST, Fashion-MNIST, ...).
+    /// Default: --dataset's place.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// A named data set at its default place ($BNLAB_DATA/NAME, else ./data/NAME): mnist
+    /// (downloaded if missing) or fashion-mnist (also /usr/share/datasets/fashion-mnist).
+    /// Default: the one the model file names, else mnist.
+    #[arg(long, value_name = "NAME")]
+    dataset: Option<String>,
     /// Never download missing data files.
     #[arg(long)]
     no_download: bool,
@@ -74,10 +92,8 @@ struct DataArgs {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct TrainArgs {
-    /// Preset: mlp-fig1, mlp-fig1-bn (MNIST), inception-mini, inception-mini-bn,
-    /// inception-mini-bn-sigmoid, inception-mini-sigmoid, inception-mini-bn-dropout
-    /// (Fashion-MNIST).
-    #[arg(long, value_name = "PRESET")]
+    /// A preset (see `bnlab models`) or the path of a model file (docs/models.md).
+    #[arg(long, value_name = "PRESET|FILE")]
     model: Option<String>,
     /// Continue the run saved in RUN_DIR with its original settings.
     /// (The run's settings are its own: training flags given with it are refused.)
@@ -124,9 +140,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1000, value_name = "K")]
     checkpoint_every: i64,
     /// Running averages of BN statistics: PyTorch's momentum, or `cumulative` (the plain
-    /// average over all batches, PyTorch's momentum=None).
-    #[arg(long, default_value = "0.1", value_name = "X|cumulative")]
-    bn_momentum: String,
+    /// average over all batches, PyTorch's momentum=None). Default: each BatchNorm's
+    /// momentum in the model file (0.1 unless it says otherwise).
+    #[arg(long, value_name = "X|cumulative")]
+    bn_momentum: Option<String>,
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
@@ -134,7 +151,8 @@ struct TrainArgs {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct EvalArgs {
-    #[arg(long, value_name = "PRESET")]
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
     model: String,
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
@@ -153,12 +171,13 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct FoldArgs {
-    /// A BN preset (mlp-fig1-bn).
-    #[arg(long, value_name = "PRESET")]
+    /// A network with BN: a preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
     model: String,
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
-    /// Where to write the plain preset's checkpoint.
+    /// Where to write the folded checkpoint (a preset's when the network without BN is one,
+    /// e.g. mlp-fig1-bn -> mlp-fig1; the model file rides in its metadata either way).
     #[arg(long, value_name = "OUT")]
     save: PathBuf,
     /// Inference statistics to fold: running, or population (Algorithm 2 over the training
@@ -171,7 +190,8 @@ struct FoldArgs {
 
 #[derive(Args)]
 struct ExportArgs {
-    #[arg(long, value_name = "PRESET")]
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
     model: String,
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
@@ -190,7 +210,8 @@ struct ExportArgs {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct BenchArgs {
-    #[arg(long, value_name = "PRESET")]
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
     model: String,
     #[command(flatten)]
     data: DataArgs,
@@ -249,6 +270,61 @@ struct InceptionArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct ModelsArgs {
+    #[command(subcommand)]
+    action: Option<ModelsAction>,
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Print a preset's model file, to copy and edit.
+    Show {
+        /// The preset's name.
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
+    model: String,
+    /// Data whose example shape fixes an input the model file leaves open (resnet20*);
+    /// without it, such a model is shown on 1x28x28.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Never download missing data files.
+    #[arg(long)]
+    no_download: bool,
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct GradArgs {
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
+    model: String,
+    /// The parameters (safetensors, PyTorch state_dict names).
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long)]
+    batch_size: i64,
+    /// First training example of the batch (examples K .. K+B-1 in file order).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    offset: i64,
+    /// Where to write the gradients (safetensors: one tensor per parameter, plus `loss`).
+    #[arg(long, value_name = "OUT")]
+    save: PathBuf,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -257,6 +333,9 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Fold(a) => fold_cmd(a),
         Command::Export(a) => export_cmd(a),
+        Command::Models(a) => models_cmd(a),
+        Command::Summary(a) => summary_cmd(a),
+        Command::Grad(a) => grad_cmd(a),
         Command::Reproduce {
             study: Study::Mnist(a),
         } => reproduce_mnist(a),
@@ -283,14 +362,42 @@ fn positive(name: &str, v: i64) -> Result<usize> {
     Ok(v as usize)
 }
 
-/// The data set a preset trains on: MNIST for the MLPs (downloaded when missing),
-/// Fashion-MNIST for the convolutional nets (Debian's dataset-fashion-mnist).
-fn load_data(a: &DataArgs, preset: Preset) -> Result<Split> {
-    if preset.is_convolutional() {
-        data::fashion_mnist(a.data.as_deref())
-    } else {
-        data::mnist(a.data.as_deref(), !a.no_download)
+/// The data set named by `--data` / `--dataset`, else the one the model file names, else
+/// MNIST.
+fn load_data(a: &DataArgs, spec: Option<&ModelSpec>) -> Result<Split> {
+    if let Some(dir) = &a.data {
+        return data::load_idx_dir(dir, data::MNIST_CLASSES);
     }
+    let name = a
+        .dataset
+        .clone()
+        .or_else(|| spec.and_then(|s| s.dataset.clone()))
+        .unwrap_or_else(|| "mnist".to_string());
+    match name.as_str() {
+        "mnist" => data::mnist(None, !a.no_download),
+        "fashion-mnist" => data::fashion_mnist(None),
+        other => Err(Error::config(
+            "--dataset",
+            format!("'{other}' (known: mnist, fashion-mnist; or give --data DIR)"),
+        )),
+    }
+}
+
+/// The example shape of a data set, `[C, H, W]`.
+fn data_shape(split: &Split) -> Vec<usize> {
+    vec![1, split.train.rows, split.train.cols]
+}
+
+/// A network of `spec` for the examples of `split`.
+fn network_for(
+    spec: &ModelSpec,
+    split: &Split,
+    seed: u64,
+    max_batch: usize,
+    threads: usize,
+) -> Result<Network> {
+    let input = model::resolve_input(spec, Some(&data_shape(split)))?;
+    Network::build(spec, &input, seed, max_batch, threads)
 }
 
 fn train(a: TrainArgs) -> Result<()> {
@@ -299,10 +406,11 @@ fn train(a: TrainArgs) -> Result<()> {
             let spec = Run::read_spec(dir)?;
             let data = DataArgs {
                 data: a.data.data.clone().or(spec.data.clone()),
+                dataset: a.data.dataset.clone(),
                 no_download: a.data.no_download,
             };
-            let split = load_data(&data, Preset::parse(&spec.model)?)?;
-            let run = Run::resume(dir, split.train.features(), split.train.len())?;
+            let split = load_data(&data, Some(&Run::model_of(&spec)?))?;
+            let run = Run::resume(dir, &data_shape(&split), split.train.len())?;
             eprintln!(
                 "resuming {} at step {} of {}",
                 dir.display(),
@@ -316,7 +424,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 .model
                 .clone()
                 .ok_or_else(|| Error::config("--model", "required (unless --resume RUN_DIR)"))?;
-            let preset = Preset::parse(&model)?;
+            let spec = model::resolve(&model)?;
             let config = TrainConfig {
                 steps: positive("--steps", a.steps)?,
                 batch_size: positive("--batch-size", a.batch_size)?,
@@ -329,21 +437,24 @@ fn train(a: TrainArgs) -> Result<()> {
                 eval_every: non_negative("--eval-every", a.eval_every)?,
                 threads: a.threads,
             };
-            config.validate(preset.has_batch_norm())?;
-            RunningAverage::parse(&a.bn_momentum)?;
-            let spec = RunSpec {
+            config.validate(spec.has_batch_norm())?;
+            if let Some(m) = &a.bn_momentum {
+                RunningAverage::parse(m)?;
+            }
+            let split = load_data(&a.data, Some(&spec))?;
+            let run_spec = RunSpec {
                 model,
+                model_json: Some(spec.to_json().to_string()),
                 config,
                 bn_momentum: a.bn_momentum.clone(),
                 data: a.data.data.clone(),
                 init: a.init.clone(),
                 checkpoint_every: non_negative("--checkpoint-every", a.checkpoint_every)?,
             };
-            let split = load_data(&a.data, preset)?;
             let run = Run::new(
-                spec,
+                run_spec,
                 a.out.clone(),
-                split.train.features(),
+                &data_shape(&split),
                 split.train.len(),
             )?;
             (run, split)
@@ -351,7 +462,7 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     let (run, split) = (&mut run.0, &run.1);
     let bar = ProgressBar::new(run.spec.config.steps as u64).with_style(bar_style());
-    bar.set_prefix(run.preset.name());
+    bar.set_prefix(run.net.name().to_string());
     bar.set_position(run.step() as u64);
     let result = run.run(split, &mut |e| match e {
         Event::Step { step, .. } => {
@@ -426,12 +537,29 @@ fn inference_net(
     data: &DataArgs,
     threads: usize,
 ) -> Result<Network> {
-    let preset = Preset::parse(model)?;
+    let spec = model::resolve(model)?;
     let stats = parse_bn_stats(bn_stats)?;
-    let mut net = Network::new(preset, 0, 500, threads);
+    let needs_data = stats == InferenceStats::Population && spec.has_batch_norm();
+    let split = if needs_data {
+        Some(load_data(data, Some(&spec))?)
+    } else {
+        None
+    };
+    // The example shape: from the data when loaded, else recorded in the checkpoint, else the
+    // model file's own.
+    let input = match &split {
+        Some(s) => model::resolve_input(&spec, Some(&data_shape(s)))?,
+        None => {
+            let file = checkpoint::TensorFile::read(weights)?;
+            match checkpoint::recorded_input_shape(&file) {
+                Some(shape) => model::resolve_input(&spec, Some(&shape))?,
+                None => model::resolve_input(&spec, None)?,
+            }
+        }
+    };
+    let mut net = Network::build(&spec, &input, 0, 500, threads)?;
     checkpoint::load(&mut net, weights)?;
-    if stats == InferenceStats::Population && preset.has_batch_norm() {
-        let split = load_data(data, preset)?;
+    if let Some(split) = &split {
         population_statistics(&mut net, &split.train, 60, None)?;
     }
     Ok(net)
@@ -444,7 +572,7 @@ fn fold_cmd(a: FoldArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({} with {} statistics folded in)",
         a.save.display(),
-        folded.preset.name(),
+        folded.name(),
         a.bn_stats
     );
     Ok(())
@@ -464,24 +592,24 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let preset = Preset::parse(&a.model)?;
+    let spec = model::resolve(&a.model)?;
     let stats = parse_bn_stats(&a.bn_stats)?;
     if a.threads == 0 {
         return Err(Error::config("--threads", "must be at least 1"));
     }
     let batch = 500;
-    let mut net = Network::new(preset, 0, batch, a.threads);
+    let split = load_data(&a.data, Some(&spec))?;
+    let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
     checkpoint::load(&mut net, &a.weights)?;
-    let split = load_data(&a.data, preset)?;
     let mut pop_batches = 0;
-    if stats == InferenceStats::Population && preset.has_batch_norm() {
+    if stats == InferenceStats::Population && net.has_batch_norm() {
         pop_batches = population_statistics(&mut net, &split.train, 60, None)?;
     }
     let mut evaluator = Evaluator::new(batch, split.test.features());
     let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
     println!(
         "{}: test accuracy {:.2}% ({} / {}), loss {:.4}, BN statistics: {}",
-        preset.name(),
+        net.name(),
         100.0 * ev.accuracy(),
         ev.correct,
         ev.total,
@@ -490,7 +618,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     );
     if a.json {
         let j = serde_json::json!({
-            "model": preset.name(),
+            "model": net.name(),
             "weights": a.weights.display().to_string(),
             "bn_stats": a.bn_stats,
             "population_batches": pop_batches,
@@ -505,7 +633,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let preset = Preset::parse(&a.model)?;
+    let spec = model::resolve(&a.model)?;
     let steps = positive("--steps", a.steps)?;
     let config = TrainConfig {
         steps,
@@ -519,9 +647,9 @@ fn bench(a: BenchArgs) -> Result<()> {
         eval_every: 0,
         threads: a.threads,
     };
-    config.validate(preset.has_batch_norm())?;
-    let split = load_data(&a.data, preset)?;
-    let mut net = Network::new(preset, 1, config.batch_size, config.threads);
+    config.validate(spec.has_batch_norm())?;
+    let split = load_data(&a.data, Some(&spec))?;
+    let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
     for _ in 0..warmup {
@@ -536,13 +664,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     let rate = steps as f64 / secs;
     println!(
         "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({} threads, last loss {loss:.4})",
-        preset.name(),
+        net.name(),
         config.batch_size,
         config.threads
     );
     if a.json {
         let j = serde_json::json!({
-            "model": preset.name(),
+            "model": net.name(),
             "batch_size": config.batch_size,
             "steps": steps,
             "threads": config.threads,
@@ -575,7 +703,7 @@ fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
         seed: a.seed,
         ..MnistSetup::default()
     };
-    let split = load_data(&a.data, Preset::MlpFig1)?;
+    let split = load_data(&a.data, None)?;
     prepare_out_dir(&a.out)?;
     let multi = MultiProgress::new();
     let bars: HashMap<&str, ProgressBar> = ["mlp-fig1", "mlp-fig1-bn"]
@@ -770,4 +898,194 @@ fn prepare_out_dir(dir: &Path) -> Result<()> {
 
 fn display_dir(p: &Path) -> String {
     p.display().to_string()
+}
+
+fn models_cmd(a: ModelsArgs) -> Result<()> {
+    if let Some(ModelsAction::Show { name }) = a.action {
+        let text = model::preset_text(&name).ok_or_else(|| {
+            Error::config(
+                "models show",
+                format!(
+                    "'{name}' is not a preset (known: {})",
+                    model::preset_names().join(", ")
+                ),
+            )
+        })?;
+        print!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>10}  {:<14} description",
+        "name", "parameters", "input"
+    );
+    for name in model::preset_names() {
+        let spec = model::preset(name)?;
+        let open = spec.input.iter().any(Option::is_none);
+        let shape = if open {
+            vec![1, 28, 28]
+        } else {
+            model::resolve_input(&spec, None)?
+        };
+        let built = model::build(&spec, &shape, 0, false)?;
+        let params: usize = built
+            .summary
+            .iter()
+            .filter(|r| r.depth == 0)
+            .map(|r| r.params)
+            .sum();
+        let input = if open {
+            "from the data".to_string()
+        } else {
+            format!("{shape:?}")
+        };
+        println!(
+            "{name:<28} {:>10}  {input:<14} {}",
+            group_thousands(params),
+            spec.description
+        );
+    }
+    println!("\n`bnlab models show NAME` prints a preset's model file; docs/models.md describes the format.");
+    Ok(())
+}
+
+fn group_thousands(n: impl std::fmt::Display) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn summary_cmd(a: SummaryArgs) -> Result<()> {
+    let spec = model::resolve(&a.model)?;
+    let input = match &a.data {
+        Some(_) => {
+            let data = DataArgs {
+                data: a.data.clone(),
+                dataset: None,
+                no_download: a.no_download,
+            };
+            let split = load_data(&data, Some(&spec))?;
+            model::resolve_input(&spec, Some(&data_shape(&split)))?
+        }
+        None if spec.input.iter().any(Option::is_none) => {
+            model::resolve_input(&spec, Some(&[1, 28, 28]))?
+        }
+        None => model::resolve_input(&spec, None)?,
+    };
+    let built = model::build(&spec, &input, 0, false)?;
+    println!("{} (input {:?})", spec.name, input);
+    println!(
+        "{:<44} {:<14} {:<16} {:>12} {:>16}",
+        "layer", "kind", "output", "parameters", "mult-adds"
+    );
+    for r in &built.summary {
+        let path = if r.path.is_empty() { "-" } else { &r.path };
+        let label = format!("{}{}", "  ".repeat(r.depth), path);
+        println!(
+            "{label:<44} {:<14} {:<16} {:>12} {:>16}",
+            r.kind,
+            format!("{:?}", r.output),
+            group_thousands(r.params),
+            group_thousands(r.macs)
+        );
+    }
+    let (params, macs) = built
+        .summary
+        .iter()
+        .filter(|r| r.depth == 0)
+        .fold((0usize, 0u64), |(p, m), r| (p + r.params, m + r.macs));
+    println!("total parameters: {}", group_thousands(params));
+    println!(
+        "multiply-adds per example: {} (convolutions and linear layers)",
+        group_thousands(macs)
+    );
+    println!("output: {:?}", built.output_shape);
+    Ok(())
+}
+
+fn grad_cmd(a: GradArgs) -> Result<()> {
+    let spec = model::resolve(&a.model)?;
+    let batch = positive("--batch-size", a.batch_size)?;
+    if a.offset < 0 {
+        return Err(Error::config(
+            "--offset",
+            format!("{} (must be >= 0)", a.offset),
+        ));
+    }
+    if a.threads == 0 {
+        return Err(Error::config("--threads", "must be at least 1"));
+    }
+    check_writable(&a.save)?;
+    let split = load_data(&a.data, Some(&spec))?;
+    let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
+    checkpoint::load(&mut net, &a.weights)?;
+    let (loss, grads) =
+        bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;
+    let mut entries: Vec<checkpoint::Entry> = grads
+        .iter()
+        .map(|g| {
+            (
+                g.name.clone(),
+                safetensors::Dtype::F32,
+                g.shape.clone(),
+                checkpoint::f32_bytes(&g.values),
+            )
+        })
+        .collect();
+    entries.push((
+        "loss".to_string(),
+        safetensors::Dtype::F64,
+        vec![1],
+        loss.to_le_bytes().to_vec(),
+    ));
+    let mut meta = checkpoint::model_metadata(&net);
+    meta.insert("bnlab_grad_offset".into(), a.offset.to_string());
+    meta.insert("bnlab_grad_batch_size".into(), batch.to_string());
+    checkpoint::write_entries(&a.save, &entries, meta)?;
+    println!(
+        "{}: loss {loss:.6} on training examples {}..{}; {} gradients written to {}",
+        net.name(),
+        a.offset,
+        a.offset as usize + batch,
+        grads.len(),
+        a.save.display()
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "loss": loss, "tensors": grads.len() })
+        );
+    }
+    Ok(())
+}
+
+/// Refuse an output path whose directory does not exist (a typo would otherwise be found only
+/// after the work), naming the path the user gave.
+fn check_writable(path: &Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::config(
+            "output path",
+            format!(
+                "{}: the directory {} does not exist",
+                path.display(),
+                parent.display()
+            ),
+        ));
+    }
+    if path.is_dir() {
+        return Err(Error::config(
+            "output path",
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    Ok(())
 }

@@ -1,33 +1,76 @@
-//! A model ready to train: a preset's layers, the softmax cross-entropy loss on top, and the
-//! logits buffers, all sized once for the largest batch.
+//! A model ready to train: the layers built from a model file (`model`), the softmax
+//! cross-entropy loss on top, and the logits buffers, all sized once for the largest batch.
 
 use crate::kernels::activation::softmax_cross_entropy;
+use crate::model::{self, ModelSpec};
 use crate::nn::{BatchNorm, Ctx, InferenceStats, Layer, Mode, Sequential, TensorMut};
-use crate::presets::Preset;
 use crate::{Error, Result};
 
 pub struct Network {
-    pub preset: Preset,
+    /// The model file the network was built from (its `name` is the checkpoint's model name).
+    pub spec: ModelSpec,
+    /// The shape of one example (`[784]`, `[1, 28, 28]`, `[3, 32, 32]`).
+    pub input_shape: Vec<usize>,
     pub body: Sequential,
     pub threads: usize,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
     max_batch: usize,
+    batch_norms: usize,
 }
 
 impl Network {
-    pub fn new(preset: Preset, seed: u64, max_batch: usize, threads: usize) -> Self {
-        let mut body = preset.build(seed);
+    /// Build `spec` for examples of `input_shape` (see `model::resolve_input`) with weights
+    /// from `seed`, sized for batches of up to `max_batch`.
+    pub fn build(
+        spec: &ModelSpec,
+        input_shape: &[usize],
+        seed: u64,
+        max_batch: usize,
+        threads: usize,
+    ) -> Result<Self> {
+        if max_batch == 0 {
+            return Err(Error::config("batch size", "must be at least 1"));
+        }
+        let built = model::build(spec, input_shape, seed, true)?;
+        let mut body = built.body;
         body.reserve(max_batch);
         let k = body.out_size();
-        Network {
-            preset,
+        let mut batch_norms = 0;
+        body.for_each_batch_norm(&mut |_| batch_norms += 1);
+        Ok(Network {
+            spec: spec.clone(),
+            input_shape: built.input_shape,
             body,
             threads: threads.max(1),
             logits: vec![0.0; max_batch * k],
             dlogits: vec![0.0; max_batch * k],
             max_batch,
-        }
+            batch_norms,
+        })
+    }
+
+    /// A preset whose input shape the file fixes (not `resnet20*`, whose input comes from the
+    /// data: use `build` with `model::resolve_input`).
+    pub fn preset(name: &str, seed: u64, max_batch: usize, threads: usize) -> Result<Self> {
+        let spec = model::preset(name)?;
+        let input = model::resolve_input(&spec, None)?;
+        Network::build(&spec, &input, seed, max_batch, threads)
+    }
+
+    /// The model's name (a preset's name, or the model file's).
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// True when the network has at least one BatchNorm layer.
+    pub fn has_batch_norm(&self) -> bool {
+        self.batch_norms > 0
+    }
+
+    /// Values per example at the input.
+    pub fn input_size(&self) -> usize {
+        self.body.in_size()
     }
 
     pub fn max_batch(&self) -> usize {

@@ -24,7 +24,7 @@
 //! float32 `raw_data`. The protobuf encoding is written by hand (`Pb` below): the few field
 //! kinds ONNX needs do not justify a code generator. A layer kind without a mapping is an
 //! error naming the layer. The export walks per-example shapes (`[784]`, or `[1, 28, 28]` for the
-//! convolutional presets, see `Preset::input_shape`). Node names follow the module tree, with
+//! convolutional presets, the network's `input_shape`). Node names follow the module tree, with
 //! the child's index where a child adds no naming level (the pools); initializer names are the
 //! `state_dict` names (`stem.conv.weight`, `a.b4.conv.weight`, ...).
 
@@ -58,11 +58,11 @@ pub fn export_onnx(net: &mut Network, path: &Path) -> Result<()> {
 
 /// The ONNX `ModelProto` of `net`, encoded.
 pub fn encode_model(net: &mut Network) -> Result<Vec<u8>> {
-    let example: Vec<usize> = net.preset.input_shape().to_vec();
+    let example: Vec<usize> = net.input_shape.clone();
     if example.iter().product::<usize>() != net.body.in_size() {
         return Err(Error::Shape(format!(
             "{} takes {} features, its input shape {example:?} holds {}",
-            net.preset.name(),
+            net.name(),
             net.body.in_size(),
             example.iter().product::<usize>()
         )));
@@ -86,7 +86,7 @@ pub fn encode_model(net: &mut Network) -> Result<Vec<u8>> {
     for n in &g.nodes {
         graph.message(1, n);
     }
-    graph.string(2, net.preset.name());
+    graph.string(2, net.name());
     for t in &g.initializers {
         graph.message(5, t);
     }

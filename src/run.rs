@@ -15,12 +15,11 @@ use crate::data::Split;
 use crate::kernels::batch_norm::RunningAverage;
 use crate::network::Network;
 use crate::nn::Layer;
-use crate::presets::Preset;
+use crate::model::{self, ModelSpec};
 use crate::report::write_atomic;
 use crate::train::{Evaluator, TrainConfig, Trainer};
 use crate::{Error, Result};
 use safetensors::tensor::Dtype;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "state.safetensors";
@@ -36,9 +35,14 @@ pub const EVAL_BATCH: usize = 500;
 /// The settings of a run, fixed when it starts.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunSpec {
+    /// The `--model` given: a preset name or a model file's path.
     pub model: String,
+    /// The model file itself (JSON), so that a run resumes wherever it is moved to.
+    #[serde(default)]
+    pub model_json: Option<String>,
     pub config: TrainConfig,
-    pub bn_momentum: String,
+    /// `--bn-momentum` when given: overrides every BatchNorm's momentum of the model file.
+    pub bn_momentum: Option<String>,
     /// The data directory given at the start (`None`: the default lookup).
     pub data: Option<PathBuf>,
     pub init: Option<PathBuf>,
@@ -82,7 +86,6 @@ pub enum Event<'a> {
 
 pub struct Run {
     pub spec: RunSpec,
-    pub preset: Preset,
     pub net: Network,
     pub trainer: Trainer,
     dir: Option<PathBuf>,
@@ -111,12 +114,16 @@ impl Run {
     pub fn new(
         spec: RunSpec,
         dir: Option<PathBuf>,
-        features: usize,
+        data_shape: &[usize],
         train_len: usize,
     ) -> Result<Run> {
-        let preset = Preset::parse(&spec.model)?;
-        spec.config.validate(preset.has_batch_norm())?;
-        let running_average = RunningAverage::parse(&spec.bn_momentum)?;
+        let model_spec = Self::model_of(&spec)?;
+        spec.config.validate(model_spec.has_batch_norm())?;
+        let running_average = spec
+            .bn_momentum
+            .as_deref()
+            .map(RunningAverage::parse)
+            .transpose()?;
         if let Some(d) = &dir {
             if d.join(STATE_FILE).exists() {
                 return Err(Error::config(
@@ -129,15 +136,24 @@ impl Run {
             }
         }
         let c = &spec.config;
-        let mut net = Network::new(preset, c.seed, c.batch_size.max(EVAL_BATCH), c.threads);
+        let input = model::resolve_input(&model_spec, Some(data_shape))?;
+        let mut net = Network::build(
+            &model_spec,
+            &input,
+            c.seed,
+            c.batch_size.max(EVAL_BATCH),
+            c.threads,
+        )?;
         if let Some(init) = &spec.init {
             checkpoint::load(&mut net, init)?;
         }
-        net.for_each_batch_norm(&mut |bn| bn.running_average = running_average);
+        if let Some(ra) = running_average {
+            net.for_each_batch_norm(&mut |bn| bn.running_average = ra);
+        }
+        let features = data_shape.iter().product();
         let trainer = Trainer::new(c.clone(), train_len, features);
         Ok(Run {
             spec,
-            preset,
             net,
             trainer,
             dir,
@@ -145,6 +161,14 @@ impl Run {
             loss_sum: 0.0,
             loss_count: 0,
         })
+    }
+
+    /// The model of a run: the file recorded in its settings, else `--model` resolved.
+    pub fn model_of(spec: &RunSpec) -> Result<ModelSpec> {
+        match &spec.model_json {
+            Some(json) => ModelSpec::parse(json, &spec.model),
+            None => model::resolve(&spec.model),
+        }
     }
 
     /// The settings saved in a run directory.
@@ -182,12 +206,12 @@ impl Run {
     }
 
     /// Continue the run saved in `dir`.
-    pub fn resume(dir: &Path, features: usize, train_len: usize) -> Result<Run> {
+    pub fn resume(dir: &Path, data_shape: &[usize], train_len: usize) -> Result<Run> {
         let path = dir.join(STATE_FILE);
         let file = TensorFile::read(&path)?;
         let p = Self::progress_of(&file, &path)?;
         let bad = |msg: String| Error::checkpoint(&path, msg);
-        let mut run = Run::new(p.spec.clone(), None, features, train_len)?;
+        let mut run = Run::new(p.spec.clone(), None, data_shape, train_len)?;
         run.dir = Some(dir.to_path_buf());
         checkpoint::load_from(&mut run.net, &file, &path, Some(EXTRA))?;
         // Optimizer momentum buffers.
@@ -300,9 +324,7 @@ impl Run {
             loss_sum_bits: self.loss_sum.to_bits(),
             loss_count: self.loss_count,
         };
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        meta.insert("bnlab_model".to_string(), self.preset.name().to_string());
+        let mut meta = checkpoint::model_metadata(&self.net);
         meta.insert(
             "bnlab_run".to_string(),
             serde_json::to_string(&progress)

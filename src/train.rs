@@ -417,7 +417,7 @@ pub fn population_statistics(
     batch: usize,
     max_batches: Option<usize>,
 ) -> Result<usize> {
-    if !net.preset.has_batch_norm() {
+    if !net.has_batch_norm() {
         return Ok(0);
     }
     let batch = batch.min(net.max_batch());
@@ -445,4 +445,98 @@ pub fn population_statistics(
     });
     net.set_inference_stats(InferenceStats::Population);
     Ok(count)
+}
+
+/// The gradient of one parameter, under its `state_dict` name and in PyTorch's layout.
+#[derive(Clone, Debug)]
+pub struct NamedGrad {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// The mean cross-entropy loss and the gradient of every parameter for one mini-batch: training
+/// examples `offset .. offset + batch` in file order, in training mode (batch statistics).
+/// Nothing else changes: BN's running statistics and counters are put back as they were.
+pub fn gradients(
+    net: &mut Network,
+    data: &Dataset,
+    offset: usize,
+    batch: usize,
+) -> Result<(f64, Vec<NamedGrad>)> {
+    if batch == 0 || batch > net.max_batch() {
+        return Err(Error::config(
+            "--batch-size",
+            format!("{batch} (must be 1..={})", net.max_batch()),
+        ));
+    }
+    if offset >= data.len() || data.len() - offset < batch {
+        return Err(Error::config(
+            "--offset",
+            format!(
+                "examples {offset}..{} do not exist: the training set has {} examples",
+                offset + batch,
+                data.len()
+            ),
+        ));
+    }
+    if net.has_batch_norm() && batch < 2 {
+        return Err(Error::config(
+            "--batch-size",
+            "a batch-normalized network needs at least 2 examples per mini-batch",
+        ));
+    }
+    // Every tensor of the state, to put the buffers back afterwards.
+    let mut saved: Vec<(Vec<f32>, i64)> = Vec::new();
+    net.visit_state(&mut |_, _, t| match t {
+        crate::nn::TensorMut::I64(v) => saved.push((Vec::new(), *v)),
+        mut t => saved.push((t.floats().map(|v| v.to_vec()).unwrap_or_default(), 0)),
+    });
+    let indices: Vec<usize> = (offset..offset + batch).collect();
+    let mut x = vec![0.0; batch * data.features()];
+    let mut y = vec![0; batch];
+    data.fill_batch(&indices, &mut x, &mut y);
+    let loss = net.forward_backward(&x, &y, batch)?;
+    let mut by_ptr: Vec<(*const f32, Vec<f32>)> = Vec::new();
+    net.body
+        .for_each_param(&mut |w, g| by_ptr.push((w.as_ptr(), g.to_vec())));
+    let mut grads = Vec::new();
+    let mut i = 0;
+    net.visit_state(&mut |name, shape, t| {
+        match t {
+            crate::nn::TensorMut::I64(v) => *v = saved[i].1,
+            crate::nn::TensorMut::F32(v) => {
+                if let Some((_, g)) = by_ptr.iter().find(|(p, _)| *p == v.as_ptr()) {
+                    grads.push(NamedGrad {
+                        name: name.to_string(),
+                        shape: shape.to_vec(),
+                        values: g.clone(),
+                    });
+                } else {
+                    v.copy_from_slice(&saved[i].0);
+                }
+            }
+            crate::nn::TensorMut::F32T(v) => {
+                if let Some((_, g)) = by_ptr.iter().find(|(p, _)| *p == v.as_ptr()) {
+                    // Stored `cols x rows`; PyTorch's layout is `rows x cols`.
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let mut out = vec![0.0; g.len()];
+                    for c in 0..cols {
+                        for r in 0..rows {
+                            out[r * cols + c] = g[c * rows + r];
+                        }
+                    }
+                    grads.push(NamedGrad {
+                        name: name.to_string(),
+                        shape: shape.to_vec(),
+                        values: out,
+                    });
+                } else {
+                    v.copy_from_slice(&saved[i].0);
+                }
+            }
+        }
+        i += 1;
+    });
+    Ok((loss, grads))
 }

@@ -54,7 +54,6 @@ use crate::data::{Dataset, Split};
 use crate::network::Network;
 use crate::nn::Mode;
 use crate::optim::Schedule;
-use crate::presets::Preset;
 use crate::report::{
     AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant, SetupRow, SweepRun,
 };
@@ -85,14 +84,14 @@ pub const VARIANT_NAMES: [&str; 7] = [
 
 /// One variant's recipe relative to lr0: (name, network, learning-rate multiple, whether it has
 /// the section 4.2.1 changes: weight decay / 5 and the 6 times faster decay).
-const RECIPES: [(&str, Preset, f64, bool); 7] = [
-    (INCEPTION, Preset::InceptionMini, 1.0, false),
-    (BN_BASELINE, Preset::InceptionMiniBnDropout, 1.0, false),
-    (BN_X5, Preset::InceptionMiniBn, 5.0, true),
-    (BN_X30, Preset::InceptionMiniBn, 30.0, true),
-    (BN_X5_SIGMOID, Preset::InceptionMiniBnSigmoid, 5.0, true),
-    (INCEPTION_X5, Preset::InceptionMini, 5.0, false),
-    (INCEPTION_SIGMOID, Preset::InceptionMiniSigmoid, 1.0, false),
+const RECIPES: [(&str, &str, f64, bool); 7] = [
+    (INCEPTION, "inception-mini", 1.0, false),
+    (BN_BASELINE, "inception-mini-bn-dropout", 1.0, false),
+    (BN_X5, "inception-mini-bn", 5.0, true),
+    (BN_X30, "inception-mini-bn", 30.0, true),
+    (BN_X5_SIGMOID, "inception-mini-bn-sigmoid", 5.0, true),
+    (INCEPTION_X5, "inception-mini", 5.0, false),
+    (INCEPTION_SIGMOID, "inception-mini-sigmoid", 1.0, false),
 ];
 
 /// Settings of the study. `default()` is the full run, `quick()` the few-minute check of the
@@ -253,10 +252,23 @@ impl InceptionSetup {
     }
 }
 
+/// The dropout probability of a model's Dropout layer (the first one found), read from the
+/// model file the run used.
+fn dropout_of(children: &[crate::model::Child]) -> Option<f64> {
+    use crate::model::Node;
+    children.iter().find_map(|c| match &c.node {
+        Node::Dropout { p } => Some(*p),
+        Node::Sequential { layers } | Node::Residual { layers, .. } => dropout_of(layers),
+        Node::Concat { branches } => dropout_of(branches),
+        _ => None,
+    })
+}
+
 /// How one network is trained.
 #[derive(Clone, Debug)]
 pub struct Recipe {
-    pub preset: Preset,
+    /// The preset's name.
+    pub preset: &'static str,
     pub lr: f64,
     pub weight_decay: f64,
     pub schedule: Schedule,
@@ -408,7 +420,7 @@ fn run_job(
 ) -> Result<Outcome> {
     let r = &job.recipe;
     let features = data.train.features();
-    let mut net = Network::new(r.preset, r.seed, setup.batch_size.max(setup.eval_batch), 1);
+    let mut net = Network::preset(r.preset, r.seed, setup.batch_size.max(setup.eval_batch), 1)?;
     let config = TrainConfig {
         steps: setup.steps,
         batch_size: setup.batch_size,
@@ -421,7 +433,7 @@ fn run_job(
         eval_every: setup.eval_every,
         threads: 1,
     };
-    config.validate(r.preset.has_batch_norm())?;
+    config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let mut evaluator = Evaluator::new(setup.eval_batch, features);
     let subset = Some(setup.eval_subset);
@@ -574,17 +586,13 @@ fn variant_of(
 ) -> InceptionVariant {
     InceptionVariant {
         name: name.to_string(),
-        preset: recipe.preset.name().to_string(),
+        preset: recipe.preset.to_string(),
         lr: recipe.lr,
         weight_decay: recipe.weight_decay,
-        dropout: if matches!(
-            recipe.preset,
-            Preset::InceptionMini | Preset::InceptionMiniSigmoid | Preset::InceptionMiniBnDropout
-        ) {
-            0.4
-        } else {
-            0.0
-        },
+        dropout: crate::model::preset(recipe.preset)
+            .ok()
+            .and_then(|s| dropout_of(&s.layers))
+            .unwrap_or(0.0),
         lr_factor_over_run: match recipe.schedule {
             Schedule::Exponential { gamma, .. } => gamma,
             _ => 1.0,
@@ -691,7 +699,7 @@ pub fn reproduce(
         .iter()
         .filter_map(|o| o.probabilities.as_deref())
         .collect();
-    let classes = Preset::InceptionMiniBn.classes();
+    let classes = data.test.classes;
     let ensemble = EnsembleResult {
         members: members.len(),
         seeds: member_seeds,
@@ -840,8 +848,8 @@ mod tests {
     fn recipes_follow_the_paper() {
         let s = InceptionSetup::default();
         let r = |n| s.recipe(n, 0.01, 1).unwrap();
-        assert_eq!(r(INCEPTION).preset, Preset::InceptionMini);
-        assert_eq!(r(BN_BASELINE).preset, Preset::InceptionMiniBnDropout);
+        assert_eq!(r(INCEPTION).preset, "inception-mini");
+        assert_eq!(r(BN_BASELINE).preset, "inception-mini-bn-dropout");
         assert!((r(BN_X30).lr - 0.3).abs() < 1e-12);
         assert!((r(BN_X5).lr - 0.05).abs() < 1e-12);
         assert_eq!(r(BN_X5).weight_decay, s.weight_decay / 5.0);

@@ -9,7 +9,6 @@
 use crate::data::Split;
 use crate::network::Network;
 use crate::optim::Schedule;
-use crate::presets::Preset;
 use crate::report::{CurvePoint, MnistReport, VariantRun};
 use crate::train::{
     percentile, population_statistics, Evaluator, Order, Probe, TrainConfig, Trainer,
@@ -54,16 +53,28 @@ pub struct Progress<'a> {
     pub last_accuracy: Option<f64>,
 }
 
+/// The layer whose output is the input of the sigmoid that Figure 1 (b, c) follows: the last
+/// hidden layer's pre-activation (after BN in the BN net), i.e. the top-level layer before the
+/// last Sigmoid.
+pub fn probe_layer(net: &Network) -> Option<usize> {
+    let last_sigmoid = net
+        .spec
+        .layers
+        .iter()
+        .rposition(|c| matches!(c.node, crate::model::Node::Sigmoid))?;
+    last_sigmoid.checked_sub(1)
+}
+
 /// Train one variant and follow it.
 pub fn run_variant(
-    preset: Preset,
+    preset: &'static str,
     setup: &MnistSetup,
     data: &Split,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<VariantRun> {
     let features = data.train.features();
     let max_batch = setup.batch_size.max(setup.eval_batch);
-    let mut net = Network::new(preset, setup.seed, max_batch, 1);
+    let mut net = Network::preset(preset, setup.seed, max_batch, 1)?;
     let config = TrainConfig {
         steps: setup.steps,
         batch_size: setup.batch_size,
@@ -76,13 +87,12 @@ pub fn run_variant(
         eval_every: setup.eval_every,
         threads: 1,
     };
-    config.validate(preset.has_batch_norm())?;
+    config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let mut evaluator = Evaluator::new(setup.eval_batch, features);
     let probe = Probe {
-        layer: preset
-            .probe_layer()
-            .ok_or_else(|| Error::config("--model", "Figure 1 needs an MLP preset"))?,
+        layer: probe_layer(&net)
+            .ok_or_else(|| Error::config("--model", "Figure 1 needs a sigmoid MLP"))?,
         unit: setup.probe_unit,
     };
     let mut curve = Vec::new();
@@ -111,7 +121,7 @@ pub fn run_variant(
             train_seconds += t0.elapsed().as_secs_f64();
             let point = evaluate(&mut net, step, loss_sum / loss_count as f64)?;
             on_progress(Progress {
-                variant: preset.name(),
+                variant: preset,
                 step,
                 loss: loss_sum / loss_count as f64,
                 last_accuracy: Some(point.test_accuracy),
@@ -128,7 +138,7 @@ pub fn run_variant(
             t0 = Instant::now();
         } else if step.is_multiple_of(100) {
             on_progress(Progress {
-                variant: preset.name(),
+                variant: preset,
                 step,
                 loss,
                 last_accuracy: curve.last().map(|p| p.test_accuracy),
@@ -136,7 +146,7 @@ pub fn run_variant(
         }
     }
     let final_running = curve.last().map_or(0.0, |p| p.test_accuracy);
-    let final_population = if preset.has_batch_norm() {
+    let final_population = if net.has_batch_norm() {
         population_statistics(&mut net, &data.train, setup.batch_size, None)?;
         evaluator
             .evaluate(&mut net, &data.test, None, None)?
@@ -145,7 +155,7 @@ pub fn run_variant(
         final_running
     };
     Ok(VariantRun {
-        name: preset.name().to_string(),
+        name: preset.to_string(),
         curve,
         final_running,
         final_population,
@@ -166,8 +176,8 @@ pub fn reproduce(
         ));
     }
     let (plain, bn) = std::thread::scope(|s| {
-        let h = s.spawn(|| run_variant(Preset::MlpFig1, setup, data, on_progress));
-        let bn = run_variant(Preset::MlpFig1Bn, setup, data, on_progress);
+        let h = s.spawn(|| run_variant("mlp-fig1", setup, data, on_progress));
+        let bn = run_variant("mlp-fig1-bn", setup, data, on_progress);
         let plain = h
             .join()
             .unwrap_or_else(|_| Err(Error::config("reproduce mnist", "training thread panicked")));

@@ -172,6 +172,12 @@ impl Layer for Concat {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+    fn children(&mut self) -> Vec<&mut dyn Layer> {
+        self.branches
+            .iter_mut()
+            .map(|l| l.as_mut() as &mut dyn Layer)
+            .collect()
+    }
     fn describe(&self) -> String {
         let inner: Vec<String> = self
             .branches

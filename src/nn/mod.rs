@@ -118,6 +118,11 @@ pub trait Layer: Send {
     }
     /// A short description for summaries, e.g. `Linear(784, 100)`.
     fn describe(&self) -> String;
+    /// The layers inside a container, in forward order (a residual block: the main branch,
+    /// then the shortcut); empty for a leaf. Lets fold and export walk any tree.
+    fn children(&mut self) -> Vec<&mut dyn Layer> {
+        Vec::new()
+    }
     /// The concrete layer, for code that needs more than the trait (folding, export) to
     /// downcast to `Linear`, `BatchNorm`, ...
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;

@@ -127,6 +127,12 @@ impl Layer for Sequential {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+    fn children(&mut self) -> Vec<&mut dyn Layer> {
+        self.layers
+            .iter_mut()
+            .map(|l| l.as_mut() as &mut dyn Layer)
+            .collect()
+    }
     fn describe(&self) -> String {
         let inner: Vec<String> = self
             .layers
