@@ -218,7 +218,8 @@ fn conv_unit(
     hw: usize,
     rng: &mut ChaCha8Rng,
 ) -> Box<dyn Layer> {
-    let mut conv = Conv2d::new(cin, cout, k, 1, k / 2, !bn, hw, hw);
+    let mut conv =
+        Conv2d::new(cin, cout, k, 1, k / 2, !bn, hw, hw).expect("preset convolution geometry");
     let fan_in = cin * k * k;
     fill_uniform(&mut conv.weight, fan_in, rng);
     if let Some(b) = &mut conv.bias {
@@ -235,7 +236,7 @@ fn conv_unit(
         children.push(("bn", Box::new(BatchNorm::new(cout, hw * hw, 1e-5, true))));
     }
     children.push(("act", act));
-    Box::new(Sequential::named(children))
+    Box::new(Sequential::named(children).expect("preset conv unit"))
 }
 
 /// The Inception block of torch_inception.py: four branches concatenated on channels, in order
@@ -262,16 +263,21 @@ fn inception_block(
         conv_unit(c3, c3, 3, bn, sigmoid, hw, rng),
     ]);
     // The pool is applied in the block's forward, outside b4: it adds no naming level.
+    let pool = AvgPool2d::new(cin, 3, 1, 1, hw, hw, true).expect("preset pool geometry");
     let b4 = Sequential::named(vec![
-        ("", Box::new(AvgPool2d::new(cin, 3, 1, 1, hw, hw))),
+        ("", Box::new(pool)),
         ("", conv_unit(cin, c4, 1, bn, sigmoid, hw, rng)),
-    ]);
-    Box::new(Concat::new(vec![
-        ("b1", b1),
-        ("b2", Box::new(b2)),
-        ("b3", Box::new(b3)),
-        ("b4", Box::new(b4)),
-    ]))
+    ])
+    .expect("preset branch b4");
+    Box::new(
+        Concat::new(vec![
+            ("b1", b1),
+            ("b2", Box::new(b2)),
+            ("b3", Box::new(b3)),
+            ("b4", Box::new(b4)),
+        ])
+        .expect("preset inception block"),
+    )
 }
 
 /// InceptionMini of torch_inception.py, for 1x28x28 images: stem 3x3 conv (32) -> 2x2 max pool
@@ -290,15 +296,24 @@ fn inception_mini(bn: bool, sigmoid: bool, dropout: f32, rng: &mut ChaCha8Rng) -
     }
     let mut children: Vec<(&str, Box<dyn Layer>)> = vec![
         ("stem", stem),
-        ("", Box::new(MaxPool2d::new(32, 2, 2, 0, 28, 28))),
+        (
+            "",
+            Box::new(MaxPool2d::new(32, 2, 2, 0, 28, 28).expect("preset pool")),
+        ),
         ("a", a),
-        ("", Box::new(MaxPool2d::new(104, 2, 2, 0, 14, 14))),
+        (
+            "",
+            Box::new(MaxPool2d::new(104, 2, 2, 0, 14, 14).expect("preset pool")),
+        ),
         ("b", b),
-        ("", Box::new(GlobalAvgPool::new(176, 7, 7))),
+        (
+            "",
+            Box::new(GlobalAvgPool::new(176, 7, 7).expect("preset pool")),
+        ),
     ];
     if dropout > 0.0 {
         children.push(("dropout", Box::new(Dropout::new(176, dropout, rng.gen()))));
     }
     children.push(("fc", Box::new(fc)));
-    Sequential::named(children)
+    Sequential::named(children).expect("preset inception-mini")
 }
