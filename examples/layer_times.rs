@@ -41,19 +41,19 @@ fn main() {
     let n = 32;
     time(
         "maxpool 32x28x28",
-        &mut MaxPool2d::new(32, 2, 2, 0, 28, 28),
+        &mut MaxPool2d::new(32, 2, 2, 0, 28, 28).unwrap(),
         n,
         threads,
     );
     time(
         "avgpool3 32x14x14",
-        &mut AvgPool2d::new(32, 3, 1, 1, 14, 14),
+        &mut AvgPool2d::new(32, 3, 1, 1, 14, 14, true).unwrap(),
         n,
         threads,
     );
     time(
         "avgpool3 104x7x7",
-        &mut AvgPool2d::new(104, 3, 1, 1, 7, 7),
+        &mut AvgPool2d::new(104, 3, 1, 1, 7, 7, true).unwrap(),
         n,
         threads,
     );
@@ -74,7 +74,7 @@ fn main() {
         (32, 64, 3, 7),
         (32, 32, 3, 7),
     ] {
-        let mut c = Conv2d::new(cin, cout, k, 1, k / 2, false, hw, hw);
+        let mut c = Conv2d::new(cin, cout, k, 1, k / 2, false, hw, hw).unwrap();
         let flops = 2.0 * (n * cout * cin * k * k * hw * hw) as f64;
         let t = Instant::now();
         time(

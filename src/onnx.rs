@@ -15,7 +15,7 @@
 //! Sigmoid   -> Sigmoid,  ReLU -> Relu,  Dropout -> Identity
 //! Conv2d    -> Conv(x, W[, b]; kernel_shape, strides, pads), W in PyTorch's [out, in, k, k]
 //! MaxPool2d -> MaxPool(kernel_shape, strides, pads)
-//! AvgPool2d -> AveragePool(kernel_shape, strides, pads, count_include_pad = 1)
+//! AvgPool2d -> AveragePool(kernel_shape, strides, pads, count_include_pad as the layer's)
 //! GlobalAvgPool -> GlobalAveragePool, then Flatten(axis = 1)
 //! Concat    -> each branch a chain from the block's input, then Concat(axis = 1)
 //! ```
@@ -236,7 +236,7 @@ impl Graph {
         Ok(())
     }
 
-    /// MaxPool or AveragePool (padding counted) with a square window.
+    /// MaxPool or AveragePool (`count_include_pad` given for the latter) with a square window.
     #[allow(clippy::too_many_arguments)]
     fn pool(
         &mut self,
@@ -245,6 +245,7 @@ impl Graph {
         desc: &str,
         geom: (usize, usize, usize, usize),
         out_hw: (usize, usize),
+        count_include_pad: Option<bool>,
         out: &str,
     ) -> Result<()> {
         let (k, s, p, c) = geom;
@@ -256,8 +257,8 @@ impl Graph {
             ("strides", Attr::Ints(vec![s, s])),
             ("pads", Attr::Ints(vec![p, p, p, p])),
         ];
-        if op == "AveragePool" {
-            attrs.push(("count_include_pad", Attr::Int(1)));
+        if let Some(include) = count_include_pad {
+            attrs.push(("count_include_pad", Attr::Int(i64::from(include))));
         }
         self.node(op, name, &[&input], out, &attrs);
         self.shape = vec![c, out_hw.0, out_hw.1];
@@ -286,11 +287,11 @@ impl Graph {
         }
         if let Some(mp) = any.downcast_mut::<MaxPool2d>() {
             let (g, o) = (mp.geometry(), mp.out_hw());
-            return self.pool("MaxPool", name, &desc, g, o, out);
+            return self.pool("MaxPool", name, &desc, g, o, None, out);
         }
         if let Some(ap) = any.downcast_mut::<AvgPool2d>() {
-            let (g, o) = (ap.geometry(), ap.out_hw());
-            return self.pool("AveragePool", name, &desc, g, o, out);
+            let (g, o, inc) = (ap.geometry(), ap.out_hw(), ap.count_include_pad());
+            return self.pool("AveragePool", name, &desc, g, o, Some(inc), out);
         }
         if let Some(gap) = any.downcast_mut::<GlobalAvgPool>() {
             let c = gap.c;

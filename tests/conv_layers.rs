@@ -36,7 +36,8 @@ struct ConvShape {
 
 fn conv(sh: ConvShape, seed: u64) -> Conv2d {
     let mut rng = Lcg(seed);
-    let mut l = Conv2d::new(sh.c, sh.o, sh.k, sh.s, sh.p, sh.bias, sh.h, sh.w);
+    let mut l =
+        Conv2d::new(sh.c, sh.o, sh.k, sh.s, sh.p, sh.bias, sh.h, sh.w).expect("conv geometry");
     let fan_in = (sh.c * sh.k * sh.k) as f64;
     l.set_weight(&rng.vec_f32(sh.o * sh.c * sh.k * sh.k, 1.0 / fan_in.sqrt(), 0.0));
     if let Some(b) = &mut l.bias {
@@ -64,7 +65,7 @@ fn conv_unit(cin: usize, cout: usize, k: usize, bn: bool, h: usize, w: usize) ->
         children.push(("bn", Box::new(BatchNorm::new(cout, h * w, 1e-5, true))));
     }
     children.push(("act", Box::new(Relu::new(cout * h * w))));
-    Box::new(Sequential::named(children))
+    Box::new(Sequential::named(children).unwrap())
 }
 
 /// torch_inception.py's `Inception` block on `h x w` maps.
@@ -84,9 +85,13 @@ fn inception(
     let seq = |v: Vec<Box<dyn Layer>>| -> Box<dyn Layer> { Box::new(Sequential::new(v)) };
     // b4's pool is applied in `forward`, outside the module `b4`: an unnamed child.
     let b4 = Sequential::named(vec![
-        ("", Box::new(AvgPool2d::new(cin, 3, 1, 1, h, w))),
+        (
+            "",
+            Box::new(AvgPool2d::new(cin, 3, 1, 1, h, w, true).unwrap()),
+        ),
         ("", conv_unit(cin, c4, 1, bn, h, w)),
-    ]);
+    ])
+    .unwrap();
     Concat::new(vec![
         ("b1", conv_unit(cin, c1, 1, bn, h, w)),
         (
@@ -106,6 +111,7 @@ fn inception(
         ),
         ("b4", Box::new(b4)),
     ])
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,7 +327,7 @@ fn conv_matches_direct_convolution_on_one_and_two_threads() {
 
 #[test]
 fn conv_describe_and_state() {
-    let mut l = Conv2d::new(3, 8, 3, 2, 1, false, 28, 20);
+    let mut l = Conv2d::new(3, 8, 3, 2, 1, false, 28, 20).unwrap();
     assert_eq!((l.out_h, l.out_w), (14, 10));
     assert_eq!(l.in_size(), 3 * 28 * 20);
     assert_eq!(l.out_size(), 8 * 14 * 10);
@@ -367,7 +373,7 @@ fn max_pool_gradients() {
         let n = 2;
         let x = distinct(n * 3 * h * w, 0.05, 21);
         check(
-            &|| Box::new(MaxPool2d::new(3, k, s, p, h, w)),
+            &|| Box::new(MaxPool2d::new(3, k, s, p, h, w).unwrap()),
             x,
             n,
             Mode::Train,
@@ -379,7 +385,7 @@ fn max_pool_gradients() {
 
 #[test]
 fn max_pool_picks_first_maximum_on_ties() {
-    let mut l = MaxPool2d::new(1, 2, 2, 0, 2, 4);
+    let mut l = MaxPool2d::new(1, 2, 2, 0, 2, 4).unwrap();
     l.reserve(1);
     let x = [1.0, 3.0, 2.0, 2.0, 3.0, 0.0, 2.0, 2.0];
     let mut y = [0f32; 2];
@@ -396,7 +402,7 @@ fn avg_pool_gradients() {
         let n = 2;
         let x = Lcg(22).vec_f32(n * 3 * h * w, 1.0, 0.0);
         check(
-            &|| Box::new(AvgPool2d::new(3, k, s, p, h, w)),
+            &|| Box::new(AvgPool2d::new(3, k, s, p, h, w, true).unwrap()),
             x,
             n,
             Mode::Train,
@@ -409,7 +415,7 @@ fn avg_pool_gradients() {
 #[test]
 fn avg_pool_counts_padding() {
     // count_include_pad=True: a corner window of ones sees 4 of 9 taps inside, so 4/9.
-    let mut l = AvgPool2d::new(1, 3, 1, 1, 3, 3);
+    let mut l = AvgPool2d::new(1, 3, 1, 1, 3, 3, true).unwrap();
     l.reserve(1);
     let mut y = [0f32; 9];
     l.forward(ctx(Mode::Train), &[1.0; 9], &mut y, 1).unwrap();
@@ -434,14 +440,14 @@ fn global_avg_pool_gradients() {
     let n = 3;
     let x = Lcg(23).vec_f32(n * 4 * 5 * 3, 1.0, 0.5);
     check(
-        &|| Box::new(GlobalAvgPool::new(4, 5, 3)),
+        &|| Box::new(GlobalAvgPool::new(4, 5, 3).unwrap()),
         x.clone(),
         n,
         Mode::Train,
         1e-2,
         2e-3,
     );
-    let mut l = GlobalAvgPool::new(4, 5, 3);
+    let mut l = GlobalAvgPool::new(4, 5, 3).unwrap();
     let mut y = vec![0f32; n * 4];
     l.forward(ctx(Mode::Eval), &x, &mut y, n).unwrap();
     for (j, v) in y.iter().enumerate() {
@@ -475,7 +481,10 @@ fn concat_gradients() {
             31,
         );
         let b2 = Sequential::named(vec![
-            ("", Box::new(AvgPool2d::new(c, 3, 1, 1, h, w))),
+            (
+                "",
+                Box::new(AvgPool2d::new(c, 3, 1, 1, h, w, true).unwrap()),
+            ),
             (
                 "conv",
                 Box::new(conv(
@@ -492,11 +501,9 @@ fn concat_gradients() {
                     32,
                 )),
             ),
-        ]);
-        Box::new(Concat::new(vec![
-            ("b1", Box::new(b1)),
-            ("b2", Box::new(b2)),
-        ]))
+        ])
+        .unwrap();
+        Box::new(Concat::new(vec![("b1", Box::new(b1)), ("b2", Box::new(b2))]).unwrap())
     };
     let n = 2;
     let x = Lcg(24).vec_f32(n * c * h * w, 1.0, 0.0);
@@ -523,7 +530,7 @@ fn concat_output_is_branches_in_channel_order() {
             seed,
         )
     };
-    let mut cat = Concat::new(vec![("a", Box::new(mk(2, 1))), ("b", Box::new(mk(3, 2)))]);
+    let mut cat = Concat::new(vec![("a", Box::new(mk(2, 1))), ("b", Box::new(mk(3, 2)))]).unwrap();
     let (mut a, mut b) = (mk(2, 1), mk(3, 2));
     let x = Lcg(25).vec_f32(n * c * h * w, 1.0, 0.0);
     for l in [&mut cat as &mut dyn Layer, &mut a, &mut b] {
@@ -674,7 +681,7 @@ fn conv_matches_pytorch() {
         let bias = r.tensor(&format!("{name}.bias")).is_ok();
         let (n, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
         assert_eq!((ws[1], ws[2], ws[3]), (c, k, k));
-        let mut l = Conv2d::new(c, ws[0], k, s, p, bias, h, wd);
+        let mut l = Conv2d::new(c, ws[0], k, s, p, bias, h, wd).unwrap();
         l.set_weight(&w);
         if bias {
             l.bias = Some(tensor(&r, &format!("{name}.bias")).0);
@@ -700,9 +707,9 @@ fn pools_match_pytorch() {
         let (x, xs) = tensor(&r, &format!("{name}.x"));
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let mut l: Box<dyn Layer> = if name == "maxpool" {
-            Box::new(MaxPool2d::new(c, 2, 2, 0, h, w))
+            Box::new(MaxPool2d::new(c, 2, 2, 0, h, w).unwrap())
         } else {
-            Box::new(AvgPool2d::new(c, 3, 1, 1, h, w))
+            Box::new(AvgPool2d::new(c, 3, 1, 1, h, w, true).unwrap())
         };
         let (dy, _) = tensor(&r, &format!("{name}.dy"));
         let (y, dx, _) = run(l.as_mut(), &x, &dy, n, 1);

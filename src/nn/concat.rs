@@ -13,7 +13,7 @@
 
 use super::named::{check_names, child_prefix};
 use super::{BatchNorm, Ctx, Layer, TensorMut};
-use crate::Result;
+use crate::{Error, Result};
 
 pub struct Concat {
     pub branches: Vec<Box<dyn Layer>>,
@@ -27,29 +27,36 @@ pub struct Concat {
 
 impl Concat {
     /// Branches in concatenation order with their names. All take the same input.
-    pub fn new(branches: Vec<(&str, Box<dyn Layer>)>) -> Self {
-        assert!(!branches.is_empty(), "Concat needs at least one branch");
+    ///
+    /// An error if there is no branch, a name contains a dot or is used twice, or the branches
+    /// take different input sizes.
+    pub fn new(branches: Vec<(&str, Box<dyn Layer>)>) -> Result<Self> {
         let (names, branches): (Vec<String>, Vec<Box<dyn Layer>>) = branches
             .into_iter()
             .map(|(n, l)| (n.to_string(), l))
             .unzip();
-        check_names(&names);
-        let in_size = branches[0].in_size();
+        let Some(first) = branches.first() else {
+            return Err(Error::Shape("Concat needs at least one branch".into()));
+        };
+        check_names(&names)?;
+        let in_size = first.in_size();
         for (n, b) in names.iter().zip(&branches) {
-            assert_eq!(
-                b.in_size(),
-                in_size,
-                "branch '{n}' takes a different input size"
-            );
+            if b.in_size() != in_size {
+                return Err(Error::Shape(format!(
+                    "Concat: branch '{n}' takes {} inputs, branch '{}' takes {in_size}",
+                    b.in_size(),
+                    names[0]
+                )));
+            }
         }
-        Concat {
+        Ok(Concat {
             branches,
             names,
             outs: Vec::new(),
             grads: Vec::new(),
             dx_branch: Vec::new(),
             max_batch: 0,
-        }
+        })
     }
 
     /// The output of branch `b` from the last forward pass, `n x out_size_b`.

@@ -20,19 +20,49 @@
 use super::{Ctx, Layer, TensorMut};
 use crate::kernels::join;
 use crate::kernels::matmul::{matmul, Trans};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Output length along one axis: `floor((len + 2p - k) / s) + 1`, as PyTorch (no ceil mode).
-pub(crate) fn out_len(len: usize, k: usize, stride: usize, padding: usize) -> usize {
-    assert!(
-        k >= 1 && stride >= 1,
-        "kernel and stride must be at least 1"
-    );
-    assert!(
-        len + 2 * padding >= k,
-        "kernel {k} larger than the padded input {len} + 2*{padding}"
-    );
-    (len + 2 * padding - k) / stride + 1
+/// An error (`Error::Shape`, saying what is wrong) for a zero kernel, stride or input length,
+/// or a kernel larger than the padded input.
+pub(crate) fn out_len(len: usize, k: usize, stride: usize, padding: usize) -> Result<usize> {
+    if k == 0 {
+        return Err(Error::Shape("kernel size 0".into()));
+    }
+    if stride == 0 {
+        return Err(Error::Shape("stride 0".into()));
+    }
+    if len == 0 {
+        return Err(Error::Shape("input of size 0".into()));
+    }
+    let padded = padding
+        .checked_mul(2)
+        .and_then(|p2| p2.checked_add(len))
+        .ok_or_else(|| Error::Shape(format!("padding {padding} too large")))?;
+    if padded < k {
+        return Err(Error::Shape(format!(
+            "kernel {k} larger than the padded input {len} + 2*{padding}"
+        )));
+    }
+    Ok((padded - k) / stride + 1)
+}
+
+/// `Error::Shape` for a layer: its description, then what is wrong (`msg`, or the message of
+/// the shape error `cause` with `context` before it).
+pub(crate) fn shape_error(layer: &str, context: &str, cause: Error) -> Error {
+    let msg = match cause {
+        Error::Shape(m) => m,
+        other => other.to_string(),
+    };
+    Error::Shape(format!("{layer}: {context}{msg}"))
+}
+
+/// `a * b * ...` or an error naming `what` when the product overflows.
+pub(crate) fn checked_product(factors: &[usize], what: &str) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .ok_or_else(|| Error::Shape(format!("{what} too large ({factors:?})")))
 }
 
 /// The output positions `o` in `[lo, hi)` whose tap `t` lands inside the input, i.e.
@@ -447,6 +477,9 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Zero-initialized; presets fill the weights. `in_h x in_w` is the input's spatial size.
+    ///
+    /// An error (`Error::Shape`, saying what is wrong) for zero channels, kernel, stride or
+    /// input size, a kernel larger than the padded input, or sizes whose products overflow.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         in_ch: usize,
@@ -457,11 +490,24 @@ impl Conv2d {
         bias: bool,
         in_h: usize,
         in_w: usize,
-    ) -> Self {
-        let out_h = out_len(in_h, k, stride, padding);
-        let out_w = out_len(in_w, k, stride, padding);
-        let wlen = out_ch * in_ch * k * k;
-        Conv2d {
+    ) -> Result<Self> {
+        let what = format!(
+            "Conv2d({in_ch}, {out_ch}, kernel_size={k}, stride={stride}, padding={padding}) \
+             on {in_h}x{in_w}"
+        );
+        let err = |context: &str, e: Error| shape_error(&what, context, e);
+        if in_ch == 0 || out_ch == 0 {
+            return Err(err("", Error::Shape("0 channels".into())));
+        }
+        let out_h = out_len(in_h, k, stride, padding).map_err(|e| err("height: ", e))?;
+        let out_w = out_len(in_w, k, stride, padding).map_err(|e| err("width: ", e))?;
+        let wlen = checked_product(&[out_ch, in_ch, k, k], "weight").map_err(|e| err("", e))?;
+        // Every per-example buffer size the layer computes must be representable.
+        checked_product(&[in_ch, in_h, in_w], "input").map_err(|e| err("", e))?;
+        // (in*k*k <= the weight's length, checked above.)
+        checked_product(&[out_ch.max(in_ch * k * k), out_h, out_w], "output")
+            .map_err(|e| err("", e))?;
+        Ok(Conv2d {
             in_ch,
             out_ch,
             k,
@@ -478,7 +524,7 @@ impl Conv2d {
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: [Vec::new(), Vec::new()],
             max_batch: 0,
-        }
+        })
     }
 
     /// Set the weight from PyTorch's `[out, in, k, k]` layout (the storage layout too).

@@ -9,8 +9,12 @@
 //! computation but not of the module tree, so the branch is
 //! `Sequential::named(vec![("", pool), ("", conv_unit)])` and its tensors come out as
 //! `b4.conv.weight`, not `b4.1.conv.weight`.
+//!
+//! Names are checked when the container is built: no dots (they separate levels), no name
+//! twice at one level.
 
 use super::{Layer, Sequential};
+use crate::{Error, Result};
 
 /// A `Sequential` with explicit child names (see the module doc).
 pub type NamedSequential = Sequential;
@@ -28,15 +32,38 @@ pub(crate) fn child_prefix(prefix: &str, name: &str) -> String {
 impl Sequential {
     /// A chain whose children are named explicitly, e.g. `[("conv", ..), ("bn", ..),
     /// ("act", ..)]`; an empty name adds no level to the names inside.
-    pub fn named(children: Vec<(&str, Box<dyn Layer>)>) -> Sequential {
+    ///
+    /// An error if there is no child, a name contains a dot or is used twice, or a child does
+    /// not take as many inputs as the one before it gives.
+    pub fn named(children: Vec<(&str, Box<dyn Layer>)>) -> Result<Sequential> {
         let (names, layers): (Vec<String>, Vec<Box<dyn Layer>>) = children
             .into_iter()
             .map(|(n, l)| (n.to_string(), l))
             .unzip();
-        check_names(&names);
+        if layers.is_empty() {
+            return Err(Error::Shape("a Sequential needs at least one child".into()));
+        }
+        check_names(&names)?;
+        for (i, pair) in layers.windows(2).enumerate() {
+            if pair[0].out_size() != pair[1].in_size() {
+                let name = |j: usize| match names[j].as_str() {
+                    "" => format!("#{j} (unnamed)"),
+                    n => format!("'{n}'"),
+                };
+                return Err(Error::Shape(format!(
+                    "child {} ({}) takes {} inputs, child {} ({}) gives {}",
+                    name(i + 1),
+                    pair[1].describe().lines().next().unwrap_or_default(),
+                    pair[1].in_size(),
+                    name(i),
+                    pair[0].describe().lines().next().unwrap_or_default(),
+                    pair[0].out_size()
+                )));
+            }
+        }
         let mut s = Sequential::new(layers);
         s.names = Some(names);
-        s
+        Ok(s)
     }
 
     /// Each child's name: explicit, or its index as in PyTorch.
@@ -49,13 +76,21 @@ impl Sequential {
 }
 
 /// Names must be usable as `state_dict` keys and distinct (empty names excepted: they add no
-/// level, so they cannot collide at this one).
-pub(crate) fn check_names(names: &[String]) {
+/// level, so they cannot collide at this one); an error (`Error::Config`) says which is not.
+pub(crate) fn check_names(names: &[String]) -> Result<()> {
     for (i, n) in names.iter().enumerate() {
-        assert!(!n.contains('.'), "child name '{n}' contains a dot");
-        assert!(
-            n.is_empty() || !names[..i].contains(n),
-            "child name '{n}' used twice"
-        );
+        if n.contains('.') {
+            return Err(Error::config(
+                "layer names",
+                format!("child name '{n}' contains a dot"),
+            ));
+        }
+        if !n.is_empty() && names[..i].contains(n) {
+            return Err(Error::config(
+                "layer names",
+                format!("child name '{n}' used twice"),
+            ));
+        }
     }
+    Ok(())
 }

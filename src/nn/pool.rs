@@ -1,12 +1,12 @@
 //! Pooling on NCHW feature maps: `MaxPool2d` and `AvgPool2d` (PyTorch's `nn.MaxPool2d`,
-//! `nn.AvgPool2d` with `count_include_pad=True`, no ceil mode), and `GlobalAvgPool` (the mean
+//! `nn.AvgPool2d` with either `count_include_pad`, no ceil mode), and `GlobalAvgPool` (the mean
 //! over all positions of each channel, `x.mean((2, 3))`, giving `n x C`). Pools act on each
 //! channel alone and behave the same in every mode.
 
-use super::conv::{out_len, valid_range};
+use super::conv::{checked_product, out_len, shape_error, valid_range};
 use super::{halves, halves_mut, Ctx, Layer};
 use crate::kernels::join;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Window geometry shared by the two windowed pools.
 #[derive(Clone, Copy, Debug)]
@@ -22,19 +22,39 @@ struct Window {
 }
 
 impl Window {
-    fn new(c: usize, k: usize, s: usize, p: usize, h: usize, w: usize) -> Self {
+    /// The geometry of pool `name`, or an error saying what is wrong with it.
+    fn new(name: &str, c: usize, k: usize, s: usize, p: usize, h: usize, w: usize) -> Result<Self> {
+        let what = format!("{name}(kernel_size={k}, stride={s}, padding={p}) on {c}x{h}x{w}");
+        let err = |context: &str, e: Error| shape_error(&what, context, e);
+        if c == 0 {
+            return Err(err("", Error::Shape("0 channels".into())));
+        }
+        if k == 0 || s == 0 {
+            return Err(err(
+                "",
+                Error::Shape("kernel and stride must be at least 1".into()),
+            ));
+        }
         // PyTorch's rule: a window may not lie entirely in the padding.
-        assert!(p <= k / 2, "pool padding {p} above half the kernel {k}");
-        Window {
+        if p > k / 2 {
+            return Err(err(
+                "",
+                Error::Shape(format!("pool padding {p} above half the kernel {k}")),
+            ));
+        }
+        let oh = out_len(h, k, s, p).map_err(|e| err("height: ", e))?;
+        let ow = out_len(w, k, s, p).map_err(|e| err("width: ", e))?;
+        checked_product(&[c, h, w], "input").map_err(|e| err("", e))?;
+        Ok(Window {
             c,
             h,
             w,
             k,
             s,
             p,
-            oh: out_len(h, k, s, p),
-            ow: out_len(w, k, s, p),
-        }
+            oh,
+            ow,
+        })
     }
     fn in_size(&self) -> usize {
         self.c * self.h * self.w
@@ -148,14 +168,15 @@ fn max_backward(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
 /// Largest map (`h * w`) the 3x3 box filter handles with its buffers on the stack.
 const BOX_MAX_HW: usize = 1024;
 
-/// Average pooling of whole planes, divided by `k * k` (padding counted as zeros). Also the
-/// backward pass of the 3x3, stride 1, padding 1 pool, whose adjoint is the same filter.
-fn avg_forward(g: Window, x: &[f32], y: &mut [f32]) {
+/// Average pooling of whole planes, divided by `k * k` (padding counted as zeros) or, with
+/// `include_pad` false, by the number of taps inside the input. Also the backward pass of the
+/// 3x3, stride 1, padding 1 pool counting the padding, whose adjoint is the same filter.
+fn avg_forward(g: Window, include_pad: bool, x: &[f32], y: &mut [f32]) {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let planes = y.len() / ohw.max(1);
     // Divided (not multiplied by the reciprocal), as PyTorch does.
     let div = (g.k * g.k) as f32;
-    if g.is_box3() {
+    if include_pad && g.is_box3() {
         box3(g.h, g.w, &x[..planes * hw], y, div);
         return;
     }
@@ -171,6 +192,11 @@ fn avg_forward(g: Window, x: &[f32], y: &mut [f32]) {
                         s += v;
                     }
                 }
+                let div = if include_pad {
+                    div
+                } else {
+                    ((y1 - y0) * (x1 - x0)) as f32
+                };
                 yp[oy * g.ow + ox] = s / div;
             }
         }
@@ -214,20 +240,40 @@ crate::simd_kernel! {
     }
 }
 
-/// Add each output gradient, divided by `k * k`, to the inputs its window covered.
-fn avg_backward(g: Window, dy: &[f32], dx: &mut [f32]) {
+/// Add each output gradient, divided as in the forward pass, to the inputs its window covered.
+fn avg_backward(g: Window, include_pad: bool, dy: &[f32], dx: &mut [f32]) {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let planes = dx.len() / hw.max(1);
     let div = (g.k * g.k) as f32;
-    if g.is_box3() {
+    if include_pad && g.is_box3() {
         // The box filter is its own adjoint.
         box3(g.h, g.w, &dy[..planes * ohw], dx, div);
         return;
     }
-    for (dxp, dyp) in dx
+    let pairs = dx
         .chunks_exact_mut(hw)
-        .zip(dy[..planes * ohw].chunks_exact(ohw))
-    {
+        .zip(dy[..planes * ohw].chunks_exact(ohw));
+    if !include_pad {
+        // Window by window: each output's share, its gradient over its own count, added to
+        // the input pixels the window covered.
+        for (dxp, dyp) in pairs {
+            dxp.fill(0.0);
+            for oy in 0..g.oh {
+                let (y0, y1) = g.span(oy, g.h);
+                for ox in 0..g.ow {
+                    let (x0, x1) = g.span(ox, g.w);
+                    let share = dyp[oy * g.ow + ox] / ((y1 - y0) * (x1 - x0)) as f32;
+                    for iy in y0..y1 {
+                        for d in &mut dxp[iy * g.w + x0..iy * g.w + x1] {
+                            *d += share;
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for (dxp, dyp) in pairs {
         dxp.fill(0.0);
         // Tap by tap (as im2col's adjoint): for each kernel offset, the outputs whose tap
         // lands inside the input add their share to a contiguous run of input pixels
@@ -267,6 +313,10 @@ impl MaxPool2d {
         (self.win.k, self.win.s, self.win.p, self.win.c)
     }
     /// `channels` maps of `in_h x in_w`; a `k x k` window every `stride`, `padding` of -inf.
+    ///
+    /// An error (`Error::Shape`, saying what is wrong) for zero channels, kernel, stride or
+    /// input size, padding above half the kernel (PyTorch's rule), a kernel larger than the
+    /// padded input, or a map of more than 2^32 positions.
     pub fn new(
         channels: usize,
         k: usize,
@@ -274,14 +324,22 @@ impl MaxPool2d {
         padding: usize,
         in_h: usize,
         in_w: usize,
-    ) -> Self {
-        let win = Window::new(channels, k, stride, padding, in_h, in_w);
-        assert!(in_h * in_w <= u32::MAX as usize, "feature map too large");
-        MaxPool2d {
+    ) -> Result<Self> {
+        let win = Window::new("MaxPool2d", channels, k, stride, padding, in_h, in_w)?;
+        if in_h
+            .checked_mul(in_w)
+            .is_none_or(|hw| hw > u32::MAX as usize)
+        {
+            return Err(Error::Shape(format!(
+                "MaxPool2d on {in_h}x{in_w}: feature map too large (above 2^32 positions)"
+            )));
+        }
+        Ok(MaxPool2d {
             win,
             argmax: Vec::new(),
-        }
+        })
     }
+    /// The output map's `(height, width)`.
     pub fn out_hw(&self) -> (usize, usize) {
         (self.win.oh, self.win.ow)
     }
@@ -342,10 +400,11 @@ impl Layer for MaxPool2d {
     }
 }
 
-/// Average pooling that always divides by `k * k`, padding counted as zeros
-/// (`count_include_pad=True`, PyTorch's default).
+/// Average pooling. With `count_include_pad` (PyTorch's default) every window is divided by
+/// `k * k`, padding counted as zeros; without it, by the number of its taps inside the input.
 pub struct AvgPool2d {
     win: Window,
+    count_include_pad: bool,
 }
 
 impl AvgPool2d {
@@ -353,6 +412,12 @@ impl AvgPool2d {
     pub fn geometry(&self) -> (usize, usize, usize, usize) {
         (self.win.k, self.win.s, self.win.p, self.win.c)
     }
+    /// `channels` maps of `in_h x in_w`; a `k x k` window every `stride`, `padding` of zeros,
+    /// counted in the divisor or not as PyTorch's `count_include_pad`.
+    ///
+    /// An error (`Error::Shape`, saying what is wrong) for zero channels, kernel, stride or
+    /// input size, padding above half the kernel (PyTorch's rule) or a kernel larger than the
+    /// padded input.
     pub fn new(
         channels: usize,
         k: usize,
@@ -360,13 +425,20 @@ impl AvgPool2d {
         padding: usize,
         in_h: usize,
         in_w: usize,
-    ) -> Self {
-        AvgPool2d {
-            win: Window::new(channels, k, stride, padding, in_h, in_w),
-        }
+        count_include_pad: bool,
+    ) -> Result<Self> {
+        Ok(AvgPool2d {
+            win: Window::new("AvgPool2d", channels, k, stride, padding, in_h, in_w)?,
+            count_include_pad,
+        })
     }
+    /// The output map's `(height, width)`.
     pub fn out_hw(&self) -> (usize, usize) {
         (self.win.oh, self.win.ow)
+    }
+    /// PyTorch's `count_include_pad`: whether the padding counts in each window's divisor.
+    pub fn count_include_pad(&self) -> bool {
+        self.count_include_pad
     }
 }
 
@@ -384,10 +456,11 @@ impl Layer for AvgPool2d {
         let (isz, osz) = (g.in_size(), g.out_size());
         let (xa, xb) = halves(x, n, isz);
         let (ya, yb) = halves_mut(y, n, osz);
+        let inc = self.count_include_pad;
         join(
             ctx.threads,
-            || avg_forward(g, xa, ya),
-            || avg_forward(g, xb, yb),
+            || avg_forward(g, inc, xa, ya),
+            || avg_forward(g, inc, xb, yb),
         );
         Ok(())
     }
@@ -406,10 +479,11 @@ impl Layer for AvgPool2d {
         let (isz, osz) = (g.in_size(), g.out_size());
         let (dxa, dxb) = halves_mut(dx, n, isz);
         let (dya, dyb) = halves(dy, n, osz);
+        let inc = self.count_include_pad;
         join(
             ctx.threads,
-            || avg_backward(g, dya, dxa),
-            || avg_backward(g, dyb, dxb),
+            || avg_backward(g, inc, dya, dxa),
+            || avg_backward(g, inc, dyb, dxb),
         );
     }
 
@@ -417,7 +491,12 @@ impl Layer for AvgPool2d {
         self
     }
     fn describe(&self) -> String {
-        self.win.describe("AvgPool2d", "")
+        let extra = if self.count_include_pad {
+            ""
+        } else {
+            ", count_include_pad=False"
+        };
+        self.win.describe("AvgPool2d", extra)
     }
 }
 
@@ -429,8 +508,15 @@ pub struct GlobalAvgPool {
 }
 
 impl GlobalAvgPool {
-    pub fn new(channels: usize, h: usize, w: usize) -> Self {
-        GlobalAvgPool { c: channels, h, w }
+    /// `channels` maps of `h x w`; an error (`Error::Shape`) if any of them is 0 (nothing to
+    /// average) or their product overflows.
+    pub fn new(channels: usize, h: usize, w: usize) -> Result<Self> {
+        let what = format!("GlobalAvgPool on {channels}x{h}x{w}");
+        if channels == 0 || h == 0 || w == 0 {
+            return Err(Error::Shape(format!("{what}: a map of size 0")));
+        }
+        checked_product(&[channels, h, w], "input").map_err(|e| shape_error(&what, "", e))?;
+        Ok(GlobalAvgPool { c: channels, h, w })
     }
 }
 
