@@ -245,7 +245,7 @@ pub fn load_from(
     let model = net.name().to_string();
     let bad = |msg: String| Error::checkpoint(path, format!("{msg} (loading into {model})"));
     if let Some(theirs) = file.metadata.get("bnlab_model") {
-        if theirs != model {
+        if *theirs != model {
             return Err(Error::checkpoint(
                 path,
                 format!("this checkpoint is for {theirs}, not {model}"),

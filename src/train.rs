@@ -7,7 +7,7 @@
 use crate::data::Dataset;
 use crate::kernels::join;
 use crate::network::Network;
-use crate::nn::{InferenceStats, Mode};
+use crate::nn::{InferenceStats, Layer, Mode};
 use crate::optim::{Schedule, Sgd};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;

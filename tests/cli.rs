@@ -44,7 +44,7 @@ fn nonsense_flags_are_refused() {
     );
     fails_with(
         &["train", "--model", "resnet", "--data", d],
-        &["unknown preset 'resnet'"],
+        &["'resnet' is neither a preset", "resnet20-bn"],
     );
     fails_with(
         &[
@@ -141,7 +141,7 @@ fn missing_data_and_bad_checkpoints_are_named() {
             "--steps",
             "1",
         ],
-        &["missing Fashion-MNIST", "dataset-fashion-mnist"],
+        &["missing data file", "nothing-here"],
     );
     // A resumed run keeps its own settings: training flags beside --resume are refused.
     fails_with(

@@ -5,7 +5,6 @@
 use bnlab::checkpoint;
 use bnlab::data::idx::{parse_idx, read_idx};
 use bnlab::network::Network;
-use bnlab::presets::Preset;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +17,7 @@ fn load_with(loader: &str, path: &Path) -> Result<(), String> {
         "idx3" => read_idx(path, 3).map(|_| ()).map_err(|e| e.to_string()),
         "idx1" => read_idx(path, 1).map(|_| ()).map_err(|e| e.to_string()),
         model => {
-            let mut net = Network::new(Preset::parse(model).unwrap(), 0, 2, 1);
+            let mut net = Network::preset(model, 0, 2, 1).unwrap();
             checkpoint::load(&mut net, path).map_err(|e| e.to_string())
         }
     }
@@ -59,10 +58,10 @@ fn every_corpus_file_gets_its_clear_error() {
 fn a_checkpoint_holding_nan_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("nan.safetensors");
-    let mut net = Network::new(Preset::MlpFig1Bn, 0, 2, 1);
+    let mut net = Network::preset("mlp-fig1-bn", 0, 2, 1).unwrap();
     net.for_each_batch_norm(&mut |bn| bn.running_var[3] = f32::NAN);
     checkpoint::save(&mut net, &p).unwrap();
-    let mut fresh = Network::new(Preset::MlpFig1Bn, 0, 2, 1);
+    let mut fresh = Network::preset("mlp-fig1-bn", 0, 2, 1).unwrap();
     let e = checkpoint::load(&mut fresh, &p).unwrap_err().to_string();
     assert!(e.contains("non-finite") && e.contains("running_var"), "{e}");
 }
@@ -70,7 +69,7 @@ fn a_checkpoint_holding_nan_is_refused() {
 fn valid_checkpoint() -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("ok.safetensors");
-    checkpoint::save(&mut Network::new(Preset::MlpFig1, 0, 2, 1), &p).unwrap();
+    checkpoint::save(&mut Network::preset("mlp-fig1", 0, 2, 1).unwrap(), &p).unwrap();
     std::fs::read(p).unwrap()
 }
 
@@ -82,7 +81,7 @@ proptest! {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("fuzz.safetensors");
         std::fs::write(&p, &bytes).unwrap();
-        let mut net = Network::new(Preset::MlpFig1, 0, 2, 1);
+        let mut net = Network::preset("mlp-fig1", 0, 2, 1).unwrap();
         prop_assert!(checkpoint::load(&mut net, &p).is_err());
     }
 
@@ -104,7 +103,7 @@ proptest! {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("mutated.safetensors");
         std::fs::write(&p, &bytes).unwrap();
-        let mut net = Network::new(Preset::MlpFig1, 0, 2, 1);
+        let mut net = Network::preset("mlp-fig1", 0, 2, 1).unwrap();
         // Ok or a clear error: both fine, a panic is not.
         let _ = checkpoint::load(&mut net, &p);
     }

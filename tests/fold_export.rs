@@ -21,7 +21,6 @@ use bnlab::network::Network;
 use bnlab::nn::{BatchNorm, InferenceStats, Layer, Mode};
 use bnlab::onnx::{encode_model, export_onnx};
 use bnlab::optim::Schedule;
-use bnlab::presets::Preset;
 use bnlab::train::{self, Evaluator, Order, TrainConfig, Trainer};
 use common::Lcg;
 use std::path::PathBuf;
@@ -34,7 +33,7 @@ fn mnist() -> Option<&'static Split> {
 }
 
 /// A network trained for 300 steps (momentum, so gamma and beta move away from 1 and 0).
-fn trained(preset: Preset, data: &Split) -> Network {
+fn trained(preset: &str, data: &Split) -> Network {
     let cfg = TrainConfig {
         steps: 300,
         batch_size: 60,
@@ -47,7 +46,7 @@ fn trained(preset: Preset, data: &Split) -> Network {
         eval_every: 0,
         threads: 1,
     };
-    let mut net = Network::new(preset, 1, 1000, 1);
+    let mut net = Network::preset(preset, 1, 1000, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
     for _ in 0..cfg.steps {
         t.step(&mut net, &data.train).unwrap();
@@ -104,7 +103,7 @@ fn folding_hand_set_batch_norm_keeps_the_logits() {
     let n = 50;
     let x = rng.vec_f32(n * 784, 0.5, 0.5);
     for affine in [true, false] {
-        let mut net = Network::new(Preset::MlpFig1Bn, 3, n, 1);
+        let mut net = Network::preset("mlp-fig1-bn", 3, n, 1).unwrap();
         if !affine {
             for l in net.body.layers.iter_mut() {
                 if let Some(bn) = l.as_any_mut().downcast_mut::<BatchNorm>() {
@@ -116,7 +115,7 @@ fn folding_hand_set_batch_norm_keeps_the_logits() {
         randomize_bn(&mut net, &mut rng);
         let want = net.forward(&x, n, Mode::Eval).unwrap().to_vec();
         let mut folded = fold(&mut net).unwrap();
-        assert_eq!(folded.preset, Preset::MlpFig1);
+        assert_eq!(folded.name(), "mlp-fig1");
         let got = folded.forward(&x, n, Mode::Eval).unwrap().to_vec();
         let e = rel_diff(&got, &want);
         assert!(e <= 1e-5, "affine {affine}: relative difference {e:.2e}");
@@ -125,18 +124,18 @@ fn folding_hand_set_batch_norm_keeps_the_logits() {
 
 #[test]
 fn folding_refuses_what_it_cannot_fold() {
-    let mut plain = Network::new(Preset::MlpFig1, 1, 10, 1);
+    let mut plain = Network::preset("mlp-fig1", 1, 10, 1).unwrap();
     let e = fold(&mut plain).err().expect("plain preset").to_string();
     assert!(e.contains("no batch normalization"), "{e}");
 
     // BN after a sigmoid: nothing to fold it into.
-    let mut net = Network::new(Preset::MlpFig1Bn, 1, 10, 1);
+    let mut net = Network::preset("mlp-fig1-bn", 1, 10, 1).unwrap();
     net.body.layers.swap(1, 2);
     let e = fold(&mut net).err().expect("BN after sigmoid").to_string();
     assert!(e.contains("layer 2 (BatchNorm1d"), "{e}");
 
     // A missing layer: the folded layers no longer match the plain preset.
-    let mut net = Network::new(Preset::MlpFig1Bn, 1, 10, 1);
+    let mut net = Network::preset("mlp-fig1-bn", 1, 10, 1).unwrap();
     net.body.layers.remove(2);
     let e = fold(&mut net).err().expect("missing sigmoid").to_string();
     assert!(e.contains("cannot fold mlp-fig1-bn"), "{e}");
@@ -148,7 +147,7 @@ fn folded_network_agrees_with_batch_norm_on_mnist() {
         eprintln!("note: MNIST not present; skipped");
         return;
     };
-    let mut bn_net = trained(Preset::MlpFig1Bn, data);
+    let mut bn_net = trained("mlp-fig1-bn", data);
     let mut eval = Evaluator::new(1000, 784);
     for stats in [InferenceStats::Running, InferenceStats::Population] {
         if stats == InferenceStats::Population {
@@ -179,7 +178,7 @@ fn folded_network_agrees_with_batch_norm_on_mnist() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("folded.safetensors");
         checkpoint::save(&mut folded, &p).unwrap();
-        let mut fresh = Network::new(Preset::MlpFig1, 99, 1000, 1);
+        let mut fresh = Network::preset("mlp-fig1", 99, 1000, 1).unwrap();
         checkpoint::load(&mut fresh, &p).unwrap();
         assert!(
             logits(&mut fresh, &data.test) == got,
@@ -287,14 +286,14 @@ fn value_info(b: &[u8]) -> (String, Vec<Option<u64>>) {
 fn onnx_file_parses_back_with_the_expected_graph() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rng = Lcg(77);
-    for preset in [Preset::MlpFig1Bn, Preset::MlpFig1] {
-        let mut net = Network::new(preset, 5, 10, 1);
+    for preset in ["mlp-fig1-bn", "mlp-fig1"] {
+        let mut net = Network::preset(preset, 5, 10, 1).unwrap();
         randomize_bn(&mut net, &mut rng);
-        let path = tmp.path().join(format!("{}.onnx", preset.name()));
+        let path = tmp.path().join(format!("{}.onnx", preset));
         export_onnx(&mut net, &path).unwrap();
         assert!(!tmp
             .path()
-            .join(format!("{}.onnx.tmp", preset.name()))
+            .join(format!("{}.onnx.tmp", preset))
             .exists());
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes, encode_model(&mut net).unwrap());
@@ -316,7 +315,7 @@ fn onnx_file_parses_back_with_the_expected_graph() {
         let graph = fields(bytes_of(&model, 7)[0]);
         let nodes: Vec<_> = bytes_of(&graph, 1).into_iter().map(fields).collect();
         let ops: Vec<String> = nodes.iter().map(|n| strings_of(n, 4).remove(0)).collect();
-        let want_ops: Vec<&str> = if preset.has_batch_norm() {
+        let want_ops: Vec<&str> = if bnlab::model::preset(preset).unwrap().has_batch_norm() {
             let hidden = ["Gemm", "BatchNormalization", "Sigmoid"];
             hidden.repeat(3).into_iter().chain(["Gemm"]).collect()
         } else {
@@ -391,7 +390,7 @@ fn onnx_file_parses_back_with_the_expected_graph() {
             }
         });
         assert_eq!(w0[784 + 2], want_w0[2 * 100 + 1], "row 1, column 2");
-        if preset.has_batch_norm() {
+        if bnlab::model::preset(preset).unwrap().has_batch_norm() {
             assert!(!inits.contains_key("0.bias"));
             let mut stats = Vec::new();
             net.for_each_batch_norm(&mut |bn| {
@@ -458,7 +457,7 @@ fn onnxruntime_predicts_as_bnlab() {
         eprintln!("note: MNIST not present; onnxruntime check skipped");
         return;
     };
-    let mut bn_net = trained(Preset::MlpFig1Bn, data);
+    let mut bn_net = trained("mlp-fig1-bn", data);
     check_with_onnxruntime(
         &python,
         &mut bn_net,
@@ -479,7 +478,7 @@ fn onnxruntime_predicts_as_bnlab() {
         data,
         "mlp-fig1-bn folded into mlp-fig1",
     );
-    let mut plain = trained(Preset::MlpFig1, data);
+    let mut plain = trained("mlp-fig1", data);
     check_with_onnxruntime(&python, &mut plain, data, "mlp-fig1");
 }
 
@@ -496,7 +495,7 @@ fn fashion() -> Option<&'static Split> {
 }
 
 /// A BN `inception-mini*` net trained 20 steps (batch 16, lr 0.05), sized for batches of 100.
-fn trained_inception(preset: Preset, data: &Split) -> Network {
+fn trained_inception(preset: &str, data: &Split) -> Network {
     let cfg = TrainConfig {
         steps: 20,
         batch_size: 16,
@@ -509,7 +508,7 @@ fn trained_inception(preset: Preset, data: &Split) -> Network {
         eval_every: 0,
         threads: 1,
     };
-    let mut net = Network::new(preset, 1, 100, 1);
+    let mut net = Network::preset(preset, 1, 100, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
     for _ in 0..cfg.steps {
         t.step(&mut net, &data.train).unwrap();
@@ -539,21 +538,21 @@ fn first_logits(net: &mut Network, data: &Dataset, count: usize) -> (Vec<f32>, u
 
 #[test]
 fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
-    let mut plain = Network::new(Preset::InceptionMini, 1, 2, 1);
+    let mut plain = Network::preset("inception-mini", 1, 2, 1).unwrap();
     let e = fold(&mut plain).err().expect("nothing to fold").to_string();
-    assert!(e.contains("no plain counterpart"), "{e}");
+    assert!(e.contains("no batch normalization to fold"), "{e}");
     let Some(data) = fashion() else {
         eprintln!("note: Fashion-MNIST not present; skipped");
         return;
     };
     for (bn_preset, plain_preset) in [
-        (Preset::InceptionMiniBn, Preset::InceptionMini),
-        (Preset::InceptionMiniBnSigmoid, Preset::InceptionMiniSigmoid),
-        (Preset::InceptionMiniBnDropout, Preset::InceptionMini),
+        ("inception-mini-bn", "inception-mini"),
+        ("inception-mini-bn-sigmoid", "inception-mini-sigmoid"),
+        ("inception-mini-bn-dropout", "inception-mini"),
     ] {
         let mut bn_net = trained_inception(bn_preset, data);
         let mut folded = fold(&mut bn_net).unwrap();
-        assert_eq!(folded.preset, plain_preset);
+        assert_eq!(folded.name(), plain_preset);
         let (want, c_bn) = first_logits(&mut bn_net, &data.test, 1000);
         let (got, c_folded) = first_logits(&mut folded, &data.test, 1000);
         let e = rel_diff(&got, &want);
@@ -565,8 +564,8 @@ fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
         println!(
             "{} -> {}: BN {c_bn} / 1000, folded {c_folded} / 1000, \
              logits relative difference {e:.2e}, {flips} argmax flips",
-            bn_preset.name(),
-            plain_preset.name()
+            bn_preset,
+            plain_preset
         );
         assert!(
             e <= 1e-4,
@@ -577,7 +576,7 @@ fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("folded.safetensors");
         checkpoint::save(&mut folded, &p).unwrap();
-        let mut fresh = Network::new(plain_preset, 99, 100, 1);
+        let mut fresh = Network::preset(plain_preset, 99, 100, 1).unwrap();
         checkpoint::load(&mut fresh, &p).unwrap();
         assert!(
             first_logits(&mut fresh, &data.test, 1000).0 == got,
@@ -589,21 +588,21 @@ fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
 #[test]
 fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
     for preset in [
-        Preset::InceptionMiniBn,
-        Preset::InceptionMini,
-        Preset::InceptionMiniBnSigmoid,
-        Preset::InceptionMiniSigmoid,
-        Preset::InceptionMiniBnDropout,
+        "inception-mini-bn",
+        "inception-mini",
+        "inception-mini-bn-sigmoid",
+        "inception-mini-sigmoid",
+        "inception-mini-bn-dropout",
     ] {
         let sigmoid = matches!(
             preset,
-            Preset::InceptionMiniBnSigmoid | Preset::InceptionMiniSigmoid
+            "inception-mini-bn-sigmoid" | "inception-mini-sigmoid"
         );
         let dropout = matches!(
             preset,
-            Preset::InceptionMini | Preset::InceptionMiniSigmoid | Preset::InceptionMiniBnDropout
+            "inception-mini" | "inception-mini-sigmoid" | "inception-mini-bn-dropout"
         );
-        let mut net = Network::new(preset, 5, 2, 1);
+        let mut net = Network::preset(preset, 5, 2, 1).unwrap();
         let bytes = encode_model(&mut net).unwrap();
         let model = fields(&bytes);
         let graph = fields(bytes_of(&model, 7)[0]);
@@ -625,7 +624,7 @@ fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
         };
         assert_eq!(count(act), 15, "{preset:?}");
         assert_eq!(count(other), 0, "{preset:?}");
-        let bn = if preset.has_batch_norm() { 15 } else { 0 };
+        let bn = if bnlab::model::preset(preset).unwrap().has_batch_norm() { 15 } else { 0 };
         assert_eq!(count("BatchNormalization"), bn);
         assert_eq!(count("Identity"), usize::from(dropout), "{preset:?}");
         assert_eq!(ops.len(), 15 * 2 + bn + 2 + 2 + 2 + 3 + count("Identity"));
@@ -656,7 +655,7 @@ fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
                 }
                 "Conv" => {
                     assert_eq!(attrs, ["kernel_shape", "strides", "pads"]);
-                    let bias = !preset.has_batch_norm();
+                    let bias = !bnlab::model::preset(preset).unwrap().has_batch_norm();
                     assert_eq!(strings_of(n, 1).len(), 2 + usize::from(bias));
                 }
                 "AveragePool" => assert!(attrs.contains(&"count_include_pad".to_string())),
@@ -705,7 +704,7 @@ fn onnxruntime_predicts_as_bnlab_on_inception() {
         return;
     };
     let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
-    let mut bn_net = trained_inception(Preset::InceptionMiniBn, data);
+    let mut bn_net = trained_inception("inception-mini-bn", data);
     check_with_onnxruntime_in(&python, &mut bn_net, data, dir, "inception-mini-bn");
     let mut folded = fold(&mut bn_net).unwrap();
     check_with_onnxruntime_in(

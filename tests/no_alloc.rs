@@ -6,7 +6,6 @@ mod common;
 use bnlab::data::load_mnist_dir;
 use bnlab::network::Network;
 use bnlab::optim::Schedule;
-use bnlab::presets::Preset;
 use bnlab::train::{Order, TrainConfig, Trainer};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,7 +38,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Train `preset` for `warmup` steps, then count the allocations of `steps` more, on 1 and 2
 /// threads; SGD with momentum, weight decay and an exponential schedule, shuffled batches.
 fn assert_steps_allocate_nothing(
-    presets: &[Preset],
+    presets: &[&str],
     batch: usize,
     lr: f64,
     warmup: usize,
@@ -69,7 +68,7 @@ fn assert_steps_allocate_nothing(
                 eval_every: 0,
                 threads,
             };
-            let mut net = Network::new(preset, 3, batch, threads);
+            let mut net = Network::preset(preset, 3, batch, threads).unwrap();
             let mut t = Trainer::new(cfg, data.train.len(), data.train.features());
             for _ in 0..warmup {
                 t.step(&mut net, &data.train).unwrap();
@@ -91,7 +90,7 @@ fn assert_steps_allocate_nothing(
 #[test]
 fn training_steps_do_not_allocate() {
     // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is covered too.
-    assert_steps_allocate_nothing(&[Preset::MlpFig1, Preset::MlpFig1Bn], 60, 0.1, 20, 1200);
+    assert_steps_allocate_nothing(&["mlp-fig1", "mlp-fig1-bn"], 60, 0.1, 20, 1200);
 }
 
 /// The convolutional presets too: im2col workspaces, transposed gradients and all products
@@ -100,7 +99,7 @@ fn training_steps_do_not_allocate() {
 #[test]
 fn convolutional_training_steps_do_not_allocate() {
     assert_steps_allocate_nothing(
-        &[Preset::InceptionMiniBn, Preset::InceptionMini],
+        &["inception-mini-bn", "inception-mini"],
         32,
         0.05,
         3,

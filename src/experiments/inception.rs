@@ -592,7 +592,7 @@ fn variant_of(
         dropout: crate::model::preset(recipe.preset)
             .ok()
             .and_then(|s| dropout_of(&s.layers))
-            .unwrap_or(0.0),
+            .unwrap_or(0.0) as f32,
         lr_factor_over_run: match recipe.schedule {
             Schedule::Exponential { gamma, .. } => gamma,
             _ => 1.0,
