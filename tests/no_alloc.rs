@@ -5,6 +5,9 @@ mod common;
 
 use bnlab::data::load_mnist_dir;
 use bnlab::network::Network;
+use bnlab::nn::{
+    BatchNorm, Conv2d, Ctx, GlobalAvgPool, Layer, Linear, Mode, Relu, Residual, Sequential,
+};
 use bnlab::optim::Schedule;
 use bnlab::train::{Order, TrainConfig, Trainer};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -105,4 +108,86 @@ fn convolutional_training_steps_do_not_allocate() {
         3,
         25,
     );
+}
+
+/// A ResNet-like stack built from `Residual` blocks (an identity block, then a projection block
+/// with stride 2, as ResNet-20's stages begin): forward and backward allocate nothing once
+/// reserved, on 1 and 2 threads. No data needed.
+#[test]
+fn residual_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = common::Lcg(5);
+    let mut conv = |cin, cout, k, s, p, hw| -> Box<dyn Layer> {
+        let mut c = Conv2d::new(cin, cout, k, s, p, false, hw, hw).unwrap();
+        let w = rng.vec_f32(c.weight.len(), 0.3, 0.0);
+        c.set_weight(&w);
+        Box::new(c)
+    };
+    let bn = |c, hw| -> Box<dyn Layer> { Box::new(BatchNorm::new(c, hw, 1e-5, true)) };
+    let identity = Sequential::named(vec![
+        ("conv1", conv(8, 8, 3, 1, 1, 16)),
+        ("bn1", bn(8, 256)),
+        ("", Box::new(Relu::new(8 * 256))),
+        ("conv2", conv(8, 8, 3, 1, 1, 16)),
+        ("bn2", bn(8, 256)),
+    ])
+    .unwrap();
+    let project = Sequential::named(vec![
+        ("conv1", conv(8, 16, 3, 2, 1, 16)),
+        ("bn1", bn(16, 64)),
+        ("", Box::new(Relu::new(16 * 64))),
+        ("conv2", conv(16, 16, 3, 1, 1, 8)),
+        ("bn2", bn(16, 64)),
+    ])
+    .unwrap();
+    let downsample: Box<dyn Layer> =
+        Box::new(Sequential::new(vec![conv(8, 16, 1, 2, 0, 16), bn(16, 64)]));
+    let mut net = Sequential::named(vec![
+        ("conv1", conv(3, 8, 3, 1, 1, 16)),
+        ("bn1", bn(8, 256)),
+        ("", Box::new(Relu::new(8 * 256))),
+        (
+            "layer1",
+            Box::new(Residual::new(identity, None, true).unwrap()),
+        ),
+        (
+            "layer2",
+            Box::new(
+                Residual::new(project, Some(("downsample".into(), downsample)), true).unwrap(),
+            ),
+        ),
+        ("", Box::new(GlobalAvgPool::new(16, 8, 8).unwrap())),
+        ("fc", Box::new(Linear::new(16, 10, true))),
+    ])
+    .unwrap();
+    let n = 16;
+    net.reserve(n);
+    let x = rng.vec_f32(n * net.in_size(), 1.0, 0.0);
+    let dy = rng.vec_f32(n * 10, 1.0, 0.0);
+    let mut y = vec![0f32; n * 10];
+    let mut dx = vec![0f32; x.len()];
+    for threads in [1, 2] {
+        let ctx = Ctx {
+            mode: Mode::Train,
+            threads,
+        };
+        let mut step = |net: &mut Sequential| {
+            net.forward(ctx, &x, &mut y, n).unwrap();
+            net.backward(ctx, &x, &y, &dy, Some(&mut dx), n);
+            net.for_each_param(&mut |p, g| {
+                for (a, &b) in p.iter_mut().zip(g) {
+                    *a -= 1e-3 * b;
+                }
+            });
+        };
+        for _ in 0..2 {
+            step(&mut net);
+        }
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        for _ in 0..10 {
+            step(&mut net);
+        }
+        let after = ALLOCATIONS.load(Ordering::SeqCst);
+        assert_eq!(after - before, 0, "{threads} threads: allocations in steps");
+    }
 }

@@ -1,4 +1,4 @@
-//! Sigmoid and ReLU layers: elementwise, their backward passes use the saved output only.
+//! Sigmoid, ReLU and Tanh layers: elementwise, their backward passes use the saved output only.
 
 use super::{Ctx, Layer};
 use crate::kernels::activation as k;
@@ -35,11 +35,23 @@ impl Nonlinearity for ReluFn {
     }
 }
 
-/// The layer for a nonlinearity on `size` features per example.
+/// tanh, whose derivative is `1 - y^2` of the saved output.
+pub struct TanhFn;
+impl Nonlinearity for TanhFn {
+    const NAME: &'static str = "Tanh()";
+    fn forward(x: &[f32], y: &mut [f32]) {
+        k::tanh_forward(x, y)
+    }
+    fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+        k::tanh_backward(y, dy, dx)
+    }
+}
+
 /// Below this many values a layer's work stays on one thread (the MLP's layers are far
 /// smaller; the convolutional maps far larger).
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
+/// The layer for a nonlinearity on `size` features per example.
 pub struct Elementwise<F: Nonlinearity> {
     size: usize,
     _f: std::marker::PhantomData<F>,
@@ -47,6 +59,7 @@ pub struct Elementwise<F: Nonlinearity> {
 
 pub type Sigmoid = Elementwise<SigmoidFn>;
 pub type Relu = Elementwise<ReluFn>;
+pub type Tanh = Elementwise<TanhFn>;
 
 impl<F: Nonlinearity> Elementwise<F> {
     pub fn new(size: usize) -> Self {

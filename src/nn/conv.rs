@@ -11,7 +11,9 @@
 //!   `im2col`: each column entry is added to the input pixel it was copied from).
 //!
 //! A 1x1 convolution with stride 1 and no padding needs no lowering: the input `[in, h*w]` is
-//! already the matrix.
+//! already the matrix. With stride `s > 1` (ResNet's projection shortcuts) the lowering is a
+//! subsampling: `cols [in, oh*ow]` holds every `s`-th pixel of every `s`-th row, and `col2im`
+//! puts each entry back on its pixel (the others get no gradient).
 //!
 //! Threads: the batch is always cut into the same two halves, each with its own workspace and
 //! partial weight gradient; with two threads the halves run at once. The two partial sums are
@@ -111,6 +113,10 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.p == 0
     }
+    /// 1x1, stride above 1, no padding: the lowering only subsamples.
+    fn subsample(&self) -> bool {
+        self.k == 1 && self.s > 1 && self.p == 0
+    }
     fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
@@ -120,6 +126,8 @@ impl Geom {
 fn im2col(g: Geom, x: &[f32], cols: &mut [f32]) {
     if g.same3() {
         im2col_same3(g, x, cols)
+    } else if g.subsample() {
+        im2col_subsample(g, x, cols)
     } else {
         im2col_general(g, x, cols)
     }
@@ -231,11 +239,52 @@ fn im2col_general(g: Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+crate::simd_kernel! {
+    /// `im2col` for a 1x1 kernel with stride `s > 1` and no padding: row `c` of `cols` is
+    /// plane `c` at rows and columns `0, s, 2s, ...` (every tap lies inside the input).
+    fn im2col_subsample(g: Geom, x: &[f32], cols: &mut [f32]) {
+        let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
+        for (xc, row) in x[..g.c * hw]
+            .chunks_exact(hw)
+            .zip(cols[..g.c * ohw].chunks_exact_mut(ohw))
+        {
+            for (oy, r) in row.chunks_exact_mut(g.ow).enumerate() {
+                let xr = &xc[oy * g.s * g.w..][..g.w];
+                for (v, &xv) in r.iter_mut().zip(xr.iter().step_by(g.s)) {
+                    *v = xv;
+                }
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `col2im` for the geometry of `im2col_subsample`: each entry back on the one pixel it was
+    /// copied from, every other pixel 0 (no two entries share a pixel).
+    fn col2im_subsample(g: Geom, cols: &[f32], dx: &mut [f32]) {
+        let (ohw, hw) = (g.oh * g.ow, g.h * g.w);
+        dx[..g.c * hw].fill(0.0);
+        for (dc, row) in dx[..g.c * hw]
+            .chunks_exact_mut(hw)
+            .zip(cols[..g.c * ohw].chunks_exact(ohw))
+        {
+            for (oy, r) in row.chunks_exact(g.ow).enumerate() {
+                let dr = &mut dc[oy * g.s * g.w..][..g.w];
+                for (d, &v) in dr.iter_mut().step_by(g.s).zip(r) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
 /// `dx [c, h, w] = col2im(cols)`: every column entry added to the input pixel `im2col` took
 /// it from (entries that came from padding are dropped).
 fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
     if g.same3() {
         col2im_same3(g, cols, dx)
+    } else if g.subsample() {
+        col2im_subsample(g, cols, dx)
     } else {
         col2im_general(g, cols, dx)
     }

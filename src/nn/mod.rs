@@ -12,19 +12,23 @@ pub mod batch_norm;
 pub mod concat;
 pub mod conv;
 pub mod dropout;
+pub mod flatten;
 pub mod linear;
 pub mod named;
 pub mod pool;
+pub mod residual;
 pub mod sequential;
 
-pub use activation::{Relu, Sigmoid};
+pub use activation::{Relu, Sigmoid, Tanh};
 pub use batch_norm::{BatchNorm, InferenceStats};
 pub use concat::Concat;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
+pub use flatten::Flatten;
 pub use linear::Linear;
 pub use named::NamedSequential;
 pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
+pub use residual::Residual;
 pub use sequential::Sequential;
 
 use crate::Result;

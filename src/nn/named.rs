@@ -44,25 +44,9 @@ impl Sequential {
             return Err(Error::Shape("a Sequential needs at least one child".into()));
         }
         check_names(&names)?;
-        for (i, pair) in layers.windows(2).enumerate() {
-            if pair[0].out_size() != pair[1].in_size() {
-                let name = |j: usize| match names[j].as_str() {
-                    "" => format!("#{j} (unnamed)"),
-                    n => format!("'{n}'"),
-                };
-                return Err(Error::Shape(format!(
-                    "child {} ({}) takes {} inputs, child {} ({}) gives {}",
-                    name(i + 1),
-                    pair[1].describe().lines().next().unwrap_or_default(),
-                    pair[1].in_size(),
-                    name(i),
-                    pair[0].describe().lines().next().unwrap_or_default(),
-                    pair[0].out_size()
-                )));
-            }
-        }
         let mut s = Sequential::new(layers);
         s.names = Some(names);
+        s.check_chain()?;
         Ok(s)
     }
 
@@ -72,6 +56,32 @@ impl Sequential {
             Some(n) => n.clone(),
             None => (0..self.layers.len()).map(|i| i.to_string()).collect(),
         }
+    }
+
+    /// Every child takes as many inputs as the one before it gives; else an error
+    /// (`Error::Shape`) naming the two.
+    pub fn check_chain(&self) -> Result<()> {
+        let names = self.child_names();
+        let name = |j: usize| match names[j].as_str() {
+            "" => format!("#{j} (unnamed)"),
+            n => format!("'{n}'"),
+        };
+        let first_line =
+            |l: &dyn Layer| l.describe().lines().next().unwrap_or_default().to_string();
+        for (i, pair) in self.layers.windows(2).enumerate() {
+            if pair[0].out_size() != pair[1].in_size() {
+                return Err(Error::Shape(format!(
+                    "child {} ({}) takes {} inputs, child {} ({}) gives {}",
+                    name(i + 1),
+                    first_line(pair[1].as_ref()),
+                    pair[1].in_size(),
+                    name(i),
+                    first_line(pair[0].as_ref()),
+                    pair[0].out_size()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

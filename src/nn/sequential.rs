@@ -18,6 +18,8 @@ pub struct Sequential {
 }
 
 impl Sequential {
+    /// A chain named by indices as `nn.Sequential`. Sizes are not checked here (see
+    /// `check_chain`; `Sequential::named` checks them).
     pub fn new(layers: Vec<Box<dyn Layer>>) -> Self {
         Sequential {
             layers,
@@ -28,6 +30,7 @@ impl Sequential {
         }
     }
 
+    /// The batch size `reserve` sized the buffers for.
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
@@ -134,8 +137,14 @@ impl Layer for Sequential {
             .collect()
     }
     fn describe(&self) -> String {
-        let inner: Vec<String> = self
-            .layers
+        format!("Sequential(\n{}\n)", self.describe_children().join("\n"))
+    }
+}
+
+impl Sequential {
+    /// One entry per child, `  (name): description`, nested lines indented one more level.
+    pub(super) fn describe_children(&self) -> Vec<String> {
+        self.layers
             .iter()
             .enumerate()
             .map(|(i, l)| {
@@ -147,7 +156,6 @@ impl Layer for Sequential {
                 // Nested containers indent their lines one more level.
                 format!("  ({name}): {}", l.describe().replace('\n', "\n  "))
             })
-            .collect();
-        format!("Sequential(\n{}\n)", inner.join("\n"))
+            .collect()
     }
 }
