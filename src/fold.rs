@@ -146,13 +146,19 @@ pub fn plain_spec(spec: &ModelSpec) -> Result<ModelSpec> {
     let layers = strip(&spec.layers, "")?;
     for name in model::preset_names() {
         let p = model::preset(name)?;
-        if p.input == spec.input && p.init == spec.init && no_dropout(&p.layers) == no_dropout(&layers) {
+        if p.input == spec.input
+            && p.init == spec.init
+            && no_dropout(&p.layers) == no_dropout(&layers)
+        {
             return Ok(p);
         }
     }
     Ok(ModelSpec {
         name: format!("{}-folded", spec.name),
-        description: format!("{} with each BatchNorm folded into the layer before it", spec.name),
+        description: format!(
+            "{} with each BatchNorm folded into the layer before it",
+            spec.name
+        ),
         input: spec.input.clone(),
         init: spec.init.clone(),
         dataset: spec.dataset.clone(),

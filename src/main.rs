@@ -952,7 +952,7 @@ fn group_thousands(n: impl std::fmt::Display) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -1024,8 +1024,7 @@ fn grad_cmd(a: GradArgs) -> Result<()> {
     let split = load_data(&a.data, Some(&spec))?;
     let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
     checkpoint::load(&mut net, &a.weights)?;
-    let (loss, grads) =
-        bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;
+    let (loss, grads) = bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;
     let mut entries: Vec<checkpoint::Entry> = grads
         .iter()
         .map(|g| {

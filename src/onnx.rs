@@ -18,6 +18,8 @@
 //! AvgPool2d -> AveragePool(kernel_shape, strides, pads, count_include_pad as the layer's)
 //! GlobalAvgPool -> GlobalAveragePool, then Flatten(axis = 1)
 //! Concat    -> each branch a chain from the block's input, then Concat(axis = 1)
+//! Residual  -> the main chain and the shortcut (a chain, or the input itself), Add, [Relu]
+//! Flatten   -> Flatten(axis = 1),  Tanh -> Tanh
 //! ```
 //!
 //! Initializers carry the `state_dict` names (`0.weight`, `1.input_mean`, ...) as little-endian
@@ -32,8 +34,8 @@ use crate::checkpoint::write_atomic;
 use crate::network::Network;
 use crate::nn::named::child_prefix;
 use crate::nn::{
-    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu,
-    Sequential, Sigmoid,
+    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
+    MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use std::path::Path;
@@ -188,6 +190,58 @@ impl Graph {
         Ok(())
     }
 
+    /// A residual block: the main branch and the shortcut (a projection, or the input itself)
+    /// both read the block's input; `Add`, then `Relu` when the block has one.
+    fn residual(&mut self, res: &mut Residual, name: &str, state: &str, out: &str) -> Result<()> {
+        let input = self.value.clone();
+        let in_shape = self.shape.clone();
+        let relu = res.has_relu();
+        let main_out = format!("{name}.main");
+        self.sequential(res.main(), &format!("{name}."), state, &main_out)?;
+        let main_shape = self.shape.clone();
+        let short_out = match res.shortcut() {
+            Some((s_name, layer)) => {
+                self.value = input;
+                self.shape = in_shape;
+                let s_out = format!("{name}.{s_name}.output");
+                self.layer(
+                    layer,
+                    &format!("{name}.{s_name}"),
+                    &child_prefix(state, s_name),
+                    &s_out,
+                )?;
+                s_out
+            }
+            None => {
+                self.shape = in_shape;
+                input
+            }
+        };
+        if self.shape != main_shape {
+            return Err(Error::Shape(format!(
+                "residual block {name}: main branch gives {main_shape:?}, shortcut {:?}",
+                self.shape
+            )));
+        }
+        let sum = if relu {
+            format!("{name}.sum")
+        } else {
+            out.to_string()
+        };
+        self.node(
+            "Add",
+            &format!("{name}.add"),
+            &[&main_out, &short_out],
+            &sum,
+            &[],
+        );
+        if relu {
+            self.node("Relu", &format!("{name}.relu"), &[&sum], out, &[]);
+        }
+        self.value = out.to_string();
+        Ok(())
+    }
+
     /// `[c, h, w]` per example, or a shape error naming the layer.
     fn maps(&self, name: &str, desc: &str, c: usize) -> Result<(usize, usize)> {
         match self.shape[..] {
@@ -276,6 +330,15 @@ impl Graph {
         if let Some(cat) = any.downcast_mut::<Concat>() {
             return self.concat(cat, name, state, out);
         }
+        if let Some(res) = any.downcast_mut::<Residual>() {
+            return self.residual(res, name, state, out);
+        }
+        if any.is::<Flatten>() {
+            let input = std::mem::take(&mut self.value);
+            self.node("Flatten", name, &[&input], out, &[("axis", Attr::Int(1))]);
+            self.shape = vec![self.shape.iter().product()];
+            return Ok(());
+        }
         if let Some(lin) = any.downcast_mut::<Linear>() {
             return self.linear(lin, name, state, out);
         }
@@ -311,6 +374,8 @@ impl Graph {
         }
         let op = if any.is::<Sigmoid>() {
             "Sigmoid"
+        } else if any.is::<Tanh>() {
+            "Tanh"
         } else if any.is::<Relu>() {
             "Relu"
         } else if any.is::<Dropout>() {

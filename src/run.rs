@@ -13,9 +13,9 @@
 use crate::checkpoint::{self, f32_bytes, Entry, Loaded, TensorFile};
 use crate::data::Split;
 use crate::kernels::batch_norm::RunningAverage;
+use crate::model::{self, ModelSpec};
 use crate::network::Network;
 use crate::nn::Layer;
-use crate::model::{self, ModelSpec};
 use crate::report::write_atomic;
 use crate::train::{Evaluator, TrainConfig, Trainer};
 use crate::{Error, Result};

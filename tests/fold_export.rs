@@ -291,10 +291,7 @@ fn onnx_file_parses_back_with_the_expected_graph() {
         randomize_bn(&mut net, &mut rng);
         let path = tmp.path().join(format!("{}.onnx", preset));
         export_onnx(&mut net, &path).unwrap();
-        assert!(!tmp
-            .path()
-            .join(format!("{}.onnx.tmp", preset))
-            .exists());
+        assert!(!tmp.path().join(format!("{}.onnx.tmp", preset)).exists());
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes, encode_model(&mut net).unwrap());
         // ir_version 8 comes first: key (1 << 3 | 0) = 0x08, value 8.
@@ -564,8 +561,7 @@ fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
         println!(
             "{} -> {}: BN {c_bn} / 1000, folded {c_folded} / 1000, \
              logits relative difference {e:.2e}, {flips} argmax flips",
-            bn_preset,
-            plain_preset
+            bn_preset, plain_preset
         );
         assert!(
             e <= 1e-4,
@@ -624,7 +620,11 @@ fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
         };
         assert_eq!(count(act), 15, "{preset:?}");
         assert_eq!(count(other), 0, "{preset:?}");
-        let bn = if bnlab::model::preset(preset).unwrap().has_batch_norm() { 15 } else { 0 };
+        let bn = if bnlab::model::preset(preset).unwrap().has_batch_norm() {
+            15
+        } else {
+            0
+        };
         assert_eq!(count("BatchNormalization"), bn);
         assert_eq!(count("Identity"), usize::from(dropout), "{preset:?}");
         assert_eq!(ops.len(), 15 * 2 + bn + 2 + 2 + 2 + 3 + count("Identity"));

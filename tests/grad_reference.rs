@@ -111,7 +111,10 @@ fn pytorch_gradient_and_eval_cases() {
                 let expected = TensorFile::read(&dir.join(get("expected"))).unwrap();
                 let (loss, grads) = gradients(&mut net, &data.train, offset, batch).unwrap();
                 let want_loss = floats(&expected, "loss")[0];
-                let mut worst = ("loss".to_string(), (loss - want_loss).abs() / want_loss.abs());
+                let mut worst = (
+                    "loss".to_string(),
+                    (loss - want_loss).abs() / want_loss.abs(),
+                );
                 let mut names: Vec<&String> =
                     expected.tensors.keys().filter(|k| *k != "loss").collect();
                 names.sort();
@@ -156,7 +159,10 @@ fn pytorch_gradient_and_eval_cases() {
                 let mut net = network(get("model"), data, 500);
                 checkpoint::load(&mut net, &dir.join(get("weights"))).expect("weights load");
                 let mut ev = Evaluator::new(500, data.test.features());
-                let got = ev.evaluate(&mut net, &data.test, None, None).unwrap().correct as i64;
+                let got = ev
+                    .evaluate(&mut net, &data.test, None, None)
+                    .unwrap()
+                    .correct as i64;
                 let ok = (got - want).abs() <= 2;
                 println!(
                     "{name}: {got} correct, PyTorch {want} (allowed difference 2): {}",

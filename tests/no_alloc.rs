@@ -101,13 +101,7 @@ fn training_steps_do_not_allocate() {
 /// `reserve`. Both the BN net and the no-BN net with dropout.
 #[test]
 fn convolutional_training_steps_do_not_allocate() {
-    assert_steps_allocate_nothing(
-        &["inception-mini-bn", "inception-mini"],
-        32,
-        0.05,
-        3,
-        25,
-    );
+    assert_steps_allocate_nothing(&["inception-mini-bn", "inception-mini"], 32, 0.05, 3, 25);
 }
 
 /// A ResNet-like stack built from `Residual` blocks (an identity block, then a projection block

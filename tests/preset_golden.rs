@@ -120,10 +120,9 @@ fn a_model_file_equal_to_a_preset_trains_like_it() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["mlp-fig1-bn", "inception-mini-bn-dropout"] {
         let path = dir.path().join("copy.json");
-        let text = bnlab::model::preset_text(name).unwrap().replace(
-            &format!("\"name\": \"{name}\""),
-            "\"name\": \"my-copy\"",
-        );
+        let text = bnlab::model::preset_text(name)
+            .unwrap()
+            .replace(&format!("\"name\": \"{name}\""), "\"name\": \"my-copy\"");
         std::fs::write(&path, text).unwrap();
         let spec = bnlab::model::resolve(path.to_str().unwrap()).unwrap();
         assert_eq!(spec.name, "my-copy");

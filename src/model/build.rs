@@ -6,8 +6,8 @@
 use super::spec::{BiasInit, Child, Init, ModelSpec, Node, WeightInit};
 use crate::kernels::batch_norm::RunningAverage;
 use crate::nn::{
-    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu,
-    Sequential, Sigmoid,
+    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
+    MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -101,9 +101,7 @@ pub fn build(spec: &ModelSpec, input: &[usize], seed: u64, sparse_input: bool) -
     if input.is_empty() || input.len() > 3 || input.contains(&0) || input.len() == 2 {
         return Err(Error::Model {
             model: spec.name.clone(),
-            msg: format!(
-                "input shape {input:?}: expected [features] or [channels, height, width]"
-            ),
+            msg: format!("input shape {input:?}: expected [features] or [channels, height, width]"),
         });
     }
     let mut b = Builder {
@@ -228,7 +226,13 @@ impl Builder<'_> {
         }
     }
 
-    fn init_weights(&mut self, init: &Init, weight: &mut [f32], bias: Option<&mut [f32]>, fan_in: usize) {
+    fn init_weights(
+        &mut self,
+        init: &Init,
+        weight: &mut [f32],
+        bias: Option<&mut [f32]>,
+        fan_in: usize,
+    ) {
         match init.weight {
             WeightInit::TorchDefault => fill_uniform(weight, fan_in, &mut self.rng),
             WeightInit::Normal(std) => fill_normal(weight, std, &mut self.rng),
@@ -311,7 +315,8 @@ impl Builder<'_> {
         let (layer, out, params, macs): (Box<dyn Layer>, Vec<usize>, usize, u64) = match &c.node {
             Node::Sequential { layers } => {
                 let start = self.rows.len();
-                let (seq, out) = self.sequence(layers, &format!("{json}.layers"), &module, input, depth + 1)?;
+                let (seq, out) =
+                    self.sequence(layers, &format!("{json}.layers"), &module, input, depth + 1)?;
                 let (p, m) = self.sum_rows(start, depth + 1);
                 (Box::new(seq), out, p, m)
             }
@@ -324,11 +329,18 @@ impl Builder<'_> {
                 let inf = flat("Linear")?;
                 if let Some(s) = in_features {
                     if *s != inf {
-                        return Err(self.err(json, &module, format!("in_features is {s} but the input has {inf} features")));
+                        return Err(self.err(
+                            json,
+                            &module,
+                            format!("in_features is {s} but the input has {inf} features"),
+                        ));
                     }
                 }
                 let mut lin = Linear::new(inf, *out_features, *bias);
-                let init = init.clone().or_else(|| self.spec.init.linear.clone()).unwrap_or_default();
+                let init = init
+                    .clone()
+                    .or_else(|| self.spec.init.linear.clone())
+                    .unwrap_or_default();
                 let mut w = vec![0.0f32; inf * out_features];
                 let mut bv = bias.then(|| vec![0.0f32; *out_features]);
                 self.init_weights(&init, &mut w, bv.as_deref_mut(), inf);
@@ -337,7 +349,12 @@ impl Builder<'_> {
                     dst.copy_from_slice(&src);
                 }
                 let params = inf * out_features + if *bias { *out_features } else { 0 };
-                (Box::new(lin), vec![*out_features], params, (inf * out_features) as u64)
+                (
+                    Box::new(lin),
+                    vec![*out_features],
+                    params,
+                    (inf * out_features) as u64,
+                )
             }
             Node::Conv2d {
                 in_channels,
@@ -351,16 +368,27 @@ impl Builder<'_> {
                 let (ch, h, w) = map("Conv2d")?;
                 if let Some(s) = in_channels {
                     if *s != ch {
-                        return Err(self.err(json, &module, format!("in_channels is {s} but the input has {ch} channels")));
+                        return Err(self.err(
+                            json,
+                            &module,
+                            format!("in_channels is {s} but the input has {ch} channels"),
+                        ));
                     }
                 }
                 let (k, s, p) = (*kernel_size, *stride, *padding);
                 let (Some(oh), Some(ow)) = (window_out(h, k, s, p), window_out(w, k, s, p)) else {
-                    return Err(self.err(json, &module, format!("kernel {k} does not fit the {h}x{w} input with padding {p}")));
+                    return Err(self.err(
+                        json,
+                        &module,
+                        format!("kernel {k} does not fit the {h}x{w} input with padding {p}"),
+                    ));
                 };
                 let mut conv = Conv2d::new(ch, *out_channels, k, s, p, *bias, h, w)
                     .map_err(|e| self.err(json, &module, e))?;
-                let init = init.clone().or_else(|| self.spec.init.conv.clone()).unwrap_or_default();
+                let init = init
+                    .clone()
+                    .or_else(|| self.spec.init.conv.clone())
+                    .unwrap_or_default();
                 let fan_in = ch * k * k;
                 let mut wv = std::mem::take(&mut conv.weight);
                 let mut bv = conv.bias.take();
@@ -386,12 +414,18 @@ impl Builder<'_> {
                 };
                 if let Some(nf) = num_features {
                     if *nf != c {
-                        return Err(self.err(json, &module, format!("num_features is {nf} but the input has {c}")));
+                        return Err(self.err(
+                            json,
+                            &module,
+                            format!("num_features is {nf} but the input has {c}"),
+                        ));
                     }
                 }
                 let mut bn = BatchNorm::new(c, s, *eps as f32, *affine);
                 bn.running_average = match momentum {
-                    Some(m) => RunningAverage::Exponential { momentum: *m as f32 },
+                    Some(m) => RunningAverage::Exponential {
+                        momentum: *m as f32,
+                    },
                     None => RunningAverage::Cumulative,
                 };
                 let params = if *affine { 2 * c } else { 0 };
@@ -399,9 +433,14 @@ impl Builder<'_> {
             }
             Node::Relu => (Box::new(Relu::new(size)), input.to_vec(), 0, 0),
             Node::Sigmoid => (Box::new(Sigmoid::new(size)), input.to_vec(), 0, 0),
-            Node::Tanh => return Err(self.err(json, &module, "TEMP-MERGE Tanh")),
+            Node::Tanh => (Box::new(Tanh::new(size)), input.to_vec(), 0, 0),
             // Seeded after every weight is drawn (see `build`).
-            Node::Dropout { p } => (Box::new(Dropout::new(size, *p as f32, 0)), input.to_vec(), 0, 0),
+            Node::Dropout { p } => (
+                Box::new(Dropout::new(size, *p as f32, 0)),
+                input.to_vec(),
+                0,
+                0,
+            ),
             Node::MaxPool2d {
                 kernel_size,
                 stride,
@@ -417,14 +456,23 @@ impl Builder<'_> {
                 let (ch, h, w) = map(what)?;
                 let (k, s, p) = (*kernel_size, *stride, *padding);
                 let (Some(oh), Some(ow)) = (window_out(h, k, s, p), window_out(w, k, s, p)) else {
-                    return Err(self.err(json, &module, format!("the {h}x{w} map pools to nothing with kernel {k} and padding {p}")));
+                    return Err(self.err(
+                        json,
+                        &module,
+                        format!("the {h}x{w} map pools to nothing with kernel {k} and padding {p}"),
+                    ));
                 };
                 let layer: Box<dyn Layer> = match &c.node {
-                    Node::AvgPool2d { count_include_pad, .. } => Box::new(
+                    Node::AvgPool2d {
+                        count_include_pad, ..
+                    } => Box::new(
                         AvgPool2d::new(ch, k, s, p, h, w, *count_include_pad)
                             .map_err(|e| self.err(json, &module, e))?,
                     ),
-                    _ => Box::new(MaxPool2d::new(ch, k, s, p, h, w).map_err(|e| self.err(json, &module, e))?),
+                    _ => Box::new(
+                        MaxPool2d::new(ch, k, s, p, h, w)
+                            .map_err(|e| self.err(json, &module, e))?,
+                    ),
                 };
                 (layer, vec![ch, oh, ow], 0, 0)
             }
@@ -433,7 +481,17 @@ impl Builder<'_> {
                 let pool = GlobalAvgPool::new(ch, h, w).map_err(|e| self.err(json, &module, e))?;
                 (Box::new(pool), vec![ch], 0, 0)
             }
-            Node::Flatten => return Err(self.err(json, &module, "TEMP-MERGE Flatten")),
+            Node::Flatten => {
+                let layer: Box<dyn Layer> = match input {
+                    [c, h, w] => {
+                        Box::new(Flatten::new(*c, *h, *w).map_err(|e| self.err(json, &module, e))?)
+                    }
+                    _ => {
+                        Box::new(Flatten::new(size, 1, 1).map_err(|e| self.err(json, &module, e))?)
+                    }
+                };
+                (layer, vec![size], 0, 0)
+            }
             Node::Concat { branches } => {
                 let start = self.rows.len();
                 let mut names: Vec<String> = Vec::new();
@@ -472,7 +530,8 @@ impl Builder<'_> {
                 relu,
             } => {
                 let start = self.rows.len();
-                let (main, main_out) = self.sequence(layers, &format!("{json}.layers"), &module, input, depth + 1)?;
+                let (main, main_out) =
+                    self.sequence(layers, &format!("{json}.layers"), &module, input, depth + 1)?;
                 let short = match shortcut {
                     None => {
                         if main_out.as_slice() != input {
@@ -486,15 +545,20 @@ impl Builder<'_> {
                         let sj = format!("{json}.shortcut");
                         let (layer, out) = self.child(s, &sj, &module, 0, input, depth + 1)?;
                         if out != main_out {
-                            return Err(self.err(&sj, &module, format!(
+                            return Err(self.err(
+                                &sj,
+                                &module,
+                                format!(
                                 "the shortcut gives {out:?} but the main branch gives {main_out:?}"
-                            )));
+                            ),
+                            ));
                         }
                         Some((s.name.clone().unwrap_or_default(), layer))
                     }
                 };
-                let _ = (main, short, relu);
-                let block: Box<dyn Layer> = return Err(self.err(json, &module, "TEMP-MERGE Residual"));
+                let block: Box<dyn Layer> = Box::new(
+                    Residual::new(main, short, *relu).map_err(|e| self.err(json, &module, e))?,
+                );
                 let (p, m) = self.sum_rows(start, depth + 1);
                 (block, main_out, p, m)
             }

@@ -211,9 +211,7 @@ impl<'a> Obj<'a> {
             }),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if v <= u32::MAX as u64 => Ok(v as usize),
-                _ => Err(self.err(format!(
-                    "'{key}' must be a non-negative integer, found {n}"
-                ))),
+                _ => Err(self.err(format!("'{key}' must be a non-negative integer, found {n}"))),
             },
             Some(other) => Err(self.err(format!(
                 "'{key}' must be an integer, found {}",
@@ -279,11 +277,7 @@ impl<'a> Obj<'a> {
 
     /// Refuse keys that were not read.
     fn finish(self) -> Result<()> {
-        if let Some(k) = self
-            .map
-            .keys()
-            .find(|k| !self.used.contains(&k.as_str()))
-        {
+        if let Some(k) = self.map.keys().find(|k| !self.used.contains(&k.as_str())) {
             let mut known: Vec<&str> = self.used.clone();
             known.sort_unstable();
             known.dedup();
@@ -783,9 +777,7 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
                     Some(m) if m > 0.0 && m <= 1.0 => Some(m),
                     _ => return Err(o.err("'momentum' must be in (0, 1], or null (cumulative)")),
                 },
-                Some(_) => {
-                    return Err(o.err("'momentum' must be in (0, 1], or null (cumulative)"))
-                }
+                Some(_) => return Err(o.err("'momentum' must be in (0, 1], or null (cumulative)")),
             };
             let affine = o.bool_or("affine", true)?;
             Node::BatchNorm {

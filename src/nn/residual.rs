@@ -316,6 +316,13 @@ impl Layer for Residual {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+    fn children(&mut self) -> Vec<&mut dyn Layer> {
+        let mut out: Vec<&mut dyn Layer> = vec![&mut self.main];
+        if let Some((_, s)) = &mut self.shortcut {
+            out.push(s.as_mut());
+        }
+        out
+    }
 
     /// Main's children, then the shortcut, then the sum, e.g.
     ///
