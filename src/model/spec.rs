@@ -172,6 +172,9 @@ fn err(source: &str, loc: &Loc, msg: impl std::fmt::Display) -> Error {
 struct Obj<'a> {
     map: &'a Map<String, Value>,
     used: Vec<&'static str>,
+    /// A required key found missing; reported by `finish` unless an unknown key (likely its
+    /// misspelling) is reported first.
+    missing: Option<String>,
     loc: Loc,
     source: &'a str,
     kind: &'a str,
@@ -183,6 +186,7 @@ impl<'a> Obj<'a> {
             Value::Object(map) => Ok(Obj {
                 map,
                 used: Vec::new(),
+                missing: None,
                 loc,
                 source,
                 kind,
@@ -206,9 +210,16 @@ impl<'a> Obj<'a> {
 
     fn usize_or(&mut self, key: &'static str, default: Option<usize>) -> Result<usize> {
         match self.get(key) {
-            None | Some(Value::Null) => default.ok_or_else(|| {
-                self.err(format!("{} needs '{key}' (a positive integer)", self.kind))
-            }),
+            None | Some(Value::Null) => match default {
+                Some(d) => Ok(d),
+                None => {
+                    if self.missing.is_none() {
+                        self.missing =
+                            Some(format!("{} needs '{key}' (a positive integer)", self.kind));
+                    }
+                    Ok(1)
+                }
+            },
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if v <= u32::MAX as u64 => Ok(v as usize),
                 _ => Err(self.err(format!("'{key}' must be a non-negative integer, found {n}"))),
@@ -275,7 +286,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// Refuse keys that were not read.
+    /// Refuse keys that were not read, then a missing required key.
     fn finish(self) -> Result<()> {
         if let Some(k) = self.map.keys().find(|k| !self.used.contains(&k.as_str())) {
             let mut known: Vec<&str> = self.used.clone();
@@ -286,6 +297,9 @@ impl<'a> Obj<'a> {
                 self.kind,
                 known.join(", ")
             )));
+        }
+        if let Some(m) = &self.missing {
+            return Err(self.err(m));
         }
         Ok(())
     }
@@ -802,7 +816,7 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
             let kernel_size = o.positive("kernel_size", None)?;
             let stride = o.positive("stride", Some(kernel_size))?;
             let padding = o.usize_or("padding", Some(0))?;
-            if padding > kernel_size / 2 {
+            if o.missing.is_none() && padding > kernel_size / 2 {
                 return Err(o.err(format!(
                     "padding {padding} is above half the kernel size {kernel_size} (PyTorch's rule)"
                 )));
