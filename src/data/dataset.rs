@@ -39,12 +39,34 @@ crate::kernels::simd_kernel! {
 }
 
 /// The pixel values of every image of a data set, in the element type the file holds.
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows the type, the count and the first few values, not millions of them.
+#[derive(Clone, PartialEq)]
 pub enum Pixels {
     /// Bytes 0..=255, converted to `b / 255` when a batch is filled.
     U8(Vec<u8>),
     /// Floats, copied into batches as they are.
     F32(Vec<f32>),
+}
+
+impl std::fmt::Debug for Pixels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 8;
+        let more = if self.len() > SHOWN { ", ..." } else { "" };
+        match self {
+            Pixels::U8(v) => write!(
+                f,
+                "U8(len {}: {:?}{more})",
+                v.len(),
+                &v[..v.len().min(SHOWN)]
+            ),
+            Pixels::F32(v) => write!(
+                f,
+                "F32(len {}: {:?}{more})",
+                v.len(),
+                &v[..v.len().min(SHOWN)]
+            ),
+        }
+    }
 }
 
 impl Pixels {

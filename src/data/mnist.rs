@@ -223,7 +223,9 @@ pub fn mnist_from(dir: &Path, download: bool, mirrors: &[&str]) -> Result<Split>
 /// How to use MNIST files on disk instead of downloading; ends every MNIST download failure.
 pub fn mnist_local_copy_hint() -> String {
     format!(
-        "to use a local copy instead, pass `--data DIR` for a directory holding the four IDX          files ({}, each optionally .gz), or set ${DATA_ENV} so that ${DATA_ENV}/mnist holds          them; ${MIRROR_ENV} names another mirror",
+        "to use a local copy instead, pass `--data DIR` for a directory holding the four IDX \
+         files ({}, each optionally .gz), or set ${DATA_ENV} so that ${DATA_ENV}/mnist holds \
+         them; ${MIRROR_ENV} names another mirror",
         MNIST_FILES.join(", ")
     )
 }

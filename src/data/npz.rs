@@ -533,18 +533,19 @@ fn read_npz<R: Read + Seek>(reader: R, len: u64, path: &Path) -> Result<Split> {
     let (ytr_name, ytr) = array("y_train")?;
     let (xte_name, xte) = array("x_test")?;
     let (yte_name, yte) = array("y_test")?;
-    if xtr.dtype != xte.dtype {
+    let (train_dtype, test_dtype) = (xtr.dtype, xte.dtype);
+    let (train_px, n_train, shape) = images_of(xtr, path, &xtr_name)?;
+    let (test_px, n_test, test_shape) = images_of(xte, path, &xte_name)?;
+    if train_dtype != test_dtype {
         return Err(Error::data(
             path,
             format!(
                 "{xte_name} is {} but {xtr_name} is {}: both must have the same dtype",
-                xte.dtype.name(),
-                xtr.dtype.name()
+                test_dtype.name(),
+                train_dtype.name()
             ),
         ));
     }
-    let (train_px, n_train, shape) = images_of(xtr, path, &xtr_name)?;
-    let (test_px, n_test, test_shape) = images_of(xte, path, &xte_name)?;
     if shape != test_shape {
         return Err(Error::data(
             path,
