@@ -7,7 +7,7 @@
 //!   [`Split`]; batch filling with optional per-channel normalization.
 //! - [`normalize`]: [`Normalization`], the `--normalize` flag, [`channel_stats`].
 //! - [`augment`]: the `crop-flip` augmentation ([`CropFlip`]).
-//! - [`mnist`]: directories in the MNIST layout (MNIST, Fashion-MNIST), the data directory.
+//! - [`mnist`](mod@mnist): directories in the MNIST layout (MNIST, Fashion-MNIST), the data directory.
 //! - [`cifar`]: CIFAR-10's binary version, and its download.
 //! - [`npz`]: NumPy `.npz` archives in Keras's `mnist.npz` layout.
 //! - [`source`]: choosing the data set from `--data` / `--dataset` ([`resolve_source`]).

@@ -16,6 +16,7 @@
 //!   `cifar10` when missing and allowed. `fashion-mnist` is never downloaded but is also looked
 //!   for in Debian's `/usr/share/datasets/fashion-mnist`.
 //! - Neither: MNIST, as `--dataset mnist`.
+//! - `--data FILE.npz --dataset NAME`: the file is loaded; NAME is not checked against it.
 //!
 //! A failed download ends by saying how to point bnlab at a local copy (`--data DIR`,
 //! `$BNLAB_DATA`).
