@@ -1,9 +1,11 @@
 //! Regression corpus of bad input files (tests/corpus, listed in MANIFEST.tsv with the loader
 //! each goes to and a piece of the error it must produce), and property tests that the IDX
-//! reader and the checkpoint loader never panic, whatever the bytes.
+//! reader and the checkpoint loader never panic, whatever the bytes (the CIFAR-10 and `.npz`
+//! parsers' are in tests/data_formats.rs).
 
 use bnlab::checkpoint;
 use bnlab::data::idx::{parse_idx, read_idx};
+use bnlab::data::{load_npz, parse_cifar10_batch};
 use bnlab::network::Network;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,10 @@ fn load_with(loader: &str, path: &Path) -> Result<(), String> {
     match loader {
         "idx3" => read_idx(path, 3).map(|_| ()).map_err(|e| e.to_string()),
         "idx1" => read_idx(path, 1).map(|_| ()).map_err(|e| e.to_string()),
+        "cifar10" => parse_cifar10_batch(&std::fs::read(path).unwrap(), path)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        "npz" => load_npz(path).map(|_| ()).map_err(|e| e.to_string()),
         model => {
             let mut net = Network::preset(model, 0, 2, 1).unwrap();
             checkpoint::load(&mut net, path).map_err(|e| e.to_string())

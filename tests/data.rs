@@ -13,7 +13,7 @@ use std::time::Duration;
 use bnlab::data::idx::{gzip_bytes, idx_bytes};
 use bnlab::data::{
     download_files, load_mnist_dir, load_pair, mnist_from, parse_idx, read_idx, resolve_data_dir,
-    resolve_data_dir_with, sha256_hex, write_idx, MNIST_FILES, MNIST_SHA256,
+    resolve_data_dir_with, sha256_hex, write_idx, Pixels, MNIST_FILES, MNIST_SHA256,
 };
 use proptest::prelude::*;
 
@@ -369,7 +369,8 @@ fn round_trip_and_fill_batch() {
         assert_eq!((d.len(), d.rows, d.cols, d.classes), (n, rows, cols, 4));
         assert!(!d.is_empty());
         assert_eq!(d.features(), f);
-        assert_eq!(d.images, pixels);
+        assert_eq!(d.images, Pixels::U8(pixels.clone()));
+        assert_eq!((d.channels, d.shape()), (1, [1, rows, cols]));
         assert_eq!(d.image(2), &pixels[2 * f..3 * f]);
 
         let idx = [6, 0, 3, 3];
@@ -403,7 +404,7 @@ fn load_dir_prefers_gz_and_accepts_raw() {
     let s = load_mnist_dir(t.path()).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (6, 4));
     assert_eq!((s.train.rows, s.train.cols, s.train.classes), (4, 3, 10));
-    assert_eq!(s.test.images, bytes(4 * 12, 3));
+    assert_eq!(s.test.images, Pixels::U8(bytes(4 * 12, 3)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,7 +539,7 @@ fn download_then_load() {
     }
     let s = load_mnist_dir(&dir).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (20, 8));
-    assert_eq!(s.train.images, bytes(20 * 12, 1));
+    assert_eq!(s.train.images, Pixels::U8(bytes(20 * 12, 1)));
 
     // Present files are not fetched again: a dead mirror is fine now.
     download_files(&dir, &[&closed_port_url()], &as_refs(&sums)).unwrap();
@@ -691,8 +692,9 @@ fn real_mnist_via_local_mirror() {
         test_counts,
         [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     );
-    let sum: u64 = s.train.images.iter().map(|&b| b as u64).sum();
-    let mean = sum as f64 / 255.0 / s.train.images.len() as f64;
+    let images = s.train.images.as_u8().unwrap();
+    let sum: u64 = images.iter().map(|&b| b as u64).sum();
+    let mean = sum as f64 / 255.0 / images.len() as f64;
     assert!((mean - 0.1306605).abs() < 1e-6, "mean {mean}");
 
     // The batch path agrees with the byte statistics.

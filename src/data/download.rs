@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -62,13 +62,23 @@ pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> R
     if todo.is_empty() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let created = CreatedDirs::create(dir)?;
+    let result = fetch_all(dir, mirrors, &todo);
+    if result.is_err() {
+        // Files already verified and written stay; directories left empty go.
+        created.remove_if_empty();
+    }
+    result
+}
+
+/// The downloads of [`download_files`] into the existing `dir`.
+fn fetch_all(dir: &Path, mirrors: &[&str], todo: &[(&str, &str)]) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_global(Some(GLOBAL_TIMEOUT))
         .build()
         .into();
-    for (name, sha) in todo {
+    for &(name, sha) in todo {
         let gz_name = format!("{name}.gz");
         let mut failures = Vec::new();
         let mut fetched = None;
@@ -109,7 +119,7 @@ pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> R
 }
 
 /// `base` + `file`, inserting a `/` if `base` lacks one (users write mirrors either way).
-fn join_url(base: &str, file: &str) -> String {
+pub(crate) fn join_url(base: &str, file: &str) -> String {
     if base.ends_with('/') {
         format!("{base}{file}")
     } else {
@@ -166,7 +176,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Writes `dest` via `dest.tmp` in the same directory, fsync and rename, so readers only ever see
 /// a missing file or a complete one. The temporary file is removed on failure.
-fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp_name = dest.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp_name);
@@ -188,4 +198,117 @@ fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The directories that `create_dir_all(dir)` had to make, deepest first, so that a failed
+/// download can remove them again instead of leaving empty directories behind.
+pub(crate) struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    /// Creates `dir` and its missing ancestors, remembering which were missing.
+    pub(crate) fn create(dir: &Path) -> Result<CreatedDirs> {
+        let mut missing = Vec::new();
+        let mut p = Some(dir);
+        while let Some(d) = p {
+            if d.as_os_str().is_empty() || d.exists() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            p = d.parent();
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(CreatedDirs(missing))
+    }
+
+    /// Removes the directories it created, deepest first, stopping at the first that is not
+    /// empty (`remove_dir` never deletes content).
+    pub(crate) fn remove_if_empty(&self) {
+        for d in &self.0 {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Largest archive accepted by [`fetch_to_file`] (the CIFAR-10 archive is 170 MB).
+const MAX_ARCHIVE: u64 = 1 << 30;
+
+/// A stalled connection (no byte for this long) fails the download; there is no limit on the
+/// whole transfer, which can take a while on a slow link.
+const READ_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// GETs `url` into the new file `dest`, streaming (never the whole body in memory), with a
+/// progress bar on a terminal; returns the body's SHA-256 (lower-case hex) and length. On any
+/// failure `dest` is removed and the reason returned as one line.
+pub(crate) fn fetch_to_file(url: &str, dest: &Path) -> std::result::Result<(String, u64), String> {
+    let result = fetch_to_file_inner(url, dest);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dest);
+    }
+    result
+}
+
+fn fetch_to_file_inner(url: &str, dest: &Path) -> std::result::Result<(String, u64), String> {
+    use std::io::Read;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_recv_response(Some(READ_STALL_TIMEOUT))
+        .timeout_per_read(Some(READ_STALL_TIMEOUT))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(url)
+        .header("Accept-Encoding", "identity")
+        .call()
+        .map_err(|e| e.to_string())?;
+    let total = resp.body().content_length();
+    let mut reader = resp.body_mut().with_config().limit(MAX_ARCHIVE).reader();
+    let mut file = File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("downloading {url}"));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                bar.abandon();
+                return Err(format!(
+                    "reading the response failed after {len} bytes: {e}"
+                ));
+            }
+        };
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
+        len += n as u64;
+        bar.set_position(len);
+    }
+    bar.finish_and_clear();
+    if let Some(t) = total {
+        if t != len {
+            return Err(format!("the response ended after {len} of {t} bytes"));
+        }
+    }
+    file.sync_all()
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    let sha = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((sha, len))
 }

@@ -32,7 +32,9 @@ const MAX_DEFLATE_RATIO: usize = 1032;
 /// A decoded IDX file: its dimensions and the row-major element bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idx {
+    /// The dimensions, outermost first.
     pub dims: Vec<usize>,
+    /// The elements, row-major, `dims.iter().product()` bytes.
     pub data: Vec<u8>,
 }
 

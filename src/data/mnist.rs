@@ -3,13 +3,14 @@
 //! `t10k-labels-idx1-ubyte`, each optionally gzipped. MNIST and Fashion-MNIST share this layout,
 //! so nothing here is specific to digits beyond the default directory name and class count.
 //!
-//! Images stay as bytes (60,000 x 784 bytes = 47 MB for MNIST) and are turned into `f32` only one
-//! mini-batch at a time by [`Dataset::fill_batch`], which keeps memory at a quarter of an all-float
-//! copy and lets the training loop reuse one batch buffer.
+//! Images stay as bytes (60,000 x 784 bytes = 47 MB for MNIST, one channel) and are turned into
+//! `f32` only one mini-batch at a time by [`Dataset::fill_batch`], which keeps memory at a quarter
+//! of an all-float copy and lets the training loop reuse one batch buffer.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+pub use super::dataset::{Dataset, Pixels, Split};
 use super::download::{download_files, MNIST_MIRRORS, MNIST_SHA256};
 use super::idx::read_idx;
 use crate::error::{Error, Result};
@@ -32,106 +33,19 @@ pub const DATA_ENV: &str = "BNLAB_DATA";
 /// Environment variable overriding the MNIST download mirrors with one base URL.
 pub const MIRROR_ENV: &str = "BNLAB_MNIST_MIRROR";
 
-crate::kernels::simd_kernel! {
-    /// pixels / 255 by true division (not multiplication by 1/255), so each value is the
-    /// correctly rounded quotient that PyTorch's `x / 255` gives.
-    fn bytes_to_pixels(bytes: &[u8], out: &mut [f32]) {
-        for (o, &b) in out.iter_mut().zip(bytes) {
-            *o = b as f32 / 255.0;
-        }
-    }
-}
-
-/// Labelled images held as bytes. `images` is row-major `len() x rows x cols`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dataset {
-    pub images: Vec<u8>,
-    pub labels: Vec<u8>,
-    pub rows: usize,
-    pub cols: usize,
-    pub classes: usize,
-}
-
-impl Dataset {
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// Pixels per image (`rows * cols`).
-    pub fn features(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// The bytes of image `i`.
-    ///
-    /// # Panics
-    /// If `i >= len()`; indices come from the program, not from user input.
-    pub fn image(&self, i: usize) -> &[u8] {
-        let f = self.features();
-        &self.images[i * f..(i + 1) * f]
-    }
-
-    /// Like `fill_batch` for the pixel columns `cols` of each row only (labels untouched): lets
-    /// two threads each convert the half of every image that their half of the input layer
-    /// reads.
-    pub fn fill_columns(&self, indices: &[usize], x: &mut [f32], cols: std::ops::Range<usize>) {
-        let f = self.features();
-        assert!(
-            cols.end <= f && x.len() >= indices.len() * f,
-            "fill_columns: bad range"
-        );
-        for (&i, xr) in indices.iter().zip(x.chunks_exact_mut(f)) {
-            bytes_to_pixels(&self.image(i)[cols.clone()], &mut xr[cols.clone()]);
-        }
-    }
-
-    /// Copies the examples `indices` into a batch: the first `indices.len()` rows of `x`
-    /// (row-major, `features()` wide) get pixels / 255 as `f32`, `y` gets the labels.
-    /// Does not allocate.
-    ///
-    /// # Panics
-    /// If `x` or `y` is too short or an index is out of range: these are bugs in the caller,
-    /// not bad input.
-    pub fn fill_batch(&self, indices: &[usize], x: &mut [f32], y: &mut [usize]) {
-        let f = self.features();
-        assert!(
-            x.len() >= indices.len() * f,
-            "fill_batch: x has {} floats, need {} examples x {f} features",
-            x.len(),
-            indices.len()
-        );
-        assert!(
-            y.len() >= indices.len(),
-            "fill_batch: y has {} labels, need {}",
-            y.len(),
-            indices.len()
-        );
-        for ((&i, xr), yr) in indices.iter().zip(x.chunks_exact_mut(f)).zip(y.iter_mut()) {
-            bytes_to_pixels(self.image(i), xr);
-            *yr = self.labels[i] as usize;
-        }
-    }
-}
-
-/// A training set and a test set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Split {
-    pub train: Dataset,
-    pub test: Dataset,
-}
-
 /// Loads an image file (3-D IDX) and its label file (1-D IDX) and checks that they belong
-/// together and that every label is below `classes`.
+/// together and that every label is below `classes` (at most 256). The images get one channel.
 pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<Dataset> {
     let img = read_idx(images, 3)?;
     let lab = read_idx(labels, 1)?;
     let (n_img, rows, cols) = (img.dims[0], img.dims[1], img.dims[2]);
     let n_lab = lab.dims[0];
+    if classes == 0 || classes > 256 {
+        return Err(Error::config(
+            "classes",
+            format!("{classes} (labels are bytes: 1..=256 classes)"),
+        ));
+    }
     if n_img != n_lab {
         return Err(Error::data(
             images,
@@ -152,13 +66,12 @@ pub fn load_pair(images: &Path, labels: &Path, classes: usize) -> Result<Dataset
             format!("label out of range: label at index {i} is {v}, expected 0..{classes}"),
         ));
     }
-    Ok(Dataset {
-        images: img.data,
-        labels: lab.data,
-        rows,
-        cols,
+    Ok(Dataset::from_validated(
+        Pixels::U8(img.data),
+        lab.data,
+        [1, rows, cols],
         classes,
-    })
+    ))
 }
 
 /// The path of `name` in `dir`, preferring `name.gz` over `name`; `None` if neither exists.
@@ -291,9 +204,28 @@ pub fn fashion_mnist(flag: Option<&Path>) -> Result<Split> {
 }
 
 /// [`mnist`] with the directory and mirrors given explicitly.
+/// A failed download ends by saying how to use a local copy instead
+/// ([`mnist_local_copy_hint`]); a directory the download created is removed again if it stayed
+/// empty.
 pub fn mnist_from(dir: &Path, download: bool, mirrors: &[&str]) -> Result<Split> {
     if download && !missing_files(dir, &MNIST_FILES).is_empty() {
-        download_files(dir, mirrors, &MNIST_SHA256)?;
+        download_files(dir, mirrors, &MNIST_SHA256).map_err(|e| match e {
+            Error::Download { url, msg } => Error::Download {
+                url,
+                msg: format!("{msg}; {}", mnist_local_copy_hint()),
+            },
+            other => other,
+        })?;
     }
     load_mnist_dir(dir)
+}
+
+/// How to use MNIST files on disk instead of downloading; ends every MNIST download failure.
+pub fn mnist_local_copy_hint() -> String {
+    format!(
+        "to use a local copy instead, pass `--data DIR` for a directory holding the four IDX \
+         files ({}, each optionally .gz), or set ${DATA_ENV} so that ${DATA_ENV}/mnist holds \
+         them; ${MIRROR_ENV} names another mirror",
+        MNIST_FILES.join(", ")
+    )
 }
