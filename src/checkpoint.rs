@@ -174,8 +174,18 @@ pub fn model_metadata(net: &Network) -> HashMap<String, String> {
         serde_json::to_string(&net.input_shape).unwrap_or_default(),
     );
     meta.insert(MODEL_SPEC_KEY.to_string(), net.spec.to_json().to_string());
+    if let Some(n) = &net.normalization {
+        meta.insert(
+            NORMALIZE_KEY.to_string(),
+            serde_json::to_string(n).unwrap_or_default(),
+        );
+    }
     meta
 }
+
+/// Metadata key of the input normalization (`{"mean": [..], "std": [..]}`) a network was
+/// trained with; absent when none.
+pub const NORMALIZE_KEY: &str = "bnlab_normalize";
 
 /// Metadata key of the shape of one example (`[1, 28, 28]`).
 pub const INPUT_SHAPE_KEY: &str = "bnlab_input_shape";
@@ -254,6 +264,17 @@ pub fn load_from(
             ));
         }
     }
+    // The input normalization travels with the weights.
+    net.normalization = match file.metadata.get(NORMALIZE_KEY) {
+        None => None,
+        Some(text) => {
+            let n: crate::data::Normalization = serde_json::from_str(text)
+                .map_err(|e| bad(format!("unreadable input normalization: {e}")))?;
+            n.validate()
+                .map_err(|e| bad(format!("input normalization: {e}")))?;
+            Some(n)
+        }
+    };
     let mut expected = Vec::new();
     let mut err: Option<Error> = None;
     net.visit_state(&mut |name, shape, t| {

@@ -269,6 +269,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
         bn_net.threads,
     )?;
     let mut targets: Vec<&mut dyn Layer> = Vec::new();
+    out.normalization = bn_net.normalization.clone();
     leaves(&mut out.body, &mut targets);
     let targets: Vec<&mut dyn Layer> = targets
         .into_iter()

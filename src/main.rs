@@ -75,13 +75,15 @@ enum Study {
 
 #[derive(Args, Clone)]
 struct DataArgs {
-    /// The data: a directory in the MNIST layout (IDX files; MNIST, Fashion-MNIST, ...).
-    /// Default: --dataset's place.
-    #[arg(long, value_name = "DIR")]
+    /// The data: a directory in the MNIST layout (IDX files: MNIST, Fashion-MNIST, ...), a
+    /// directory of CIFAR-10's binary version (data_batch_1.bin ..), or a NumPy .npz file
+    /// (x_train, y_train, x_test, y_test). Default: --dataset's place.
+    #[arg(long, value_name = "DIR|FILE")]
     data: Option<PathBuf>,
-    /// A named data set at its default place ($BNLAB_DATA/NAME, else ./data/NAME): mnist
-    /// (downloaded if missing) or fashion-mnist (also /usr/share/datasets/fashion-mnist).
-    /// Default: the one the model file names, else mnist.
+    /// A named data set at its default place ($BNLAB_DATA/NAME, else ./data/NAME): mnist,
+    /// fashion-mnist (also /usr/share/datasets/fashion-mnist) or cifar10; mnist and cifar10
+    /// are downloaded (checksum-verified) when missing. Default: the one the model file
+    /// names, else mnist.
     #[arg(long, value_name = "NAME")]
     dataset: Option<String>,
     /// Never download missing data files.
@@ -100,7 +102,7 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "out", "init", "steps", "batch_size", "lr", "momentum", "weight_decay",
         "schedule", "seed", "order", "eval_every", "checkpoint_every", "bn_momentum", "threads",
-        "save",
+        "save", "normalize", "augment",
     ])]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -146,6 +148,15 @@ struct TrainArgs {
     bn_momentum: Option<String>,
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Input normalization per channel: none, auto (the training set's mean and standard
+    /// deviation), or MEAN,STD[;MEAN,STD...]; recorded in the checkpoints, so eval, fold and
+    /// export apply the same.
+    #[arg(long, default_value = "none", value_name = "none|auto|MEAN,STD[;..]")]
+    normalize: String,
+    /// Augmentation of training batches: none, or crop-flip (random crop after 4-pixel zero
+    /// padding, and horizontal flip: the standard CIFAR recipe); deterministic for a seed.
+    #[arg(long, default_value = "none", value_name = "none|crop-flip")]
+    augment: String,
 }
 
 #[derive(Args)]
@@ -365,27 +376,22 @@ fn positive(name: &str, v: i64) -> Result<usize> {
 /// The data set named by `--data` / `--dataset`, else the one the model file names, else
 /// MNIST.
 fn load_data(a: &DataArgs, spec: Option<&ModelSpec>) -> Result<Split> {
-    if let Some(dir) = &a.data {
-        return data::load_idx_dir(dir, data::MNIST_CLASSES);
-    }
-    let name = a
-        .dataset
-        .clone()
-        .or_else(|| spec.and_then(|s| s.dataset.clone()))
-        .unwrap_or_else(|| "mnist".to_string());
-    match name.as_str() {
-        "mnist" => data::mnist(None, !a.no_download),
-        "fashion-mnist" => data::fashion_mnist(None),
-        other => Err(Error::config(
-            "--dataset",
-            format!("'{other}' (known: mnist, fashion-mnist; or give --data DIR)"),
-        )),
-    }
+    let dataset = match (&a.data, &a.dataset) {
+        (_, Some(d)) => Some(d.clone()),
+        (Some(_), None) => None,
+        (None, None) => spec.and_then(|s| s.dataset.clone()),
+    };
+    data::resolve_source(a.data.as_deref(), dataset.as_deref(), !a.no_download)
 }
 
 /// The example shape of a data set, `[C, H, W]`.
 fn data_shape(split: &Split) -> Vec<usize> {
-    vec![1, split.train.rows, split.train.cols]
+    split.train.shape().to_vec()
+}
+
+/// `p` made absolute (against the current directory), so a run resumes from anywhere.
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// A network of `spec` for the examples of `split`.
@@ -406,10 +412,11 @@ fn train(a: TrainArgs) -> Result<()> {
             let spec = Run::read_spec(dir)?;
             let data = DataArgs {
                 data: a.data.data.clone().or(spec.data.clone()),
-                dataset: a.data.dataset.clone(),
+                dataset: a.data.dataset.clone().or(spec.dataset.clone()),
                 no_download: a.data.no_download,
             };
-            let split = load_data(&data, Some(&Run::model_of(&spec)?))?;
+            let mut split = load_data(&data, Some(&Run::model_of(&spec)?))?;
+            split.set_normalization(spec.normalization.clone())?;
             let run = Run::resume(dir, &data_shape(&split), split.train.len())?;
             eprintln!(
                 "resuming {} at step {} of {}",
@@ -436,18 +443,27 @@ fn train(a: TrainArgs) -> Result<()> {
                 order: Order::parse(&a.order)?,
                 eval_every: non_negative("--eval-every", a.eval_every)?,
                 threads: a.threads,
+                augment: bnlab::train::Augment::parse(&a.augment)?,
             };
             config.validate(spec.has_batch_norm())?;
+            let normalize = data::parse_normalize_flag(&a.normalize)?;
             if let Some(m) = &a.bn_momentum {
                 RunningAverage::parse(m)?;
             }
-            let split = load_data(&a.data, Some(&spec))?;
+            if let Some(p) = &a.save {
+                check_writable(p)?;
+            }
+            let mut split = load_data(&a.data, Some(&spec))?;
+            let normalization = normalize.resolve(&split.train);
+            split.set_normalization(normalization.clone())?;
             let run_spec = RunSpec {
                 model,
                 model_json: Some(spec.to_json().to_string()),
                 config,
                 bn_momentum: a.bn_momentum.clone(),
-                data: a.data.data.clone(),
+                data: a.data.data.as_deref().map(absolute),
+                dataset: a.data.dataset.clone(),
+                normalization,
                 init: a.init.clone(),
                 checkpoint_every: non_negative("--checkpoint-every", a.checkpoint_every)?,
             };
@@ -559,13 +575,15 @@ fn inference_net(
     };
     let mut net = Network::build(&spec, &input, 0, 500, threads)?;
     checkpoint::load(&mut net, weights)?;
-    if let Some(split) = &split {
+    if let Some(mut split) = split {
+        split.set_normalization(net.normalization.clone())?;
         population_statistics(&mut net, &split.train, 60, None)?;
     }
     Ok(net)
 }
 
 fn fold_cmd(a: FoldArgs) -> Result<()> {
+    check_writable(&a.save)?;
     let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
     let mut folded = bnlab::fold::fold(&mut net)?;
     checkpoint::save(&mut folded, &a.save)?;
@@ -585,6 +603,7 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
             format!("'{}' (only onnx is supported)", a.format),
         ));
     }
+    check_writable(&a.out)?;
     let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
     bnlab::onnx::export_onnx(&mut net, &a.out)?;
     eprintln!("wrote {}", a.out.display());
@@ -598,9 +617,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         return Err(Error::config("--threads", "must be at least 1"));
     }
     let batch = 500;
-    let split = load_data(&a.data, Some(&spec))?;
+    let mut split = load_data(&a.data, Some(&spec))?;
     let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
     checkpoint::load(&mut net, &a.weights)?;
+    split.set_normalization(net.normalization.clone())?;
     let mut pop_batches = 0;
     if stats == InferenceStats::Population && net.has_batch_norm() {
         pop_batches = population_statistics(&mut net, &split.train, 60, None)?;
@@ -646,6 +666,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         order: Order::Shuffle,
         eval_every: 0,
         threads: a.threads,
+        augment: bnlab::train::Augment::None,
     };
     config.validate(spec.has_batch_norm())?;
     let split = load_data(&a.data, Some(&spec))?;
@@ -1021,9 +1042,10 @@ fn grad_cmd(a: GradArgs) -> Result<()> {
         return Err(Error::config("--threads", "must be at least 1"));
     }
     check_writable(&a.save)?;
-    let split = load_data(&a.data, Some(&spec))?;
+    let mut split = load_data(&a.data, Some(&spec))?;
     let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
     checkpoint::load(&mut net, &a.weights)?;
+    split.set_normalization(net.normalization.clone())?;
     let (loss, grads) = bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;
     let mut entries: Vec<checkpoint::Entry> = grads
         .iter()

@@ -17,6 +17,9 @@ pub struct Network {
     dlogits: Vec<f32>,
     max_batch: usize,
     batch_norms: usize,
+    /// The per-channel input normalization the network was trained with (applied by the data
+    /// set when batches are filled; recorded in checkpoints and exported to ONNX).
+    pub normalization: Option<crate::data::Normalization>,
 }
 
 impl Network {
@@ -47,6 +50,7 @@ impl Network {
             dlogits: vec![0.0; max_batch * k],
             max_batch,
             batch_norms,
+            normalization: None,
         })
     }
 

@@ -22,6 +22,9 @@
 //! Flatten   -> Flatten(axis = 1),  Tanh -> Tanh
 //! ```
 //!
+//! A network trained on normalized inputs (`--normalize`) starts with `Sub(input, input_mean)`
+//! and `Div(.., input_std)`, so the model takes raw pixels / 255 as bnlab's data sets give them.
+//!
 //! Initializers carry the `state_dict` names (`0.weight`, `1.input_mean`, ...) as little-endian
 //! float32 `raw_data`. The protobuf encoding is written by hand (`Pb` below): the few field
 //! kinds ONNX needs do not justify a code generator. A layer kind without a mapping is an
@@ -76,6 +79,36 @@ pub fn encode_model(net: &mut Network) -> Result<Vec<u8>> {
         value: "input".to_string(),
         shape: example.clone(),
     };
+    if let Some(norm) = &net.normalization {
+        // (x - mean) / std per channel, as the data set applies it, with constants of the
+        // example's shape (channel c covers a contiguous block of the example).
+        let total: usize = example.iter().product();
+        let channels = if example.len() == 3 {
+            example[0]
+        } else {
+            norm.channels()
+        };
+        let norm = norm.for_channels(channels)?;
+        let per = total / channels.max(1);
+        let expand =
+            |v: &[f32]| -> Vec<f32> { (0..total).map(|i| v[(i / per).min(v.len() - 1)]).collect() };
+        g.initializer("input_mean", &example, &expand(&norm.mean));
+        g.initializer("input_std", &example, &expand(&norm.std));
+        g.node(
+            "Sub",
+            "normalize.sub",
+            &["input", "input_mean"],
+            "input.centered",
+            &[],
+        );
+        g.node(
+            "Div",
+            "normalize.div",
+            &["input.centered", "input_std"],
+            "input.normalized",
+            &[],
+        );
+    }
     g.sequential(&mut net.body, "", "", "logits")?;
     if g.shape != [classes] {
         return Err(Error::Shape(format!(

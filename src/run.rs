@@ -43,8 +43,15 @@ pub struct RunSpec {
     pub config: TrainConfig,
     /// `--bn-momentum` when given: overrides every BatchNorm's momentum of the model file.
     pub bn_momentum: Option<String>,
-    /// The data directory given at the start (`None`: the default lookup).
+    /// The data given at the start (`--data`, absolute; `None`: the default lookup).
     pub data: Option<PathBuf>,
+    /// `--dataset` given at the start.
+    #[serde(default)]
+    pub dataset: Option<String>,
+    /// The input normalization (resolved: `auto` is the training set's statistics), applied
+    /// to every batch and recorded in the checkpoints.
+    #[serde(default)]
+    pub normalization: Option<crate::data::Normalization>,
     pub init: Option<PathBuf>,
     /// Write the run state every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -61,6 +68,9 @@ struct Progress {
     batches_seed: String,
     batches_word_pos: String,
     dropout_rngs: Vec<(String, String)>,
+    /// The augmentation generator (seed, stream position), when the run augments.
+    #[serde(default)]
+    augment_rng: Option<(String, String)>,
     metrics: String,
     /// f64 bits, so the mean loss of the current evaluation interval resumes exactly.
     loss_sum_bits: u64,
@@ -150,8 +160,14 @@ impl Run {
         if let Some(ra) = running_average {
             net.for_each_batch_norm(&mut |bn| bn.running_average = ra);
         }
+        net.normalization = spec.normalization.clone();
         let features = data_shape.iter().product();
-        let trainer = Trainer::new(c.clone(), train_len, features);
+        let mut trainer = Trainer::new(c.clone(), train_len, features);
+        if let [ch, h, w] = *data_shape {
+            trainer.prepare_augmentation([ch, h, w])?;
+        } else if c.augment != crate::train::Augment::None {
+            return Err(Error::config("--augment", "needs image data [C, H, W]"));
+        }
         Ok(Run {
             spec,
             net,
@@ -265,6 +281,13 @@ impl Run {
         if let Some(e) = rng_err {
             return Err(e);
         }
+        if let Some((s, w)) = &p.augment_rng {
+            let seed = unhex32(s).ok_or_else(|| bad("bad augmentation generator seed".into()))?;
+            let word_pos: u128 = w
+                .parse()
+                .map_err(|_| bad("bad augmentation generator position".into()))?;
+            run.trainer.restore_augment_rng(seed, word_pos);
+        }
         run.metrics = p.metrics;
         run.loss_sum = f64::from_bits(p.loss_sum_bits);
         run.loss_count = p.loss_count;
@@ -320,6 +343,10 @@ impl Run {
             batches_seed: hex(&seed),
             batches_word_pos: word_pos.to_string(),
             dropout_rngs,
+            augment_rng: self
+                .trainer
+                .augment_rng_state()
+                .map(|(s, w)| (hex(&s), w.to_string())),
             metrics: self.metrics.clone(),
             loss_sum_bits: self.loss_sum.to_bits(),
             loss_count: self.loss_count,

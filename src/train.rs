@@ -4,7 +4,7 @@
 //! Buffers (the batch's pixels and labels, the probe's values) are sized once per run; the step
 //! itself allocates nothing.
 
-use crate::data::Dataset;
+use crate::data::{CropFlip, Dataset};
 use crate::kernels::join;
 use crate::network::Network;
 use crate::nn::{InferenceStats, Layer, Mode};
@@ -143,6 +143,9 @@ pub struct TrainConfig {
     /// Evaluate every this many steps (0: only at the end).
     pub eval_every: usize,
     pub threads: usize,
+    /// Augmentation of training batches.
+    #[serde(default)]
+    pub augment: Augment,
 }
 
 impl TrainConfig {
@@ -320,18 +323,56 @@ pub fn percentile(values: &mut [f32], q: f64) -> f64 {
     values[lo] as f64 * (1.0 - t) + values[hi] as f64 * t
 }
 
-/// A buffer two threads write in disjoint, interleaved parts.
+/// The batch buffer's start, shared by the two threads that fill disjoint column ranges of
+/// its rows (see `Trainer::step`).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32, usize);
-// SAFETY: used only for disjoint writes, joined before the buffer is read.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
+struct RowsPtr(*mut f32);
+// SAFETY: the pointer is only turned into slices that do not overlap between the threads
+// holding it (each thread's own column range of each row), and the threads are joined before
+// the buffer is used again through its owner.
+unsafe impl Send for RowsPtr {}
+unsafe impl Sync for RowsPtr {}
+
+impl RowsPtr {
+    /// Columns `cols` of row `row` of a buffer `width` wide.
+    ///
     /// # Safety
-    /// Callers must write disjoint elements only, and the buffer must outlive the use.
+    /// `(row + 1) * width` must be within the buffer, `cols.end <= width`, and no other live
+    /// reference may cover these elements: each caller owns its own column range.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0, self.1)
+    unsafe fn row_part(
+        &self,
+        row: usize,
+        width: usize,
+        cols: &std::ops::Range<usize>,
+    ) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(row * width + cols.start), cols.len())
+    }
+}
+
+/// Data augmentation applied to each training batch after it is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// None.
+    #[default]
+    None,
+    /// A random crop of each image zero-padded by 4 pixels, and a horizontal flip with
+    /// probability 1/2 (the standard CIFAR recipe).
+    CropFlip,
+}
+
+impl Augment {
+    /// `none` or `crop-flip`.
+    pub fn parse(s: &str) -> Result<Augment> {
+        match s {
+            "none" => Ok(Augment::None),
+            "crop-flip" => Ok(Augment::CropFlip),
+            _ => Err(Error::config(
+                "--augment",
+                format!("'{s}' (expected none or crop-flip)"),
+            )),
+        }
     }
 }
 
@@ -343,6 +384,8 @@ pub struct Trainer {
     pub step: usize,
     x: Vec<f32>,
     y: Vec<usize>,
+    /// Crop-flip with its own generator (seeded from the run's seed), when asked for.
+    augment: Option<(CropFlip, ChaCha8Rng)>,
 }
 
 impl Trainer {
@@ -362,6 +405,32 @@ impl Trainer {
             step: 0,
             x: vec![0.0; b * features],
             y: vec![0; b],
+            augment: None,
+        }
+    }
+
+    /// Set up the configured augmentation for examples of `shape` (`[C, H, W]`); a no-op for
+    /// `Augment::None`.
+    pub fn prepare_augmentation(&mut self, shape: [usize; 3]) -> Result<()> {
+        if self.config.augment == Augment::CropFlip {
+            let rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0xa06_0e47_0000_0002);
+            self.augment = Some((CropFlip::new(shape, 4)?, rng));
+        }
+        Ok(())
+    }
+
+    /// The augmentation generator's seed and stream position, for run checkpoints.
+    pub fn augment_rng_state(&self) -> Option<([u8; 32], u128)> {
+        self.augment
+            .as_ref()
+            .map(|(_, r)| (r.get_seed(), r.get_word_pos()))
+    }
+
+    /// Continue the augmentation generator from `augment_rng_state`.
+    pub fn restore_augment_rng(&mut self, seed: [u8; 32], word_pos: u128) {
+        if let Some((_, r)) = &mut self.augment {
+            *r = ChaCha8Rng::from_seed(seed);
+            r.set_word_pos(word_pos);
         }
     }
 
@@ -370,22 +439,29 @@ impl Trainer {
     pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
         let b = self.config.batch_size;
         let idx = self.batches.next_batch();
-        if self.config.threads > 1 {
+        if self.config.threads > 1 && self.augment.is_none() {
             // Each thread converts the half of every image that its half of the input layer
             // reads (see `kernels::sparse`), so the pixels stay in that core's cache.
             let f = data.features();
-            let x = SendPtr(self.x.as_mut_ptr(), self.x.len());
-            join(
-                2,
-                // SAFETY: the two halves write disjoint columns of the same rows.
-                || data.fill_columns(idx, unsafe { x.slice() }, 0..f / 2),
-                || data.fill_columns(idx, unsafe { x.slice() }, f / 2..f),
-            );
+            assert!(idx.len() * f <= self.x.len(), "batch buffer too small");
+            let x = RowsPtr(self.x.as_mut_ptr());
+            let fill = |cols: std::ops::Range<usize>| {
+                for (row, &i) in idx.iter().enumerate() {
+                    // SAFETY: rows are within the buffer (checked above); this closure alone
+                    // touches columns `cols` of each row, the other closure the rest, and
+                    // `join` returns only when both are done.
+                    data.fill_row(i, cols.clone(), unsafe { x.row_part(row, f, &cols) });
+                }
+            };
+            join(2, || fill(0..f / 2), || fill(f / 2..f));
             for (y, &i) in self.y.iter_mut().zip(idx) {
                 *y = data.labels[i] as usize;
             }
         } else {
             data.fill_batch(idx, &mut self.x, &mut self.y);
+        }
+        if let Some((aug, rng)) = &mut self.augment {
+            aug.apply(&mut self.x, b, rng);
         }
         let loss = net.forward_backward(&self.x, &self.y, b)?;
         self.step += 1;

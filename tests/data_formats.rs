@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+mod common;
+
 use bnlab::data::idx::{gzip_bytes, idx_bytes};
 use bnlab::data::npz::parse_npy;
 use bnlab::data::{
@@ -22,6 +24,7 @@ use bnlab::data::{
     CropDraw, CropFlip, DataSource, Dataset, Normalization, NormalizeFlag, Pixels, SourceSettings,
     CIFAR10_FILES, MNIST_FILES,
 };
+use common::{npy, npy_with, zip_of};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -887,46 +890,6 @@ fn cifar10_archives_with_bad_contents_are_refused() {
 
 // ---------------------------------------------------------------------------------------------
 // .npz
-
-/// A `.npy` member (format 1.0, header padded to 64 bytes as NumPy does).
-fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
-    npy_with(descr, shape, false, data)
-}
-
-fn npy_with(descr: &str, shape: &[usize], fortran: bool, data: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let order = if fortran { "True" } else { "False" };
-    let mut header =
-        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
-    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
-    header.push_str(&" ".repeat(pad));
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-fn zip_of(members: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let method = if deflate {
-        zip::CompressionMethod::Deflated
-    } else {
-        zip::CompressionMethod::Stored
-    };
-    let opts = zip::write::SimpleFileOptions::default().compression_method(method);
-    for (name, b) in members {
-        w.start_file(*name, opts).unwrap();
-        w.write_all(b).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()

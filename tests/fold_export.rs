@@ -45,6 +45,7 @@ fn trained(preset: &str, data: &Split) -> Network {
         order: Order::Shuffle,
         eval_every: 0,
         threads: 1,
+        augment: bnlab::train::Augment::None,
     };
     let mut net = Network::preset(preset, 1, 1000, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
@@ -504,6 +505,7 @@ fn trained_inception(preset: &str, data: &Split) -> Network {
         order: Order::Shuffle,
         eval_every: 0,
         threads: 1,
+        augment: bnlab::train::Augment::None,
     };
     let mut net = Network::preset(preset, 1, 100, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());

@@ -70,6 +70,7 @@ fn assert_steps_allocate_nothing(
                 order: Order::Shuffle,
                 eval_every: 0,
                 threads,
+                augment: bnlab::train::Augment::None,
             };
             let mut net = Network::preset(preset, 3, batch, threads).unwrap();
             let mut t = Trainer::new(cfg, data.train.len(), data.train.features());

@@ -52,6 +52,7 @@ fn config(
         order,
         eval_every: 0,
         threads: 1,
+        augment: bnlab::train::Augment::None,
     }
 }
 
@@ -190,6 +191,7 @@ fn same_seed_and_threads_give_bit_identical_results() {
                     data,
                     TrainConfig {
                         threads,
+                        augment: bnlab::train::Augment::None,
                         seed: 7,
                         ..config(300, 60, 0.1, 0.9, 1e-4, Order::Shuffle)
                     },

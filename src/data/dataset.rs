@@ -257,8 +257,8 @@ impl Dataset {
     }
 
     /// Converts the values `cols` (indices within one image) of image `i` into `out`
-    /// (`cols.len()` long).
-    fn fill_row(&self, i: usize, cols: Range<usize>, out: &mut [f32]) {
+    /// (`cols.len()` long), as `fill_batch` does for whole rows.
+    pub fn fill_row(&self, i: usize, cols: Range<usize>, out: &mut [f32]) {
         let base = i * self.features();
         let (start, end) = (base + cols.start, base + cols.end);
         match (&self.images, &self.normalization) {

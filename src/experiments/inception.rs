@@ -432,6 +432,7 @@ fn run_job(
         order: Order::Shuffle,
         eval_every: setup.eval_every,
         threads: 1,
+        augment: crate::train::Augment::None,
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);

@@ -86,6 +86,7 @@ pub fn run_variant(
         order: Order::Shuffle,
         eval_every: setup.eval_every,
         threads: 1,
+        augment: crate::train::Augment::None,
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);

@@ -125,3 +125,43 @@ pub fn check(
 pub fn layer_name(make: &dyn Fn() -> Box<dyn Layer>) -> String {
     make().describe().replace('\n', " ")
 }
+
+/// A `.npy` member (format 1.0, header padded to 64 bytes as NumPy does).
+pub fn npy(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    npy_with(descr, shape, false, data)
+}
+
+pub fn npy_with(descr: &str, shape: &[usize], fortran: bool, data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let order = if fortran { "True" } else { "False" };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+pub fn zip_of(members: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let method = if deflate {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    };
+    let opts = zip::write::SimpleFileOptions::default().compression_method(method);
+    for (name, b) in members {
+        w.start_file(*name, opts).unwrap();
+        std::io::Write::write_all(&mut w, b).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}

@@ -1,0 +1,298 @@
+//! Data sets of the user's own on the command line: CIFAR-10's binary format and NumPy `.npz`
+//! train the presets whose input matches them (with `--normalize` and `--augment`), a shape
+//! mismatch is an error naming both shapes, the normalization travels in the checkpoint to
+//! `eval`, and two identical runs write identical checkpoint bytes.
+
+mod common;
+
+use bnlab::checkpoint::{self, TensorFile};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bnlab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args)
+        .env_remove("BNLAB_DATA")
+        .output()
+        .expect("bnlab runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = bnlab(args);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = bnlab(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
+    }
+}
+
+/// Pseudo-random bytes from a seed.
+fn bytes(n: usize, mut s: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// A small CIFAR-10 binary set: five training files of 16 records and a test file of 16, the
+/// label of each record its index mod 10 and the pixels brighter for higher labels, so that
+/// there is something to learn.
+fn cifar_dir(root: &Path) -> PathBuf {
+    let dir = root.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let names = [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ];
+    for (k, name) in names.iter().enumerate() {
+        let mut out = Vec::new();
+        for r in 0..16u64 {
+            let label = (r % 10) as u8;
+            out.push(label);
+            let noise = bytes(3072, 1 + k as u64 * 100 + r);
+            out.extend(noise.iter().map(|&b| b / 4 + label * 19));
+        }
+        std::fs::write(dir.join(name), out).unwrap();
+    }
+    root.to_path_buf()
+}
+
+/// A grey 28x28 `.npz` in Keras's mnist.npz layout (uint8 images, uint8 labels).
+fn npz_file(root: &Path) -> PathBuf {
+    let (n_train, n_test) = (64, 32);
+    let labels = |n: usize| -> Vec<u8> { (0..n).map(|i| (i % 10) as u8).collect() };
+    let images = |n: usize, seed: u64| -> Vec<u8> {
+        let mut v = bytes(n * 784, seed);
+        for (i, px) in v.iter_mut().enumerate() {
+            *px = (*px / 4).saturating_add(((i / 784) % 10) as u8 * 20);
+        }
+        v
+    };
+    let members = vec![
+        (
+            "x_train.npy",
+            common::npy("|u1", &[n_train, 28, 28], &images(n_train, 3)),
+        ),
+        (
+            "y_train.npy",
+            common::npy("|u1", &[n_train], &labels(n_train)),
+        ),
+        (
+            "x_test.npy",
+            common::npy("|u1", &[n_test, 28, 28], &images(n_test, 4)),
+        ),
+        ("y_test.npy", common::npy("|u1", &[n_test], &labels(n_test))),
+    ];
+    let path = root.join("mine.npz");
+    std::fs::write(&path, common::zip_of(&members, true)).unwrap();
+    path
+}
+
+#[test]
+fn cifar_format_trains_resnet20_with_normalization_and_augmentation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = cifar_dir(&tmp.path().join("cifar"));
+    let d = root.to_str().unwrap();
+    let w = tmp.path().join("r20.safetensors");
+    let summary = ok(&["summary", "--model", "resnet20-bn", "--data", d]);
+    assert!(
+        summary.contains("resnet20-bn (input [3, 32, 32])"),
+        "{summary}"
+    );
+    ok(&[
+        "train",
+        "--model",
+        "resnet20-bn",
+        "--data",
+        d,
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--normalize",
+        "auto",
+        "--augment",
+        "crop-flip",
+        "--eval-every",
+        "0",
+        "--save",
+        w.to_str().unwrap(),
+    ]);
+    let file = TensorFile::read(&w).unwrap();
+    assert_eq!(
+        checkpoint::recorded_input_shape(&file),
+        Some(vec![3, 32, 32])
+    );
+    let norm: bnlab::data::Normalization =
+        serde_json::from_str(&file.metadata[checkpoint::NORMALIZE_KEY]).unwrap();
+    assert_eq!(norm.mean.len(), 3, "one mean per channel: {norm:?}");
+    let out = ok(&[
+        "eval",
+        "--model",
+        "resnet20-bn",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(j["total"], 16);
+    // Export needs no data: the input shape comes from the checkpoint.
+    let onnx = tmp.path().join("r20.onnx");
+    ok(&[
+        "export",
+        "--model",
+        "resnet20-bn",
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        onnx.to_str().unwrap(),
+    ]);
+    // A network whose input does not match gets both shapes.
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "inception-mini-bn",
+            "--data",
+            d,
+            "--steps",
+            "1",
+        ],
+        &["[3, 32, 32]", "[1, 28, 28]"],
+    );
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            w.to_str().unwrap(),
+            "--data",
+            d,
+        ],
+        &["[3, 32, 32]", "[784]"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "resnet20-bn",
+            "--data",
+            d,
+            "--normalize",
+            "0.5,0",
+        ],
+        &["--normalize"],
+    );
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "resnet20-bn",
+            "--data",
+            d,
+            "--augment",
+            "rotate",
+        ],
+        &["--augment", "crop-flip"],
+    );
+}
+
+#[test]
+fn npz_trains_the_mlp_and_two_identical_runs_write_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npz = npz_file(tmp.path());
+    let d = npz.to_str().unwrap();
+    let mut files = Vec::new();
+    for k in 0..2 {
+        let w = tmp.path().join(format!("mlp{k}.safetensors"));
+        ok(&[
+            "train",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--normalize",
+            "0.2,0.3",
+            "--eval-every",
+            "0",
+            "--save",
+            w.to_str().unwrap(),
+        ]);
+        files.push(std::fs::read(&w).unwrap());
+    }
+    assert!(
+        files[0] == files[1],
+        "two identical runs wrote different bytes"
+    );
+    let w = tmp.path().join("mlp0.safetensors");
+    let out = ok(&[
+        "eval",
+        "--model",
+        "mlp-fig1-bn",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(j["total"], 32);
+    assert!(j["accuracy"].as_f64().unwrap() > 0.2, "{j}");
+    // The convolutional presets take 1x28x28 too.
+    ok(&[
+        "train",
+        "--model",
+        "inception-mini-bn",
+        "--data",
+        d,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+    ]);
+    // The ResNets take any image: the same preset builds for 1x28x28.
+    let summary = ok(&["summary", "--model", "resnet20-bn", "--data", d]);
+    assert!(summary.contains("(input [1, 28, 28])"), "{summary}");
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            tmp.path().join("nope.npz").to_str().unwrap(),
+        ],
+        &["nope.npz"],
+    );
+}
