@@ -141,7 +141,7 @@ fn missing_data_and_bad_checkpoints_are_named() {
             "--steps",
             "1",
         ],
-        &["missing data file", "nothing-here"],
+        &["cannot use --data", "nothing-here"],
     );
     // A resumed run keeps its own settings: training flags beside --resume are refused.
     fails_with(
