@@ -278,6 +278,14 @@ fn downsampling_shapes() -> Vec<ConvShape> {
         (4, 8, 5, 3, 1, 3, 0),
         (2, 9, 6, 3, 3, 2, 1),
         (5, 7, 9, 4, 1, 2, 0),
+        // 3x3 stride 2 padding 1 on odd and tiny maps (phase planes with a row or column of
+        // padding; a single output).
+        (3, 7, 7, 4, 3, 2, 1),
+        (2, 6, 5, 3, 3, 2, 1),
+        (2, 1, 4, 3, 3, 2, 1),
+        (2, 3, 1, 2, 3, 2, 1),
+        (1, 1, 1, 2, 3, 2, 1),
+        (2, 2, 2, 2, 3, 2, 1),
         // Padding beyond the kernel (allowed by PyTorch): whole rows of padding.
         (2, 4, 5, 3, 1, 1, 2),
         (2, 5, 4, 2, 3, 2, 3),
