@@ -278,6 +278,17 @@ fn downsampling_shapes() -> Vec<ConvShape> {
         (4, 8, 5, 3, 1, 3, 0),
         (2, 9, 6, 3, 3, 2, 1),
         (5, 7, 9, 4, 1, 2, 0),
+        // 3x3 stride 2 padding 1 on odd and tiny maps (phase planes with a row or column of
+        // padding; a single output).
+        (3, 7, 7, 4, 3, 2, 1),
+        (2, 6, 5, 3, 3, 2, 1),
+        (2, 1, 4, 3, 3, 2, 1),
+        (2, 3, 1, 2, 3, 2, 1),
+        (1, 1, 1, 2, 3, 2, 1),
+        (2, 2, 2, 2, 3, 2, 1),
+        // Padding beyond the kernel (allowed by PyTorch): whole rows of padding.
+        (2, 4, 5, 3, 1, 1, 2),
+        (2, 5, 4, 2, 3, 2, 3),
     ] {
         v.push(ConvShape {
             c,
@@ -1045,7 +1056,9 @@ fn residual_errors() {
 
 /// `cargo test --release --test residual_layers -- --ignored --nocapture strided_conv_timing`:
 /// the downsampling convolutions against the stride-1 convolution of the same output size and
-/// multiply-adds, batch 32. Prints, asserts nothing.
+/// multiply-adds, and against the products alone (a 1x1 convolution with `in*k*k` input
+/// channels on the output map: the same matrix sizes, no lowering), batch 32. Prints, asserts
+/// nothing.
 #[test]
 #[ignore]
 fn strided_conv_timing() {
@@ -1063,12 +1076,15 @@ fn strided_conv_timing() {
     for (label, sh) in [
         ("3x3 s2 16->32 32x32", shape(16, 32, 32, 3, 2, 1)),
         ("3x3 s1 16->32 16x16", shape(16, 16, 32, 3, 1, 1)),
+        ("products 144->32 16x16", shape(144, 16, 32, 1, 1, 0)),
         ("1x1 s2 16->32 32x32", shape(16, 32, 32, 1, 2, 0)),
         ("3x3 s2 32->64 16x16", shape(32, 16, 64, 3, 2, 1)),
         ("3x3 s1 32->64 8x8", shape(32, 8, 64, 3, 1, 1)),
+        ("products 288->64 8x8", shape(288, 8, 64, 1, 1, 0)),
         ("1x1 s2 32->64 16x16", shape(32, 16, 64, 1, 2, 0)),
         ("3x3 s2 16->32 28x28", shape(16, 28, 32, 3, 2, 1)),
         ("3x3 s2 32->64 14x14", shape(32, 14, 64, 3, 2, 1)),
+        ("products 288->64 7x7", shape(288, 7, 64, 1, 1, 0)),
     ] {
         let x = Lcg(1).vec_f32(n * sh.c * sh.h * sh.w, 1.0, 0.0);
         let mut l = conv(sh, 3);
@@ -1082,7 +1098,7 @@ fn strided_conv_timing() {
                 threads,
             };
             let mut times = Vec::new();
-            for _ in 0..15 {
+            for _ in 0..30 {
                 let t0 = std::time::Instant::now();
                 l.forward(c, &x, &mut y, n).unwrap();
                 let t1 = std::time::Instant::now();
@@ -1090,11 +1106,12 @@ fn strided_conv_timing() {
                 let t2 = std::time::Instant::now();
                 times.push(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()));
             }
-            times.sort_by(|a, b| (a.0 + a.1).total_cmp(&(b.0 + b.1)));
-            let (f, b) = times[times.len() / 2];
+            // The best of each: the machine may be shared.
+            let f = times.iter().map(|t| t.0).fold(f64::MAX, f64::min);
+            let b = times.iter().map(|t| t.1).fold(f64::MAX, f64::min);
             let flops = 3.0 * 2.0 * (n * sh.o * sh.c * sh.k * sh.k * sh.oh() * sh.ow()) as f64;
             println!(
-                "{label:22} {threads} thread(s): forward {:6.2} ms, backward {:6.2} ms ({:5.1} GFLOP/s)",
+                "{label:23} {threads} thread(s): forward {:6.2} ms, backward {:6.2} ms ({:5.1} GFLOP/s)",
                 f * 1e3,
                 b * 1e3,
                 flops / (f + b) / 1e9

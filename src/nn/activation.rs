@@ -59,6 +59,7 @@ pub struct Elementwise<F: Nonlinearity> {
 
 pub type Sigmoid = Elementwise<SigmoidFn>;
 pub type Relu = Elementwise<ReluFn>;
+/// tanh on `size` features per example (PyTorch's `nn.Tanh`).
 pub type Tanh = Elementwise<TanhFn>;
 
 impl<F: Nonlinearity> Elementwise<F> {

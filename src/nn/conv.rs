@@ -13,7 +13,10 @@
 //! A 1x1 convolution with stride 1 and no padding needs no lowering: the input `[in, h*w]` is
 //! already the matrix. With stride `s > 1` (ResNet's projection shortcuts) the lowering is a
 //! subsampling: `cols [in, oh*ow]` holds every `s`-th pixel of every `s`-th row, and `col2im`
-//! puts each entry back on its pixel (the others get no gradient).
+//! puts each entry back on its pixel (the others get no gradient). A 3x3 convolution with
+//! stride 2 and padding 1 (ResNet's downsampling) first splits each input plane into its four
+//! phases (even/odd rows x even/odd columns, each `oh x ow`); every kernel tap then reads one
+//! phase shifted by 0 or 1 row and column, as one flat masked run like the same-size 3x3 path.
 //!
 //! Threads: the batch is always cut into the same two halves, each with its own workspace and
 //! partial weight gradient; with two threads the halves run at once. The two partial sums are
@@ -113,6 +116,10 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.p == 0
     }
+    /// 3x3, stride 2, padding 1 with an output small enough for the flat phase paths.
+    fn down3(&self) -> bool {
+        self.k == 3 && self.s == 2 && self.p == 1 && self.oh * self.ow <= SAME3_MAX_HW
+    }
     /// 1x1, stride above 1, no padding: the lowering only subsamples.
     fn subsample(&self) -> bool {
         self.k == 1 && self.s > 1 && self.p == 0
@@ -126,6 +133,8 @@ impl Geom {
 fn im2col(g: Geom, x: &[f32], cols: &mut [f32]) {
     if g.same3() {
         im2col_same3(g, x, cols)
+    } else if g.down3() {
+        im2col_down3(g, x, cols)
     } else if g.subsample() {
         im2col_subsample(g, x, cols)
     } else {
@@ -239,6 +248,141 @@ fn im2col_general(g: Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// For the 3x3, stride 2, padding 1 paths: kernel tap `t` (a row or a column) reads input
+/// index `2*o + t - 1`, i.e. phase `parity` at index `o - shift`: `(parity, shift)`.
+const DOWN3_TAPS: [(usize, usize); 3] = [(1, 1), (0, 0), (1, 0)];
+
+/// One `oh x ow` phase plane per (row parity, column parity), on the stack.
+type Phases = [[f32; SAME3_MAX_HW]; 4];
+
+/// All ones where output pixel `o` of an `ow`-wide map is not in column 0, else zero: the
+/// taps shifted one column left read padding there.
+#[allow(clippy::needless_range_loop)]
+fn not_first_column(ow: usize, ohw: usize) -> [u32; SAME3_MAX_HW] {
+    let mut m = [0u32; SAME3_MAX_HW];
+    for i in 0..ohw {
+        m[i] = if i % ow != 0 { u32::MAX } else { 0 };
+    }
+    m
+}
+
+/// For tap `(ki, kj)` of the phase paths: the phase plane read, the flat shift (output `o`
+/// reads phase entry `o - shift`), and whether column 0 must be masked.
+fn down3_tap(ki: usize, kj: usize, ow: usize) -> (usize, usize, bool) {
+    let (a, di) = DOWN3_TAPS[ki];
+    let (b, dj) = DOWN3_TAPS[kj];
+    (2 * a + b, di * ow + dj, dj == 1)
+}
+
+/// Split plane `xc [h, w]` into its four phases: `ph[2a + b][i * ow + j] = xc[2i + a][2j + b]`,
+/// zero where that lies outside the plane (odd sizes).
+#[inline(always)]
+fn split_phases(g: Geom, xc: &[f32], ph: &mut Phases) {
+    let (h, w, ow) = (g.h, g.w, g.ow);
+    let [p00, p01, p10, p11] = ph;
+    for (a, (pe, po)) in [(p00, p01), (p10, p11)].into_iter().enumerate() {
+        for i in 0..g.oh {
+            let (re, ro) = (&mut pe[i * ow..][..ow], &mut po[i * ow..][..ow]);
+            let r = 2 * i + a;
+            if r >= h {
+                re.fill(0.0);
+                ro.fill(0.0);
+                continue;
+            }
+            let xr = &xc[r * w..][..w];
+            for ((e, o), pair) in re.iter_mut().zip(ro.iter_mut()).zip(xr.chunks_exact(2)) {
+                *e = pair[0];
+                *o = pair[1];
+            }
+            if w % 2 == 1 {
+                re[w / 2] = xr[w - 1];
+                ro[w / 2] = 0.0;
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `im2col` for a 3x3 kernel, stride 2, padding 1: per channel, the four phases of the
+    /// plane, then row `(c, ki, kj)` of `cols` is one phase shifted by `shift` as a flat run
+    /// (zero before it: the rows of padding above), column 0 masked for the taps left of it.
+    fn im2col_down3(g: Geom, x: &[f32], cols: &mut [f32]) {
+        let (hw, ow, ohw) = (g.h * g.w, g.ow, g.oh * g.ow);
+        let mut ph: Phases = [[0.0; SAME3_MAX_HW]; 4];
+        let mask = not_first_column(ow, ohw);
+        let mut rows = cols[..g.ckk() * ohw].chunks_exact_mut(ohw);
+        for c in 0..g.c {
+            split_phases(g, &x[c * hw..][..hw], &mut ph);
+            for ki in 0..3 {
+                for kj in 0..3 {
+                    let row = rows.next().expect("cols has c*9 rows");
+                    let (plane, shift, masked) = down3_tap(ki, kj, ow);
+                    let shift = shift.min(ohw);
+                    let src = &ph[plane][..ohw - shift];
+                    row[..shift].fill(0.0);
+                    let dst = &mut row[shift..];
+                    if masked {
+                        for ((r, &v), &m) in dst.iter_mut().zip(src).zip(&mask[shift..ohw]) {
+                            *r = f32::from_bits(v.to_bits() & m);
+                        }
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `col2im` for the geometry of `im2col_down3`: each row of `cols` added, with the same
+    /// shift and mask, to its phase's gradient; the four phases then interleaved back into
+    /// the plane (every pixel belongs to exactly one phase; phase entries outside the plane
+    /// are dropped).
+    fn col2im_down3(g: Geom, cols: &[f32], dx: &mut [f32]) {
+        let (h, w, hw, ow, ohw) = (g.h, g.w, g.h * g.w, g.ow, g.oh * g.ow);
+        let mut ph: Phases = [[0.0; SAME3_MAX_HW]; 4];
+        let mask = not_first_column(ow, ohw);
+        let mut rows = cols[..g.ckk() * ohw].chunks_exact(ohw);
+        for c in 0..g.c {
+            for p in &mut ph {
+                p[..ohw].fill(0.0);
+            }
+            for ki in 0..3 {
+                for kj in 0..3 {
+                    let row = rows.next().expect("cols has c*9 rows");
+                    let (plane, shift, masked) = down3_tap(ki, kj, ow);
+                    let shift = shift.min(ohw);
+                    let dst = &mut ph[plane][..ohw - shift];
+                    let src = &row[shift..];
+                    if masked {
+                        for ((d, &v), &m) in dst.iter_mut().zip(src).zip(&mask[shift..ohw]) {
+                            *d += f32::from_bits(v.to_bits() & m);
+                        }
+                    } else {
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+            let dc = &mut dx[c * hw..][..hw];
+            for (r, dr) in dc.chunks_exact_mut(w).enumerate().take(h) {
+                let (a, i) = (r % 2, r / 2);
+                let pe = &ph[2 * a][i * ow..][..ow];
+                let po = &ph[2 * a + 1][i * ow..][..ow];
+                for (pair, (&e, &o)) in dr.chunks_exact_mut(2).zip(pe.iter().zip(po)) {
+                    pair[0] = e;
+                    pair[1] = o;
+                }
+                if w % 2 == 1 {
+                    dr[w - 1] = pe[w / 2];
+                }
+            }
+        }
+    }
+}
+
 crate::simd_kernel! {
     /// `im2col` for a 1x1 kernel with stride `s > 1` and no padding: row `c` of `cols` is
     /// plane `c` at rows and columns `0, s, 2s, ...` (every tap lies inside the input).
@@ -283,6 +427,8 @@ crate::simd_kernel! {
 fn col2im(g: Geom, cols: &[f32], dx: &mut [f32]) {
     if g.same3() {
         col2im_same3(g, cols, dx)
+    } else if g.down3() {
+        col2im_down3(g, cols, dx)
     } else if g.subsample() {
         col2im_subsample(g, cols, dx)
     } else {

@@ -7,10 +7,13 @@ use super::conv::{checked_product, shape_error};
 use super::{Ctx, Layer};
 use crate::{Error, Result};
 
+/// `[C, H, W]` per example in, `[C*H*W]` out (see the module doc).
 pub struct Flatten {
-    /// Channels, height and width of the maps flattened.
+    /// Channels of the maps flattened.
     pub c: usize,
+    /// Height of the maps.
     pub h: usize,
+    /// Width of the maps.
     pub w: usize,
 }
 

@@ -35,6 +35,7 @@ use crate::{Error, Result};
 /// Below this many values the elementwise steps stay on one thread.
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
+/// `y = act(main(x) + shortcut(x))`, ResNet's basic block (see the module doc).
 pub struct Residual {
     main: Sequential,
     /// The projection and its child name; `None` for the identity.
