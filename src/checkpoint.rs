@@ -8,7 +8,6 @@ use crate::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 /// A tensor read from a safetensors file, converted to f64 or i64 for checking.
@@ -109,21 +108,7 @@ fn decode(view: &TensorView<'_>) -> std::result::Result<Loaded, String> {
     })
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, flushed to disk,
-/// then renamed over the target, so a kill at any instant leaves the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+pub use crate::fsutil::write_atomic;
 
 /// One tensor ready to be written: name, dtype, shape, little-endian bytes.
 pub type Entry = (String, Dtype, Vec<usize>, Vec<u8>);

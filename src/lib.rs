@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod experiments;
 pub mod fold;
+pub mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod network;

@@ -135,6 +135,7 @@ impl Run {
             .map(RunningAverage::parse)
             .transpose()?;
         if let Some(d) = &dir {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             if d.join(STATE_FILE).exists() {
                 return Err(Error::config(
                     "--out",

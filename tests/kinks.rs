@@ -8,11 +8,19 @@ use bnlab::nn::{Layer, MaxPool2d, Mode, Relu};
 
 #[test]
 fn relu_derivative_is_zero_at_exactly_zero() {
-    let x = [-1.0f32, -0.0, 0.0, f32::MIN_POSITIVE, 2.0, -f32::MIN_POSITIVE];
+    let x = [
+        -1.0f32,
+        -0.0,
+        0.0,
+        f32::MIN_POSITIVE,
+        2.0,
+        -f32::MIN_POSITIVE,
+    ];
     let mut relu = Relu::new(x.len());
     relu.reserve(1);
     let mut y = vec![9.0; x.len()];
-    relu.forward(common::ctx(Mode::Train), &x, &mut y, 1).unwrap();
+    relu.forward(common::ctx(Mode::Train), &x, &mut y, 1)
+        .unwrap();
     assert_eq!(y, [0.0, 0.0, 0.0, f32::MIN_POSITIVE, 2.0, 0.0]);
     let dy = [1.0f32; 6];
     let mut dx = vec![9.0; x.len()];

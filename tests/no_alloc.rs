@@ -34,8 +34,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// The counter is global: the tests of this file take turns, or one would count the other's
-/// allocations.
+/// The counter is global: the checks of this file take turns, or one would count the other's
+/// allocations. This file has no test harness (`harness = false` in Cargo.toml): `main` runs
+/// the checks one after another on one thread, so no harness thread allocates (reporting a
+/// finished test) while a step is being counted.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Train `preset` for `warmup` steps, then count the allocations of `steps` more, on 1 and 2
@@ -91,7 +93,6 @@ fn assert_steps_allocate_nothing(
     }
 }
 
-#[test]
 fn training_steps_do_not_allocate() {
     // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is covered too.
     assert_steps_allocate_nothing(&["mlp-fig1", "mlp-fig1-bn"], 60, 0.1, 20, 1200);
@@ -100,7 +101,6 @@ fn training_steps_do_not_allocate() {
 /// The convolutional presets too: im2col workspaces, transposed gradients and all products
 /// (our own kernels; no `gemm`-crate call, which would allocate packing buffers) are sized at
 /// `reserve`. Both the BN net and the no-BN net with dropout.
-#[test]
 fn convolutional_training_steps_do_not_allocate() {
     assert_steps_allocate_nothing(&["inception-mini-bn", "inception-mini"], 32, 0.05, 3, 25);
 }
@@ -108,7 +108,6 @@ fn convolutional_training_steps_do_not_allocate() {
 /// A ResNet-like stack built from `Residual` blocks (an identity block, then a projection block
 /// with stride 2, as ResNet-20's stages begin): forward and backward allocate nothing once
 /// reserved, on 1 and 2 threads. No data needed.
-#[test]
 fn residual_steps_do_not_allocate() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = common::Lcg(5);
@@ -187,5 +186,26 @@ fn residual_steps_do_not_allocate() {
         }
         let after = ALLOCATIONS.load(Ordering::SeqCst);
         assert_eq!(after - before, 0, "{threads} threads: allocations in steps");
+    }
+}
+
+fn main() {
+    let checks: [(&str, fn()); 3] = [
+        (
+            "training_steps_do_not_allocate",
+            training_steps_do_not_allocate,
+        ),
+        (
+            "convolutional_training_steps_do_not_allocate",
+            convolutional_training_steps_do_not_allocate,
+        ),
+        (
+            "residual_steps_do_not_allocate",
+            residual_steps_do_not_allocate,
+        ),
+    ];
+    for (name, check) in checks {
+        check();
+        println!("test {name} ... ok");
     }
 }

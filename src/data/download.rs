@@ -174,31 +174,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Writes `dest` via `dest.tmp` in the same directory, fsync and rename, so readers only ever see
-/// a missing file or a complete one. The temporary file is removed on failure.
-pub(crate) fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp_name = dest.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp_name);
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    // Persist the rename itself; best effort, as not every platform can open a directory.
-    if let Some(parent) = dest.parent() {
-        if let Ok(d) = File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
+pub(crate) use crate::fsutil::write_atomic;
 
 /// The directories that `create_dir_all(dir)` had to make, deepest first, so that a failed
 /// download can remove them again instead of leaving empty directories behind.

@@ -23,7 +23,6 @@ mod png;
 mod summary;
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -166,29 +165,7 @@ fn results_json(report: &MnistReport) -> serde_json::Value {
     serde_json::json!({ "setup": report.setup, "variants": variants })
 }
 
-/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
-/// write `path.tmp`, fsync it, rename it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| Error::Report {
-        path: path.to_path_buf(),
-        msg: "path has no file name".into(),
-    })?;
-    let mut tmp_name = file_name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        // Without the fsync a crash after the rename could leave an empty file under the final name.
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        // Best effort: a stale .tmp would only confuse whoever looks at the directory.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+pub use crate::fsutil::write_atomic;
 
 /// Percentage with two decimals, as used in summary.md: 0.98123 -> "98.12%".
 pub fn fmt_percent(acc: f64) -> String {
