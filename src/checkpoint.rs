@@ -159,6 +159,9 @@ pub fn model_metadata(net: &Network) -> HashMap<String, String> {
         serde_json::to_string(&net.input_shape).unwrap_or_default(),
     );
     meta.insert(MODEL_SPEC_KEY.to_string(), net.spec.to_json().to_string());
+    if let Some(b) = net.train_batch_size {
+        meta.insert(BATCH_SIZE_KEY.to_string(), b.to_string());
+    }
     if let Some(n) = &net.normalization {
         meta.insert(
             NORMALIZE_KEY.to_string(),
@@ -167,6 +170,9 @@ pub fn model_metadata(net: &Network) -> HashMap<String, String> {
     }
     meta
 }
+
+/// Metadata key of the mini-batch size a network was trained with.
+pub const BATCH_SIZE_KEY: &str = "bnlab_batch_size";
 
 /// Metadata key of the input normalization (`{"mean": [..], "std": [..]}`) a network was
 /// trained with; absent when none.
@@ -249,6 +255,15 @@ pub fn load_from(
             ));
         }
     }
+    net.train_batch_size = match file.metadata.get(BATCH_SIZE_KEY) {
+        None => None,
+        Some(t) => Some(
+            t.parse::<usize>()
+                .ok()
+                .filter(|&b| b >= 1)
+                .ok_or_else(|| bad(format!("bad training batch size '{t}' in the metadata")))?,
+        ),
+    };
     // The input normalization travels with the weights.
     net.normalization = match file.metadata.get(NORMALIZE_KEY) {
         None => None,

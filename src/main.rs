@@ -173,6 +173,10 @@ struct EvalArgs {
     /// here by a pass over the training set).
     #[arg(long, default_value = "running")]
     bn_stats: String,
+    /// Mini-batch size of Algorithm 2's pass (--bn-stats population). Default: the batch
+    /// size the checkpoint was trained with (recorded in its metadata), else 60.
+    #[arg(long, value_name = "B")]
+    population_batch_size: Option<i64>,
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -195,6 +199,10 @@ struct FoldArgs {
     /// set, which needs the data).
     #[arg(long, default_value = "running")]
     bn_stats: String,
+    /// Mini-batch size of Algorithm 2's pass (--bn-stats population). Default: the batch
+    /// size the checkpoint was trained with (recorded in its metadata), else 60.
+    #[arg(long, value_name = "B")]
+    population_batch_size: Option<i64>,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -214,6 +222,10 @@ struct ExportArgs {
     /// Inference statistics for BN: running, or population (needs the data).
     #[arg(long, default_value = "running")]
     bn_stats: String,
+    /// Mini-batch size of Algorithm 2's pass (--bn-stats population). Default: the batch
+    /// size the checkpoint was trained with (recorded in its metadata), else 60.
+    #[arg(long, value_name = "B")]
+    population_batch_size: Option<i64>,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -442,7 +454,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 seed: a.seed,
                 order: Order::parse(&a.order)?,
                 eval_every: non_negative("--eval-every", a.eval_every)?,
-                threads: a.threads,
+                threads: threads_used(a.threads),
                 augment: bnlab::train::Augment::parse(&a.augment)?,
             };
             config.validate(spec.has_batch_norm())?;
@@ -550,6 +562,7 @@ fn inference_net(
     model: &str,
     weights: &Path,
     bn_stats: &str,
+    population_batch: Option<i64>,
     data: &DataArgs,
     threads: usize,
 ) -> Result<Network> {
@@ -577,14 +590,59 @@ fn inference_net(
     checkpoint::load(&mut net, weights)?;
     if let Some(mut split) = split {
         split.set_normalization(net.normalization.clone())?;
-        population_statistics(&mut net, &split.train, 60, None)?;
+        let batch = population_batch_size(population_batch, &net)?;
+        population_statistics(&mut net, &split.train, batch, None)?;
     }
     Ok(net)
 }
 
+/// Algorithm 2's batch size: the flag, else the training batch size the checkpoint records,
+/// else 60 (the paper's MNIST batch); said on stderr so it is never a silent choice.
+fn population_batch_size(flag: Option<i64>, net: &Network) -> Result<usize> {
+    let (b, from) = match (flag, net.train_batch_size) {
+        (Some(f), _) => (
+            positive("--population-batch-size", f)?,
+            "--population-batch-size",
+        ),
+        (None, Some(t)) => (t, "the training batch size recorded in the checkpoint"),
+        (None, None) => (
+            60,
+            "the default; the checkpoint records no training batch size",
+        ),
+    };
+    if b < 2 {
+        return Err(Error::config(
+            "--population-batch-size",
+            "Algorithm 2 needs mini-batches of at least 2 examples",
+        ));
+    }
+    eprintln!("Algorithm 2: population statistics over training mini-batches of {b} ({from})");
+    Ok(b)
+}
+
+/// The thread count the kernels will use for `asked`: today at most 2 (one helper thread),
+/// said on stderr when fewer than asked.
+fn threads_used(asked: usize) -> usize {
+    let used = asked.min(bnlab::kernels::MAX_THREADS);
+    if used < asked {
+        eprintln!(
+            "note: --threads {asked}: bnlab's kernels use at most {} threads today; running on {used}",
+            bnlab::kernels::MAX_THREADS
+        );
+    }
+    used
+}
+
 fn fold_cmd(a: FoldArgs) -> Result<()> {
     check_writable(&a.save)?;
-    let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
+    let mut net = inference_net(
+        &a.model,
+        &a.weights,
+        &a.bn_stats,
+        a.population_batch_size,
+        &a.data,
+        1,
+    )?;
     let mut folded = bnlab::fold::fold(&mut net)?;
     checkpoint::save(&mut folded, &a.save)?;
     eprintln!(
@@ -604,7 +662,14 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
         ));
     }
     check_writable(&a.out)?;
-    let mut net = inference_net(&a.model, &a.weights, &a.bn_stats, &a.data, 1)?;
+    let mut net = inference_net(
+        &a.model,
+        &a.weights,
+        &a.bn_stats,
+        a.population_batch_size,
+        &a.data,
+        1,
+    )?;
     bnlab::onnx::export_onnx(&mut net, &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -618,12 +683,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let batch = 500;
     let mut split = load_data(&a.data, Some(&spec))?;
-    let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
     checkpoint::load(&mut net, &a.weights)?;
     split.set_normalization(net.normalization.clone())?;
     let mut pop_batches = 0;
     if stats == InferenceStats::Population && net.has_batch_norm() {
-        pop_batches = population_statistics(&mut net, &split.train, 60, None)?;
+        let batch = population_batch_size(a.population_batch_size, &net)?;
+        pop_batches = population_statistics(&mut net, &split.train, batch, None)?;
     }
     let mut evaluator = Evaluator::new(batch, split.test.features());
     let ev = evaluator.evaluate(&mut net, &split.test, None, None)?;
@@ -665,11 +731,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         seed: 1,
         order: Order::Shuffle,
         eval_every: 0,
-        threads: a.threads,
+        threads: threads_used(a.threads),
         augment: bnlab::train::Augment::None,
     };
     config.validate(spec.has_batch_norm())?;
     let split = load_data(&a.data, Some(&spec))?;
+    config.validate_for_data(split.train.len())?;
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
@@ -1043,7 +1110,7 @@ fn grad_cmd(a: GradArgs) -> Result<()> {
     }
     check_writable(&a.save)?;
     let mut split = load_data(&a.data, Some(&spec))?;
-    let mut net = network_for(&spec, &split, 0, batch, a.threads)?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
     checkpoint::load(&mut net, &a.weights)?;
     split.set_normalization(net.normalization.clone())?;
     let (loss, grads) = bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;

@@ -20,6 +20,9 @@ pub struct Network {
     /// The per-channel input normalization the network was trained with (applied by the data
     /// set when batches are filled; recorded in checkpoints and exported to ONNX).
     pub normalization: Option<crate::data::Normalization>,
+    /// The mini-batch size the network was trained with, when known (recorded in
+    /// checkpoints): the batch size of Algorithm 2's population statistics.
+    pub train_batch_size: Option<usize>,
 }
 
 impl Network {
@@ -51,6 +54,7 @@ impl Network {
             max_batch,
             batch_norms,
             normalization: None,
+            train_batch_size: None,
         })
     }
 

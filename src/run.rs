@@ -162,6 +162,8 @@ impl Run {
             net.for_each_batch_norm(&mut |bn| bn.running_average = ra);
         }
         net.normalization = spec.normalization.clone();
+        c.validate_for_data(train_len)?;
+        net.train_batch_size = Some(c.batch_size);
         let features = data_shape.iter().product();
         let mut trainer = Trainer::new(c.clone(), train_len, features);
         if let [ch, h, w] = *data_shape {

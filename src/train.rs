@@ -149,6 +149,20 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Reject a batch larger than the training set (`train_len` examples).
+    pub fn validate_for_data(&self, train_len: usize) -> Result<()> {
+        if self.batch_size > train_len {
+            return Err(Error::config(
+                "--batch-size",
+                format!(
+                    "{} is larger than the training set ({train_len} examples)",
+                    self.batch_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reject settings that make no sense, naming the flag.
     pub fn validate(&self, has_batch_norm: bool) -> Result<()> {
         if self.batch_size == 0 {
@@ -504,6 +518,15 @@ pub fn population_statistics(
         ));
     }
     let count = (train.len() / batch).min(max_batches.unwrap_or(usize::MAX));
+    if count == 0 {
+        return Err(Error::config(
+            "population batch size",
+            format!(
+                "Algorithm 2 needs at least one mini-batch of {batch} training examples; the training set has {}",
+                train.len()
+            ),
+        ));
+    }
     let features = train.features();
     let mut x = vec![0.0; batch * features];
     let mut y = vec![0; batch];
@@ -516,9 +539,18 @@ pub fn population_statistics(
         train.fill_batch(&indices, &mut x, &mut y);
         net.forward(&x, batch, Mode::Population)?;
     }
+    let mut missing = 0;
     net.for_each_batch_norm(&mut |bn| {
         bn.finish_population();
+        missing += usize::from(bn.population_mean.is_none());
     });
+    if missing > 0 {
+        // Never fall back to the running averages in silence.
+        return Err(Error::config(
+            "population statistics",
+            format!("Algorithm 2 could not compute the statistics of {missing} BatchNorm layer(s)"),
+        ));
+    }
     net.set_inference_stats(InferenceStats::Population);
     Ok(count)
 }

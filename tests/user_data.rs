@@ -296,3 +296,106 @@ fn npz_trains_the_mlp_and_two_identical_runs_write_identical_bytes() {
         &["nope.npz"],
     );
 }
+
+/// Odd input gets a clear answer: a batch larger than the training set, more threads than
+/// the kernels use, Algorithm 2 on a training set smaller than one of its batches; the
+/// training batch size travels in the checkpoint and is Algorithm 2's default.
+#[test]
+fn odd_sizes_get_clear_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npz = npz_file(tmp.path());
+    let d = npz.to_str().unwrap();
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--batch-size",
+            "65",
+        ],
+        &[
+            "--batch-size",
+            "65 is larger than the training set (64 examples)",
+        ],
+    );
+    fails_with(
+        &[
+            "bench",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--batch-size",
+            "100",
+        ],
+        &["--batch-size", "larger than the training set"],
+    );
+    let w = tmp.path().join("w.safetensors");
+    let o = bnlab(&[
+        "train",
+        "--model",
+        "mlp-fig1-bn",
+        "--data",
+        d,
+        "--steps",
+        "5",
+        "--batch-size",
+        "16",
+        "--threads",
+        "8",
+        "--eval-every",
+        "0",
+        "--save",
+        w.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--threads 8") && err.contains("running on 2"),
+        "{err}"
+    );
+    let file = TensorFile::read(&w).unwrap();
+    assert_eq!(file.metadata[checkpoint::BATCH_SIZE_KEY], "16");
+    // Algorithm 2 uses the recorded batch size (64 / 16 = 4 batches), and says so.
+    let o = bnlab(&[
+        "eval",
+        "--model",
+        "mlp-fig1-bn",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data",
+        d,
+        "--bn-stats",
+        "population",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("mini-batches of 16 (the training batch size recorded"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(j["population_batches"], 4);
+    // A population batch larger than the training set is refused, not replaced by the
+    // running averages.
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            "mlp-fig1-bn",
+            "--weights",
+            w.to_str().unwrap(),
+            "--data",
+            d,
+            "--bn-stats",
+            "population",
+            "--population-batch-size",
+            "100",
+        ],
+        &["Algorithm 2 needs at least one mini-batch of 100", "has 64"],
+    );
+}

@@ -46,3 +46,7 @@ pub mod sparse;
 pub mod team;
 
 pub use team::join;
+
+/// The most threads a kernel splits its work over today (the caller's thread and one helper,
+/// see `team`); a larger thread count runs on this many.
+pub const MAX_THREADS: usize = 2;
