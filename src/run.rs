@@ -411,6 +411,9 @@ impl Run {
             }
         }
         if let Some(dir) = self.dir.clone() {
+            // Again, for a run resumed after a kill that landed between its last state and
+            // the metrics file: the state holds every line, the file may not yet.
+            write_atomic(&dir.join(METRICS_FILE), self.metrics.as_bytes())?;
             checkpoint::save(&mut self.net, &dir.join(FINAL_FILE))?;
         }
         Ok(())
