@@ -12,7 +12,9 @@ use bnlab::nn::InferenceStats;
 use bnlab::optim::Schedule;
 use bnlab::report;
 use bnlab::run::{self, Event, Run, RunSpec};
-use bnlab::train::{population_statistics, Evaluator, Order, TrainConfig, Trainer};
+use bnlab::train::{
+    population_statistics, train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer,
+};
 use bnlab::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -740,15 +742,48 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
-    for _ in 0..warmup {
-        trainer.step(&mut net, &split.train)?;
+    /// Keeps the last loss; nothing is evaluated.
+    struct LastLoss(f64);
+    impl Observer for LastLoss {
+        fn evaluate(&mut self, _: &mut Network, _: usize, _: f64) -> Result<()> {
+            Ok(())
+        }
+        fn after_step(
+            &mut self,
+            _: &mut Network,
+            _: &Trainer,
+            loss: f64,
+            _: &LossSince,
+            _: bool,
+        ) -> Result<()> {
+            self.0 = loss;
+            Ok(())
+        }
     }
+    let mut last = LastLoss(0.0);
+    let mut since = LossSince::default();
+    let data = &split.train;
+    train_loop(
+        &mut net,
+        &mut trainer,
+        data,
+        warmup,
+        0,
+        &mut since,
+        &mut last,
+    )?;
     let t = Instant::now();
-    let mut loss = 0.0;
-    for _ in 0..steps {
-        loss = trainer.step(&mut net, &split.train)?;
-    }
+    train_loop(
+        &mut net,
+        &mut trainer,
+        data,
+        warmup + steps,
+        0,
+        &mut since,
+        &mut last,
+    )?;
     let secs = t.elapsed().as_secs_f64();
+    let loss = last.0;
     let rate = steps as f64 / secs;
     println!(
         "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({} threads, last loss {loss:.4})",

@@ -152,6 +152,11 @@ impl Sgd {
 
     /// The momentum buffers, one per parameter in `state_dict` order (empty before the first
     /// step or without momentum), for checkpoints.
+    pub fn velocity(&self) -> &[Vec<f32>] {
+        &self.velocity
+    }
+
+    /// The momentum buffers, to restore a saved run.
     pub fn velocity_mut(&mut self) -> &mut Vec<Vec<f32>> {
         &mut self.velocity
     }

@@ -17,7 +17,7 @@ use crate::model::{self, ModelSpec};
 use crate::network::Network;
 use crate::nn::Layer;
 use crate::report::write_atomic;
-use crate::train::{Evaluator, TrainConfig, Trainer};
+use crate::train::{train_loop, Evaluator, LossSince, Observer, TrainConfig, Trainer};
 use crate::{Error, Result};
 use safetensors::tensor::Dtype;
 use std::path::{Path, PathBuf};
@@ -100,8 +100,7 @@ pub struct Run {
     pub trainer: Trainer,
     dir: Option<PathBuf>,
     metrics: String,
-    loss_sum: f64,
-    loss_count: usize,
+    loss: LossSince,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -177,8 +176,7 @@ impl Run {
             trainer,
             dir,
             metrics: String::from("step,train_loss,test_accuracy\n"),
-            loss_sum: 0.0,
-            loss_count: 0,
+            loss: LossSince::default(),
         })
     }
 
@@ -292,8 +290,10 @@ impl Run {
             run.trainer.restore_augment_rng(seed, word_pos);
         }
         run.metrics = p.metrics;
-        run.loss_sum = f64::from_bits(p.loss_sum_bits);
-        run.loss_count = p.loss_count;
+        run.loss = LossSince {
+            sum: f64::from_bits(p.loss_sum_bits),
+            count: p.loss_count,
+        };
         Ok(run)
     }
 
@@ -313,58 +313,14 @@ impl Run {
                 "no run directory to checkpoint into",
             ));
         };
-        let mut entries: Vec<Entry> = checkpoint::state_entries(&mut self.net);
-        for (i, v) in self.trainer.sgd.velocity_mut().iter().enumerate() {
-            entries.push((
-                format!("{EXTRA}velocity.{i}"),
-                Dtype::F32,
-                vec![v.len()],
-                f32_bytes(v),
-            ));
-        }
-        let (perm, pos, seed, word_pos) = self.trainer.batches.state();
-        let perm_bytes: Vec<u8> = perm
-            .iter()
-            .flat_map(|&i| (i as i64).to_le_bytes())
-            .collect();
-        entries.push((
-            format!("{EXTRA}order.perm"),
-            Dtype::I64,
-            vec![perm.len()],
-            perm_bytes,
-        ));
-        let mut dropout_rngs = Vec::new();
-        self.net.body.for_each_rng(&mut |r| {
-            dropout_rngs.push((hex(&r.get_seed()), r.get_word_pos().to_string()))
-        });
-        let progress = Progress {
-            version: STATE_VERSION,
-            spec: self.spec.clone(),
-            step: self.trainer.step,
-            sgd_steps_taken: self.trainer.sgd.steps_taken,
-            batches_pos: pos,
-            batches_seed: hex(&seed),
-            batches_word_pos: word_pos.to_string(),
-            dropout_rngs,
-            augment_rng: self
-                .trainer
-                .augment_rng_state()
-                .map(|(s, w)| (hex(&s), w.to_string())),
-            metrics: self.metrics.clone(),
-            loss_sum_bits: self.loss_sum.to_bits(),
-            loss_count: self.loss_count,
-        };
-        let mut meta = checkpoint::model_metadata(&self.net);
-        meta.insert(
-            "bnlab_run".to_string(),
-            serde_json::to_string(&progress)
-                .map_err(|e| Error::config("run state", e.to_string()))?,
-        );
-        let path = dir.join(STATE_FILE);
-        checkpoint::write_entries(&path, &entries, meta)?;
-        checkpoint::save(&mut self.net, &dir.join(LATEST_FILE))?;
-        write_atomic(&dir.join(METRICS_FILE), self.metrics.as_bytes())?;
-        Ok(path)
+        write_state(
+            &dir,
+            &self.spec,
+            &mut self.net,
+            &self.trainer,
+            &self.metrics,
+            &self.loss,
+        )
     }
 
     /// Train to the end, evaluating every `eval_every` steps and checkpointing every
@@ -372,44 +328,27 @@ impl Run {
     /// state on disk is the last good one.
     pub fn run(&mut self, data: &Split, on_event: &mut dyn FnMut(Event<'_>)) -> Result<()> {
         let c = self.spec.config.clone();
-        let mut evaluator = Evaluator::new(EVAL_BATCH, data.train.features());
         if self.dir.is_some() && self.trainer.step == 0 {
             // A run killed before its first periodic checkpoint can be resumed too.
             self.save_state()?;
         }
-        while self.trainer.step < c.steps {
-            let loss = self.trainer.step(&mut self.net, &data.train)?;
-            self.loss_sum += loss;
-            self.loss_count += 1;
-            let step = self.trainer.step;
-            on_event(Event::Step { step, loss });
-            let last = step == c.steps;
-            if (c.eval_every > 0 && step.is_multiple_of(c.eval_every)) || last {
-                let ev = evaluator.evaluate(&mut self.net, &data.test, None, None)?;
-                if !self.net.all_finite() {
-                    return Err(Error::Diverged {
-                        step,
-                        msg: "a weight or BN statistic is NaN or infinite".into(),
-                    });
-                }
-                let mean = self.loss_sum / self.loss_count.max(1) as f64;
-                self.metrics
-                    .push_str(&format!("{step},{mean:.6},{:.6}\n", ev.accuracy()));
-                self.loss_sum = 0.0;
-                self.loss_count = 0;
-                on_event(Event::Evaluated {
-                    step,
-                    train_loss: mean,
-                    test_accuracy: ev.accuracy(),
-                });
-            }
-            let checkpoint_now =
-                self.spec.checkpoint_every > 0 && step.is_multiple_of(self.spec.checkpoint_every);
-            if self.dir.is_some() && (checkpoint_now || last) {
-                let path = self.save_state()?;
-                on_event(Event::Checkpoint { step, path: &path });
-            }
-        }
+        let mut observer = RunObserver {
+            evaluator: Evaluator::new(EVAL_BATCH, data.train.features()),
+            test: &data.test,
+            metrics: &mut self.metrics,
+            on_event,
+            dir: self.dir.as_deref(),
+            spec: &self.spec,
+        };
+        train_loop(
+            &mut self.net,
+            &mut self.trainer,
+            &data.train,
+            c.steps,
+            c.eval_every,
+            &mut self.loss,
+            &mut observer,
+        )?;
         if let Some(dir) = self.dir.clone() {
             // Again, for a run resumed after a kill that landed between its last state and
             // the metrics file: the state holds every line, the file may not yet.
@@ -421,5 +360,112 @@ impl Run {
 
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+}
+
+/// Write everything the next step of a run depends on into `dir`, atomically: the run state
+/// (weights, BN buffers, momentum buffers, batch order, generators, step, metrics, the loss
+/// since the last evaluation, the settings), then the latest weights and the metrics.
+fn write_state(
+    dir: &Path,
+    spec: &RunSpec,
+    net: &mut Network,
+    trainer: &Trainer,
+    metrics: &str,
+    loss: &LossSince,
+) -> Result<PathBuf> {
+    let mut entries: Vec<Entry> = checkpoint::state_entries(net);
+    for (i, v) in trainer.sgd.velocity().iter().enumerate() {
+        entries.push((
+            format!("{EXTRA}velocity.{i}"),
+            Dtype::F32,
+            vec![v.len()],
+            f32_bytes(v),
+        ));
+    }
+    let (perm, pos, seed, word_pos) = trainer.batches.state();
+    let perm_bytes: Vec<u8> = perm
+        .iter()
+        .flat_map(|&i| (i as i64).to_le_bytes())
+        .collect();
+    entries.push((
+        format!("{EXTRA}order.perm"),
+        Dtype::I64,
+        vec![perm.len()],
+        perm_bytes,
+    ));
+    let mut dropout_rngs = Vec::new();
+    net.body.for_each_rng(&mut |r| {
+        dropout_rngs.push((hex(&r.get_seed()), r.get_word_pos().to_string()))
+    });
+    let progress = Progress {
+        version: STATE_VERSION,
+        spec: spec.clone(),
+        step: trainer.step,
+        sgd_steps_taken: trainer.sgd.steps_taken,
+        batches_pos: pos,
+        batches_seed: hex(&seed),
+        batches_word_pos: word_pos.to_string(),
+        dropout_rngs,
+        augment_rng: trainer
+            .augment_rng_state()
+            .map(|(s, w)| (hex(&s), w.to_string())),
+        metrics: metrics.to_string(),
+        loss_sum_bits: loss.sum.to_bits(),
+        loss_count: loss.count,
+    };
+    let mut meta = checkpoint::model_metadata(net);
+    meta.insert(
+        "bnlab_run".to_string(),
+        serde_json::to_string(&progress).map_err(|e| Error::config("run state", e.to_string()))?,
+    );
+    let path = dir.join(STATE_FILE);
+    checkpoint::write_entries(&path, &entries, meta)?;
+    checkpoint::save(net, &dir.join(LATEST_FILE))?;
+    write_atomic(&dir.join(METRICS_FILE), metrics.as_bytes())?;
+    Ok(path)
+}
+
+/// A run's side of the training loop: evaluations into the metrics and events, checkpoints
+/// into the run directory.
+struct RunObserver<'a> {
+    evaluator: Evaluator,
+    test: &'a crate::data::Dataset,
+    metrics: &'a mut String,
+    on_event: &'a mut dyn FnMut(Event<'_>),
+    dir: Option<&'a Path>,
+    spec: &'a RunSpec,
+}
+
+impl Observer for RunObserver<'_> {
+    fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
+        let ev = self.evaluator.evaluate(net, self.test, None, None)?;
+        self.metrics
+            .push_str(&format!("{step},{mean_loss:.6},{:.6}\n", ev.accuracy()));
+        (self.on_event)(Event::Evaluated {
+            step,
+            train_loss: mean_loss,
+            test_accuracy: ev.accuracy(),
+        });
+        Ok(())
+    }
+
+    fn after_step(
+        &mut self,
+        net: &mut Network,
+        trainer: &Trainer,
+        loss: f64,
+        since: &LossSince,
+        _evaluated: bool,
+    ) -> Result<()> {
+        let step = trainer.step;
+        (self.on_event)(Event::Step { step, loss });
+        let every = self.spec.checkpoint_every;
+        let now = (every > 0 && step.is_multiple_of(every)) || step == self.spec.config.steps;
+        if let (Some(dir), true) = (self.dir, now) {
+            let path = write_state(dir, self.spec, net, trainer, self.metrics, since)?;
+            (self.on_event)(Event::Checkpoint { step, path: &path });
+        }
+        Ok(())
     }
 }

@@ -648,3 +648,76 @@ pub fn gradients(
     });
     Ok((loss, grads))
 }
+
+/// The mean training loss since the last evaluation: the sum and count of the step losses, kept
+/// by the owner of a loop so that a resumed run continues the same mean.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossSince {
+    pub sum: f64,
+    pub count: usize,
+}
+
+impl LossSince {
+    /// The mean so far (0 before any step).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count.max(1) as f64
+    }
+}
+
+/// What the training loop tells its owner (`train`, `bench`, the studies).
+pub trait Observer {
+    /// At every evaluation point (every `eval_every` steps, and after the last step), with the
+    /// mean training loss since the previous one. The loop then checks that every weight and
+    /// BN statistic is finite.
+    fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()>;
+    /// After every step (and after its evaluation, if any), with the step's loss and the
+    /// running mean since the last evaluation: checkpoints, progress.
+    fn after_step(
+        &mut self,
+        net: &mut Network,
+        trainer: &Trainer,
+        loss: f64,
+        since: &LossSince,
+        evaluated: bool,
+    ) -> Result<()> {
+        let _ = (net, trainer, loss, since, evaluated);
+        Ok(())
+    }
+}
+
+/// The training loop every command and study uses: steps until `steps` (counted by
+/// `trainer.step`, so a resumed trainer continues), the mean loss of each evaluation interval
+/// in `loss`, an evaluation every `eval_every` steps (0: only after the last), and a stop
+/// with `Error::Diverged` when the loss or (checked at evaluations) a weight or BN statistic is
+/// NaN or infinite.
+pub fn train_loop(
+    net: &mut Network,
+    trainer: &mut Trainer,
+    data: &Dataset,
+    steps: usize,
+    eval_every: usize,
+    loss: &mut LossSince,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    while trainer.step < steps {
+        let l = trainer.step(net, data)?;
+        loss.sum += l;
+        loss.count += 1;
+        let step = trainer.step;
+        let evaluate = (eval_every > 0 && step.is_multiple_of(eval_every)) || step == steps;
+        if evaluate {
+            let mean = loss.mean();
+            observer.evaluate(net, step, mean)?;
+            // The BN running statistics can overflow without the loss doing so.
+            if !net.all_finite() {
+                return Err(Error::Diverged {
+                    step,
+                    msg: "a weight or BN statistic is NaN or infinite".into(),
+                });
+            }
+            *loss = LossSince::default();
+        }
+        observer.after_step(net, trainer, l, loss, evaluate)?;
+    }
+    Ok(())
+}

@@ -57,7 +57,9 @@ use crate::optim::Schedule;
 use crate::report::{
     AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant, SetupRow, SweepRun,
 };
-use crate::train::{argmax, Evaluator, Order, TrainConfig, Trainer};
+use crate::train::{
+    argmax, train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer,
+};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -436,7 +438,7 @@ fn run_job(
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);
-    let mut evaluator = Evaluator::new(setup.eval_batch, features);
+    let evaluator = Evaluator::new(setup.eval_batch, features);
     let subset = Some(setup.eval_subset);
     let progress = |step: usize, last_accuracy: Option<f64>, evaluated: bool, finished: bool| {
         on_progress(Progress {
@@ -449,53 +451,99 @@ fn run_job(
             finished,
         })
     };
-    let mut curve = Vec::new();
-    if job.curve {
-        let acc = evaluator
+    /// The study's side of the training loop: the accuracy curve on the test subset (for the
+    /// runs that draw one) and the worker's progress line.
+    struct Follow<'a, P: Fn(usize, Option<f64>, bool, bool)> {
+        evaluator: Evaluator,
+        test: &'a crate::data::Dataset,
+        subset: Option<usize>,
+        curve: Option<Vec<AccuracyPoint>>,
+        train_seconds: f64,
+        t0: Instant,
+        progress: P,
+    }
+    impl<P: Fn(usize, Option<f64>, bool, bool)> Follow<'_, P> {
+        fn last(&self) -> Option<f64> {
+            self.curve.as_ref()?.last().map(|p| p.test_accuracy)
+        }
+    }
+    impl<P: Fn(usize, Option<f64>, bool, bool)> Observer for Follow<'_, P> {
+        fn evaluate(&mut self, net: &mut Network, step: usize, _mean_loss: f64) -> Result<()> {
+            if self.curve.is_none() {
+                return Ok(());
+            }
+            self.train_seconds += self.t0.elapsed().as_secs_f64();
+            let acc = self
+                .evaluator
+                .evaluate(net, self.test, None, self.subset)?
+                .accuracy();
+            if let Some(c) = &mut self.curve {
+                c.push(AccuracyPoint {
+                    step,
+                    test_accuracy: acc,
+                });
+            }
+            (self.progress)(step, Some(acc), true, false);
+            self.t0 = Instant::now();
+            Ok(())
+        }
+        fn after_step(
+            &mut self,
+            _net: &mut Network,
+            trainer: &Trainer,
+            _loss: f64,
+            _since: &LossSince,
+            evaluated: bool,
+        ) -> Result<()> {
+            let drawn = evaluated && self.curve.is_some();
+            if !drawn && trainer.step.is_multiple_of(25) {
+                (self.progress)(trainer.step, self.last(), false, false);
+            }
+            Ok(())
+        }
+    }
+    let mut follow = Follow {
+        evaluator,
+        test: &data.test,
+        subset,
+        curve: job.curve.then(Vec::new),
+        train_seconds: 0.0,
+        t0: Instant::now(),
+        progress,
+    };
+    if let Some(c) = &mut follow.curve {
+        let acc = follow
+            .evaluator
             .evaluate(&mut net, &data.test, None, subset)?
             .accuracy();
-        curve.push(AccuracyPoint {
+        c.push(AccuracyPoint {
             step: 0,
             test_accuracy: acc,
         });
     }
-    progress(0, curve.last().map(|p| p.test_accuracy), job.curve, false);
-    let mut diverged = None;
-    let mut train_seconds = 0.0;
-    let mut t0 = Instant::now();
-    while trainer.step < setup.steps {
-        match trainer.step(&mut net, &data.train) {
-            Ok(_) => {}
-            Err(Error::Diverged { step, msg }) => {
-                diverged = Some((step, msg));
-                break;
-            }
-            Err(e) => return Err(e),
-        }
-        let step = trainer.step;
-        if job.curve && (step.is_multiple_of(setup.eval_every) || step == setup.steps) {
-            train_seconds += t0.elapsed().as_secs_f64();
-            let acc = evaluator
-                .evaluate(&mut net, &data.test, None, subset)?
-                .accuracy();
-            curve.push(AccuracyPoint {
-                step,
-                test_accuracy: acc,
-            });
-            progress(step, Some(acc), true, false);
-            // The BN running statistics can overflow without the loss doing so.
-            if !net.all_finite() {
-                diverged = Some((step, "a weight or BN statistic is NaN or infinite".into()));
-                break;
-            }
-            t0 = Instant::now();
-        } else if step.is_multiple_of(25) {
-            progress(step, curve.last().map(|p| p.test_accuracy), false, false);
-        }
-    }
+    (follow.progress)(0, follow.last(), job.curve, false);
+    follow.t0 = Instant::now();
+    // Runs without a curve are checked for finite weights only after their last step.
+    let eval_every = if job.curve { setup.eval_every } else { 0 };
+    let mut diverged = match train_loop(
+        &mut net,
+        &mut trainer,
+        &data.train,
+        setup.steps,
+        eval_every,
+        &mut LossSince::default(),
+        &mut follow,
+    ) {
+        Ok(()) => None,
+        Err(Error::Diverged { step, msg }) => Some((step, msg)),
+        Err(e) => return Err(e),
+    };
+    let mut train_seconds = follow.train_seconds;
     if diverged.is_none() {
-        train_seconds += t0.elapsed().as_secs_f64();
+        train_seconds += follow.t0.elapsed().as_secs_f64();
     }
+    let curve = follow.curve.unwrap_or_default();
+    let progress = follow.progress;
     let (test_accuracy, probs) = if diverged.is_none() && net.all_finite() {
         let p = probabilities(&mut net, &data.test, setup.eval_batch)?;
         let acc = accuracy_of(&p, &data.test.labels, net.classes());

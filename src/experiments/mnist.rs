@@ -11,7 +11,8 @@ use crate::network::Network;
 use crate::optim::Schedule;
 use crate::report::{CurvePoint, MnistReport, VariantRun};
 use crate::train::{
-    percentile, population_statistics, Evaluator, Order, Probe, TrainConfig, Trainer,
+    percentile, population_statistics, train_loop, Evaluator, LossSince, Observer, Order, Probe,
+    TrainConfig, Trainer,
 };
 use crate::{Error, Result};
 use std::time::Instant;
@@ -90,62 +91,99 @@ pub fn run_variant(
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);
-    let mut evaluator = Evaluator::new(setup.eval_batch, features);
+    let evaluator = Evaluator::new(setup.eval_batch, features);
     let probe = Probe {
         layer: probe_layer(&net)
             .ok_or_else(|| Error::config("--model", "Figure 1 needs a sigmoid MLP"))?,
         unit: setup.probe_unit,
     };
-    let mut curve = Vec::new();
-    let mut loss_sum = 0.0;
-    let mut loss_count = 0usize;
-    let mut train_seconds = 0.0;
-    let mut evaluate = |net: &mut Network, step: usize, train_loss: f64| -> Result<CurvePoint> {
-        let mut ev = evaluator.evaluate(net, &data.test, Some(probe), None)?;
-        Ok(CurvePoint {
-            step,
-            test_accuracy: ev.accuracy(),
-            p15: percentile(&mut ev.probe, 15.0),
-            p50: percentile(&mut ev.probe, 50.0),
-            p85: percentile(&mut ev.probe, 85.0),
-            train_loss,
-        })
-    };
-    curve.push(evaluate(&mut net, 0, f64::NAN)?);
-    let mut t0 = Instant::now();
-    while trainer.step < setup.steps {
-        let loss = trainer.step(&mut net, &data.train)?;
-        loss_sum += loss;
-        loss_count += 1;
-        let step = trainer.step;
-        if step.is_multiple_of(setup.eval_every) || step == setup.steps {
-            train_seconds += t0.elapsed().as_secs_f64();
-            let point = evaluate(&mut net, step, loss_sum / loss_count as f64)?;
-            on_progress(Progress {
-                variant: preset,
+    /// Figure 1's measurements at every evaluation: accuracy and the probe's percentiles.
+    struct Follow<'a> {
+        evaluator: Evaluator,
+        data: &'a Split,
+        probe: Probe,
+        preset: &'static str,
+        curve: Vec<CurvePoint>,
+        train_seconds: f64,
+        t0: Instant,
+        on_progress: &'a (dyn Fn(Progress<'_>) + Sync),
+    }
+    impl Follow<'_> {
+        fn point(&mut self, net: &mut Network, step: usize, train_loss: f64) -> Result<CurvePoint> {
+            let mut ev = self
+                .evaluator
+                .evaluate(net, &self.data.test, Some(self.probe), None)?;
+            Ok(CurvePoint {
                 step,
-                loss: loss_sum / loss_count as f64,
-                last_accuracy: Some(point.test_accuracy),
-            });
-            curve.push(point);
-            loss_sum = 0.0;
-            loss_count = 0;
-            if !net.all_finite() {
-                return Err(Error::Diverged {
-                    step,
-                    msg: "a weight or BN statistic is NaN or infinite".into(),
-                });
-            }
-            t0 = Instant::now();
-        } else if step.is_multiple_of(100) {
-            on_progress(Progress {
-                variant: preset,
-                step,
-                loss,
-                last_accuracy: curve.last().map(|p| p.test_accuracy),
-            });
+                test_accuracy: ev.accuracy(),
+                p15: percentile(&mut ev.probe, 15.0),
+                p50: percentile(&mut ev.probe, 50.0),
+                p85: percentile(&mut ev.probe, 85.0),
+                train_loss,
+            })
         }
     }
+    impl Observer for Follow<'_> {
+        fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
+            self.train_seconds += self.t0.elapsed().as_secs_f64();
+            let point = self.point(net, step, mean_loss)?;
+            (self.on_progress)(Progress {
+                variant: self.preset,
+                step,
+                loss: mean_loss,
+                last_accuracy: Some(point.test_accuracy),
+            });
+            self.curve.push(point);
+            self.t0 = Instant::now();
+            Ok(())
+        }
+        fn after_step(
+            &mut self,
+            _net: &mut Network,
+            trainer: &Trainer,
+            loss: f64,
+            _since: &LossSince,
+            evaluated: bool,
+        ) -> Result<()> {
+            if !evaluated && trainer.step.is_multiple_of(100) {
+                (self.on_progress)(Progress {
+                    variant: self.preset,
+                    step: trainer.step,
+                    loss,
+                    last_accuracy: self.curve.last().map(|p| p.test_accuracy),
+                });
+            }
+            Ok(())
+        }
+    }
+    let mut follow = Follow {
+        evaluator,
+        data,
+        probe,
+        preset,
+        curve: Vec::new(),
+        train_seconds: 0.0,
+        t0: Instant::now(),
+        on_progress,
+    };
+    let first = follow.point(&mut net, 0, f64::NAN)?;
+    follow.curve.push(first);
+    follow.t0 = Instant::now();
+    train_loop(
+        &mut net,
+        &mut trainer,
+        &data.train,
+        setup.steps,
+        setup.eval_every,
+        &mut LossSince::default(),
+        &mut follow,
+    )?;
+    let Follow {
+        mut evaluator,
+        curve,
+        train_seconds,
+        ..
+    } = follow;
     let final_running = curve.last().map_or(0.0, |p| p.test_accuracy);
     let final_population = if net.has_batch_norm() {
         population_statistics(&mut net, &data.train, setup.batch_size, None)?;
