@@ -3,7 +3,7 @@
 //! seeded generator (so a model file equal to a preset builds the same bits), and a summary row
 //! per module (path, output shape, parameters, multiply-adds) for `bnlab summary`.
 
-use super::spec::{BiasInit, Child, Init, ModelSpec, Node, WeightInit};
+use super::spec::{module_path, BiasInit, Child, Init, ModelSpec, Node, WeightInit};
 use crate::kernels::batch_norm::RunningAverage;
 use crate::nn::{
     AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
@@ -150,17 +150,6 @@ struct Builder<'a> {
     rows: Vec<SummaryRow>,
 }
 
-fn module_path(prefix: &str, name: &Option<String>, i: usize) -> String {
-    let own = match name {
-        Some(n) => n.clone(),
-        None => i.to_string(),
-    };
-    match (prefix.is_empty(), own.is_empty()) {
-        (_, true) => prefix.to_string(),
-        (true, false) => own,
-        (false, false) => format!("{prefix}.{own}"),
-    }
-}
 
 fn kind_name(node: &Node) -> &'static str {
     match node {

@@ -648,7 +648,7 @@ fn parse_init_spec(v: &Value, source: &str) -> Result<InitSpec> {
 }
 
 /// The module path of child `i` named `name` inside a container at `prefix`.
-fn module_path(prefix: &str, name: &Option<String>, i: usize) -> String {
+pub(crate) fn module_path(prefix: &str, name: &Option<String>, i: usize) -> String {
     let own = match name {
         Some(n) => n.clone(),
         None => i.to_string(),
