@@ -122,6 +122,11 @@ impl Network {
         Ok(&self.logits[..n * self.body.out_size()])
     }
 
+    /// The logits of the last forward pass's first `n` examples, `n x classes`.
+    pub fn last_logits(&self, n: usize) -> &[f32] {
+        &self.logits[..n * self.body.out_size()]
+    }
+
     /// One forward and backward pass in training mode; leaves the gradients in the layers and
     /// returns the mean cross-entropy loss.
     pub fn forward_backward(&mut self, x: &[f32], labels: &[usize], n: usize) -> Result<f64> {

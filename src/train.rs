@@ -200,6 +200,10 @@ impl TrainConfig {
     }
 }
 
+/// What `Evaluator::for_each_batch` calls per batch: the network after its forward pass, the
+/// batch's first example index, its size, and its labels.
+pub type InferenceBatch<'a> = dyn FnMut(&Network, usize, usize, &[usize]) -> Result<()> + 'a;
+
 /// One evaluation on a data set.
 #[derive(Clone, Debug, Default)]
 pub struct Evaluation {
@@ -242,6 +246,32 @@ impl Evaluator {
         }
     }
 
+    /// The one inference loop: examples `0..limit` of `data` (all without a limit) in file
+    /// order, in batches of at most this evaluator's batch and the network's largest, forward
+    /// in inference mode; `f` gets the network (its last logits, `n x classes`, and every
+    /// layer's output), the first example's index, the batch size and the labels.
+    pub fn for_each_batch(
+        &mut self,
+        net: &mut Network,
+        data: &Dataset,
+        limit: Option<usize>,
+        f: &mut InferenceBatch<'_>,
+    ) -> Result<()> {
+        let total = limit.unwrap_or(data.len()).min(data.len());
+        let mut start = 0;
+        while start < total {
+            let n = self.batch.min(total - start).min(net.max_batch());
+            for (j, ix) in self.indices[..n].iter_mut().enumerate() {
+                *ix = start + j;
+            }
+            data.fill_batch(&self.indices[..n], &mut self.x, &mut self.y);
+            net.forward(&self.x, n, Mode::Eval)?;
+            f(net, start, n, &self.y[..n])?;
+            start += n;
+        }
+        Ok(())
+    }
+
     /// Test accuracy and mean loss over `data` (the first `limit` examples if given), in
     /// inference mode, recording the probe's values if asked.
     pub fn evaluate(
@@ -260,22 +290,15 @@ impl Evaluator {
         if probe.is_some() {
             ev.probe.reserve_exact(total);
         }
-        let mut start = 0;
         let mut loss_sum = 0.0;
-        while start < total {
-            let n = self.batch.min(total - start).min(net.max_batch());
-            for (j, ix) in self.indices[..n].iter_mut().enumerate() {
-                *ix = start + j;
-            }
-            data.fill_batch(&self.indices[..n], &mut self.x, &mut self.y);
-            let logits = net.forward(&self.x, n, Mode::Eval)?;
-            for i in 0..n {
-                let row = &logits[i * k..][..k];
-                if argmax(row) == self.y[i] {
+        self.for_each_batch(net, data, limit, &mut |net, _, n, labels| {
+            let logits = net.last_logits(n);
+            for (row, &label) in logits.chunks_exact(k).zip(labels) {
+                if argmax(row) == label {
                     ev.correct += 1;
                 }
             }
-            loss_sum += net.loss_of_last(&self.y, n) * n as f64;
+            loss_sum += net.loss_of_last(labels, n) * n as f64;
             if let Some(p) = probe {
                 let out = net.body.output_of(p.layer);
                 let width = out.len() / net.max_batch();
@@ -283,8 +306,8 @@ impl Evaluator {
                     ev.probe.push(out[i * width + p.unit]);
                 }
             }
-            start += n;
-        }
+            Ok(())
+        })?;
         ev.loss = loss_sum / total.max(1) as f64;
         Ok(ev)
     }
@@ -295,20 +318,16 @@ impl Evaluator {
 pub fn predictions(net: &mut Network, data: &Dataset) -> Result<Vec<usize>> {
     let batch = net.max_batch().min(data.len()).max(1);
     let k = net.classes();
-    let mut x = vec![0.0; batch * data.features()];
-    let mut y = vec![0; batch];
-    let mut indices: Vec<usize> = Vec::with_capacity(batch);
     let mut out = Vec::with_capacity(data.len());
-    let mut start = 0;
-    while start < data.len() {
-        let n = batch.min(data.len() - start);
-        indices.clear();
-        indices.extend(start..start + n);
-        data.fill_batch(&indices, &mut x, &mut y);
-        let logits = net.forward(&x, n, Mode::Eval)?;
-        out.extend(logits.chunks_exact(k).map(argmax));
-        start += n;
-    }
+    Evaluator::new(batch, data.features()).for_each_batch(
+        net,
+        data,
+        None,
+        &mut |net, _, n, _| {
+            out.extend(net.last_logits(n).chunks_exact(k).map(argmax));
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 

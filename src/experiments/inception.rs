@@ -52,7 +52,6 @@
 
 use crate::data::{Dataset, Split};
 use crate::network::Network;
-use crate::nn::Mode;
 use crate::optim::Schedule;
 use crate::report::{
     AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant, SetupRow, SweepRun,
@@ -391,24 +390,20 @@ pub fn accuracy_of(probabilities: &[f32], labels: &[u8], classes: usize) -> f64 
 fn probabilities(net: &mut Network, data: &Dataset, batch: usize) -> Result<Vec<f32>> {
     let batch = batch.min(net.max_batch()).max(1);
     let k = net.classes();
-    let mut x = vec![0.0; batch * data.features()];
-    let mut y = vec![0; batch];
-    let mut indices = Vec::with_capacity(batch);
     let mut out = Vec::with_capacity(data.len() * k);
-    let mut start = 0;
-    while start < data.len() {
-        let n = batch.min(data.len() - start);
-        indices.clear();
-        indices.extend(start..start + n);
-        data.fill_batch(&indices, &mut x, &mut y);
-        let logits = net.forward(&x, n, Mode::Eval)?;
-        for row in logits.chunks_exact(k) {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
-            out.extend(row.iter().map(|&v| ((v as f64 - m).exp() / z) as f32));
-        }
-        start += n;
-    }
+    Evaluator::new(batch, data.features()).for_each_batch(
+        net,
+        data,
+        None,
+        &mut |net, _, n, _| {
+            for row in net.last_logits(n).chunks_exact(k) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+                out.extend(row.iter().map(|&v| ((v as f64 - m).exp() / z) as f32));
+            }
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 

@@ -150,7 +150,6 @@ struct Builder<'a> {
     rows: Vec<SummaryRow>,
 }
 
-
 fn kind_name(node: &Node) -> &'static str {
     match node {
         Node::Sequential { .. } => "Sequential",
