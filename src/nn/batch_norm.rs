@@ -47,9 +47,9 @@ pub struct BatchNorm {
     pub num_batches_tracked: i64,
     /// Which statistics `Mode::Eval` normalizes with.
     pub inference: InferenceStats,
-    /// Algorithm 2's E[x], one per feature, once computed.
+    /// Algorithm 2's `E[x]`, one per feature, once computed.
     pub population_mean: Option<Vec<f32>>,
-    /// Algorithm 2's Var[x] (unbiased), one per feature, once computed.
+    /// Algorithm 2's `Var[x]` (unbiased), one per feature, once computed.
     pub population_var: Option<Vec<f32>>,
     population: Option<PopulationStats>,
     // Per-step workspace and backward cache.
@@ -133,7 +133,7 @@ impl BatchNorm {
         self.population = Some(PopulationStats::new(self.c));
     }
 
-    /// End Algorithm 2: fix E[x] and Var[x]. Returns the number of batches averaged.
+    /// End Algorithm 2: fix `E[x]` and `Var[x]`. Returns the number of batches averaged.
     pub fn finish_population(&mut self) -> usize {
         let Some(p) = self.population.take() else {
             return 0;
