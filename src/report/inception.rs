@@ -1,5 +1,5 @@
 //! The section 4.2 study's report (`bnlab reproduce inception`): results.json, metrics.csv,
-//! summary.md, and the accuracy-against-steps figures as SVG and PNG.
+//! summary.md, and (with the `plots` feature) the accuracy-against-steps figures as SVG and PNG.
 //!
 //! | file | for |
 //! | --- | --- |
@@ -15,7 +15,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{fmt_percent, line_chart, write_atomic};
+#[cfg(feature = "plots")]
+use super::line_chart;
+use super::{fmt_percent, write_atomic};
 use crate::{Error, Result};
 
 /// One evaluation on the fixed test subset.
@@ -141,7 +143,8 @@ const PAPER: [(&str, &str, &str); 7] = [
 /// "Learns" for the sigmoid check: the spec's threshold.
 const LEARNS: f64 = 0.80;
 
-/// Writes results.json, metrics.csv, summary.md and the figures into `out_dir`.
+/// Writes results.json, metrics.csv, summary.md and (with the `plots` feature) the figures into
+/// `out_dir`.
 pub fn write_inception_report(out_dir: &Path, report: &InceptionReport) -> Result<()> {
     validate(out_dir, report)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -152,6 +155,7 @@ pub fn write_inception_report(out_dir: &Path, report: &InceptionReport) -> Resul
     })?;
     write_atomic(&json_path, format!("{json}\n").as_bytes())?;
     write_atomic(&out_dir.join("metrics.csv"), metrics_csv(report).as_bytes())?;
+    #[cfg(feature = "plots")]
     figures(out_dir, report)?;
     write_atomic(&out_dir.join("summary.md"), summary_md(report).as_bytes())?;
     Ok(())
@@ -243,6 +247,7 @@ fn metrics_csv(report: &InceptionReport) -> String {
     s
 }
 
+#[cfg(feature = "plots")]
 fn points(curve: &[AccuracyPoint]) -> Vec<(f64, f64)> {
     curve
         .iter()
@@ -250,6 +255,7 @@ fn points(curve: &[AccuracyPoint]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+#[cfg(feature = "plots")]
 fn figures(out_dir: &Path, report: &InceptionReport) -> Result<()> {
     let base = report.variants[0].max_accuracy;
     let last = report
@@ -433,12 +439,17 @@ fn sweep_table(s: &mut String, report: &InceptionReport) {
     let interior = chosen.is_some_and(|i| i > 0 && i + 1 < report.sweep.len());
     let _ = writeln!(
         s,
-        "\nThe best rate is {} of the sweep{}. Curves: [sweep.png](sweep.png).\n",
+        "\nThe best rate is {} of the sweep{}.{}\n",
         if interior { "inside" } else { "at an edge" },
         if interior {
             ""
         } else {
             " (a wider sweep might find a better baseline)"
+        },
+        if cfg!(feature = "plots") {
+            " Curves: [sweep.png](sweep.png)."
+        } else {
+            ""
         }
     );
 }
@@ -449,12 +460,16 @@ fn figure_table(s: &mut String, report: &InceptionReport) {
         s,
         "## Figures 2 and 3: steps to Inception's maximum, and maximum accuracy\n"
     );
-    let _ = writeln!(s, "![accuracy against steps](accuracy.png)\n");
-    let _ = writeln!(
-        s,
-        "Also near the top: [accuracy_zoom.png](accuracy_zoom.png); as SVG: accuracy.svg, \
-         accuracy_zoom.svg.\n"
-    );
+    if cfg!(feature = "plots") {
+        let _ = writeln!(s, "![accuracy against steps](accuracy.png)\n");
+        let _ = writeln!(
+            s,
+            "Also near the top: [accuracy_zoom.png](accuracy_zoom.png); as SVG: accuracy.svg, \
+             accuracy_zoom.svg.\n"
+        );
+    } else {
+        let _ = writeln!(s, "{}\n", super::NO_FIGURES);
+    }
     let _ = writeln!(
         s,
         "Inception's maximum accuracy on the subset is {}; \"steps to Inception's max\" is the \
