@@ -13,18 +13,25 @@ use std::path::Path;
 /// A tensor read from a safetensors file, converted to f64 or i64 for checking.
 #[derive(Clone, Debug)]
 pub enum Loaded {
+    /// 32-bit floats (weights, BN statistics).
     F32(Vec<f32>),
+    /// 64-bit floats.
     F64(Vec<f64>),
+    /// 64-bit integers (`num_batches_tracked`).
     I64(Vec<i64>),
 }
 
 /// Every tensor of a safetensors file with its dtype and shape, plus the metadata map.
 pub struct TensorFile {
+    /// Each tensor by name: its shape and values.
     pub tensors: BTreeMap<String, (Vec<usize>, Loaded)>,
+    /// The file's `__metadata__` (bnlab records the model file and input shape there).
     pub metadata: HashMap<String, String>,
 }
 
 impl TensorFile {
+    /// Read and parse a safetensors file; an error names the file and what is wrong with it
+    /// (not safetensors, an unsupported dtype, a length that does not match the shape).
     pub fn read(path: &Path) -> Result<TensorFile> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::checkpoint(path, msg);
@@ -60,6 +67,7 @@ impl TensorFile {
         }
     }
 
+    /// The shape of tensor `name`, if the file holds it.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|(s, _)| s.as_slice())
     }
@@ -127,6 +135,7 @@ pub fn state_entries(net: &mut Network) -> Vec<Entry> {
     owned
 }
 
+/// The little-endian bytes of `v`, as safetensors stores F32 tensors.
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

@@ -6,6 +6,8 @@
 //! networks leave through `checkpoint`, `fold` (BN folded into the Linear before it) and
 //! `onnx` (export for other runtimes).
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -6,12 +6,16 @@ use crate::model::{self, ModelSpec};
 use crate::nn::{BatchNorm, Ctx, InferenceStats, Layer, Mode, Sequential, TensorMut};
 use crate::{Error, Result};
 
+/// A network ready to train and evaluate: the layers of a model file, softmax cross-entropy on
+/// their output, and the buffers for batches of up to `max_batch` examples.
 pub struct Network {
     /// The model file the network was built from (its `name` is the checkpoint's model name).
     pub spec: ModelSpec,
     /// The shape of one example (`[784]`, `[1, 28, 28]`, `[3, 32, 32]`).
     pub input_shape: Vec<usize>,
+    /// The layers: input `n x input_size`, output the `n x classes` logits.
     pub body: Sequential,
+    /// Most threads a kernel may use (1 or 2 in practice).
     pub threads: usize,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
@@ -81,10 +85,12 @@ impl Network {
         self.body.in_size()
     }
 
+    /// The largest batch `forward` and `forward_backward` accept.
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
 
+    /// The number of classes: logits per example.
     pub fn classes(&self) -> usize {
         self.body.out_size()
     }
@@ -114,7 +120,12 @@ impl Network {
         Ok(())
     }
 
-    /// Forward pass; returns the `n x classes` logits.
+    /// Forward pass of `n` examples (`x`: `n x input_size` values, row-major); returns the
+    /// `n x classes` logits.
+    ///
+    /// Errors: `Error::Shape` when `n` is 0 or above `max_batch`, or `x` holds too few values;
+    /// `Error::BatchTooSmall` for a BN network in `Mode::Train` or `Mode::Population` with
+    /// statistics over fewer than 2 values (a batch of one).
     pub fn forward(&mut self, x: &[f32], n: usize, mode: Mode) -> Result<&[f32]> {
         self.check_batch(x, n)?;
         let ctx = self.ctx(mode);
@@ -127,12 +138,27 @@ impl Network {
         &self.logits[..n * self.body.out_size()]
     }
 
-    /// One forward and backward pass in training mode; leaves the gradients in the layers and
-    /// returns the mean cross-entropy loss.
+    /// One forward and backward pass in training mode on `n` examples with their class
+    /// `labels`; leaves the gradients in the layers (for `optim::Sgd::step`) and returns the
+    /// mean cross-entropy loss.
+    ///
+    /// Errors: as [`Network::forward`], and `Error::Shape` when `labels` holds fewer than `n`
+    /// labels or one is not below `classes`.
     pub fn forward_backward(&mut self, x: &[f32], labels: &[usize], n: usize) -> Result<f64> {
         self.check_batch(x, n)?;
         let ctx = self.ctx(Mode::Train);
         let k = self.body.out_size();
+        if labels.len() < n {
+            return Err(Error::Shape(format!(
+                "{} labels for a batch of {n}",
+                labels.len()
+            )));
+        }
+        if let Some(&l) = labels[..n].iter().find(|&&l| l >= k) {
+            return Err(Error::Shape(format!(
+                "label {l} for a network of {k} classes"
+            )));
+        }
         self.body.forward(ctx, x, &mut self.logits, n)?;
         let loss = softmax_cross_entropy(&self.logits, labels, n, k, Some(&mut self.dlogits));
         self.body
@@ -140,15 +166,19 @@ impl Network {
         Ok(loss)
     }
 
-    /// Mean cross-entropy of the last forward pass's logits.
+    /// Mean cross-entropy of the last forward pass's logits against `labels` (`n` of them,
+    /// each below `classes`; panics otherwise).
     pub fn loss_of_last(&self, labels: &[usize], n: usize) -> f64 {
         softmax_cross_entropy(&self.logits, labels, n, self.body.out_size(), None)
     }
 
+    /// Each BatchNorm layer of the network, in forward order.
     pub fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
         self.body.for_each_batch_norm(f)
     }
 
+    /// Make every BatchNorm normalize with `stats` in `Mode::Eval` (population statistics
+    /// only where Algorithm 2 has computed them, else the running averages).
     pub fn set_inference_stats(&mut self, stats: InferenceStats) {
         self.for_each_batch_norm(&mut |bn| bn.inference = stats);
     }

@@ -9,18 +9,24 @@ use crate::network::Network;
 use crate::nn::Layer;
 use crate::{Error, Result};
 
+/// How the learning rate changes with the step (0-based), from the base rate `lr`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Schedule {
+    /// lr at every step.
     Constant,
     /// lr * gamma^(floor(step / every))
     Step {
+        /// Steps between changes.
         every: usize,
+        /// The factor at each change.
         gamma: f64,
     },
     /// lr * gamma^(step / every), decaying smoothly
     Exponential {
+        /// Steps over which the rate falls by `gamma`.
         every: usize,
+        /// The factor per `every` steps.
         gamma: f64,
     },
 }
@@ -101,16 +107,24 @@ crate::kernels::simd_kernel! {
     }
 }
 
+/// Stochastic gradient descent as `torch.optim.SGD` (see the module doc), with its momentum
+/// buffers.
 pub struct Sgd {
+    /// The base learning rate, before the schedule.
     pub lr: f64,
+    /// Momentum in `[0, 1)`; 0 for plain SGD.
     pub momentum: f32,
+    /// L2 weight decay added to every gradient (`weight_decay * w`).
     pub weight_decay: f32,
+    /// How the rate changes with the step.
     pub schedule: Schedule,
     velocity: Vec<Vec<f32>>,
+    /// Updates applied so far (the schedule's step).
     pub steps_taken: usize,
 }
 
 impl Sgd {
+    /// SGD with these settings; the momentum buffers are created by the first step.
     pub fn new(lr: f64, momentum: f32, weight_decay: f32, schedule: Schedule) -> Self {
         Sgd {
             lr,

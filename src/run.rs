@@ -22,9 +22,13 @@ use crate::{Error, Result};
 use safetensors::tensor::Dtype;
 use std::path::{Path, PathBuf};
 
+/// The run state in RUN_DIR: everything `Run::resume` needs.
 pub const STATE_FILE: &str = "state.safetensors";
+/// The latest weights alone in RUN_DIR (a `state_dict`, for `eval` or PyTorch).
 pub const LATEST_FILE: &str = "latest.safetensors";
+/// The weights at the end of the run, in RUN_DIR.
 pub const FINAL_FILE: &str = "final.safetensors";
+/// `step,train_loss,test_accuracy` per evaluation, in RUN_DIR.
 pub const METRICS_FILE: &str = "metrics.csv";
 /// Tensors in the state file that are not part of the model's `state_dict`.
 const EXTRA: &str = "bnlab.";
@@ -40,6 +44,7 @@ pub struct RunSpec {
     /// The model file itself (JSON), so that a run resumes wherever it is moved to.
     #[serde(default)]
     pub model_json: Option<String>,
+    /// The training settings.
     pub config: TrainConfig,
     /// `--bn-momentum` when given: overrides every BatchNorm's momentum of the model file.
     pub bn_momentum: Option<String>,
@@ -52,6 +57,7 @@ pub struct RunSpec {
     /// to every batch and recorded in the checkpoints.
     #[serde(default)]
     pub normalization: Option<crate::data::Normalization>,
+    /// `--init`: a checkpoint whose weights the run starts from.
     pub init: Option<PathBuf>,
     /// Write the run state every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -79,24 +85,38 @@ struct Progress {
 
 /// What the run reports as it goes.
 pub enum Event<'a> {
+    /// A training step is done.
     Step {
+        /// Steps done (counted from 1).
         step: usize,
+        /// The step's mean cross-entropy loss.
         loss: f64,
     },
+    /// An evaluation on the test set is done.
     Evaluated {
+        /// Steps done.
         step: usize,
+        /// The mean training loss since the last evaluation.
         train_loss: f64,
+        /// Test accuracy as a fraction in 0..1.
         test_accuracy: f64,
     },
+    /// The run state was written.
     Checkpoint {
+        /// Steps done.
         step: usize,
+        /// The state file.
         path: &'a Path,
     },
 }
 
+/// A training run: settings, network, trainer, and where its state goes (see the module doc).
 pub struct Run {
+    /// The settings the run started with.
     pub spec: RunSpec,
+    /// The network being trained.
     pub net: Network,
+    /// The optimizer and batch order.
     pub trainer: Trainer,
     dir: Option<PathBuf>,
     metrics: String,
@@ -297,10 +317,12 @@ impl Run {
         Ok(run)
     }
 
+    /// Steps done so far.
     pub fn step(&self) -> usize {
         self.trainer.step
     }
 
+    /// True when every step of the configuration is done.
     pub fn is_complete(&self) -> bool {
         self.trainer.step >= self.spec.config.steps
     }
@@ -358,6 +380,7 @@ impl Run {
         Ok(())
     }
 
+    /// The run directory, if the run keeps its state on disk.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }

@@ -25,6 +25,7 @@ pub enum Order {
 }
 
 impl Order {
+    /// Parse `shuffle` or `sequential` (`--order`).
     pub fn parse(s: &str) -> Result<Order> {
         match s {
             "shuffle" => Ok(Order::Shuffle),
@@ -49,6 +50,7 @@ pub struct Batches {
 }
 
 impl Batches {
+    /// Batches of `batch` examples out of `n`, in `order`; the shuffles come from `seed`.
     pub fn new(order: Order, n: usize, batch: usize, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0bde_0000_0001);
         let mut perm: Vec<usize> = (0..n).collect();
@@ -132,16 +134,25 @@ impl Batches {
 /// Settings of a training run.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
+    /// Training steps (mini-batches) in all.
     pub steps: usize,
+    /// Examples per mini-batch.
     pub batch_size: usize,
+    /// The base learning rate.
     pub lr: f64,
+    /// SGD momentum in `[0, 1)`.
     pub momentum: f32,
+    /// L2 weight decay, on every parameter.
     pub weight_decay: f32,
+    /// How the learning rate changes with the step.
     pub schedule: Schedule,
+    /// Seed of the batch order (and of the augmentation).
     pub seed: u64,
+    /// How examples are grouped into mini-batches.
     pub order: Order,
     /// Evaluate every this many steps (0: only at the end).
     pub eval_every: usize,
+    /// Most threads a kernel may use (1 or 2).
     pub threads: usize,
     /// Augmentation of training batches.
     #[serde(default)]
@@ -207,14 +218,18 @@ pub type InferenceBatch<'a> = dyn FnMut(&Network, usize, usize, &[usize]) -> Res
 /// One evaluation on a data set.
 #[derive(Clone, Debug, Default)]
 pub struct Evaluation {
+    /// Examples classified correctly.
     pub correct: usize,
+    /// Examples evaluated.
     pub total: usize,
+    /// Mean cross-entropy loss.
     pub loss: f64,
     /// Values of the probed unit's input, one per example, when a probe was asked for.
     pub probe: Vec<f32>,
 }
 
 impl Evaluation {
+    /// `correct / total`, in 0..1 (0 for no examples).
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.total.max(1) as f64
     }
@@ -224,7 +239,9 @@ impl Evaluation {
 /// `Sequential` body), feature `unit`.
 #[derive(Clone, Copy, Debug)]
 pub struct Probe {
+    /// The index of the layer of `Network::body` whose output is recorded.
     pub layer: usize,
+    /// The feature of that output.
     pub unit: usize,
 }
 
@@ -237,6 +254,7 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
+    /// Buffers for batches of up to `batch` examples of `features` values.
     pub fn new(batch: usize, features: usize) -> Self {
         Evaluator {
             batch,
@@ -411,9 +429,13 @@ impl Augment {
 
 /// The state of a training run between steps.
 pub struct Trainer {
+    /// The settings.
     pub config: TrainConfig,
+    /// The optimizer, with its momentum buffers.
     pub sgd: Sgd,
+    /// The order of the training examples.
     pub batches: Batches,
+    /// Steps done so far.
     pub step: usize,
     x: Vec<f32>,
     y: Vec<usize>,
@@ -422,6 +444,9 @@ pub struct Trainer {
 }
 
 impl Trainer {
+    /// A trainer for a training set of `train_len` examples of `features` values each, with
+    /// its batch buffers sized for `config.batch_size`. The network it steps must be built for
+    /// batches at least that large (`Network::build`'s `max_batch`).
     pub fn new(config: TrainConfig, train_len: usize, features: usize) -> Self {
         let sgd = Sgd::new(
             config.lr,
@@ -516,8 +541,8 @@ impl Trainer {
 
 /// The paper's Algorithm 2 (lines 8-11): with the network frozen, run training mini-batches of
 /// `batch` examples in file order (`max_batches` of them, by default the whole training set)
-/// and set each BN layer's population statistics to E[x] = E_B[mu_B] and
-/// Var[x] = m/(m-1) E_B[sigma2_B]. Layers are processed in one pass: each BN sees its input as
+/// and set each BN layer's population statistics to `E[x] = E_B[mu_B]` and
+/// `Var[x] = m/(m-1) E_B[sigma2_B]`. Layers are processed in one pass: each BN sees its input as
 /// it was during training (every BN below it normalizing with mini-batch statistics).
 /// Leaves the network using population statistics for inference. Returns the batch count.
 pub fn population_statistics(
@@ -577,8 +602,11 @@ pub fn population_statistics(
 /// The gradient of one parameter, under its `state_dict` name and in PyTorch's layout.
 #[derive(Clone, Debug)]
 pub struct NamedGrad {
+    /// The parameter's `state_dict` name (`0.weight`).
     pub name: String,
+    /// Its shape in PyTorch's layout.
     pub shape: Vec<usize>,
+    /// The gradient, row-major in that shape.
     pub values: Vec<f32>,
 }
 
@@ -672,7 +700,9 @@ pub fn gradients(
 /// by the owner of a loop so that a resumed run continues the same mean.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LossSince {
+    /// The sum of the step losses.
     pub sum: f64,
+    /// The number of steps summed.
     pub count: usize,
 }
 

@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use super::dataset::{Dataset, Pixels, Split};
-use super::download::{fetch_to_file, join_url, CreatedDirs};
+use super::download::{fetch_hint, fetch_to_file, join_url, CreatedDirs, DOWNLOADS, NO_DOWNLOADS};
 use super::mnist::DATA_ENV;
 use crate::error::{Error, Result};
 
@@ -175,9 +175,9 @@ pub fn load_cifar10_dir(dir: &Path) -> Result<Split> {
             dir,
             format!(
                 "missing CIFAR-10 file(s): {}; pass `--data DIR` for a directory that holds the \
-                 six .bin files (or {CIFAR10_SUBDIR}/ with them), or drop `--no-download` to \
-                 fetch them",
-                missing.join(", ")
+                 six .bin files (or {CIFAR10_SUBDIR}/ with them), {}",
+                missing.join(", "),
+                fetch_hint()
             ),
         ));
     }
@@ -239,7 +239,15 @@ pub fn cifar10_local_copy_hint() -> String {
 /// extracted files go to temporary names inside `dir` that are removed on failure, the
 /// directory is renamed into place only when complete, and a `dir` this call created is removed
 /// again on failure. Refuses to touch an existing `dir/cifar-10-batches-bin`.
+///
+/// Without the `download` feature: `Error::Download` saying so, and nothing touched.
 pub fn download_cifar10(dir: &Path, url: &str, sha256: &str) -> Result<()> {
+    if !DOWNLOADS {
+        return Err(Error::Download {
+            url: url.to_string(),
+            msg: format!("{NO_DOWNLOADS}; {}", cifar10_local_copy_hint()),
+        });
+    }
     let target = dir.join(CIFAR10_SUBDIR);
     if target.exists() {
         return Err(Error::data(
@@ -350,9 +358,10 @@ fn unpack(archive: &Path, staging: &Path, url: &str) -> Result<()> {
 }
 
 /// CIFAR-10 from `dir` (see [`load_cifar10_dir`]); when files are missing and `download` is set,
-/// first fetched from `url` (the archive's full URL) and verified against `sha256`.
+/// first fetched from `url` (the archive's full URL) and verified against `sha256`. Without the
+/// `download` feature `download` is ignored: missing files are an error saying where they go.
 pub fn cifar10_from(dir: &Path, download: bool, url: &str, sha256: &str) -> Result<Split> {
-    if download && !missing_cifar10_files(dir).is_empty() {
+    if download && DOWNLOADS && !missing_cifar10_files(dir).is_empty() {
         download_cifar10(dir, url, sha256)?;
     }
     load_cifar10_dir(dir)

@@ -4,17 +4,42 @@
 //! while the IDX content is the same everywhere. A file is written only after its content has
 //! been verified, and then atomically (temporary file, fsync, rename), so an interrupted or bad
 //! download never leaves a file that a later run would trust.
+//!
+//! Downloading needs the `download` feature (on by default). Without it the functions here
+//! exist but fetch nothing: they return `Error::Download` saying so, and the loaders report
+//! missing files with where to put them.
 
+#[cfg(feature = "download")]
 use std::fs::File;
+#[cfg(feature = "download")]
 use std::io::Write;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "download")]
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+#[cfg(feature = "download")]
 use super::idx::{gunzip, is_gzip};
 use super::mnist::find_file;
 use crate::error::{Error, Result};
+
+/// Whether this build can download data sets (the `download` feature).
+pub const DOWNLOADS: bool = cfg!(feature = "download");
+
+/// Why nothing was downloaded, in a build without the `download` feature.
+pub(crate) const NO_DOWNLOADS: &str =
+    "this build of bnlab cannot download (it lacks the `download` feature)";
+
+/// How a message about missing data files ends: fetching them (`--no-download` was given), or
+/// where they go when this build cannot download.
+pub(crate) fn fetch_hint() -> String {
+    if DOWNLOADS {
+        "or drop `--no-download` to fetch them".to_string()
+    } else {
+        format!("or copy them there ({NO_DOWNLOADS})")
+    }
+}
 
 /// Base URLs (ending in `/`) that serve `<name>.gz` for each MNIST file, tried in order.
 /// The original yann.lecun.com site now refuses automated downloads, so it is not listed.
@@ -43,16 +68,23 @@ pub const MNIST_SHA256: [(&str, &str); 4] = [
     ),
 ];
 
+#[cfg(feature = "download")]
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Whole-request limit: generous enough for the 9.9 MB training images on a slow link, short
 /// enough that a stalled mirror gives way to the next one.
+#[cfg(feature = "download")]
 const GLOBAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest response body accepted (ureq's default cap of 10 MB is below the MNIST image file).
+#[cfg(feature = "download")]
 const MAX_BODY: u64 = 256 * 1024 * 1024;
 
 /// Downloads every `(name, sha256)` in `files` that is missing from `dir` (as `name` or
 /// `name.gz`): tries `{mirror}{name}.gz` for each mirror in turn, checks the SHA-256 of the
 /// decompressed content and writes `dir/{name}.gz`. Files already present are left alone.
+///
+/// Errors: `Error::Download` when no mirror gives a file with the right checksum (or, without
+/// the `download` feature, when a file is missing), `Error::Io` when `dir` cannot be created
+/// or written.
 pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> Result<()> {
     let todo: Vec<(&str, &str)> = files
         .iter()
@@ -61,6 +93,12 @@ pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> R
         .collect();
     if todo.is_empty() {
         return Ok(());
+    }
+    if !DOWNLOADS {
+        return Err(Error::Download {
+            url: format!("{}.gz", todo[0].0),
+            msg: NO_DOWNLOADS.to_string(),
+        });
     }
     let created = CreatedDirs::create(dir)?;
     let result = fetch_all(dir, mirrors, &todo);
@@ -72,6 +110,18 @@ pub fn download_files(dir: &Path, mirrors: &[&str], files: &[(&str, &str)]) -> R
 }
 
 /// The downloads of [`download_files`] into the existing `dir`.
+#[cfg(not(feature = "download"))]
+fn fetch_all(_dir: &Path, _mirrors: &[&str], todo: &[(&str, &str)]) -> Result<()> {
+    Err(Error::Download {
+        url: todo
+            .first()
+            .map_or_else(String::new, |t| format!("{}.gz", t.0)),
+        msg: NO_DOWNLOADS.to_string(),
+    })
+}
+
+/// The downloads of [`download_files`] into the existing `dir`.
+#[cfg(feature = "download")]
 fn fetch_all(dir: &Path, mirrors: &[&str], todo: &[(&str, &str)]) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(CONNECT_TIMEOUT))
@@ -129,6 +179,7 @@ pub(crate) fn join_url(base: &str, file: &str) -> String {
 
 /// GETs `url` and returns the (gzipped) body if its decompressed content has SHA-256 `sha`;
 /// otherwise a one-line reason for the failure.
+#[cfg(feature = "download")]
 fn fetch_verified(
     agent: &ureq::Agent,
     url: &str,
@@ -174,7 +225,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-pub(crate) use crate::fsutil::write_atomic;
+#[cfg(feature = "download")]
+use crate::fsutil::write_atomic;
 
 /// The directories that `create_dir_all(dir)` had to make, deepest first, so that a failed
 /// download can remove them again instead of leaving empty directories behind.
@@ -208,10 +260,12 @@ impl CreatedDirs {
 }
 
 /// Largest archive accepted by [`fetch_to_file`] (the CIFAR-10 archive is 170 MB).
+#[cfg(feature = "download")]
 const MAX_ARCHIVE: u64 = 1 << 30;
 
 /// A stalled connection (no byte for this long) fails the download; there is no limit on the
 /// whole transfer, which can take a while on a slow link.
+#[cfg(feature = "download")]
 const READ_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// GETs `url` into the new file `dest`, streaming (never the whole body in memory), with a
@@ -225,6 +279,12 @@ pub(crate) fn fetch_to_file(url: &str, dest: &Path) -> std::result::Result<(Stri
     result
 }
 
+#[cfg(not(feature = "download"))]
+fn fetch_to_file_inner(_url: &str, _dest: &Path) -> std::result::Result<(String, u64), String> {
+    Err(NO_DOWNLOADS.to_string())
+}
+
+#[cfg(feature = "download")]
 fn fetch_to_file_inner(url: &str, dest: &Path) -> std::result::Result<(String, u64), String> {
     use std::io::Read;
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -287,4 +347,42 @@ fn fetch_to_file_inner(url: &str, dest: &Path) -> std::result::Result<(String, u
         .map(|b| format!("{b:02x}"))
         .collect();
     Ok((sha, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{load_cifar10_dir, load_mnist_dir, mnist_from};
+
+    /// Missing files are reported with where they go; the hint offers a download only in a
+    /// build that can download, and `mnist_from(.., download = true, ..)` tries one only then.
+    #[test]
+    fn missing_data_says_where_the_files_go() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("mnist");
+        let msg = load_mnist_dir(&dir).unwrap_err().to_string();
+        let want = dir.join("train-images-idx3-ubyte.gz");
+        assert!(msg.contains(&want.display().to_string()), "{msg}");
+        assert!(msg.contains("--data DIR"), "{msg}");
+        assert_eq!(msg.contains("--no-download"), DOWNLOADS, "{msg}");
+        assert_eq!(msg.contains("`download` feature"), !DOWNLOADS, "{msg}");
+        let msg = load_cifar10_dir(&dir).unwrap_err().to_string();
+        assert!(msg.contains("data_batch_1.bin"), "{msg}");
+        assert_eq!(msg.contains("--no-download"), DOWNLOADS, "{msg}");
+        // No mirrors: a build that downloads fails the download; one that cannot reports the
+        // missing files, and creates nothing.
+        match mnist_from(&dir, true, &[]) {
+            Err(Error::Download { msg, .. }) if DOWNLOADS => {
+                assert!(msg.contains("no mirrors"), "{msg}")
+            }
+            Err(Error::Data { msg, .. }) if !DOWNLOADS => {
+                assert!(msg.contains("missing data file"), "{msg}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!dir.exists());
+        let err = download_files(&dir, &["http://127.0.0.1:9/"], &MNIST_SHA256).unwrap_err();
+        assert!(matches!(err, Error::Download { .. }), "{err}");
+        assert!(!dir.exists());
+    }
 }

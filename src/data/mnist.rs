@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 pub use super::dataset::{Dataset, Pixels, Split};
-use super::download::{download_files, MNIST_MIRRORS, MNIST_SHA256};
+use super::download::{download_files, fetch_hint, DOWNLOADS, MNIST_MIRRORS, MNIST_SHA256};
 use super::idx::read_idx;
 use crate::error::{Error, Result};
 
@@ -110,9 +110,9 @@ pub fn load_idx_dir(dir: &Path, classes: usize) -> Result<Split> {
         return Err(Error::data(
             dir,
             format!(
-                "missing data file(s): {}; pass `--data DIR` for a directory that holds them, \
-                 or drop `--no-download` to fetch them",
-                expected.join(", ")
+                "missing data file(s): {}; pass `--data DIR` for a directory that holds them, {}",
+                expected.join(", "),
+                fetch_hint()
             ),
         ));
     }
@@ -207,8 +207,11 @@ pub fn fashion_mnist(flag: Option<&Path>) -> Result<Split> {
 /// A failed download ends by saying how to use a local copy instead
 /// ([`mnist_local_copy_hint`]); a directory the download created is removed again if it stayed
 /// empty.
+///
+/// Without the `download` feature `download` is ignored: missing files are an error that lists
+/// where they go.
 pub fn mnist_from(dir: &Path, download: bool, mirrors: &[&str]) -> Result<Split> {
-    if download && !missing_files(dir, &MNIST_FILES).is_empty() {
+    if download && DOWNLOADS && !missing_files(dir, &MNIST_FILES).is_empty() {
         download_files(dir, mirrors, &MNIST_SHA256).map_err(|e| match e {
             Error::Download { url, msg } => Error::Download {
                 url,

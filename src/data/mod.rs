@@ -34,7 +34,7 @@ pub use cifar::{
     CIFAR10_CLASSES, CIFAR10_FILES, CIFAR10_SHA256, CIFAR10_URL_ENV,
 };
 pub use dataset::{Dataset, Pixels, Split};
-pub use download::{download_files, sha256_hex, MNIST_MIRRORS, MNIST_SHA256};
+pub use download::{download_files, sha256_hex, DOWNLOADS, MNIST_MIRRORS, MNIST_SHA256};
 pub use idx::{parse_idx, read_idx, write_idx, Idx};
 pub use mnist::{
     fashion_mnist, load_idx_dir, load_mnist_dir, load_pair, mnist, mnist_from, resolve_data_dir,

@@ -29,7 +29,7 @@ use super::cifar::{
     CIFAR10_SUBDIR,
 };
 use super::dataset::Split;
-use super::download::MNIST_MIRRORS;
+use super::download::{DOWNLOADS, MNIST_MIRRORS};
 use super::mnist::{
     find_file, load_idx_dir, missing_files, mnist_from, DATA_ENV, FASHION_SYSTEM_DIR, MIRROR_ENV,
     MNIST_CLASSES, MNIST_FILES,
@@ -117,9 +117,10 @@ impl DatasetName {
         }
     }
 
-    /// True for the sets bnlab can download (MNIST, CIFAR-10).
+    /// True for the sets this build can download: MNIST and CIFAR-10, with the `download`
+    /// feature.
     pub fn downloadable(self) -> bool {
-        !matches!(self, DatasetName::FashionMnist)
+        DOWNLOADS && !matches!(self, DatasetName::FashionMnist)
     }
 
     /// True for the IDX sets.
@@ -291,8 +292,11 @@ fn named_at(
         let how = if name.downloadable() {
             "drop `--no-download` to fetch it there, or pass `--data DIR` for a directory that \
              holds it"
+        } else if name.is_idx() {
+            "pass `--data DIR` for a directory that holds its four IDX files, or put them there"
         } else {
-            "pass `--data DIR` for a directory that holds its four IDX files"
+            "pass `--data DIR` for a directory that holds its six .bin files (or \
+             cifar-10-batches-bin/ with them), or put them there"
         };
         return Err(Error::data(
             path,

@@ -64,12 +64,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// The no-BN baseline at lr0 (the paper's `Inception`).
 pub const INCEPTION: &str = "Inception";
+/// BN after every convolution, otherwise the baseline.
 pub const BN_BASELINE: &str = "BN-Baseline";
+/// BN at 5 lr0, without dropout, with the section 4.2.1 changes.
 pub const BN_X5: &str = "BN-x5";
+/// BN at 30 lr0, as BN-x5 otherwise.
 pub const BN_X30: &str = "BN-x30";
+/// BN-x5 with sigmoids instead of ReLUs.
 pub const BN_X5_SIGMOID: &str = "BN-x5-Sigmoid";
+/// The no-BN baseline at 5 lr0.
 pub const INCEPTION_X5: &str = "Inception-x5";
+/// The no-BN baseline with sigmoids.
 pub const INCEPTION_SIGMOID: &str = "Inception-Sigmoid";
 
 /// The variants in the order of the paper's table, then the two extra no-BN ones.
@@ -101,7 +108,9 @@ const RECIPES: [(&str, &str, f64, bool); 7] = [
 pub struct InceptionSetup {
     /// Training steps of every run (sweep, variants, ensemble members).
     pub steps: usize,
+    /// Examples per mini-batch.
     pub batch_size: usize,
+    /// SGD momentum.
     pub momentum: f32,
     /// Learning rates tried for the no-BN `Inception`, ascending; the best is lr0.
     pub sweep_rates: Vec<f64>,
@@ -113,12 +122,15 @@ pub struct InceptionSetup {
     pub decay_over_run: f64,
     /// The x5/x30 variants decay this many times faster (the exponent is multiplied).
     pub fast_decay: f64,
+    /// Steps between evaluations on the subset.
     pub eval_every: usize,
     /// Evaluations during training use the first this many test images.
     pub eval_subset: usize,
     /// Examples per inference batch.
     pub eval_batch: usize,
+    /// Seed of the runs (ensemble member k uses `seed + k`).
     pub seed: u64,
+    /// BN-x30 networks averaged for Figure 4.
     pub ensemble_members: usize,
     /// Runs trained at the same time, each on one thread.
     pub workers: usize,
@@ -158,6 +170,7 @@ impl InceptionSetup {
         }
     }
 
+    /// Reject budgets that make no sense (`Error::Config`, saying which).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: &str| Err(Error::config("reproduce inception", msg.to_string()));
         if self.steps == 0 || self.eval_every == 0 || self.eval_subset == 0 {
@@ -270,9 +283,13 @@ fn dropout_of(children: &[crate::model::Child]) -> Option<f64> {
 pub struct Recipe {
     /// The preset's name.
     pub preset: &'static str,
+    /// The learning rate at step 0.
     pub lr: f64,
+    /// L2 weight decay.
     pub weight_decay: f64,
+    /// How the rate falls over the run.
     pub schedule: Schedule,
+    /// Seed of the weights and the batch order.
     pub seed: u64,
 }
 
@@ -299,11 +316,15 @@ struct Outcome {
 
 /// Progress of the run on worker `worker`, reported every few steps and when it ends.
 pub struct Progress<'a> {
+    /// The worker (0-based) running it.
     pub worker: usize,
     /// Variant name, with the rate for sweep runs and the seed for ensemble members.
     pub label: &'a str,
+    /// Steps done.
     pub step: usize,
+    /// Steps in the run.
     pub steps: usize,
+    /// The accuracy of the latest evaluation (fraction 0..1), if any.
     pub last_accuracy: Option<f64>,
     /// `last_accuracy` is new (an evaluation just happened); between evaluations only the step
     /// moves, and a receiver that formats messages only on these keeps the loop allocation-free.
@@ -332,8 +353,11 @@ pub fn max_accuracy(curve: &[AccuracyPoint]) -> f64 {
 /// A sweep run as the choice of lr0 sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct SweepCandidate {
+    /// Highest accuracy of its curve.
     pub max_accuracy: f64,
+    /// Its last evaluation's accuracy.
     pub final_accuracy: f64,
+    /// Training stopped on a NaN or infinite value.
     pub diverged: bool,
 }
 

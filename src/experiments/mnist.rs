@@ -20,14 +20,21 @@ use std::time::Instant;
 /// Settings of the reproduction; the defaults are the paper's.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MnistSetup {
+    /// Training steps of each net.
     pub steps: usize,
+    /// Examples per mini-batch (the paper: 60).
     pub batch_size: usize,
+    /// SGD learning rate (constant).
     pub lr: f64,
+    /// Standard deviation of the Gaussian initial weights.
     pub init_std: f64,
+    /// Seed of the weights and batch orders.
     pub seed: u64,
+    /// Steps between evaluations.
     pub eval_every: usize,
     /// The sigmoid of the last hidden layer whose input is followed.
     pub probe_unit: usize,
+    /// Examples per inference batch.
     pub eval_batch: usize,
 }
 
@@ -48,9 +55,13 @@ impl Default for MnistSetup {
 
 /// Progress of one variant, reported every few steps.
 pub struct Progress<'a> {
+    /// The net's name.
     pub variant: &'a str,
+    /// Steps done.
     pub step: usize,
+    /// The latest step's loss.
     pub loss: f64,
+    /// The latest test accuracy (fraction 0..1), if evaluated yet.
     pub last_accuracy: Option<f64>,
 }
 

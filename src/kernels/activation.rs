@@ -87,6 +87,7 @@ simd_kernel! {
     }
 }
 
+/// ReLU, `y = max(x, 0)` (0 for NaN).
 pub fn relu_forward(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = if v > 0.0 { v } else { 0.0 };

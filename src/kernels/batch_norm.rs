@@ -21,7 +21,7 @@
 //!   dx_i = gamma / (m sqrt(sigma2_B + eps)) * (m dy_i - dbeta - xhat_i dgamma).
 //! The `reference` module below evaluates the unfused equations in f64; tests check the two agree.
 //!
-//! Statistics are computed in two passes with f64 accumulators: E[x^2] - E[x]^2 in f32 loses all
+//! Statistics are computed in two passes with f64 accumulators: `E[x^2] - E[x]^2` in f32 loses all
 //! precision when the mean is large against the spread (mean 1e4, std 1e-2), and even a
 //! two-pass f32 sum drifts over the 25,088 values of a convolutional feature map.
 
@@ -30,8 +30,11 @@ use crate::{Error, Result};
 /// Shape of a batch as seen by the kernels: `n` examples, `c` features, `s` positions each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Examples in the batch.
     pub n: usize,
+    /// Features (channels).
     pub c: usize,
+    /// Positions per feature (`H * W`; 1 for the fully connected layout).
     pub s: usize,
 }
 
@@ -40,9 +43,11 @@ impl Dims {
     pub fn m(&self) -> usize {
         self.n * self.s
     }
+    /// Values in the batch, `n * c * s`.
     pub fn len(&self) -> usize {
         self.n * self.c * self.s
     }
+    /// True for an empty batch.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -348,8 +353,11 @@ pub enum Xhat<'a> {
     /// Recomputed from the layer's input and the statistics the forward pass used (the
     /// convolutional layout: saves writing and reading back a copy of every activation).
     FromInput {
+        /// The layer's input, `n x c x s`.
         x: &'a [f32],
+        /// The mean the forward pass subtracted (high part).
         mean: &'a [f32],
+        /// Its low part (`mean + mean_lo` is the mean to twice f32 precision).
         mean_lo: &'a [f32],
     },
 }
@@ -607,7 +615,10 @@ pub fn backward_eval(
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RunningAverage {
     /// PyTorch's convention: `running = (1 - momentum) * running + momentum * batch`.
-    Exponential { momentum: f32 },
+    Exponential {
+        /// The weight of the new batch, in `[0, 1]` (PyTorch's default 0.1).
+        momentum: f32,
+    },
     /// PyTorch's `momentum=None`: the plain average of all batches seen so far.
     Cumulative,
 }
@@ -655,7 +666,7 @@ pub fn update_running(
 
 /// The paper's Algorithm 2, lines 8-11: population statistics as averages over training
 /// mini-batches. Feed it each batch's mean and biased variance; `finish` gives
-/// E[x] = E_B[mu_B] and Var[x] = m/(m-1) E_B[sigma2_B].
+/// `E[x] = E_B[mu_B]` and `Var[x] = m/(m-1) E_B[sigma2_B]`.
 #[derive(Clone, Debug, Default)]
 pub struct PopulationStats {
     sum_mean: Vec<f64>,
@@ -665,6 +676,7 @@ pub struct PopulationStats {
 }
 
 impl PopulationStats {
+    /// No batches yet, for `c` features.
     pub fn new(c: usize) -> Self {
         PopulationStats {
             sum_mean: vec![0.0; c],
@@ -674,6 +686,7 @@ impl PopulationStats {
         }
     }
 
+    /// Add one mini-batch's mean and biased variance (`m` values per statistic).
     pub fn add_batch(&mut self, batch_mean: &[f32], batch_var: &[f32], m: usize) {
         for (s, &v) in self.sum_mean.iter_mut().zip(batch_mean) {
             *s += v as f64;
@@ -687,11 +700,12 @@ impl PopulationStats {
         self.m = m;
     }
 
+    /// Mini-batches added so far.
     pub fn batches(&self) -> usize {
         self.batches
     }
 
-    /// Writes E[x] and Var[x]; false when no batch was seen.
+    /// Writes `E[x]` and `Var[x]`; false when no batch was seen.
     pub fn finish(&self, mean: &mut [f32], var: &mut [f32]) -> bool {
         if self.batches == 0 || self.m < 2 {
             return false;
@@ -711,9 +725,13 @@ impl PopulationStats {
 pub mod reference {
     use super::Dims;
 
+    /// Algorithm 1's outputs in f64.
     pub struct Forward {
+        /// The normalized, scaled and shifted output, `n x c x s`.
         pub y: Vec<f64>,
+        /// The batch mean per feature.
         pub mean: Vec<f64>,
+        /// The biased batch variance per feature.
         pub var: Vec<f64>,
     }
 
@@ -721,6 +739,7 @@ pub mod reference {
         (i * d.c + ch) * d.s + p
     }
 
+    /// Algorithm 1 term by term: mean, variance, xhat, `y = gamma xhat + beta`.
     pub fn forward_train(x: &[f64], d: Dims, gamma: &[f64], beta: &[f64], eps: f64) -> Forward {
         let m = d.m() as f64;
         let mut y = vec![0.0; d.len()];

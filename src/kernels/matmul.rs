@@ -370,6 +370,7 @@ crate::simd_kernel! {
 pub mod reference {
     use super::Trans;
 
+    /// `C (+)= op(A) op(B)` as the fast kernel, in f64 (`m x k` times `k x n`).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         c: &mut [f64],

@@ -119,7 +119,9 @@ simd_kernel! {
 /// One block of input features `k0..k1` of a sparse input layer, with its workspace.
 #[derive(Default)]
 pub struct FeatureBlock {
+    /// First feature of the block.
     pub k0: usize,
+    /// One past the block's last feature.
     pub k1: usize,
     /// Row r's nonzeros: `index`/`value[r * width .. r * width + len[r]]`, index relative to k0.
     index: Vec<u32>,
@@ -132,6 +134,7 @@ pub struct FeatureBlock {
 }
 
 impl FeatureBlock {
+    /// The block of features `k0..k1`, without workspace (see `reserve`).
     pub fn new(k0: usize, k1: usize) -> Self {
         FeatureBlock {
             k0,
@@ -144,6 +147,7 @@ impl FeatureBlock {
         self.k1 - self.k0
     }
 
+    /// Size the workspace for batches of up to `max_batch` rows.
     pub fn reserve(&mut self, max_batch: usize) {
         let w = self.width();
         self.index.resize(max_batch * w, 0);

@@ -33,9 +33,13 @@ pub struct SummaryRow {
 
 /// A built network body with its shapes.
 pub struct Built {
+    /// The layers (buffers not sized yet: `Network::build` reserves them, or the first pass does).
     pub body: Sequential,
+    /// The shape of one example at the input (`[784]`, `[1, 28, 28]`).
     pub input_shape: Vec<usize>,
+    /// The shape of one example at the output (`[classes]`).
     pub output_shape: Vec<usize>,
+    /// One row per module, in forward order (as `bnlab summary` prints).
     pub summary: Vec<SummaryRow>,
 }
 

@@ -2,7 +2,7 @@
 //! files of `models/`), and the builder that turns a file into layers.
 //!
 //! - [`spec`]: the file format, parsed into a [`ModelSpec`] with errors that name the place.
-//! - [`build`]: shapes inferred from the input, weights initialized, a summary row per module.
+//! - [`build`](mod@build): shapes inferred from the input, weights initialized, a summary row per module.
 
 pub mod build;
 pub mod spec;

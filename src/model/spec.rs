@@ -31,7 +31,9 @@ pub enum BiasInit {
 /// The initialization of one layer kind (or one layer).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Init {
+    /// How the weight is drawn.
     pub weight: WeightInit,
+    /// How the bias is drawn.
     pub bias: BiasInit,
 }
 
@@ -47,7 +49,9 @@ impl Default for Init {
 /// Initialization per layer kind; `None` is PyTorch's default.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct InitSpec {
+    /// For every `Linear` without its own `init`.
     pub linear: Option<Init>,
+    /// For every `Conv2d` without its own `init`.
     pub conv: Option<Init>,
 }
 
@@ -56,7 +60,9 @@ pub struct InitSpec {
 /// level, for computations a `forward` makes outside any submodule (`F.relu`, `F.avg_pool2d`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Child {
+    /// The `state_dict` name (see above).
     pub name: Option<String>,
+    /// The module.
     pub node: Node,
 }
 
@@ -64,51 +70,81 @@ pub struct Child {
 /// num_features) are inferred; when a file gives them they must agree.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Node {
+    /// `nn.Sequential`: the children in order.
     Sequential {
+        /// The children, in forward order.
         layers: Vec<Child>,
     },
+    /// `nn.Linear`: `[F]` -> `[out_features]`.
     Linear {
         /// As stated in the file (checked against the input), if given.
         in_features: Option<usize>,
+        /// Features out.
         out_features: usize,
+        /// Whether there is a bias (PyTorch's default true).
         bias: bool,
+        /// This layer's initialization, over the file's per-kind default.
         init: Option<Init>,
     },
+    /// `nn.Conv2d` with a square kernel: `[C, H, W]` -> `[out_channels, H', W']`.
     Conv2d {
         /// As stated in the file (checked against the input), if given.
         in_channels: Option<usize>,
+        /// Filters, channels out.
         out_channels: usize,
+        /// Kernel height and width.
         kernel_size: usize,
+        /// Stride along both axes (default 1).
         stride: usize,
+        /// Zero padding on each side (default 0).
         padding: usize,
+        /// Whether there is a bias (PyTorch's default true).
         bias: bool,
+        /// This layer's initialization, over the file's per-kind default.
         init: Option<Init>,
     },
     /// `BatchNorm1d` (`two_d == false`, on `[F]`) or `BatchNorm2d` (on `[C, H, W]`).
     BatchNorm {
         /// As stated in the file (checked against the input), if given.
         num_features: Option<usize>,
+        /// `BatchNorm2d` (per channel) rather than `BatchNorm1d`.
         two_d: bool,
+        /// Added to the variance (default 1e-5).
         eps: f64,
         /// PyTorch's momentum; `None` is `momentum=None`, the cumulative average.
         momentum: Option<f64>,
+        /// Whether gamma and beta are learned (default true).
         affine: bool,
     },
+    /// `nn.ReLU`, on any shape.
     Relu,
+    /// `nn.Sigmoid`, on any shape.
     Sigmoid,
+    /// `nn.Tanh`, on any shape.
     Tanh,
+    /// `nn.Dropout`: the identity at inference.
     Dropout {
+        /// The probability of dropping a value (default 0.5).
         p: f64,
     },
+    /// `nn.MaxPool2d` on `[C, H, W]`.
     MaxPool2d {
+        /// Window height and width.
         kernel_size: usize,
+        /// Stride (default: the kernel size).
         stride: usize,
+        /// Padding of -inf on each side, at most half the kernel (default 0).
         padding: usize,
     },
+    /// `nn.AvgPool2d` on `[C, H, W]`.
     AvgPool2d {
+        /// Window height and width.
         kernel_size: usize,
+        /// Stride (default: the kernel size).
         stride: usize,
+        /// Zero padding on each side, at most half the kernel (default 0).
         padding: usize,
+        /// Whether the padding counts in each window's divisor (default true).
         count_include_pad: bool,
     },
     /// The mean over all positions of each channel (`x.mean((2, 3))`): `[C, H, W]` -> `[C]`.
@@ -117,13 +153,17 @@ pub enum Node {
     Flatten,
     /// Parallel branches on the same input, joined on channels (`torch.cat(.., 1)`).
     Concat {
+        /// The branches in concatenation order, each named.
         branches: Vec<Child>,
     },
     /// `act(main(x) + shortcut(x))`: `layers` is the main branch, whose children are named at
     /// the block's own level (`conv1`, `bn1`, ...); `shortcut` is `None` for the identity.
     Residual {
+        /// The main branch.
         layers: Vec<Child>,
+        /// The projection, one named child; `None` for the identity.
         shortcut: Option<Box<Child>>,
+        /// Whether a ReLU follows the sum (default true).
         relu: bool,
     },
 }
@@ -131,11 +171,14 @@ pub enum Node {
 /// A whole model file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
+    /// The model's name, recorded in checkpoints (default: the file's stem).
     pub name: String,
+    /// Free text for `bnlab models`.
     pub description: String,
     /// The shape of one example; `None` entries come from the data (`[null, null, null]`:
     /// any image size and channel count).
     pub input: Vec<Option<usize>>,
+    /// Initialization per layer kind.
     pub init: InitSpec,
     /// The data set the model was made for (`mnist`, `fashion-mnist`, `cifar10`): used when
     /// the user names none.

@@ -1,18 +1,21 @@
 //! Sigmoid, ReLU and Tanh layers: elementwise, their backward passes use the saved output only.
 
-use super::{Ctx, Layer};
+use super::{check_forward, Ctx, Layer};
 use crate::kernels::activation as k;
 use crate::kernels::join;
 use crate::Result;
 
 /// An elementwise nonlinearity, by its forward and backward kernels.
 pub trait Nonlinearity: Send + 'static {
+    /// The layer's description, as PyTorch prints the module (`ReLU()`).
     const NAME: &'static str;
+    /// `y = f(x)`, elementwise (equal lengths).
     fn forward(x: &[f32], y: &mut [f32]);
     /// dx from the saved output y and the output gradient dy.
     fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]);
 }
 
+/// The logistic sigmoid, `1 / (1 + exp(-x))`; derivative `y (1 - y)`.
 pub struct SigmoidFn;
 impl Nonlinearity for SigmoidFn {
     const NAME: &'static str = "Sigmoid()";
@@ -24,6 +27,7 @@ impl Nonlinearity for SigmoidFn {
     }
 }
 
+/// `max(x, 0)`; derivative 1 where the output is positive, else 0 (0 at exactly 0, as PyTorch).
 pub struct ReluFn;
 impl Nonlinearity for ReluFn {
     const NAME: &'static str = "ReLU()";
@@ -51,18 +55,22 @@ impl Nonlinearity for TanhFn {
 /// smaller; the convolutional maps far larger).
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
-/// The layer for a nonlinearity on `size` features per example.
+/// The layer for a nonlinearity on `size` features per example. Stateless: works without
+/// `reserve`, and `backward` differentiates at the output `y` it is given.
 pub struct Elementwise<F: Nonlinearity> {
     size: usize,
     _f: std::marker::PhantomData<F>,
 }
 
+/// The sigmoid on `size` features per example (PyTorch's `nn.Sigmoid`).
 pub type Sigmoid = Elementwise<SigmoidFn>;
+/// ReLU on `size` features per example (PyTorch's `nn.ReLU`).
 pub type Relu = Elementwise<ReluFn>;
 /// tanh on `size` features per example (PyTorch's `nn.Tanh`).
 pub type Tanh = Elementwise<TanhFn>;
 
 impl<F: Nonlinearity> Elementwise<F> {
+    /// The nonlinearity on `size` values per example.
     pub fn new(size: usize) -> Self {
         Elementwise {
             size,
@@ -80,6 +88,7 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
     }
     fn reserve(&mut self, _max_batch: usize) {}
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        check_forward(self, x, y, n)?;
         let len = n * self.size;
         let threads = if len >= PARALLEL_MIN_LEN {
             ctx.threads

@@ -4,7 +4,7 @@
 //! the cache for the backward pass (`inv_std`; `xhat` in the fully connected layout, where it
 //! is small; feature maps recompute it from the layer's input).
 
-use super::{Ctx, Layer, Mode, TensorMut};
+use super::{backward_nothing, check_forward, Ctx, Layer, Mode, TensorMut};
 use crate::kernels::batch_norm::{self as k, Dims, PopulationStats, RunningAverage};
 use crate::Result;
 
@@ -17,23 +17,39 @@ pub enum InferenceStats {
     Population,
 }
 
+/// Batch normalization of `c` features, each over the batch and its `s` positions: input and
+/// output `n x (c * s)` (NC for `s = 1`, NCHW feature maps for `s = H * W`).
+///
+/// Works without `reserve` (the cache is sized by the first forward pass of a larger batch).
+/// `backward` before any forward pass, or with another batch size than the last forward's,
+/// sets the gradients of gamma and beta to zero and `dx` to zeros.
 pub struct BatchNorm {
     /// Feature maps (or features).
     pub c: usize,
     /// Positions per feature map (1 for fully connected layers).
     pub s: usize,
+    /// Added to the variance before the square root (PyTorch's default 1e-5).
     pub eps: f32,
+    /// How the running statistics follow the batches (PyTorch's momentum 0.1, or a cumulative
+    /// average).
     pub running_average: RunningAverage,
+    /// The scale, one per feature; `None` without the affine transform (`affine=False`).
     pub gamma: Option<Vec<f32>>,
+    /// The shift, one per feature; `None` without the affine transform.
     pub beta: Option<Vec<f32>>,
     grad_gamma: Vec<f32>,
     grad_beta: Vec<f32>,
+    /// The running mean, one per feature (PyTorch's `running_mean`).
     pub running_mean: Vec<f32>,
+    /// The running unbiased variance, one per feature (PyTorch's `running_var`).
     pub running_var: Vec<f32>,
+    /// Training-mode forward passes so far (PyTorch's `num_batches_tracked`).
     pub num_batches_tracked: i64,
+    /// Which statistics `Mode::Eval` normalizes with.
     pub inference: InferenceStats,
-    /// Algorithm 2's E[x] and Var[x], once computed.
+    /// Algorithm 2's `E[x]`, one per feature, once computed.
     pub population_mean: Option<Vec<f32>>,
+    /// Algorithm 2's `Var[x]` (unbiased), one per feature, once computed.
     pub population_var: Option<Vec<f32>>,
     population: Option<PopulationStats>,
     // Per-step workspace and backward cache.
@@ -45,10 +61,14 @@ pub struct BatchNorm {
     xhat: Vec<f32>,
     acc: Vec<f64>,
     last_mode: Mode,
+    /// The batch size of the last successful forward pass; 0: none to differentiate.
+    last_n: usize,
 }
 
 impl BatchNorm {
-    /// gamma = 1, beta = 0, running mean 0 and variance 1, as PyTorch initializes them.
+    /// `c` features of `s` positions each (`s = 1`: `BatchNorm1d(c)`; `s = H * W`:
+    /// `BatchNorm2d(c)` on `H x W` maps), with gamma and beta if `affine`. gamma = 1, beta = 0,
+    /// running mean 0 and variance 1, as PyTorch initializes them.
     pub fn new(c: usize, s: usize, eps: f32, affine: bool) -> Self {
         BatchNorm {
             c,
@@ -74,7 +94,20 @@ impl BatchNorm {
             xhat: Vec::new(),
             acc: vec![0.0; 2 * c],
             last_mode: Mode::Train,
+            last_n: 0,
         }
+    }
+
+    /// The gradient of gamma from the last backward pass, one per feature; `None` without the
+    /// affine transform.
+    pub fn grad_gamma(&self) -> Option<&[f32]> {
+        self.gamma.as_ref().map(|_| &self.grad_gamma[..])
+    }
+
+    /// The gradient of beta from the last backward pass, one per feature; `None` without the
+    /// affine transform.
+    pub fn grad_beta(&self) -> Option<&[f32]> {
+        self.beta.as_ref().map(|_| &self.grad_beta[..])
     }
 
     /// The mini-batch mean and biased variance of the last training-mode forward pass.
@@ -100,7 +133,7 @@ impl BatchNorm {
         self.population = Some(PopulationStats::new(self.c));
     }
 
-    /// End Algorithm 2: fix E[x] and Var[x]. Returns the number of batches averaged.
+    /// End Algorithm 2: fix `E[x]` and `Var[x]`. Returns the number of batches averaged.
     pub fn finish_population(&mut self) -> usize {
         let Some(p) = self.population.take() else {
             return 0;
@@ -172,12 +205,16 @@ impl Layer for BatchNorm {
         self.c * self.s
     }
     fn reserve(&mut self, max_batch: usize) {
-        if self.s == 1 {
-            self.xhat.resize(max_batch * self.c, 0.0);
+        let len = max_batch * self.c;
+        if self.s == 1 && self.xhat.len() < len {
+            self.xhat.resize(len, 0.0);
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        self.last_n = 0;
+        check_forward(self, x, y, n)?;
+        self.reserve(n);
         let d = self.dims(n);
         self.last_mode = ctx.mode;
         let mean_lo: &[f32] = match ctx.mode {
@@ -243,6 +280,7 @@ impl Layer for BatchNorm {
             }
             Mode::Eval => {}
         }
+        self.last_n = n;
         Ok(())
     }
 
@@ -255,6 +293,9 @@ impl Layer for BatchNorm {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        if n != self.last_n || n == 0 {
+            return backward_nothing(self, dx, n);
+        }
         let d = self.dims(n);
         let affine = self.gamma.is_some();
         let (dg, db) = if affine {
@@ -302,6 +343,11 @@ impl Layer for BatchNorm {
             &mut self.acc,
             ctx.threads,
         );
+    }
+
+    fn zero_grad(&mut self) {
+        self.grad_gamma.fill(0.0);
+        self.grad_beta.fill(0.0);
     }
 
     fn for_each_param(&mut self, f: &mut dyn FnMut(&mut [f32], &[f32])) {

@@ -12,10 +12,15 @@
 //! every branch, so its gradient is the sum).
 
 use super::named::{check_names, child_prefix};
-use super::{BatchNorm, Ctx, Layer, TensorMut};
+use super::{backward_nothing, check_forward, BatchNorm, Ctx, Layer, TensorMut};
 use crate::{Error, Result};
 
+/// Branches on the same input, outputs joined on channels (see the module doc).
+///
+/// Works without `reserve`. `backward` before any forward pass, or with another batch size
+/// than the last forward's, sets every branch's parameter gradients to zero and `dx` to zeros.
 pub struct Concat {
+    /// The branches in concatenation order.
     pub branches: Vec<Box<dyn Layer>>,
     /// Each branch's `state_dict` name (`b1`, `b2`, ...; empty adds no level).
     pub names: Vec<String>,
@@ -23,6 +28,8 @@ pub struct Concat {
     grads: Vec<Vec<f32>>,
     dx_branch: Vec<f32>,
     max_batch: usize,
+    /// The batch size of the last successful forward pass (0: none).
+    last_n: usize,
 }
 
 impl Concat {
@@ -56,12 +63,26 @@ impl Concat {
             grads: Vec::new(),
             dx_branch: Vec::new(),
             max_batch: 0,
+            last_n: 0,
         })
     }
 
-    /// The output of branch `b` from the last forward pass, `n x out_size_b`.
+    /// The output of branch `b` from the last forward pass, `n x out_size_b` at the start of
+    /// its buffer; empty when there is none (no such branch, or no buffers yet).
     pub fn output_of(&self, b: usize) -> &[f32] {
-        &self.outs[b]
+        self.outs.get(b).map_or(&[], |o| &o[..])
+    }
+
+    /// True when the buffers hold batches of `n`.
+    fn sized_for(&self, n: usize) -> bool {
+        n <= self.max_batch
+            && self.outs.len() == self.branches.len()
+            && self
+                .outs
+                .iter()
+                .zip(&self.branches)
+                .all(|(o, b)| o.len() >= self.max_batch * b.out_size())
+            && (self.branches.len() < 2 || self.dx_branch.len() >= self.max_batch * self.in_size())
     }
 }
 
@@ -74,25 +95,41 @@ impl Layer for Concat {
     }
 
     fn reserve(&mut self, max_batch: usize) {
+        let max_batch = max_batch.max(self.max_batch);
         self.max_batch = max_batch;
-        self.outs = self
-            .branches
-            .iter()
-            .map(|b| vec![0.0; max_batch * b.out_size()])
-            .collect();
-        self.grads = self.outs.iter().map(|o| vec![0.0; o.len()]).collect();
-        self.dx_branch = if self.branches.len() > 1 {
-            vec![0.0; max_batch * self.in_size()]
-        } else {
-            Vec::new()
-        };
+        let l = self.branches.len();
+        self.outs.resize_with(l, Vec::new);
+        self.grads.resize_with(l, Vec::new);
+        for ((o, g), b) in self
+            .outs
+            .iter_mut()
+            .zip(&mut self.grads)
+            .zip(&self.branches)
+        {
+            // Grown, never shrunk: the last forward pass's outputs stay for `backward`.
+            let len = max_batch * b.out_size();
+            if o.len() < len {
+                o.resize(len, 0.0);
+            }
+            if g.len() < len {
+                g.resize(len, 0.0);
+            }
+        }
+        let len = max_batch * self.in_size();
+        if l > 1 && self.dx_branch.len() < len {
+            self.dx_branch.resize(len, 0.0);
+        }
         for b in &mut self.branches {
             b.reserve(max_batch);
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
-        debug_assert!(n <= self.max_batch, "forward: batch above reserve");
+        self.last_n = 0;
+        check_forward(self, x, y, n)?;
+        if !self.sized_for(n) {
+            self.reserve(n);
+        }
         let total = self.out_size();
         let mut offset = 0;
         for (branch, out) in self.branches.iter_mut().zip(&mut self.outs) {
@@ -106,6 +143,7 @@ impl Layer for Concat {
             }
             offset += ob;
         }
+        self.last_n = n;
         Ok(())
     }
 
@@ -118,6 +156,9 @@ impl Layer for Concat {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        if n != self.last_n {
+            return backward_nothing(self, dx, n);
+        }
         let (total, isz) = (self.out_size(), self.in_size());
         let mut dx = dx.map(|d| &mut d[..n * isz]);
         let mut offset = 0;
@@ -149,6 +190,12 @@ impl Layer for Concat {
                     }
                 }
             }
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        for b in &mut self.branches {
+            b.zero_grad();
         }
     }
 

@@ -22,7 +22,7 @@
 //! partial weight gradient; with two threads the halves run at once. The two partial sums are
 //! added at the end in the same order either way, so results do not depend on the thread count.
 
-use super::{Ctx, Layer, TensorMut};
+use super::{check_forward, Ctx, Layer, TensorMut};
 use crate::kernels::join;
 use crate::kernels::matmul::{matmul, Trans};
 use crate::{Error, Result};
@@ -647,19 +647,34 @@ crate::simd_kernel! {
     }
 }
 
+/// A 2-D convolution on NCHW maps: `n x (in_ch * in_h * in_w)` in, `n x (out_ch * out_h *
+/// out_w)` out (see the module doc).
+///
+/// Works without `reserve` (its workspace, one example large, is sized by the first pass);
+/// `backward` computes the gradients at the `x` it is given, whatever was forwarded before.
 pub struct Conv2d {
+    /// Input channels.
     pub in_ch: usize,
+    /// Output channels (filters).
     pub out_ch: usize,
+    /// Kernel size (square).
     pub k: usize,
+    /// Stride along both axes.
     pub stride: usize,
+    /// Zero padding on each side of both axes.
     pub padding: usize,
+    /// Input height.
     pub in_h: usize,
+    /// Input width.
     pub in_w: usize,
+    /// Output height, `(in_h + 2 padding - k) / stride + 1`.
     pub out_h: usize,
+    /// Output width, `(in_w + 2 padding - k) / stride + 1`.
     pub out_w: usize,
     /// `[out, in, k, k]`, PyTorch's layout; row-major it is the `[out, in*k*k]` matrix of the
     /// product, one filter per row.
     pub weight: Vec<f32>,
+    /// One per output channel; `None` for `bias=False`.
     pub bias: Option<Vec<f32>>,
     grad_weight: Vec<f32>,
     grad_bias: Option<Vec<f32>>,
@@ -667,7 +682,6 @@ pub struct Conv2d {
     grad_wt: [Vec<f32>; 2],
     /// One `im2col` workspace per half-batch (empty for the pointwise case).
     cols: [Vec<f32>; 2],
-    max_batch: usize,
 }
 
 impl Conv2d {
@@ -718,7 +732,6 @@ impl Conv2d {
             grad_bias: bias.then(|| vec![0.0; out_ch]),
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: [Vec::new(), Vec::new()],
-            max_batch: 0,
         })
     }
 
@@ -730,6 +743,12 @@ impl Conv2d {
     /// The weight gradient of the last backward pass, `[out, in, k, k]`.
     pub fn grad_weight(&self) -> &[f32] {
         &self.grad_weight
+    }
+
+    /// The bias gradient of the last backward pass, one per output channel; `None` without a
+    /// bias.
+    pub fn grad_bias(&self) -> Option<&[f32]> {
+        self.grad_bias.as_deref()
     }
 
     fn geom(&self) -> Geom {
@@ -754,8 +773,9 @@ impl Layer for Conv2d {
         self.out_ch * self.out_h * self.out_w
     }
 
-    fn reserve(&mut self, max_batch: usize) {
-        self.max_batch = max_batch;
+    /// The workspace is one example large whatever the batch: `max_batch` only says that it
+    /// is needed.
+    fn reserve(&mut self, _max_batch: usize) {
         let g = self.geom();
         let patches = if g.pointwise() {
             0
@@ -765,12 +785,15 @@ impl Layer for Conv2d {
         // Patches, then dy of one example transposed (see `backward_half`).
         let len = patches + g.oh * g.ow * self.out_ch;
         for c in &mut self.cols {
-            c.resize(len, 0.0);
+            if c.len() < len {
+                c.resize(len, 0.0);
+            }
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
-        debug_assert!(n <= self.max_batch, "forward: batch above reserve");
+        check_forward(self, x, y, n)?;
+        self.reserve(n);
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
         let (w, bias) = (&self.weight[..], self.bias.as_deref());
         let h = n / 2;
@@ -799,6 +822,7 @@ impl Layer for Conv2d {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        self.reserve(n);
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
         let w = &self.weight[..];
         let h = n / 2;
@@ -834,6 +858,13 @@ impl Layer for Conv2d {
                     .sum();
                 *gbo = s as f32;
             }
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        self.grad_weight.fill(0.0);
+        if let Some(gb) = &mut self.grad_bias {
+            gb.fill(0.0);
         }
     }
 

@@ -4,7 +4,7 @@
 //! layer exists for the shapes (export, describe), not for the numbers.
 
 use super::conv::{checked_product, shape_error};
-use super::{Ctx, Layer};
+use super::{check_forward, Ctx, Layer};
 use crate::{Error, Result};
 
 /// `[C, H, W]` per example in, `[C*H*W]` out (see the module doc).
@@ -40,6 +40,7 @@ impl Layer for Flatten {
     fn reserve(&mut self, _max_batch: usize) {}
 
     fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        check_forward(self, x, y, n)?;
         let len = n * self.in_size();
         y[..len].copy_from_slice(&x[..len]);
         Ok(())

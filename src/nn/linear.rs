@@ -7,7 +7,7 @@
 //! rows (`y[i,:] += x[i,k] * Wt[k,:]`, `dWt[k,:] += x[i,k] * dy[i,:]`): the same sums in a
 //! different order, about five times fewer operations.
 
-use super::{Ctx, Layer, TensorMut};
+use super::{check_forward, Ctx, Layer, TensorMut};
 use crate::kernels::matmul::{matmul, Trans};
 use crate::kernels::{join, sparse};
 use crate::Result;
@@ -15,11 +15,19 @@ use crate::Result;
 /// Inputs denser than this go through the dense product.
 const SPARSE_MAX_DENSITY: f64 = 0.4;
 
+/// `y = x W^T + b` on `n x in_features` inputs (see the module doc for the weight's layout).
+///
+/// Works without `reserve`; `backward` computes the gradients at the `x` it is given (through
+/// the nonzeros gathered by the last forward pass when that pass had the same batch size and
+/// took the sparse path, else by dense products).
 pub struct Linear {
+    /// Features per example in.
     pub in_features: usize,
+    /// Features per example out.
     pub out_features: usize,
     /// `[in, out]`, the transpose of PyTorch's `weight`.
     pub weight_t: Vec<f32>,
+    /// One per output feature; `None` for `bias=False`.
     pub bias: Option<Vec<f32>>,
     grad_weight_t: Vec<f32>,
     grad_bias: Option<Vec<f32>>,
@@ -32,6 +40,8 @@ pub struct Linear {
     blocks: [sparse::FeatureBlock; 2],
     partial: Vec<f32>,
     last_sparse: bool,
+    /// The batch size of the last successful forward pass (0: none).
+    last_n: usize,
 }
 
 impl Linear {
@@ -52,7 +62,19 @@ impl Linear {
             ],
             partial: Vec::new(),
             last_sparse: false,
+            last_n: 0,
         }
+    }
+
+    /// The weight gradient of the last backward pass, `[in, out]` like `weight_t` (the
+    /// transpose of PyTorch's `weight.grad`).
+    pub fn grad_weight_t(&self) -> &[f32] {
+        &self.grad_weight_t
+    }
+
+    /// The bias gradient of the last backward pass; `None` without a bias.
+    pub fn grad_bias(&self) -> Option<&[f32]> {
+        self.grad_bias.as_deref()
     }
 
     /// Set the weight from PyTorch's `[out, in]` layout.
@@ -110,17 +132,24 @@ impl Layer for Linear {
         self.out_features
     }
     fn reserve(&mut self, max_batch: usize) {
-        if self.sparse_input {
+        let len = max_batch * self.out_features;
+        if self.sparse_input && self.partial.len() < len {
             for b in &mut self.blocks {
                 b.reserve(max_batch);
             }
-            self.partial.resize(max_batch * self.out_features, 0.0);
+            self.partial.resize(len, 0.0);
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        self.last_sparse = false;
+        check_forward(self, x, y, n)?;
         let (i, o) = (self.in_features, self.out_features);
-        self.last_sparse = self.sparse_input && self.forward_sparse(ctx, x, y, n);
+        self.last_n = n;
+        if self.sparse_input {
+            self.reserve(n);
+            self.last_sparse = self.forward_sparse(ctx, x, y, n);
+        }
         if self.last_sparse {
             return Ok(());
         }
@@ -145,7 +174,8 @@ impl Layer for Linear {
         n: usize,
     ) {
         let (i, o) = (self.in_features, self.out_features);
-        if self.last_sparse {
+        // The gathered nonzeros belong to the last forward's input.
+        if self.last_sparse && n == self.last_n {
             let [b_a, b_b] = &mut self.blocks;
             let (g_a, g_b) = self.grad_weight_t.split_at_mut(b_a.k1 * o);
             join(
@@ -190,6 +220,13 @@ impl Layer for Linear {
                 false,
                 ctx.threads,
             );
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        self.grad_weight_t.fill(0.0);
+        if let Some(gb) = &mut self.grad_bias {
+            gb.fill(0.0);
         }
     }
 

@@ -4,7 +4,7 @@
 //! channel alone and behave the same in every mode.
 
 use super::conv::{checked_product, out_len, shape_error, valid_range};
-use super::{halves, halves_mut, Ctx, Layer};
+use super::{backward_nothing, check_forward, halves, halves_mut, Ctx, Layer};
 use crate::kernels::join;
 use crate::{Error, Result};
 
@@ -300,11 +300,17 @@ fn avg_backward(g: Window, include_pad: bool, dy: &[f32], dx: &mut [f32]) {
 }
 
 /// Max pooling; remembers where each maximum came from for the backward pass.
+///
+/// Works without `reserve` (the winners' indices are sized by the first forward pass of a
+/// larger batch). `backward` before any forward pass, or with another batch size than the last
+/// forward's, fills `dx` with zeros.
 pub struct MaxPool2d {
     win: Window,
     /// For each output of the last forward pass, the index (`y * w + x`) within its channel of
     /// the input that won.
     argmax: Vec<u32>,
+    /// The batch size of the last successful forward pass (0: none).
+    last_n: usize,
 }
 
 impl MaxPool2d {
@@ -337,6 +343,7 @@ impl MaxPool2d {
         Ok(MaxPool2d {
             win,
             argmax: Vec::new(),
+            last_n: 0,
         })
     }
     /// The output map's `(height, width)`.
@@ -353,10 +360,16 @@ impl Layer for MaxPool2d {
         self.win.out_size()
     }
     fn reserve(&mut self, max_batch: usize) {
-        self.argmax.resize(max_batch * self.out_size(), 0);
+        let len = max_batch * self.out_size();
+        if self.argmax.len() < len {
+            self.argmax.resize(len, 0);
+        }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        self.last_n = 0;
+        check_forward(self, x, y, n)?;
+        self.reserve(n);
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
         let (xa, xb) = halves(x, n, isz);
@@ -367,6 +380,7 @@ impl Layer for MaxPool2d {
             || max_forward(g, xa, ya, aa),
             || max_forward(g, xb, yb, ab),
         );
+        self.last_n = n;
         Ok(())
     }
 
@@ -379,6 +393,9 @@ impl Layer for MaxPool2d {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        if n != self.last_n {
+            return backward_nothing(self, dx, n);
+        }
         let Some(dx) = dx else { return };
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
@@ -452,6 +469,7 @@ impl Layer for AvgPool2d {
     fn reserve(&mut self, _max_batch: usize) {}
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        check_forward(self, x, y, n)?;
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
         let (xa, xb) = halves(x, n, isz);
@@ -502,8 +520,11 @@ impl Layer for AvgPool2d {
 
 /// The mean of each channel over all its positions: `n x (C*H*W)` in, `n x C` out.
 pub struct GlobalAvgPool {
+    /// Channels.
     pub c: usize,
+    /// Height of the maps.
     pub h: usize,
+    /// Width of the maps.
     pub w: usize,
 }
 
@@ -530,6 +551,7 @@ impl Layer for GlobalAvgPool {
     fn reserve(&mut self, _max_batch: usize) {}
 
     fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        check_forward(self, x, y, n)?;
         let hw = self.h * self.w;
         let inv = 1.0 / hw as f64;
         for (xp, v) in x[..n * self.c * hw]

@@ -27,7 +27,10 @@
 //! same way on one or two threads.
 
 use super::named::{check_names, child_prefix};
-use super::{halves, halves_mut, BatchNorm, Ctx, Layer, Sequential, TensorMut};
+use super::{
+    backward_nothing, check_forward, halves, halves_mut, BatchNorm, Ctx, Layer, Sequential,
+    TensorMut,
+};
 use crate::kernels::activation as k;
 use crate::kernels::join;
 use crate::{Error, Result};
@@ -36,6 +39,9 @@ use crate::{Error, Result};
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
 /// `y = act(main(x) + shortcut(x))`, ResNet's basic block (see the module doc).
+///
+/// Works without `reserve`. `backward` before any forward pass, or with another batch size
+/// than the last forward's, sets every parameter gradient inside to zero and `dx` to zeros.
 pub struct Residual {
     main: Sequential,
     /// The projection and its child name; `None` for the identity.
@@ -50,6 +56,8 @@ pub struct Residual {
     /// The projection's input gradient, added to main's (empty for the identity).
     dx_short: Vec<f32>,
     max_batch: usize,
+    /// The batch size of the last successful forward pass (0: none).
+    last_n: usize,
 }
 
 impl Residual {
@@ -107,6 +115,7 @@ impl Residual {
             grad_sum: Vec::new(),
             dx_short: Vec::new(),
             max_batch: 0,
+            last_n: 0,
         })
     }
 
@@ -179,31 +188,40 @@ impl Layer for Residual {
     }
 
     fn reserve(&mut self, max_batch: usize) {
+        let max_batch = max_batch.max(self.max_batch);
         self.max_batch = max_batch;
         let (i, o) = (self.in_size(), self.out_size());
         self.main.reserve(max_batch);
-        self.main_out = vec![0.0; max_batch * o];
-        self.grad_sum = if self.relu {
-            vec![0.0; max_batch * o]
-        } else {
-            Vec::new()
+        // Grown, never shrunk: the last forward pass's outputs stay for `backward`.
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
         };
-        match &mut self.shortcut {
-            Some((_, layer)) => {
-                layer.reserve(max_batch);
-                self.short_out = vec![0.0; max_batch * o];
-                self.dx_short = vec![0.0; max_batch * i];
-            }
-            None => {
-                self.short_out = Vec::new();
-                self.dx_short = Vec::new();
-            }
+        grow(&mut self.main_out, max_batch * o);
+        if self.relu {
+            grow(&mut self.grad_sum, max_batch * o);
+        }
+        if let Some((_, layer)) = &mut self.shortcut {
+            layer.reserve(max_batch);
+            grow(&mut self.short_out, max_batch * o);
+            grow(&mut self.dx_short, max_batch * i);
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
-        debug_assert!(n <= self.max_batch, "forward: batch above reserve");
-        let o = self.out_size();
+        self.last_n = 0;
+        check_forward(self, x, y, n)?;
+        let (i, o) = (self.in_size(), self.out_size());
+        let sized = n <= self.max_batch
+            && self.main_out.len() >= self.max_batch * o
+            && (!self.relu || self.grad_sum.len() >= self.max_batch * o)
+            && (self.shortcut.is_none()
+                || (self.short_out.len() >= self.max_batch * o
+                    && self.dx_short.len() >= self.max_batch * i));
+        if !sized {
+            self.reserve(n);
+        }
         let len = n * o;
         self.main.forward(ctx, x, &mut self.main_out[..len], n)?;
         let other: &[f32] = match &mut self.shortcut {
@@ -227,6 +245,7 @@ impl Layer for Residual {
         } else {
             join(threads, || add(ma, oa, ya), || add(mb, ob, yb));
         }
+        self.last_n = n;
         Ok(())
     }
 
@@ -239,6 +258,9 @@ impl Layer for Residual {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        if n != self.last_n {
+            return backward_nothing(self, dx, n);
+        }
         let (i, o) = (self.in_size(), self.out_size());
         let len = n * o;
         let threads = if len.max(n * i) >= PARALLEL_MIN_LEN {
@@ -282,6 +304,13 @@ impl Layer for Residual {
             let (da, db) = halves_mut(d, n, i);
             let (sa, sb) = halves(s, n, i);
             join(threads, || add_assign(da, sa), || add_assign(db, sb));
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        self.main.zero_grad();
+        if let Some((_, layer)) = &mut self.shortcut {
+            layer.zero_grad();
         }
     }
 

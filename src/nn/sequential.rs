@@ -1,12 +1,19 @@
 //! A chain of layers, named "0", "1", ... as in PyTorch's `nn.Sequential`, or with explicit
 //! names (`Sequential::named`, see `named.rs`) for a module whose children are attributes. It
-//! owns the intermediate activations and their gradients, sized once by `reserve`.
+//! owns the intermediate activations and their gradients, sized by `reserve` or by the first
+//! forward pass of a larger batch.
 
 use super::named::child_prefix;
-use super::{BatchNorm, Ctx, Layer, TensorMut};
+use super::{backward_nothing, check_forward, BatchNorm, Ctx, Layer, TensorMut};
 use crate::Result;
 
+/// Layers applied one after the other, PyTorch's `nn.Sequential` (see the module doc).
+///
+/// Works without `reserve`. `backward` before any forward pass, or with another batch size
+/// than the last forward's, sets every child's parameter gradients to zero and `dx` to zeros.
 pub struct Sequential {
+    /// The children in forward order. Each must take as many inputs as the one before gives
+    /// (see `check_chain`; a mismatch makes `forward` return `Error::Shape`).
     pub layers: Vec<Box<dyn Layer>>,
     /// Each child's `state_dict` name; `None` for PyTorch's indices "0", "1", ...
     pub(super) names: Option<Vec<String>>,
@@ -15,6 +22,8 @@ pub struct Sequential {
     acts: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     max_batch: usize,
+    /// The batch size of the last successful forward pass (0: none).
+    last_n: usize,
 }
 
 impl Sequential {
@@ -27,18 +36,31 @@ impl Sequential {
             acts: Vec::new(),
             grads: Vec::new(),
             max_batch: 0,
+            last_n: 0,
         }
     }
 
-    /// The batch size `reserve` sized the buffers for.
+    /// The largest batch the buffers are sized for (by `reserve` or a forward pass).
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
 
     /// The output of layer `i` from the last forward pass (`i` below the last layer), as
-    /// `n x out_size` values.
+    /// `n x out_size` values at the start of a buffer of `max_batch() x out_size`; empty when
+    /// there is none (`i` not below the last layer, or no buffers yet).
     pub fn output_of(&self, i: usize) -> &[f32] {
-        &self.acts[i]
+        self.acts.get(i).map_or(&[], |a| &a[..])
+    }
+
+    /// True when the buffers between the children hold batches of `n`.
+    fn sized_for(&self, n: usize) -> bool {
+        n <= self.max_batch
+            && self.acts.len() == self.layers.len().saturating_sub(1)
+            && self
+                .acts
+                .iter()
+                .zip(&self.layers)
+                .all(|(a, l)| a.len() >= self.max_batch * l.out_size())
     }
 }
 
@@ -51,26 +73,46 @@ impl Layer for Sequential {
     }
 
     fn reserve(&mut self, max_batch: usize) {
+        let max_batch = max_batch.max(self.max_batch);
         self.max_batch = max_batch;
-        let l = self.layers.len();
-        self.acts = (0..l.saturating_sub(1))
-            .map(|i| vec![0.0; max_batch * self.layers[i].out_size()])
-            .collect();
-        self.grads = self.acts.iter().map(|a| vec![0.0; a.len()]).collect();
+        let l = self.layers.len().saturating_sub(1);
+        self.acts.resize_with(l, Vec::new);
+        self.grads.resize_with(l, Vec::new);
+        for ((a, g), layer) in self.acts.iter_mut().zip(&mut self.grads).zip(&self.layers) {
+            // Grown, never shrunk: the last forward pass's outputs stay for `backward`.
+            let len = max_batch * layer.out_size();
+            if a.len() < len {
+                a.resize(len, 0.0);
+            }
+            if g.len() < len {
+                g.resize(len, 0.0);
+            }
+        }
         for layer in &mut self.layers {
             layer.reserve(max_batch);
         }
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
-        debug_assert!(n <= self.max_batch);
+        self.last_n = 0;
+        check_forward(self, x, y, n)?;
+        if !self.sized_for(n) {
+            self.reserve(n);
+        }
         let l = self.layers.len();
         for i in 0..l {
             let (before, after) = self.acts.split_at_mut(i);
-            let input: &[f32] = if i == 0 { x } else { &before[i - 1] };
+            // Exactly the previous child's output: a child that takes more (a broken chain)
+            // gets `Error::Shape`, not the stale rest of the buffer.
+            let input: &[f32] = if i == 0 {
+                x
+            } else {
+                &before[i - 1][..n * self.layers[i - 1].out_size()]
+            };
             let output: &mut [f32] = if i == l - 1 { y } else { &mut after[0] };
             self.layers[i].forward(ctx, input, output, n)?;
         }
+        self.last_n = n;
         Ok(())
     }
 
@@ -83,6 +125,9 @@ impl Layer for Sequential {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
+        if n != self.last_n {
+            return backward_nothing(self, dx, n);
+        }
         let l = self.layers.len();
         let mut dx = dx;
         for i in (0..l).rev() {
@@ -96,6 +141,12 @@ impl Layer for Sequential {
                 Some(&mut gb[i - 1])
             };
             self.layers[i].backward(ctx, input, output, grad_out, grad_in, n);
+        }
+    }
+
+    fn zero_grad(&mut self) {
+        for layer in &mut self.layers {
+            layer.zero_grad();
         }
     }
 

@@ -1,5 +1,5 @@
 //! The section 4.2 study's report (`bnlab reproduce inception`): results.json, metrics.csv,
-//! summary.md, and the accuracy-against-steps figures as SVG and PNG.
+//! summary.md, and (with the `plots` feature) the accuracy-against-steps figures as SVG and PNG.
 //!
 //! | file | for |
 //! | --- | --- |
@@ -15,12 +15,15 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{fmt_percent, line_chart, write_atomic};
+#[cfg(feature = "plots")]
+use super::line_chart;
+use super::{fmt_percent, write_atomic};
 use crate::{Error, Result};
 
 /// One evaluation on the fixed test subset.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AccuracyPoint {
+    /// Training steps done.
     pub step: usize,
     /// Fraction 0..1.
     pub test_accuracy: f64,
@@ -29,71 +32,97 @@ pub struct AccuracyPoint {
 /// One setting of the study, shown in summary.md's setup table.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SetupRow {
+    /// What is set.
     pub setting: String,
+    /// Its value.
     pub value: String,
+    /// The reason for it.
     pub why: String,
 }
 
 /// One variant of Figures 2 and 3.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct InceptionVariant {
+    /// The variant's name (`BN-x5`).
     pub name: String,
+    /// The network preset trained.
     pub preset: String,
+    /// The learning rate at step 0.
     pub lr: f64,
+    /// L2 weight decay.
     pub weight_decay: f64,
+    /// Dropout probability in the network (0 for none).
     pub dropout: f32,
     /// The learning rate's factor over the whole run (the schedule's decay).
     pub lr_factor_over_run: f64,
+    /// Subset accuracy at every evaluation.
     pub curve: Vec<AccuracyPoint>,
     /// Highest accuracy of `curve`.
     pub max_accuracy: f64,
     /// First step of `curve` at or above Inception's `max_accuracy`.
     pub steps_to_baseline_max: Option<usize>,
+    /// Training stopped on a NaN or infinite loss or weight.
     pub diverged: bool,
     /// The step at which training stopped on a NaN or infinite loss or weight.
     pub diverged_at: Option<usize>,
     /// Accuracy on the whole test set at the end; `None` for a diverged run.
     pub final_test_accuracy: Option<f64>,
+    /// Wall-clock seconds of training.
     pub train_seconds: f64,
 }
 
 /// One rate of the no-BN Inception's learning-rate sweep.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SweepRun {
+    /// The learning rate.
     pub lr: f64,
+    /// Highest subset accuracy of the run.
     pub max_accuracy: f64,
     /// The last evaluation on the subset.
     pub final_accuracy: f64,
+    /// Accuracy on the whole test set at the end; `None` for a diverged run.
     pub final_test_accuracy: Option<f64>,
+    /// Training stopped on a NaN or infinite loss or weight.
     pub diverged: bool,
     /// This rate is lr0.
     pub chosen: bool,
+    /// Subset accuracy at every evaluation.
     pub curve: Vec<AccuracyPoint>,
 }
 
 /// Figure 4's ensemble.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EnsembleResult {
+    /// Networks trained.
     pub members: usize,
+    /// Their seeds.
     pub seeds: Vec<u64>,
     /// Members that did not diverge (only they vote).
     pub usable_members: usize,
     /// Accuracy of the mean of the members' probabilities on the whole test set.
     pub accuracy: Option<f64>,
+    /// The best single member's accuracy on the whole test set.
     pub best_member_accuracy: Option<f64>,
+    /// Each member's accuracy on the whole test set (`None`: diverged).
     pub member_accuracies: Vec<Option<f64>>,
 }
 
 /// Everything [`write_inception_report`] needs.
 #[derive(Clone, Debug)]
 pub struct InceptionReport {
+    /// Free-form description of the run, copied into results.json.
     pub setup: serde_json::Value,
+    /// The setup table of summary.md.
     pub setup_rows: Vec<SetupRow>,
+    /// The chosen base learning rate.
     pub lr0: f64,
+    /// The learning-rate sweep of the no-BN Inception, ascending.
     pub sweep: Vec<SweepRun>,
     /// `Inception` first.
     pub variants: Vec<InceptionVariant>,
+    /// Figure 4's ensemble.
     pub ensemble: EnsembleResult,
+    /// Wall-clock seconds of the whole study.
     pub wall_seconds: f64,
 }
 
@@ -114,7 +143,8 @@ const PAPER: [(&str, &str, &str); 7] = [
 /// "Learns" for the sigmoid check: the spec's threshold.
 const LEARNS: f64 = 0.80;
 
-/// Writes results.json, metrics.csv, summary.md and the figures into `out_dir`.
+/// Writes results.json, metrics.csv, summary.md and (with the `plots` feature) the figures into
+/// `out_dir`.
 pub fn write_inception_report(out_dir: &Path, report: &InceptionReport) -> Result<()> {
     validate(out_dir, report)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -125,6 +155,7 @@ pub fn write_inception_report(out_dir: &Path, report: &InceptionReport) -> Resul
     })?;
     write_atomic(&json_path, format!("{json}\n").as_bytes())?;
     write_atomic(&out_dir.join("metrics.csv"), metrics_csv(report).as_bytes())?;
+    #[cfg(feature = "plots")]
     figures(out_dir, report)?;
     write_atomic(&out_dir.join("summary.md"), summary_md(report).as_bytes())?;
     Ok(())
@@ -216,6 +247,7 @@ fn metrics_csv(report: &InceptionReport) -> String {
     s
 }
 
+#[cfg(feature = "plots")]
 fn points(curve: &[AccuracyPoint]) -> Vec<(f64, f64)> {
     curve
         .iter()
@@ -223,6 +255,7 @@ fn points(curve: &[AccuracyPoint]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+#[cfg(feature = "plots")]
 fn figures(out_dir: &Path, report: &InceptionReport) -> Result<()> {
     let base = report.variants[0].max_accuracy;
     let last = report
@@ -406,12 +439,17 @@ fn sweep_table(s: &mut String, report: &InceptionReport) {
     let interior = chosen.is_some_and(|i| i > 0 && i + 1 < report.sweep.len());
     let _ = writeln!(
         s,
-        "\nThe best rate is {} of the sweep{}. Curves: [sweep.png](sweep.png).\n",
+        "\nThe best rate is {} of the sweep{}.{}\n",
         if interior { "inside" } else { "at an edge" },
         if interior {
             ""
         } else {
             " (a wider sweep might find a better baseline)"
+        },
+        if cfg!(feature = "plots") {
+            " Curves: [sweep.png](sweep.png)."
+        } else {
+            ""
         }
     );
 }
@@ -422,12 +460,16 @@ fn figure_table(s: &mut String, report: &InceptionReport) {
         s,
         "## Figures 2 and 3: steps to Inception's maximum, and maximum accuracy\n"
     );
-    let _ = writeln!(s, "![accuracy against steps](accuracy.png)\n");
-    let _ = writeln!(
-        s,
-        "Also near the top: [accuracy_zoom.png](accuracy_zoom.png); as SVG: accuracy.svg, \
-         accuracy_zoom.svg.\n"
-    );
+    if cfg!(feature = "plots") {
+        let _ = writeln!(s, "![accuracy against steps](accuracy.png)\n");
+        let _ = writeln!(
+            s,
+            "Also near the top: [accuracy_zoom.png](accuracy_zoom.png); as SVG: accuracy.svg, \
+             accuracy_zoom.svg.\n"
+        );
+    } else {
+        let _ = writeln!(s, "{}\n", super::NO_FIGURES);
+    }
     let _ = writeln!(
         s,
         "Inception's maximum accuracy on the subset is {}; \"steps to Inception's max\" is the \

@@ -13,12 +13,17 @@
 //! [`write_inception_report`] does the same for the section 4.2 study (Figures 2-4, see
 //! `inception.rs`): results.json, metrics.csv, summary.md and accuracy figures.
 //!
+//! Figures need the `plots` feature (on by default). Without it the reports hold every other
+//! file, and summary.md says that no figures were drawn.
+//!
 //! Every file is written atomically ([`write_atomic`]): a crash or a full disk never leaves a
-//! half-written report that looks complete. [`line_chart`] is the generic accuracy-vs-steps chart
-//! for later studies.
+//! half-written report that looks complete. `line_chart` (with `plots`) is the generic
+//! accuracy-vs-steps chart for later studies.
 
+#[cfg(feature = "plots")]
 mod figure;
 mod inception;
+#[cfg(feature = "plots")]
 mod png;
 mod summary;
 
@@ -27,6 +32,7 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+#[cfg(feature = "plots")]
 pub use figure::line_chart;
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
@@ -79,7 +85,12 @@ pub const PLAIN_NAME: &str = "mlp-fig1";
 /// Name of the net with batch normalization.
 pub const BN_NAME: &str = "mlp-fig1-bn";
 
-/// Writes metrics.csv, results.json, fig1.svg, fig1.png and summary.md into `out_dir`, creating it if needed.
+/// What summary.md says in place of the figures in a build without the `plots` feature.
+pub const NO_FIGURES: &str = "No figures were drawn: this build of bnlab lacks the `plots` \
+     feature. The numbers are in metrics.csv and results.json.";
+
+/// Writes metrics.csv, results.json, fig1.svg, fig1.png (with the `plots` feature) and
+/// summary.md into `out_dir`, creating it if needed.
 pub fn write_mnist_report(out_dir: &Path, report: &MnistReport) -> Result<()> {
     validate(out_dir, report)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -90,6 +101,7 @@ pub fn write_mnist_report(out_dir: &Path, report: &MnistReport) -> Result<()> {
         msg: e.to_string(),
     })?;
     write_atomic(&json_path, format!("{json}\n").as_bytes())?;
+    #[cfg(feature = "plots")]
     figure::write_fig1(&out_dir.join("fig1"), report)?;
     write_atomic(
         &out_dir.join("summary.md"),
@@ -192,5 +204,47 @@ pub fn display_name(name: &str) -> &str {
         PLAIN_NAME => "Without BN",
         BN_NAME => "With BN",
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report's files, with the figure exactly when the `plots` feature is on, and a
+    /// summary that says so when it is off.
+    #[test]
+    fn mnist_report_files_with_and_without_plots() {
+        let run = |name: &str, acc: f64| VariantRun {
+            name: name.into(),
+            curve: (0..4)
+                .map(|i| CurvePoint {
+                    step: i * 500,
+                    test_accuracy: acc + 0.01 * i as f64,
+                    p15: -1.0,
+                    p50: 0.0,
+                    p85: 1.0,
+                    train_loss: 1.0 / (1 + i) as f64,
+                })
+                .collect(),
+            final_running: acc + 0.03,
+            final_population: acc + 0.03,
+            train_seconds: 1.0,
+        };
+        let report = MnistReport {
+            setup: serde_json::json!({"steps": 1500}),
+            variants: vec![run(PLAIN_NAME, 0.9), run(BN_NAME, 0.95)],
+        };
+        let t = tempfile::tempdir().unwrap();
+        write_mnist_report(t.path(), &report).unwrap();
+        for f in ["metrics.csv", "results.json", "summary.md"] {
+            assert!(t.path().join(f).is_file(), "{f} missing");
+        }
+        let plots = cfg!(feature = "plots");
+        assert_eq!(t.path().join("fig1.png").is_file(), plots);
+        assert_eq!(t.path().join("fig1.svg").is_file(), plots);
+        let summary = std::fs::read_to_string(t.path().join("summary.md")).unwrap();
+        assert_eq!(summary.contains(NO_FIGURES), !plots);
+        assert_eq!(summary.contains("fig1.png"), plots);
     }
 }

@@ -92,13 +92,17 @@ pub(super) fn summary_md(report: &MnistReport) -> String {
     }
     let _ = writeln!(s);
 
-    let _ = writeln!(s, "![Figure 1](fig1.png)\n");
-    let _ = writeln!(
-        s,
-        "(a) test accuracy against training steps; (b) without BN and (c) with BN: the 15th, 50th \
-         and 85th percentiles of the input to one sigmoid of the last hidden layer. \
-         Also as [fig1.svg](fig1.svg); the numbers are in metrics.csv and results.json.\n"
-    );
+    if cfg!(feature = "plots") {
+        let _ = writeln!(s, "![Figure 1](fig1.png)\n");
+        let _ = writeln!(
+            s,
+            "(a) test accuracy against training steps; (b) without BN and (c) with BN: the 15th, \
+             50th and 85th percentiles of the input to one sigmoid of the last hidden layer. \
+             Also as [fig1.svg](fig1.svg); the numbers are in metrics.csv and results.json.\n"
+        );
+    } else {
+        let _ = writeln!(s, "{}\n", super::NO_FIGURES);
+    }
 
     accuracy_table(&mut s, report);
     steps_to_target_table(&mut s, report);
