@@ -36,7 +36,9 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 
 #[test]
 fn nonsense_flags_are_refused() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let d = d.to_str().unwrap();
     fails_with(
         &["train", "--model", "mlp-fig1", "--frobnicate"],
@@ -148,7 +150,9 @@ fn missing_data_and_bad_checkpoints_are_named() {
         &["train", "--resume", e, "--lr", "0.5"],
         &["--resume", "--lr"],
     );
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let d = d.to_str().unwrap();
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
@@ -222,7 +226,9 @@ fn missing_data_and_bad_checkpoints_are_named() {
 
 #[test]
 fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let d = d.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
@@ -277,7 +283,9 @@ fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
 
 #[test]
 fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let d = d.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
@@ -318,7 +326,9 @@ fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn bench_prints_steps_per_second_as_json() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let o = bnlab(&[
         "bench",
         "--model",
@@ -336,7 +346,9 @@ fn bench_prints_steps_per_second_as_json() {
 
 #[test]
 fn reproduce_writes_the_whole_report() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fig1");
     let o = bnlab(&[
