@@ -101,8 +101,10 @@ pub fn skip_optional(what: &str) {
         .filter(|n| *n != "main")
         .map(|n| format!("{n}: "))
         .unwrap_or_default();
+    // After a line break: with one test thread the harness has written "test name ... " and
+    // waits for the result on the same line.
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "SKIPPED: {test}{what}");
+    let _ = writeln!(out, "\nSKIPPED: {test}{what}");
     let _ = out.flush();
 }
 
