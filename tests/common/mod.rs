@@ -63,6 +63,26 @@ pub fn mnist_dir() -> Option<PathBuf> {
     })
 }
 
+/// Writes a small data set in MNIST's layout (28x28 grey images of noise, labels 0..9, plain
+/// IDX files) into `dir`, for tests of the command line that need data but not MNIST's.
+pub fn synthetic_mnist(dir: &Path, n_train: usize, n_test: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Lcg(0x5eed_1234_abcd_0001);
+    let mut bytes = |n: usize, modulo: f64| -> Vec<u8> {
+        (0..n)
+            .map(|_| ((rng.next() + 1.0) / 2.0 * modulo) as u8)
+            .collect()
+    };
+    let [ti, tl, vi, vl] = bnlab::data::MNIST_FILES;
+    let write = |name: &str, dims: &[usize], data: &[u8]| {
+        bnlab::data::write_idx(&dir.join(name), dims, data, false).unwrap()
+    };
+    write(ti, &[n_train, 28, 28], &bytes(n_train * 784, 256.0));
+    write(tl, &[n_train], &bytes(n_train, 10.0));
+    write(vi, &[n_test, 28, 28], &bytes(n_test * 784, 256.0));
+    write(vl, &[n_test], &bytes(n_test, 10.0));
+}
+
 /// Fashion-MNIST: `$BNLAB_FASHION_DIR` when set (and then only there), else
 /// `$BNLAB_DATA/fashion-mnist`, `./data/fashion-mnist`, then the Debian package's
 /// /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`).
