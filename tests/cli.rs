@@ -36,8 +36,9 @@ fn fails_with(args: &[&str], needles: &[&str]) {
 
 #[test]
 fn nonsense_flags_are_refused() {
-    let Some(d) = common::mnist_dir() else { return };
-    let d = d.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    common::synthetic_mnist(tmp.path(), 120, 20);
+    let d = tmp.path().to_str().unwrap();
     fails_with(
         &["train", "--model", "mlp-fig1", "--frobnicate"],
         &["--frobnicate"],
@@ -148,8 +149,9 @@ fn missing_data_and_bad_checkpoints_are_named() {
         &["train", "--resume", e, "--lr", "0.5"],
         &["--resume", "--lr"],
     );
-    let Some(d) = common::mnist_dir() else { return };
-    let d = d.to_str().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_mnist(&data, 120, 20);
+    let d = data.to_str().unwrap();
     let junk = tmp.path().join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
     fails_with(
@@ -222,7 +224,9 @@ fn missing_data_and_bad_checkpoints_are_named() {
 
 #[test]
 fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let d = d.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
@@ -277,9 +281,10 @@ fn train_save_eval_round_trip_with_both_kinds_of_statistics() {
 
 #[test]
 fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
-    let Some(d) = common::mnist_dir() else { return };
-    let d = d.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_mnist(&data, 120, 20);
+    let d = data.to_str().unwrap();
     let out = tmp.path().join("run");
     let o = bnlab(&[
         "train",
@@ -318,13 +323,14 @@ fn divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn bench_prints_steps_per_second_as_json() {
-    let Some(d) = common::mnist_dir() else { return };
+    let d = tempfile::tempdir().unwrap();
+    common::synthetic_mnist(d.path(), 120, 20);
     let o = bnlab(&[
         "bench",
         "--model",
         "mlp-fig1-bn",
         "--data",
-        d.to_str().unwrap(),
+        d.path().to_str().unwrap(),
         "--steps",
         "200",
         "--json",
@@ -336,7 +342,9 @@ fn bench_prints_steps_per_second_as_json() {
 
 #[test]
 fn reproduce_writes_the_whole_report() {
-    let Some(d) = common::mnist_dir() else { return };
+    let Some(d) = common::mnist_or_skip() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fig1");
     let o = bnlab(&[

@@ -1,6 +1,8 @@
 //! Integration tests for `bnlab::data`: IDX parsing and its error messages, data set loading,
 //! batch conversion, data directory resolution, and downloading from a local HTTP server.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -632,29 +634,22 @@ fn download_with_wrong_checksum_fails_and_leaves_nothing() {
     );
 }
 
-fn shared_mnist_dir() -> Option<PathBuf> {
-    let root = match std::env::var_os("BNLAB_SHARED_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-    };
-    let dir = root.join("datasets/mnist");
-    if MNIST_FILES
-        .iter()
-        .all(|n| dir.join(format!("{n}.gz")).is_file())
-    {
-        Some(dir)
-    } else {
-        eprintln!(
-            "note: {} not found; skipping the real-MNIST test",
-            dir.display()
-        );
-        None
+/// MNIST (see `common::mnist_dir`) as the four gzipped files its mirrors serve.
+fn gzipped_mnist_dir() -> Option<PathBuf> {
+    let dir = common::mnist_dir().filter(|d| {
+        MNIST_FILES
+            .iter()
+            .all(|n| d.join(format!("{n}.gz")).is_file())
+    });
+    if dir.is_none() {
+        common::skip("MNIST's four .gz files not present; the real-MNIST test");
     }
+    dir
 }
 
 #[test]
 fn real_mnist_via_local_mirror() {
-    let Some(src) = shared_mnist_dir() else {
+    let Some(src) = gzipped_mnist_dir() else {
         return;
     };
     let map: HashMap<String, Vec<u8>> = MNIST_FILES

@@ -1210,22 +1210,9 @@ fn npy_versions_and_headers() {
     );
 }
 
-fn shared_mnist_dir() -> Option<PathBuf> {
-    let root = match std::env::var_os("BNLAB_SHARED_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-    };
-    let dir = root.join("datasets/mnist");
-    MNIST_FILES
-        .iter()
-        .all(|n| dir.join(format!("{n}.gz")).is_file())
-        .then_some(dir)
-}
-
 #[test]
 fn real_mnist_as_npz_equals_the_idx_files() {
-    let Some(dir) = shared_mnist_dir() else {
-        eprintln!("note: shared MNIST not found; skipped");
+    let Some(dir) = common::mnist_or_skip() else {
         return;
     };
     let idx = load_mnist_dir(&dir).unwrap();

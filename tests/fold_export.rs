@@ -145,7 +145,7 @@ fn folding_refuses_what_it_cannot_fold() {
 #[test]
 fn folded_network_agrees_with_batch_norm_on_mnist() {
     let Some(data) = mnist() else {
-        eprintln!("note: MNIST not present; skipped");
+        common::skip("MNIST not present");
         return;
     };
     let mut bn_net = trained("mlp-fig1-bn", data);
@@ -446,13 +446,11 @@ fn check_with_onnxruntime_in(
 
 #[test]
 fn onnxruntime_predicts_as_bnlab() {
-    let Some(python) = std::env::var_os("BNLAB_ONNX_PYTHON") else {
-        eprintln!("note: BNLAB_ONNX_PYTHON not set; onnxruntime check skipped");
+    let Some(python) = common::onnx_python_or_skip() else {
         return;
     };
-    let python = python.to_string_lossy().into_owned();
     let Some(data) = mnist() else {
-        eprintln!("note: MNIST not present; onnxruntime check skipped");
+        common::skip("MNIST not present; onnxruntime check");
         return;
     };
     let mut bn_net = trained("mlp-fig1-bn", data);
@@ -485,9 +483,8 @@ fn onnxruntime_predicts_as_bnlab() {
 fn fashion() -> Option<&'static Split> {
     static DATA: OnceLock<Option<Split>> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
-        dir.is_dir()
-            .then(|| bnlab::data::fashion_mnist(Some(dir)).expect("Fashion-MNIST loads"))
+        common::fashion_dir()
+            .map(|d| bnlab::data::fashion_mnist(Some(&d)).expect("Fashion-MNIST loads"))
     })
     .as_ref()
 }
@@ -541,7 +538,7 @@ fn folded_inception_agrees_with_batch_norm_on_fashion_mnist() {
     let e = fold(&mut plain).err().expect("nothing to fold").to_string();
     assert!(e.contains("no batch normalization to fold"), "{e}");
     let Some(data) = fashion() else {
-        eprintln!("note: Fashion-MNIST not present; skipped");
+        common::skip("Fashion-MNIST not present");
         return;
     };
     for (bn_preset, plain_preset) in [
@@ -696,16 +693,14 @@ fn conv_onnx_parses_back_with_conv_and_concat_nodes() {
 
 #[test]
 fn onnxruntime_predicts_as_bnlab_on_inception() {
-    let Some(python) = std::env::var_os("BNLAB_ONNX_PYTHON") else {
-        eprintln!("note: BNLAB_ONNX_PYTHON not set; onnxruntime check skipped");
+    let Some(python) = common::onnx_python_or_skip() else {
         return;
     };
-    let python = python.to_string_lossy().into_owned();
     let Some(data) = fashion() else {
-        eprintln!("note: Fashion-MNIST not present; onnxruntime check skipped");
+        common::skip("Fashion-MNIST not present; onnxruntime check");
         return;
     };
-    let dir = std::path::Path::new(bnlab::data::FASHION_SYSTEM_DIR);
+    let dir = &common::fashion_dir().expect("Fashion-MNIST");
     let mut bn_net = trained_inception("inception-mini-bn", data);
     check_with_onnxruntime_in(&python, &mut bn_net, data, dir, "inception-mini-bn");
     let mut folded = fold(&mut bn_net).unwrap();

@@ -1,38 +1,30 @@
-//! Whole-network gradients against PyTorch in float64 (`../shared/reference/grad`, see its
-//! README): for every `gradient` case, the loss and the gradient of every parameter for one
-//! training mini-batch must be within the case's relative-L2 tolerance, tensor by tensor, with
-//! the same names; for every `eval` case, the PyTorch-trained checkpoint must classify within 2
-//! of PyTorch's count of test images. One line per case is printed (worst tensor, error,
-//! tolerance). Cases that need a normalizer bnlab does not have yet (`norm`) are reported as
-//! skipped by name. With `BNLAB_REQUIRE_DATA=1` (CI) missing data fails instead of skipping.
+//! Whole-network gradients against PyTorch in float64, from the cases the project carries
+//! (`tests/data/reference/grad`: presets on a synthetic batch stored with the case; always run)
+//! and from `../shared/reference/grad` (`$BNLAB_REFERENCE_DIR/grad`; skipped when absent). See
+//! tests/data/reference/README.md: for every `gradient` case, the loss and the gradient of
+//! every parameter for one training mini-batch must be within the case's relative-L2
+//! tolerance, tensor by tensor, with the same names; for every `eval` case, the PyTorch-trained
+//! checkpoint must classify within 2 of PyTorch's count of test images. One line per case is
+//! printed (worst tensor, error, tolerance). Cases that need a normalizer bnlab does not have
+//! yet (`norm`) are reported as skipped by name. With `BNLAB_REQUIRE_DATA=1` (CI) missing data
+//! fails instead of skipping.
 
 mod common;
 
 use bnlab::checkpoint::{self, Loaded, TensorFile};
-use bnlab::data::{load_mnist_dir, Split};
+use bnlab::data::{load_mnist_dir, Dataset, Pixels, Split};
 use bnlab::model;
 use bnlab::network::Network;
 use bnlab::train::{gradients, Evaluator};
-use std::path::PathBuf;
+use common::skip;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-
-fn require_data() -> bool {
-    std::env::var_os("BNLAB_REQUIRE_DATA").is_some_and(|v| v == "1")
-}
-
-fn skip(what: &str) {
-    assert!(!require_data(), "BNLAB_REQUIRE_DATA=1 but {what}");
-    println!("SKIPPED: {what}");
-}
 
 fn fashion() -> Option<&'static Split> {
     static DATA: OnceLock<Option<Split>> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::env::var_os("BNLAB_FASHION_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| bnlab::data::FASHION_SYSTEM_DIR.into());
-        dir.is_dir()
-            .then(|| bnlab::data::fashion_mnist(Some(&dir)).expect("Fashion-MNIST loads"))
+        common::fashion_dir()
+            .map(|d| bnlab::data::fashion_mnist(Some(&d)).expect("Fashion-MNIST loads"))
     })
     .as_ref()
 }
@@ -43,11 +35,8 @@ fn mnist() -> Option<&'static Split> {
         .as_ref()
 }
 
-fn grad_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("BNLAB_REFERENCE_DIR") {
-        Some(d) => PathBuf::from(d).join("grad"),
-        None => common::shared_dir()?.join("reference/grad"),
-    };
+fn shared_grad_dir() -> Option<PathBuf> {
+    let dir = common::shared_reference_dir()?.join("grad");
     dir.join("cases.json").is_file().then_some(dir)
 }
 
@@ -69,36 +58,89 @@ fn floats(file: &TensorFile, name: &str) -> Vec<f64> {
     }
 }
 
-fn network(model_name: &str, data: &Split, max_batch: usize) -> Network {
+fn network(model_name: &str, data: &Dataset, max_batch: usize) -> Network {
     let spec = model::preset(model_name).expect("preset");
-    let input = model::resolve_input(&spec, Some(&[1, data.train.rows, data.train.cols]))
+    let input = model::resolve_input(&spec, Some(&[data.channels, data.rows, data.cols]))
         .expect("input shape");
     Network::build(&spec, &input, 0, max_batch, 1).expect("network builds")
 }
 
-#[test]
-fn pytorch_gradient_and_eval_cases() {
-    let Some(dir) = grad_dir() else {
-        skip("../shared/reference/grad not present; whole-network gradient cases");
-        return;
+/// The batch of a `synthetic` case: `x` (F32, N x C x H x W, used as it is) and `labels` (I64).
+fn synthetic_batch(path: &Path) -> Dataset {
+    let f = TensorFile::read(path).unwrap_or_else(|e| panic!("{e}"));
+    let shape = f.shape("x").expect("x").to_vec();
+    assert_eq!(shape.len(), 4, "{}: x has shape {shape:?}", path.display());
+    let labels = match f.tensors.get("labels") {
+        Some((_, Loaded::I64(v))) => v.iter().map(|&l| l as u8).collect(),
+        _ => panic!("{}: labels missing or not I64", path.display()),
     };
+    let x = f.f32s("x").expect("x is F32");
+    Dataset::new(Pixels::F32(x), labels, [shape[1], shape[2], shape[3]], 10).expect("batch")
+}
+
+/// Sets every parameter that `spec` names (`{"name": {"seed", "scale", "offset"}}`) to
+/// `common::Lcg(seed).vec_f32(numel, scale, offset)` in PyTorch's row-major layout, through a
+/// checkpoint, as the cases' script does.
+fn xorshift_init(net: &mut Network, spec: &serde_json::Map<String, serde_json::Value>) {
+    let mut entries = checkpoint::state_entries(net);
+    let mut set = 0;
+    for (name, _, shape, bytes) in entries.iter_mut() {
+        let Some(s) = spec.get(name.as_str()) else {
+            continue;
+        };
+        let n: usize = shape.iter().product();
+        assert_eq!(bytes.len(), 4 * n, "{name} is not a float tensor");
+        let values = common::Lcg(s["seed"].as_u64().expect("seed")).vec_f32(
+            n,
+            s["scale"].as_f64().expect("scale"),
+            s["offset"].as_f64().expect("offset"),
+        );
+        *bytes = checkpoint::f32_bytes(&values);
+        set += 1;
+    }
+    assert_eq!(
+        set,
+        spec.len(),
+        "init_xorshift names tensors the network lacks"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("init.safetensors");
+    checkpoint::write_entries(&path, &entries, checkpoint::model_metadata(net)).unwrap();
+    checkpoint::load(net, &path).expect("generated init loads");
+}
+
+/// Runs every case of `dir/cases.json`; returns how many ran.
+fn run_cases(dir: &Path) -> usize {
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut failures = Vec::new();
     let mut passed = 0;
     for (name, case) in cases.as_object().expect("cases.json is an object") {
         let get = |k: &str| case.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        let data = match get("data") {
-            "mnist" => mnist(),
-            "fashion-mnist" => fashion(),
+        let synthetic;
+        let (train, split) = match get("data") {
+            "synthetic" => {
+                synthetic = synthetic_batch(&dir.join(get("batch")));
+                (Some(&synthetic), None)
+            }
+            "mnist" | "fashion-mnist" => {
+                let split = if get("data") == "mnist" {
+                    mnist()
+                } else {
+                    fashion()
+                };
+                (split.map(|s| &s.train), split)
+            }
             other => panic!("{name}: unknown data set {other}"),
         };
-        let Some(data) = data else {
+        let Some(train) = train else {
             skip(&format!("{name}: data set {} not present", get("data")));
             continue;
         };
         if let Some(norm) = case.get("norm").and_then(|v| v.as_str()) {
-            println!("{name}: SKIPPED (needs --norm {norm}: the normalizers issue)");
+            common::skip_optional(&format!(
+                "{name}: needs --norm {norm} (the normalizers issue)"
+            ));
             continue;
         }
         match get("kind") {
@@ -106,10 +148,18 @@ fn pytorch_gradient_and_eval_cases() {
                 let batch = case["batch_size"].as_u64().unwrap() as usize;
                 let offset = case["offset"].as_u64().unwrap_or(0) as usize;
                 let tol = case["tolerance_rel_l2"].as_f64().unwrap();
-                let mut net = network(get("model"), data, batch);
-                checkpoint::load(&mut net, &dir.join(get("init"))).expect("init loads");
+                let mut net = network(get("model"), train, batch);
                 let expected = TensorFile::read(&dir.join(get("expected"))).unwrap();
-                let (loss, grads) = gradients(&mut net, &data.train, offset, batch).unwrap();
+                match case.get("init_xorshift").and_then(|v| v.as_object()) {
+                    Some(spec) => {
+                        for n in expected.tensors.keys().filter(|k| *k != "loss") {
+                            assert!(spec.contains_key(n), "{name}: no init_xorshift for '{n}'");
+                        }
+                        xorshift_init(&mut net, spec);
+                    }
+                    None => checkpoint::load(&mut net, &dir.join(get("init"))).expect("init loads"),
+                }
+                let (loss, grads) = gradients(&mut net, train, offset, batch).unwrap();
                 let want_loss = floats(&expected, "loss")[0];
                 let mut worst = (
                     "loss".to_string(),
@@ -155,8 +205,9 @@ fn pytorch_gradient_and_eval_cases() {
                 }
             }
             "eval" => {
+                let data = split.expect("eval cases need a data set's test split");
                 let want = case["test_correct"].as_u64().unwrap() as i64;
-                let mut net = network(get("model"), data, 500);
+                let mut net = network(get("model"), &data.train, 500);
                 checkpoint::load(&mut net, &dir.join(get("weights"))).expect("weights load");
                 let mut ev = Evaluator::new(500, data.test.features());
                 let got = ev
@@ -178,5 +229,23 @@ fn pytorch_gradient_and_eval_cases() {
         }
     }
     assert!(failures.is_empty(), "failed cases: {failures:?}");
-    assert!(passed > 0, "no case ran");
+    passed
+}
+
+#[test]
+fn committed_gradient_cases() {
+    let ran = run_cases(&common::committed_reference_dir().join("grad"));
+    assert!(ran >= 2, "only {ran} committed gradient cases ran");
+}
+
+#[test]
+fn pytorch_gradient_and_eval_cases() {
+    let Some(dir) = shared_grad_dir() else {
+        skip(
+            "../shared/reference/grad ($BNLAB_REFERENCE_DIR/grad) not present; its whole-network \
+             gradient cases (the committed ones in tests/data/reference/grad ran)",
+        );
+        return;
+    };
+    assert!(run_cases(&dir) > 0, "no case ran");
 }

@@ -40,29 +40,15 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     }
 }
 
-fn require_data() -> bool {
-    std::env::var_os("BNLAB_REQUIRE_DATA").is_some_and(|v| v == "1")
-}
-
 fn fashion_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(bnlab::data::FASHION_SYSTEM_DIR);
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        !require_data(),
-        "BNLAB_REQUIRE_DATA=1 but Fashion-MNIST is missing"
-    );
-    println!("SKIPPED: Fashion-MNIST not present");
-    None
+    common::fashion_or_skip()
 }
 
 fn fashion() -> Option<&'static Split> {
     static DATA: OnceLock<Option<Split>> = OnceLock::new();
     DATA.get_or_init(|| {
-        let d = PathBuf::from(bnlab::data::FASHION_SYSTEM_DIR);
-        d.is_dir()
-            .then(|| bnlab::data::fashion_mnist(Some(&d)).expect("Fashion-MNIST loads"))
+        common::fashion_dir()
+            .map(|d| bnlab::data::fashion_mnist(Some(&d)).expect("Fashion-MNIST loads"))
     })
     .as_ref()
 }
@@ -280,12 +266,12 @@ fn summary_counts_parameters_as_pytorch() {
         .replace(',', "")
         .parse()
         .unwrap();
-    let Some(shared) = common::shared_dir() else {
-        println!("SKIPPED: ../shared absent; parameter count not compared with PyTorch");
+    let Some(reference) = common::shared_reference_dir() else {
+        common::skip("../shared/reference absent; parameter count not compared with PyTorch");
         return;
     };
     let grads =
-        TensorFile::read(&shared.join("reference/grad/resnet20_bn_grad.grad.safetensors")).unwrap();
+        TensorFile::read(&reference.join("grad/resnet20_bn_grad.grad.safetensors")).unwrap();
     let torch: usize = grads
         .tensors
         .iter()
@@ -463,8 +449,7 @@ fn a_user_written_resnet_trains_folds_and_exports() {
         .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
     assert!(worst <= 1e-4 * scale, "folded logits differ by {worst}");
 
-    let Some(python) = std::env::var_os("BNLAB_ONNX_PYTHON") else {
-        println!("SKIPPED: BNLAB_ONNX_PYTHON not set; onnxruntime check");
+    let Some(python) = common::onnx_python_or_skip() else {
         return;
     };
     let preds = bnlab::train::predictions(&mut bn, &data.test).unwrap();

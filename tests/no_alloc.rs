@@ -50,8 +50,7 @@ fn assert_steps_allocate_nothing(
     steps: usize,
 ) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(dir) = common::mnist_dir() else {
-        eprintln!("note: MNIST not present; skipped");
+    let Some(dir) = common::mnist_or_skip() else {
         return;
     };
     // The inception-mini presets take 28x28 grey images: MNIST's shape.

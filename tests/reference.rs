@@ -1,22 +1,19 @@
-//! Golden tests against PyTorch: every batch-normalization case file found in
-//! `$BNLAB_REFERENCE_DIR` (default `../shared/reference`, made with PyTorch's
-//! `torch.nn.functional.batch_norm`; see its README for the format). Expected values there are
-//! f64 computed from the stored f32 inputs; the measure is max|G - E| / max(1, max|E|) and a
-//! correct float32 implementation stays at or below 1e-4 on every tensor.
+//! Golden tests against PyTorch: every batch-normalization case file of
+//! `tests/data/reference` (the project's own, made by tests/data/make_reference.py; always run)
+//! and of `$BNLAB_REFERENCE_DIR` (default `../shared/reference`, the larger set; skipped when
+//! absent), made with PyTorch's `torch.nn.functional.batch_norm` (see
+//! tests/data/reference/README.md for the format). Expected values are f64 computed from the
+//! stored f32 inputs; the measure is max|G - E| / max(1, max|E|) and a correct float32
+//! implementation stays at or below 1e-4 on every tensor.
+
+mod common;
 
 use bnlab::checkpoint::TensorFile;
 use bnlab::kernels::batch_norm::RunningAverage;
 use bnlab::nn::{BatchNorm, Ctx, Layer, Mode};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const TOLERANCE: f64 = 1e-4;
-
-fn reference_dir() -> PathBuf {
-    match std::env::var_os("BNLAB_REFERENCE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    }
-}
 
 fn err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
@@ -123,10 +120,9 @@ fn run_case(path: &std::path::Path) -> Vec<(String, f64)> {
     out
 }
 
-#[test]
-fn reference_cases() {
-    let dir = reference_dir();
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Runs every case of `dir`, printing each one's worst error; fails on any over the tolerance.
+fn run_cases(dir: &Path) {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reference dir {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -153,4 +149,20 @@ fn reference_cases() {
         }
     }
     assert!(failures.is_empty(), "cases over {TOLERANCE}: {failures:?}");
+}
+
+#[test]
+fn committed_reference_cases() {
+    run_cases(&common::committed_reference_dir());
+}
+
+#[test]
+fn shared_reference_cases() {
+    match common::shared_reference_dir() {
+        Some(dir) => run_cases(&dir),
+        None => common::skip(
+            "the PyTorch reference cases of ../shared/reference ($BNLAB_REFERENCE_DIR) are not \
+             present; the committed ones in tests/data/reference ran",
+        ),
+    }
 }

@@ -1,4 +1,5 @@
-//! End-to-end cases made with PyTorch (`../shared/reference/replay`, see its README): K SGD steps
+//! End-to-end cases made with PyTorch (`../shared/reference/replay`, or
+//! `$BNLAB_REFERENCE_DIR/replay`; see ../shared/reference/README.md): K SGD steps
 //! from a PyTorch checkpoint on sequential MNIST batches must end where PyTorch ended, tensor by
 //! tensor (relative L2 error at most the case's tolerance, `num_batches_tracked` exactly), and a
 //! PyTorch-trained checkpoint must classify PyTorch's count of test images correctly. Also: the
@@ -18,11 +19,8 @@ use std::sync::OnceLock;
 fn fashion() -> Option<&'static Split> {
     static DATA: OnceLock<Option<Split>> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::env::var_os("BNLAB_FASHION_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| bnlab::data::FASHION_SYSTEM_DIR.into());
-        dir.is_dir()
-            .then(|| bnlab::data::fashion_mnist(Some(&dir)).expect("Fashion-MNIST loads"))
+        common::fashion_dir()
+            .map(|d| bnlab::data::fashion_mnist(Some(&d)).expect("Fashion-MNIST loads"))
     })
     .as_ref()
 }
@@ -75,11 +73,17 @@ fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
 
 #[test]
 fn pytorch_replay_cases() {
-    let (Some(shared), Some(data)) = (common::shared_dir(), mnist()) else {
-        eprintln!("note: ../shared not present; PyTorch replay cases skipped");
+    let Some(dir) = common::shared_reference_dir()
+        .map(|d| d.join("replay"))
+        .filter(|d| d.join("cases.json").is_file())
+    else {
+        common::skip("../shared/reference/replay not present; PyTorch replay cases");
         return;
     };
-    let dir = shared.join("reference/replay");
+    let Some(data) = mnist() else {
+        common::skip("MNIST not present; PyTorch replay cases");
+        return;
+    };
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut ran = 0;
@@ -91,7 +95,7 @@ fn pytorch_replay_cases() {
                 Some(d) => d,
                 None => {
                     // .ci/run installs it; elsewhere: apt-get install dataset-fashion-mnist
-                    println!("{name}: Fashion-MNIST not installed, skipped");
+                    common::skip(&format!("{name}: Fashion-MNIST not present"));
                     continue;
                 }
             },
@@ -178,7 +182,7 @@ fn state_bytes(net: &mut Network) -> Vec<u8> {
 #[test]
 fn same_seed_and_threads_give_bit_identical_results() {
     let Some(data) = mnist() else {
-        eprintln!("note: MNIST not present; skipped");
+        common::skip("MNIST not present");
         return;
     };
     for preset in ["mlp-fig1", "mlp-fig1-bn"] {

@@ -3,10 +3,12 @@
 //! checked for structure and internal consistency. The paper's claims are not asserted: the
 //! quick budget is far too small for them (the default run's summary.md evaluates them).
 //!
-//! Needs Fashion-MNIST in /usr/share/datasets/fashion-mnist (or `$BNLAB_DATA/fashion-mnist`);
-//! `.ci/run` installs it (`apt-get install dataset-fashion-mnist`).
+//! Needs Fashion-MNIST (see `common::fashion_dir`: /usr/share/datasets/fashion-mnist,
+//! `$BNLAB_DATA/fashion-mnist` or ./data/fashion-mnist); `.ci/run` installs it (`apt-get install
+//! dataset-fashion-mnist`). Without it the test reports itself skipped.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
 const NAMES: [&str; 7] = [
@@ -19,20 +21,6 @@ const NAMES: [&str; 7] = [
     "Inception-Sigmoid",
 ];
 
-fn fashion_dir() -> PathBuf {
-    let dir = match std::env::var_os("BNLAB_DATA").filter(|v| !v.is_empty()) {
-        Some(base) => PathBuf::from(base).join("fashion-mnist"),
-        None => PathBuf::from(bnlab::data::mnist::FASHION_SYSTEM_DIR),
-    };
-    assert!(
-        dir.join("train-images-idx3-ubyte.gz").exists()
-            || dir.join("train-images-idx3-ubyte").exists(),
-        "Fashion-MNIST is not in {} (install it: apt-get install dataset-fashion-mnist)",
-        dir.display()
-    );
-    dir
-}
-
 fn num(v: &serde_json::Value, what: &str) -> f64 {
     v.as_f64()
         .unwrap_or_else(|| panic!("{what} is not a number: {v}"))
@@ -40,7 +28,9 @@ fn num(v: &serde_json::Value, what: &str) -> f64 {
 
 #[test]
 fn quick_reproduction_writes_a_consistent_report() {
-    let data = fashion_dir();
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("inception");
     let t = std::time::Instant::now();

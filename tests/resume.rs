@@ -57,8 +57,7 @@ fn tensors(p: &Path) -> Vec<(String, Vec<u64>)> {
 
 #[test]
 fn killed_and_resumed_runs_end_bit_identical() {
-    let Some(data) = common::mnist_dir() else {
-        eprintln!("note: MNIST not present; skipped");
+    let Some(data) = common::mnist_or_skip() else {
         return;
     };
     let data = data.to_str().unwrap();
@@ -134,7 +133,7 @@ fn resume_refuses_what_it_cannot_continue() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("no run to resume"), "{err}");
-    let Some(data) = common::mnist_dir() else {
+    let Some(data) = common::mnist_or_skip() else {
         return;
     };
     let data = data.to_str().unwrap();

@@ -2,9 +2,12 @@
 #![allow(dead_code)]
 
 use bnlab::nn::{Ctx, Layer, Mode};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// `../shared` next to the project (or `$BNLAB_SHARED_DIR`), if present.
+/// `../shared` next to the project (or `$BNLAB_SHARED_DIR`), if present. Every path into
+/// ../shared goes through this (or through `$BNLAB_REFERENCE_DIR`, see
+/// [`shared_reference_dir`]), so that `BNLAB_SHARED_DIR=/nonexistent
+/// BNLAB_REFERENCE_DIR=/nonexistent cargo test --release` runs the suite as a fresh clone would.
 pub fn shared_dir() -> Option<PathBuf> {
     let dir = match std::env::var_os("BNLAB_SHARED_DIR") {
         Some(d) => PathBuf::from(d),
@@ -13,9 +16,144 @@ pub fn shared_dir() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// The PyTorch reference cases of ../shared (`$BNLAB_REFERENCE_DIR`, default
+/// `../shared/reference`), if present: the larger sets, in addition to the committed ones.
+pub fn shared_reference_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("BNLAB_REFERENCE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => shared_dir()?.join("reference"),
+    };
+    dir.is_dir().then_some(dir)
+}
+
+/// The PyTorch reference cases the project carries (made by tests/data/make_reference.py, in
+/// the layout of ../shared/reference): always present.
+pub fn committed_reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/reference")
+}
+
+/// True when `dir` holds the four files of the MNIST layout, each plain or gzipped.
+pub fn holds_idx_set(dir: &Path) -> bool {
+    bnlab::data::MNIST_FILES
+        .iter()
+        .all(|n| dir.join(n).is_file() || dir.join(format!("{n}.gz")).is_file())
+}
+
+/// The first of `$BNLAB_DATA/NAME` and `./data/NAME` (where the command line looks, and
+/// downloads to) that holds the four IDX files.
+fn user_data_dir(name: &str) -> Option<PathBuf> {
+    let mut places = Vec::new();
+    if let Some(base) = std::env::var_os("BNLAB_DATA").filter(|v| !v.is_empty()) {
+        places.push(PathBuf::from(base).join(name));
+    }
+    places.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("data")
+            .join(name),
+    );
+    places.into_iter().find(|d| holds_idx_set(d))
+}
+
+/// MNIST where users put it: `$BNLAB_DATA/mnist`, `./data/mnist`, then
+/// `../shared/datasets/mnist`; the first that holds the four IDX files.
 pub fn mnist_dir() -> Option<PathBuf> {
-    let d = shared_dir()?.join("datasets/mnist");
-    d.is_dir().then_some(d)
+    user_data_dir("mnist").or_else(|| {
+        let d = shared_dir()?.join("datasets/mnist");
+        holds_idx_set(&d).then_some(d)
+    })
+}
+
+/// Writes a small data set in MNIST's layout (28x28 grey images of noise, labels 0..9, plain
+/// IDX files) into `dir`, for tests of the command line that need data but not MNIST's.
+pub fn synthetic_mnist(dir: &Path, n_train: usize, n_test: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Lcg(0x5eed_1234_abcd_0001);
+    let mut bytes = |n: usize, modulo: f64| -> Vec<u8> {
+        (0..n)
+            .map(|_| ((rng.next() + 1.0) / 2.0 * modulo) as u8)
+            .collect()
+    };
+    let [ti, tl, vi, vl] = bnlab::data::MNIST_FILES;
+    let write = |name: &str, dims: &[usize], data: &[u8]| {
+        bnlab::data::write_idx(&dir.join(name), dims, data, false).unwrap()
+    };
+    write(ti, &[n_train, 28, 28], &bytes(n_train * 784, 256.0));
+    write(tl, &[n_train], &bytes(n_train, 10.0));
+    write(vi, &[n_test, 28, 28], &bytes(n_test * 784, 256.0));
+    write(vl, &[n_test], &bytes(n_test, 10.0));
+}
+
+/// Fashion-MNIST: `$BNLAB_FASHION_DIR` when set (and then only there), else
+/// `$BNLAB_DATA/fashion-mnist`, `./data/fashion-mnist`, then the Debian package's
+/// /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`).
+pub fn fashion_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("BNLAB_FASHION_DIR") {
+        let d = PathBuf::from(d);
+        return holds_idx_set(&d).then_some(d);
+    }
+    user_data_dir("fashion-mnist").or_else(|| {
+        let d = PathBuf::from(bnlab::data::FASHION_SYSTEM_DIR);
+        holds_idx_set(&d).then_some(d)
+    })
+}
+
+/// True when `BNLAB_REQUIRE_DATA=1`: `.ci/run` sets it when ../shared and Fashion-MNIST are
+/// present, and then a test that would skip for missing data fails instead.
+pub fn require_data() -> bool {
+    std::env::var_os("BNLAB_REQUIRE_DATA").is_some_and(|v| v == "1")
+}
+
+/// Reports that a test, or part of one, did not run because data is missing: fails under
+/// `BNLAB_REQUIRE_DATA=1`, else prints `SKIPPED: <test>: <what>`.
+pub fn skip(what: &str) {
+    assert!(!require_data(), "BNLAB_REQUIRE_DATA=1 but {what}");
+    skip_optional(what);
+}
+
+/// As [`skip`], for something CI does not promise (onnxruntime, which `.ci/run` installs when
+/// PyPI answers): never fails. The line goes to the process's stdout directly, past the test
+/// harness's capture, so that `cargo test` shows it without `--nocapture` (a `println!` of a
+/// passing test is swallowed) and `cargo test --release 2>&1 | grep SKIPPED:` lists them all.
+pub fn skip_optional(what: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(|n| format!("{n}: "))
+        .unwrap_or_default();
+    // After a line break: with one test thread the harness has written "test name ... " and
+    // waits for the result on the same line.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nSKIPPED: {test}{what}");
+    let _ = out.flush();
+}
+
+/// MNIST's directory, or `None` after reporting the skip (see [`mnist_dir`]).
+pub fn mnist_or_skip() -> Option<PathBuf> {
+    let d = mnist_dir();
+    if d.is_none() {
+        skip("MNIST not present ($BNLAB_DATA/mnist, ./data/mnist or ../shared/datasets/mnist)");
+    }
+    d
+}
+
+/// Fashion-MNIST's directory, or `None` after reporting the skip (see [`fashion_dir`]).
+pub fn fashion_or_skip() -> Option<PathBuf> {
+    let d = fashion_dir();
+    if d.is_none() {
+        skip("Fashion-MNIST not present (apt-get install dataset-fashion-mnist)");
+    }
+    d
+}
+
+/// `$BNLAB_ONNX_PYTHON` (a Python with onnxruntime and numpy), or `None` after reporting the
+/// skip; `.ci/run` sets it when it could install onnxruntime.
+pub fn onnx_python_or_skip() -> Option<String> {
+    let p = std::env::var_os("BNLAB_ONNX_PYTHON").map(|p| p.to_string_lossy().into_owned());
+    if p.is_none() {
+        skip_optional("BNLAB_ONNX_PYTHON not set; onnxruntime check");
+    }
+    p
 }
 
 /// Deterministic pseudo-random numbers in [-1, 1) (xorshift), so tests need no RNG crate.
