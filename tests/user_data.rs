@@ -399,3 +399,91 @@ fn odd_sizes_get_clear_answers() {
         &["Algorithm 2 needs at least one mini-batch of 100", "has 64"],
     );
 }
+
+/// Output paths are checked before any work, and a missing directory is refused (naming the
+/// path given) rather than created; a run started with a relative `--data` resumes from any
+/// directory.
+#[test]
+fn output_paths_and_relative_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npz = npz_file(tmp.path());
+    let d = npz.to_str().unwrap();
+    let missing = tmp.path().join("no-such-dir/w.safetensors");
+    fails_with(
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            d,
+            "--steps",
+            "3",
+            "--save",
+            missing.to_str().unwrap(),
+        ],
+        &["no-such-dir/w.safetensors", "does not exist"],
+    );
+    assert!(
+        !tmp.path().join("no-such-dir").exists(),
+        "a directory was created"
+    );
+    let w = tmp.path().join("w.safetensors");
+    ok(&[
+        "train",
+        "--model",
+        "mlp-fig1",
+        "--data",
+        d,
+        "--steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--save",
+        w.to_str().unwrap(),
+    ]);
+    let out = tmp.path().join("no-such-dir/m.onnx");
+    fails_with(
+        &[
+            "export",
+            "--model",
+            "mlp-fig1",
+            "--weights",
+            w.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["no-such-dir/m.onnx", "does not exist"],
+    );
+    // Relative --data, resumed from another working directory.
+    let o = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .current_dir(tmp.path())
+        .args([
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            "mine.npz",
+            "--steps",
+            "4",
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "2",
+            "--out",
+            "run",
+        ])
+        .env_remove("BNLAB_DATA")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = tmp.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .current_dir("/")
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .env_remove("BNLAB_DATA")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("at step 4 of 4"), "{err}");
+}
