@@ -3,17 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use common::{bnlab, fails_with};
 
-fn bnlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bnlab"))
-        .args(args)
-        .env_remove("BNLAB_DATA")
-        .env_remove("BNLAB_MNIST_MIRROR")
-        .output()
-        .expect("bnlab runs")
-}
+use std::path::Path;
+use std::process::Output;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -21,17 +14,6 @@ fn stderr(o: &Output) -> String {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Fails with a message containing every one of `needles`, and without a panic.
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = bnlab(args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
-    }
 }
 
 #[test]

@@ -6,39 +6,16 @@
 
 mod common;
 
+use common::{fails_with, ok};
+
 use bnlab::checkpoint::{self, Loaded, TensorFile};
 use bnlab::data::Split;
 use bnlab::model::{self, ModelSpec};
 use bnlab::network::Network;
 use bnlab::nn::Mode;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
-
-fn bnlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bnlab"))
-        .args(args)
-        .env_remove("BNLAB_DATA")
-        .output()
-        .expect("bnlab runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = bnlab(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{args:?} failed: {err}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = bnlab(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
-    }
-}
 
 fn fashion_dir() -> Option<PathBuf> {
     common::fashion_or_skip()

@@ -5,37 +5,11 @@
 
 mod common;
 
+use common::{bnlab, fails_with, ok};
+
 use bnlab::checkpoint::{self, TensorFile};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bnlab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bnlab"))
-        .args(args)
-        .env_remove("BNLAB_DATA")
-        .output()
-        .expect("bnlab runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = bnlab(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let o = bnlab(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
-    }
-}
+use std::process::Command;
 
 /// Pseudo-random bytes from a seed.
 fn bytes(n: usize, mut s: u64) -> Vec<u8> {

@@ -303,3 +303,35 @@ pub fn zip_of(members: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
     }
     w.finish().unwrap().into_inner()
 }
+
+/// Runs the `bnlab` binary with `args`, without the user's data and mirror settings.
+pub fn bnlab(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args)
+        .env_remove("BNLAB_DATA")
+        .env_remove("BNLAB_MNIST_MIRROR")
+        .output()
+        .expect("bnlab runs")
+}
+
+/// Runs `bnlab args`, which must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = bnlab(args);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `bnlab args` fails, without a panic, with a message containing every one of `needles`.
+pub fn fails_with(args: &[&str], needles: &[&str]) {
+    let o = bnlab(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
+    }
+}
