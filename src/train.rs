@@ -248,6 +248,7 @@ pub struct Probe {
 /// Buffers for evaluating in batches, sized once.
 pub struct Evaluator {
     batch: usize,
+    mode: Mode,
     x: Vec<f32>,
     y: Vec<usize>,
     indices: Vec<usize>,
@@ -258,15 +259,24 @@ impl Evaluator {
     pub fn new(batch: usize, features: usize) -> Self {
         Evaluator {
             batch,
+            mode: Mode::Eval,
             x: vec![0.0; batch * features],
             y: vec![0; batch],
             indices: vec![0; batch],
         }
     }
 
+    /// Normalize every batch with its own statistics instead of the inference statistics
+    /// (BN as in training, but nothing is updated and dropout is off): the diagnosis for a
+    /// network whose running statistics do not describe its last weights.
+    pub fn with_batch_statistics(mut self) -> Self {
+        self.mode = Mode::Population;
+        self
+    }
+
     /// The one inference loop: examples `0..limit` of `data` (all without a limit) in file
     /// order, in batches of at most this evaluator's batch and the network's largest, forward
-    /// in inference mode; `f` gets the network (its last logits, `n x classes`, and every
+    /// in inference mode (or with batch statistics, see `with_batch_statistics`); `f` gets the network (its last logits, `n x classes`, and every
     /// layer's output), the first example's index, the batch size and the labels.
     pub fn for_each_batch(
         &mut self,
@@ -283,7 +293,7 @@ impl Evaluator {
                 *ix = start + j;
             }
             data.fill_batch(&self.indices[..n], &mut self.x, &mut self.y);
-            net.forward(&self.x, n, Mode::Eval)?;
+            net.forward(&self.x, n, self.mode)?;
             f(net, start, n, &self.y[..n])?;
             start += n;
         }
@@ -769,4 +779,61 @@ pub fn train_loop(
         observer.after_step(net, trainer, l, loss, evaluate)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Pixels;
+    use crate::nn::TensorMut;
+
+    /// Evaluating with batch statistics normalizes each batch as training does, and changes
+    /// no state: the running statistics and the eval-mode results stay as they were.
+    #[test]
+    fn batch_statistics_evaluation_changes_nothing() {
+        let n = 24;
+        let pixels: Vec<f32> = (0..n * 784)
+            .map(|i| 50.0 + ((i * 7919) % 101) as f32 * 0.03)
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let data = Dataset::new(Pixels::F32(pixels), labels, [1, 28, 28], 10).unwrap();
+        let mut net = Network::preset("mlp-fig1-bn", 3, 8, 1).unwrap();
+        let state = |net: &mut Network| {
+            let mut all = Vec::new();
+            net.visit_state(&mut |_, _, t| match t {
+                TensorMut::F32(v) | TensorMut::F32T(v) => all.extend(v.iter().map(|x| x.to_bits())),
+                TensorMut::I64(v) => all.push(*v as u32),
+            });
+            all
+        };
+        let before = state(&mut net);
+        let eval = |net: &mut Network| Evaluator::new(8, 784).evaluate(net, &data, None, None);
+        let running = eval(&mut net).unwrap();
+        let batch = Evaluator::new(8, 784)
+            .with_batch_statistics()
+            .evaluate(&mut net, &data, None, None)
+            .unwrap();
+        assert_eq!(state(&mut net), before, "no state changed");
+        assert_eq!(eval(&mut net).unwrap().loss, running.loss);
+        // Inputs near 50 with fresh running statistics (mean 0, variance 1) saturate the
+        // sigmoids in eval mode; the batch's own statistics do not.
+        assert_ne!(batch.loss, running.loss);
+        // The last batch, as training mode sees it.
+        let mut x = vec![0.0; 8 * 784];
+        let mut y = vec![0; 8];
+        data.fill_batch(&(16..24).collect::<Vec<_>>(), &mut x, &mut y);
+        net.forward(&x, 8, Mode::Population).unwrap();
+        let want = net.last_logits(8).to_vec();
+        let mut got = Vec::new();
+        Evaluator::new(8, 784)
+            .with_batch_statistics()
+            .for_each_batch(&mut net, &data, None, &mut |net, start, n, _| {
+                if start == 16 {
+                    got = net.last_logits(n).to_vec();
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(got, want);
+    }
 }

@@ -310,6 +310,8 @@ struct Outcome {
     diverged: Option<(usize, String)>,
     /// Accuracy on the whole test set at the end (`None` after a divergence).
     test_accuracy: Option<f64>,
+    /// The same with every test batch normalized by its own statistics (BN networks only).
+    test_accuracy_batch_stats: Option<f64>,
     probabilities: Option<Vec<f32>>,
     train_seconds: f64,
 }
@@ -576,6 +578,18 @@ fn run_job(
         }
         (None, None)
     };
+    let test_accuracy_batch_stats = match test_accuracy {
+        Some(_) if net.has_batch_norm() => Some(
+            Evaluator::new(
+                setup.eval_batch.min(net.max_batch()).max(1),
+                data.test.features(),
+            )
+            .with_batch_statistics()
+            .evaluate(&mut net, &data.test, None, None)?
+            .accuracy(),
+        ),
+        _ => None,
+    };
     progress(
         diverged.as_ref().map_or(setup.steps, |d| d.0),
         test_accuracy.or(curve.last().map(|p| p.test_accuracy)),
@@ -586,6 +600,7 @@ fn run_job(
         curve,
         diverged,
         test_accuracy,
+        test_accuracy_batch_stats,
         probabilities: probs,
         train_seconds,
     })
@@ -671,6 +686,7 @@ fn variant_of(
         diverged: outcome.diverged.is_some(),
         diverged_at: outcome.diverged.as_ref().map(|d| d.0),
         final_test_accuracy: outcome.test_accuracy,
+        final_test_accuracy_batch_stats: outcome.test_accuracy_batch_stats,
         train_seconds: outcome.train_seconds,
     }
 }

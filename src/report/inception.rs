@@ -67,6 +67,9 @@ pub struct InceptionVariant {
     pub diverged_at: Option<usize>,
     /// Accuracy on the whole test set at the end; `None` for a diverged run.
     pub final_test_accuracy: Option<f64>,
+    /// The same with every test batch normalized by its own statistics instead of the running
+    /// ones (BN variants only): a diagnosis, not a result.
+    pub final_test_accuracy_batch_stats: Option<f64>,
     /// Wall-clock seconds of training.
     pub train_seconds: f64,
 }
@@ -212,6 +215,7 @@ fn results_json(report: &InceptionReport) -> serde_json::Value {
                     "diverged": v.diverged,
                     "diverged_at": v.diverged_at,
                     "final_test_accuracy": v.final_test_accuracy,
+                    "final_test_accuracy_batch_stats": v.final_test_accuracy_batch_stats,
                     "preset": v.preset,
                     "lr": v.lr,
                     "weight_decay": v.weight_decay,
@@ -504,6 +508,54 @@ fn figure_table(s: &mut String, report: &InceptionReport) {
         "\nThe paper's numbers are ImageNet top-1 validation accuracy of a single crop after \
          millions of steps; ours are Fashion-MNIST test accuracy after the budget above.\n"
     );
+    for note in statistics_notes(report) {
+        let _ = writeln!(s, "{note}\n");
+    }
+}
+
+/// A BN variant whose final accuracy with running statistics falls this far (fraction) below
+/// its accuracy with each test batch's own statistics gets a note.
+const STATISTICS_GAP: f64 = 0.10;
+
+/// Chance accuracy on the study's data set (Fashion-MNIST: ten balanced classes).
+const CHANCE: f64 = 0.10;
+
+/// Notes on BN variants whose final accuracy is poor (below chance, or far below what the same
+/// weights give with every test batch normalized by its own statistics): whether BN's running
+/// statistics or the training itself is the cause.
+pub(super) fn statistics_notes(report: &InceptionReport) -> Vec<String> {
+    report
+        .variants
+        .iter()
+        .filter_map(|v| {
+            let running = v.final_test_accuracy?;
+            let batch = v.final_test_accuracy_batch_stats?;
+            if batch - running >= STATISTICS_GAP {
+                Some(format!(
+                    "**{}: a train/inference discrepancy.** Its final accuracy is {} with BN's \
+                     running statistics but {} when every test batch is normalized by its own \
+                     statistics, as in training: the running averages do not describe the \
+                     network's last weights. Algorithm 2's population statistics over the final \
+                     weights (`bnlab eval --bn-stats population`) are the remedy to try.",
+                    v.name,
+                    fmt_percent(running),
+                    fmt_percent(batch)
+                ))
+            } else if running < CHANCE {
+                Some(format!(
+                    "**{}: below chance ({}), and not because of the running statistics:** with \
+                     every test batch normalized by its own statistics the same weights give {}. \
+                     The training itself failed at this learning rate and step budget (compare \
+                     the same variant in the full study).",
+                    v.name,
+                    fmt_percent(running),
+                    fmt_percent(batch)
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 fn ensemble_section(s: &mut String, report: &InceptionReport) {
@@ -703,4 +755,68 @@ fn paper_checks(report: &InceptionReport) -> Vec<Check> {
         ),
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(name: &str, running: Option<f64>, batch: Option<f64>) -> InceptionVariant {
+        InceptionVariant {
+            name: name.into(),
+            preset: "inception-mini-bn".into(),
+            lr: 0.1,
+            weight_decay: 0.0,
+            dropout: 0.0,
+            lr_factor_over_run: 1.0,
+            curve: Vec::new(),
+            max_accuracy: 0.5,
+            steps_to_baseline_max: None,
+            diverged: false,
+            diverged_at: None,
+            final_test_accuracy: running,
+            final_test_accuracy_batch_stats: batch,
+            train_seconds: 1.0,
+        }
+    }
+
+    /// The summary says which of BN's statistics or the training made a final accuracy poor,
+    /// and says nothing for healthy runs and runs without BN.
+    #[test]
+    fn poor_final_accuracies_are_explained() {
+        let report = |variants| InceptionReport {
+            setup: serde_json::json!({}),
+            setup_rows: Vec::new(),
+            lr0: 0.1,
+            sweep: Vec::new(),
+            variants,
+            ensemble: EnsembleResult {
+                members: 0,
+                seeds: Vec::new(),
+                usable_members: 0,
+                accuracy: None,
+                best_member_accuracy: None,
+                member_accuracies: Vec::new(),
+            },
+            wall_seconds: 1.0,
+        };
+        let notes = statistics_notes(&report(vec![
+            variant("Inception", Some(0.05), None),
+            variant("BN-x5", Some(0.85), Some(0.86)),
+            variant("BN-x30", Some(0.30), Some(0.80)),
+            variant("BN-x5-Sigmoid", Some(0.0056), Some(0.0069)),
+        ]));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("**BN-x30: a train/inference discrepancy"));
+        assert!(
+            notes[0].contains("30.00%") && notes[0].contains("80.00%"),
+            "{}",
+            notes[0]
+        );
+        assert!(notes[1].starts_with("**BN-x5-Sigmoid: below chance (0.56%), and not because"));
+        assert!(notes[1].contains("0.69%"), "{}", notes[1]);
+        let r = report(vec![variant("BN-x30", Some(0.30), Some(0.80))]);
+        let md = summary_md(&r);
+        assert!(md.contains(&notes[0]), "the note is in summary.md");
+    }
 }
