@@ -10,7 +10,7 @@ mod common;
 
 use bnlab::checkpoint::TensorFile;
 use bnlab::kernels::batch_norm::RunningAverage;
-use bnlab::nn::{BatchNorm, Ctx, Layer, Mode};
+use bnlab::nn::{BatchNorm, Ctx, Layer, Mode, Renorm};
 use std::path::{Path, PathBuf};
 
 const TOLERANCE: f64 = 1e-4;
@@ -36,7 +36,12 @@ fn to64(v: &[f32]) -> Vec<f64> {
 fn run_case(path: &std::path::Path) -> Vec<(String, f64)> {
     let f = TensorFile::read(path).unwrap_or_else(|e| panic!("{e}"));
     let meta = |k: &str| f.metadata.get(k).cloned().unwrap_or_default();
-    assert_eq!(meta("op"), "batch_norm", "{}: op", path.display());
+    let op = meta("op");
+    assert!(
+        op == "batch_norm" || op == "batch_renorm",
+        "{}: op {op}",
+        path.display()
+    );
     let mode = meta("mode");
     let eps: f32 = meta("eps").parse().expect("eps");
     let shape = f.shape("x").expect("x").to_vec();
@@ -65,6 +70,13 @@ fn run_case(path: &std::path::Path) -> Vec<(String, f64)> {
     }
     if let Some(v) = f.f32s("running_var_in") {
         bn.running_var = v;
+    }
+    if op == "batch_renorm" {
+        let limit = |k: &str| meta(k).parse::<f32>().unwrap_or_else(|_| panic!("{k}"));
+        bn.set_renorm(Some(Renorm {
+            rmax: limit("rmax"),
+            dmax: limit("dmax"),
+        }));
     }
     bn.reserve(n);
     let x = f.f32s("x").expect("x");

@@ -664,6 +664,71 @@ pub fn update_running(
     }
 }
 
+/// Update running mean and variance after a training step of ghost batch normalization
+/// (Hoffer et al. 2017), once per step from all its virtual batches: `means` and `vars` hold
+/// each virtual batch's mean and biased variance (`c` per batch, one batch after another) and
+/// `counts` its values per statistic. The step's statistics are the count-weighted averages of
+/// the batches' means and of their unbiased variances, so that every replica of a data-parallel
+/// run (each one virtual batch) can keep the same running statistics. With one batch this is
+/// [`update_running`] up to rounding.
+pub fn update_running_ghost(
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    means: &[f32],
+    vars: &[f32],
+    counts: &[usize],
+    avg: RunningAverage,
+    batches_tracked: i64,
+) {
+    let c = running_mean.len();
+    let factor = match avg {
+        RunningAverage::Exponential { momentum } => momentum as f64,
+        RunningAverage::Cumulative => 1.0 / batches_tracked.max(1) as f64,
+    };
+    let total: usize = counts.iter().sum();
+    for ch in 0..c {
+        let (mut mean, mut var) = (0.0f64, 0.0f64);
+        for (k, &m) in counts.iter().enumerate() {
+            let w = m as f64 / total as f64;
+            mean += w * means[k * c + ch] as f64;
+            var += w * (m as f64 / (m as f64 - 1.0)) * vars[k * c + ch] as f64;
+        }
+        let rm = running_mean[ch] as f64;
+        let rv = running_var[ch] as f64;
+        running_mean[ch] = ((1.0 - factor) * rm + factor * mean) as f32;
+        running_var[ch] = ((1.0 - factor) * rv + factor * var) as f32;
+    }
+}
+
+/// Batch renormalization's correction (Ioffe 2017, Algorithm 1), per feature, against the
+/// running statistics in PyTorch's convention: with `sigma_B = sqrt(batch_var + eps)` and
+/// `sigma = sqrt(running_var + eps)`, `r = clip(sigma_B / sigma, 1/rmax, rmax)` and
+/// `d = clip((mu_B - running_mean) / sigma, -dmax, dmax)`; the renormalized value is
+/// `xhat * r + d`. Computed in f64 (the batch mean to its two-f32 precision), rounded once.
+/// With `rmax = 1` and `dmax = 0`, `r = 1` and `d = 0` exactly: batch normalization.
+#[allow(clippy::too_many_arguments)]
+pub fn renorm_factors(
+    batch_mean: &[f32],
+    batch_mean_lo: &[f32],
+    batch_var: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    rmax: f32,
+    dmax: f32,
+    r: &mut [f32],
+    d: &mut [f32],
+) {
+    let (rmax, dmax, eps) = (rmax as f64, dmax as f64, eps as f64);
+    for ch in 0..r.len() {
+        let sigma_b = (batch_var[ch] as f64 + eps).sqrt();
+        let sigma = (running_var[ch] as f64 + eps).sqrt();
+        let mu_b = batch_mean[ch] as f64 + batch_mean_lo[ch] as f64;
+        r[ch] = (sigma_b / sigma).clamp(1.0 / rmax, rmax) as f32;
+        d[ch] = ((mu_b - running_mean[ch] as f64) / sigma).clamp(-dmax, dmax) as f32;
+    }
+}
+
 /// The paper's Algorithm 2, lines 8-11: population statistics as averages over training
 /// mini-batches. Feed it each batch's mean and biased variance; `finish` gives
 /// `E[x] = E_B[mu_B]` and `Var[x] = m/(m-1) E_B[sigma2_B]`.

@@ -7,7 +7,7 @@ use super::spec::{module_path, BiasInit, Child, Init, ModelSpec, Node, WeightIni
 use crate::kernels::batch_norm::RunningAverage;
 use crate::nn::{
     AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
-    MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
+    MaxPool2d, Relu, Renorm, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -397,6 +397,8 @@ impl Builder<'_> {
                 eps,
                 momentum,
                 affine,
+                ghost,
+                renorm,
             } => {
                 let (c, s) = if *two_d {
                     let (c, h, w) = map("BatchNorm2d")?;
@@ -420,6 +422,11 @@ impl Builder<'_> {
                     },
                     None => RunningAverage::Cumulative,
                 };
+                bn.ghost = *ghost;
+                bn.set_renorm(renorm.map(|r| Renorm {
+                    rmax: r.rmax as f32,
+                    dmax: r.dmax as f32,
+                }));
                 let params = if *affine { 2 * c } else { 0 };
                 (Box::new(bn), input.to_vec(), params, 0)
             }

@@ -5,10 +5,14 @@
 //! - [`build`](mod@build): shapes inferred from the input, weights initialized, a summary row per module.
 
 pub mod build;
+pub mod norm;
 pub mod spec;
 
 pub use build::{build, fill_normal, fill_uniform, resolve_input, Built, SummaryRow};
-pub use spec::{BiasInit, Child, Init, InitSpec, ModelSpec, Node, WeightInit, LAYER_KINDS};
+pub use norm::{apply_norm, NormChoice};
+pub use spec::{
+    BiasInit, Child, Init, InitSpec, ModelSpec, Node, RenormSpec, WeightInit, LAYER_KINDS,
+};
 
 use crate::{Error, Result};
 use std::path::Path;

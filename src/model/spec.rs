@@ -66,6 +66,16 @@ pub struct Child {
     pub node: Node,
 }
 
+/// Batch renormalization's final limits (Ioffe 2017): r in `[1/rmax, rmax]`, d in
+/// `[-dmax, dmax]`. Training relaxes them from 1 and 0 on a schedule (`RenormSchedule`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RenormSpec {
+    /// At least 1 (default 3, the paper's).
+    pub rmax: f64,
+    /// At least 0 (default 5, the paper's).
+    pub dmax: f64,
+}
+
 /// One module of the tree. Sizes that follow from the input (in_features, in_channels,
 /// num_features) are inferred; when a file gives them they must agree.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,6 +125,12 @@ pub enum Node {
         momentum: Option<f64>,
         /// Whether gamma and beta are learned (default true).
         affine: bool,
+        /// Ghost batch normalization: training statistics over virtual batches of this many
+        /// examples (`"ghost_batch_size"`); `None`: the whole mini-batch.
+        ghost: Option<usize>,
+        /// Batch renormalization (`"renorm": true`, with `"rmax"` and `"dmax"`), `None` for
+        /// plain batch normalization.
+        renorm: Option<RenormSpec>,
     },
     /// `nn.ReLU`, on any shape.
     Relu,
@@ -568,6 +584,8 @@ fn child_json(c: &Child) -> Value {
             eps,
             momentum,
             affine,
+            ghost,
+            renorm,
         } => {
             put(
                 "type",
@@ -579,6 +597,14 @@ fn child_json(c: &Child) -> Value {
             put("eps", (*eps).into());
             put("momentum", momentum.map_or(Value::Null, Value::from));
             put("affine", (*affine).into());
+            if let Some(g) = ghost {
+                put("ghost_batch_size", (*g).into());
+            }
+            if let Some(r) = renorm {
+                put("renorm", true.into());
+                put("rmax", r.rmax.into());
+                put("dmax", r.dmax.into());
+            }
         }
         Node::Relu => put("type", "ReLU".into()),
         Node::Sigmoid => put("type", "Sigmoid".into()),
@@ -837,12 +863,31 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
                 Some(_) => return Err(o.err("'momentum' must be in (0, 1], or null (cumulative)")),
             };
             let affine = o.bool_or("affine", true)?;
+            let ghost = match o.optional_usize("ghost_batch_size")? {
+                Some(0) => return Err(o.err("'ghost_batch_size' must be at least 1")),
+                g => g,
+            };
+            let renorm = if o.bool_or("renorm", false)? {
+                let rmax = o.f64_or("rmax", 3.0)?;
+                let dmax = o.f64_or("dmax", 5.0)?;
+                if rmax < 1.0 {
+                    return Err(o.err(format!("'rmax' must be at least 1, found {rmax}")));
+                }
+                if dmax < 0.0 {
+                    return Err(o.err(format!("'dmax' must be at least 0, found {dmax}")));
+                }
+                Some(RenormSpec { rmax, dmax })
+            } else {
+                None
+            };
             Node::BatchNorm {
                 num_features,
                 two_d: kind_str == "BatchNorm2d",
                 eps,
                 momentum,
                 affine,
+                ghost,
+                renorm,
             }
         }
         "ReLU" => Node::Relu,

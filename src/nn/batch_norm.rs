@@ -52,7 +52,19 @@ pub struct BatchNorm {
     /// Algorithm 2's `Var[x]` (unbiased), one per feature, once computed.
     pub population_var: Option<Vec<f32>>,
     population: Option<PopulationStats>,
-    // Per-step workspace and backward cache.
+    /// Ghost batch normalization (Hoffer et al. 2017): in training, statistics over virtual
+    /// batches of this many examples (the last one may be smaller), one after another inside
+    /// the mini-batch. `None`: the whole mini-batch.
+    pub ghost: Option<usize>,
+    /// Batch renormalization (Ioffe 2017): the final clipping limits of r and d, `None` for
+    /// plain batch normalization (set with `set_renorm`).
+    renorm: Option<Renorm>,
+    /// The limits in force now (a schedule relaxes them towards `renorm` over training).
+    renorm_now: Renorm,
+    /// Frozen BN: training-mode passes normalize with the inference statistics, which stay
+    /// fixed (fine-tuning); gamma and beta still learn.
+    pub frozen: bool,
+    // Per-step workspace and backward cache: statistics per virtual batch, one after another.
     batch_mean: Vec<f32>,
     batch_mean_lo: Vec<f32>,
     batch_var: Vec<f32>,
@@ -60,9 +72,113 @@ pub struct BatchNorm {
     zeros: Vec<f32>,
     xhat: Vec<f32>,
     acc: Vec<f64>,
+    /// Batch renormalization's r and d per virtual batch, and the effective scale and shift
+    /// `gamma * r`, `beta + gamma * d` they give.
+    r: Vec<f32>,
+    d: Vec<f32>,
+    gamma_eff: Vec<f32>,
+    beta_eff: Vec<f32>,
+    /// Per virtual batch gradients of gamma and beta before they are summed.
+    part_dgamma: Vec<f32>,
+    part_dbeta: Vec<f32>,
+    /// Values per statistic of each virtual batch of the last forward pass.
+    counts: Vec<usize>,
     last_mode: Mode,
+    /// The last forward pass normalized with batch statistics (else inference statistics).
+    last_batch_stats: bool,
     /// The batch size of the last successful forward pass; 0: none to differentiate.
     last_n: usize,
+}
+
+/// Batch renormalization's limits: r is clipped to `[1/rmax, rmax]` and d to `[-dmax, dmax]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Renorm {
+    /// At least 1 (1: r = 1).
+    pub rmax: f32,
+    /// At least 0 (0: d = 0).
+    pub dmax: f32,
+}
+
+impl Renorm {
+    /// `rmax = 1`, `dmax = 0`: r = 1 and d = 0, i.e. batch normalization.
+    pub const NONE: Renorm = Renorm {
+        rmax: 1.0,
+        dmax: 0.0,
+    };
+}
+
+/// How batch renormalization's limits relax over a run (Ioffe 2017, section 4: rmax = 1 and
+/// dmax = 0 for the first 5,000 steps, then rmax rises linearly to 3 by 40k steps and dmax to 5
+/// by 25k). Ours is in fractions of the run's length, so that it scales with the run: the
+/// default keeps the paper's milestones on a 50,000-step run (0.1, 0.8, 0.5).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RenormSchedule {
+    /// Until this fraction of the run, r = 1 and d = 0 (batch normalization).
+    pub warmup: f64,
+    /// rmax reaches its final value at this fraction.
+    pub r_end: f64,
+    /// dmax reaches its final value at this fraction.
+    pub d_end: f64,
+}
+
+impl Default for RenormSchedule {
+    fn default() -> Self {
+        RenormSchedule {
+            warmup: 0.1,
+            r_end: 0.8,
+            d_end: 0.5,
+        }
+    }
+}
+
+impl RenormSchedule {
+    /// Parse `WARMUP,R_END,D_END` (fractions of the run, `0 <= WARMUP <= R_END, D_END <= 1`).
+    pub fn parse(s: &str) -> Result<RenormSchedule> {
+        let bad = || {
+            crate::Error::config(
+                "--renorm-schedule",
+                format!(
+                    "'{s}' (expected WARMUP,R_END,D_END: fractions of the run with \
+                     0 <= WARMUP <= R_END <= 1 and WARMUP <= D_END <= 1, e.g. 0.1,0.8,0.5)"
+                ),
+            )
+        };
+        let v: Vec<f64> = s
+            .split(',')
+            .map(|p| p.trim().parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
+        let [warmup, r_end, d_end] = v[..] else {
+            return Err(bad());
+        };
+        let ok = |a: f64, b: f64| a.is_finite() && b.is_finite() && 0.0 <= a && a <= b && b <= 1.0;
+        if !ok(warmup, r_end) || !ok(warmup, d_end) {
+            return Err(bad());
+        }
+        Ok(RenormSchedule {
+            warmup,
+            r_end,
+            d_end,
+        })
+    }
+
+    /// The limits at step `step` (0-based) of a run of `steps`, relaxing towards `end`.
+    pub fn limits(&self, end: Renorm, step: usize, steps: usize) -> Renorm {
+        let t = step as f64 / steps.max(1) as f64;
+        let ramp = |until: f64| {
+            if t <= self.warmup {
+                0.0
+            } else if t >= until {
+                1.0
+            } else {
+                (t - self.warmup) / (until - self.warmup)
+            }
+        };
+        Renorm {
+            rmax: (1.0 + (end.rmax as f64 - 1.0) * ramp(self.r_end)) as f32,
+            dmax: (end.dmax as f64 * ramp(self.d_end)) as f32,
+        }
+    }
 }
 
 impl BatchNorm {
@@ -86,6 +202,10 @@ impl BatchNorm {
             population_mean: None,
             population_var: None,
             population: None,
+            ghost: None,
+            renorm: None,
+            renorm_now: Renorm::NONE,
+            frozen: false,
             batch_mean: vec![0.0; c],
             batch_mean_lo: vec![0.0; c],
             batch_var: vec![0.0; c],
@@ -93,7 +213,15 @@ impl BatchNorm {
             zeros: vec![0.0; c],
             xhat: Vec::new(),
             acc: vec![0.0; 2 * c],
+            r: Vec::new(),
+            d: Vec::new(),
+            gamma_eff: Vec::new(),
+            beta_eff: Vec::new(),
+            part_dgamma: vec![0.0; c],
+            part_dbeta: vec![0.0; c],
+            counts: Vec::with_capacity(1),
             last_mode: Mode::Train,
+            last_batch_stats: false,
             last_n: 0,
         }
     }
@@ -110,9 +238,42 @@ impl BatchNorm {
         self.beta.as_ref().map(|_| &self.grad_beta[..])
     }
 
-    /// The mini-batch mean and biased variance of the last training-mode forward pass.
+    /// The mini-batch mean and biased variance of the last training-mode forward pass (with
+    /// ghost batches: `c` per virtual batch, one after another).
     pub fn batch_stats(&self) -> (&[f32], &[f32]) {
-        (&self.batch_mean, &self.batch_var)
+        let len = self.c * self.counts.len().max(1);
+        (&self.batch_mean[..len], &self.batch_var[..len])
+    }
+
+    /// Make this layer batch renormalization with final limits `limits` (`None`: batch
+    /// normalization). The limits in force start at the final ones; a training run relaxes
+    /// them with `set_renorm_limits` on its schedule.
+    pub fn set_renorm(&mut self, limits: Option<Renorm>) {
+        self.renorm = limits;
+        self.renorm_now = limits.unwrap_or(Renorm::NONE);
+    }
+
+    /// Batch renormalization's final limits, `None` for batch normalization.
+    pub fn renorm(&self) -> Option<Renorm> {
+        self.renorm
+    }
+
+    /// Set the limits in force for the next training passes (no effect without renorm).
+    pub fn set_renorm_limits(&mut self, limits: Renorm) {
+        self.renorm_now = limits;
+    }
+
+    /// The limits in force now.
+    pub fn renorm_limits(&self) -> Renorm {
+        self.renorm_now
+    }
+
+    /// The number of virtual batches a training-mode batch of `n` examples is split into.
+    pub fn virtual_batches(&self, n: usize) -> usize {
+        match self.ghost {
+            Some(g) if g > 0 && g < n => n.div_ceil(g),
+            _ => 1,
+        }
     }
 
     /// The mean and variance that inference normalizes with: Algorithm 2's population
@@ -155,30 +316,97 @@ impl BatchNorm {
         }
     }
 
-    fn training_stats(&mut self, x: &[f32], n: usize, threads: usize) -> Result<()> {
-        if self.s == 1 {
+    /// Statistics of the virtual batch `k` (examples `a..a + nk`) into its slots.
+    fn training_stats(
+        &mut self,
+        x: &[f32],
+        k: usize,
+        a: usize,
+        nk: usize,
+        threads: usize,
+    ) -> Result<()> {
+        let (c, s) = (self.c, self.s);
+        let st = k * c..(k + 1) * c;
+        let xs = &x[a * c * s..(a + nk) * c * s];
+        if s == 1 {
             k::batch_stats_nc(
-                x,
-                n,
-                self.c,
-                &mut self.batch_mean,
-                &mut self.batch_mean_lo,
-                &mut self.batch_var,
+                xs,
+                nk,
+                c,
+                &mut self.batch_mean[st.clone()],
+                &mut self.batch_mean_lo[st.clone()],
+                &mut self.batch_var[st.clone()],
                 &mut self.acc,
             )?;
         } else {
-            let d = self.dims(n);
+            let d = self.dims(nk);
             k::batch_stats(
-                x,
+                xs,
                 d,
-                &mut self.batch_mean,
-                &mut self.batch_mean_lo,
-                &mut self.batch_var,
+                &mut self.batch_mean[st.clone()],
+                &mut self.batch_mean_lo[st.clone()],
+                &mut self.batch_var[st.clone()],
                 threads,
             )?;
         }
-        k::inv_std(&self.batch_var, self.eps, &mut self.inv_std);
+        k::inv_std(&self.batch_var[st.clone()], self.eps, &mut self.inv_std[st]);
         Ok(())
+    }
+
+    /// Size the per-virtual-batch buffers for `chunks` virtual batches.
+    fn size_chunks(&mut self, chunks: usize) {
+        let len = chunks * self.c;
+        for v in [
+            &mut self.batch_mean,
+            &mut self.batch_mean_lo,
+            &mut self.batch_var,
+            &mut self.inv_std,
+        ] {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        }
+        if self.renorm.is_some() {
+            for v in [
+                &mut self.r,
+                &mut self.d,
+                &mut self.gamma_eff,
+                &mut self.beta_eff,
+            ] {
+                if v.len() < len {
+                    v.resize(len, 0.0);
+                }
+            }
+        }
+        if self.counts.capacity() < chunks {
+            self.counts.reserve(chunks - self.counts.len());
+        }
+    }
+
+    /// Batch renormalization of virtual batch `k`: r and d against the running statistics,
+    /// and the effective scale and shift.
+    fn renorm_factors(&mut self, k: usize, limits: Renorm) {
+        let c = self.c;
+        let st = k * c..(k + 1) * c;
+        k::renorm_factors(
+            &self.batch_mean[st.clone()],
+            &self.batch_mean_lo[st.clone()],
+            &self.batch_var[st.clone()],
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+            limits.rmax,
+            limits.dmax,
+            &mut self.r[st.clone()],
+            &mut self.d[st.clone()],
+        );
+        for ch in 0..c {
+            let (r, d) = (self.r[k * c + ch] as f64, self.d[k * c + ch] as f64);
+            let g = self.gamma.as_ref().map_or(1.0, |g| g[ch] as f64);
+            let b = self.beta.as_ref().map_or(0.0, |b| b[ch] as f64);
+            self.gamma_eff[k * c + ch] = (g * r) as f32;
+            self.beta_eff[k * c + ch] = (b + g * d) as f32;
+        }
     }
 }
 
@@ -209,73 +437,124 @@ impl Layer for BatchNorm {
         if self.s == 1 && self.xhat.len() < len {
             self.xhat.resize(len, 0.0);
         }
+        self.size_chunks(self.virtual_batches(max_batch));
     }
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         self.last_n = 0;
         check_forward(self, x, y, n)?;
         self.reserve(n);
-        let d = self.dims(n);
         self.last_mode = ctx.mode;
-        let mean_lo: &[f32] = match ctx.mode {
-            Mode::Train | Mode::Population => {
-                self.training_stats(x, n, ctx.threads)?;
-                &self.batch_mean_lo
-            }
-            Mode::Eval => {
-                let (_, var) = select_inference(
-                    self.inference,
-                    &self.population_mean,
-                    &self.population_var,
-                    &self.running_mean,
-                    &self.running_var,
-                );
-                k::inv_std(var, self.eps, &mut self.inv_std);
-                &self.zeros
-            }
+        let batch_stats = match ctx.mode {
+            Mode::Train => !self.frozen,
+            Mode::Population => true,
+            Mode::Eval => false,
         };
-        let mean: &[f32] = match ctx.mode {
-            Mode::Train | Mode::Population => &self.batch_mean,
-            Mode::Eval => {
-                select_inference(
-                    self.inference,
-                    &self.population_mean,
-                    &self.population_var,
-                    &self.running_mean,
-                    &self.running_var,
-                )
-                .0
-            }
+        self.last_batch_stats = batch_stats;
+        if !batch_stats {
+            let (mean, var) = select_inference(
+                self.inference,
+                &self.population_mean,
+                &self.population_var,
+                &self.running_mean,
+                &self.running_var,
+            );
+            k::inv_std(var, self.eps, &mut self.inv_std[..self.c]);
+            k::normalize(
+                x,
+                self.dims(n),
+                mean,
+                &self.zeros,
+                &self.inv_std[..self.c],
+                self.gamma.as_deref(),
+                self.beta.as_deref(),
+                y,
+                (self.s == 1).then_some(&mut self.xhat[..]),
+                ctx.threads,
+            );
+            self.last_n = n;
+            return Ok(());
+        }
+        let (c, s) = (self.c, self.s);
+        let chunks = self.virtual_batches(n);
+        let g = match self.ghost {
+            Some(g) if chunks > 1 => g,
+            _ => n,
         };
-        k::normalize(
-            x,
-            d,
-            mean,
-            mean_lo,
-            &self.inv_std,
-            self.gamma.as_deref(),
-            self.beta.as_deref(),
-            y,
-            // The convolutional layout recomputes xhat from x in the backward pass.
-            (self.s == 1).then_some(&mut self.xhat[..]),
-            ctx.threads,
-        );
+        self.counts.clear();
+        for k in 0..chunks {
+            let a = k * g;
+            let nk = g.min(n - a);
+            self.training_stats(x, k, a, nk, ctx.threads)?;
+            self.counts.push(nk * s);
+        }
+        for k in 0..chunks {
+            let a = k * g;
+            let nk = g.min(n - a);
+            let st = k * c..(k + 1) * c;
+            let (gamma, beta) = match self.renorm {
+                Some(_) => {
+                    self.renorm_factors(k, self.renorm_now);
+                    (
+                        Some(&self.gamma_eff[st.clone()]),
+                        Some(&self.beta_eff[st.clone()]),
+                    )
+                }
+                None => (self.gamma.as_deref(), self.beta.as_deref()),
+            };
+            let span = a * c * s..(a + nk) * c * s;
+            k::normalize(
+                &x[span.clone()],
+                self.dims(nk),
+                &self.batch_mean[st.clone()],
+                &self.batch_mean_lo[st.clone()],
+                &self.inv_std[st],
+                gamma,
+                beta,
+                &mut y[span.clone()],
+                // The convolutional layout recomputes xhat from x in the backward pass.
+                if s == 1 {
+                    Some(&mut self.xhat[span])
+                } else {
+                    None
+                },
+                ctx.threads,
+            );
+        }
         match ctx.mode {
             Mode::Train => {
                 self.num_batches_tracked += 1;
-                k::update_running(
-                    &mut self.running_mean,
-                    &mut self.running_var,
-                    &self.batch_mean,
-                    &self.batch_var,
-                    d.m(),
-                    self.running_average,
-                    self.num_batches_tracked,
-                );
+                if chunks == 1 {
+                    k::update_running(
+                        &mut self.running_mean,
+                        &mut self.running_var,
+                        &self.batch_mean[..c],
+                        &self.batch_var[..c],
+                        n * s,
+                        self.running_average,
+                        self.num_batches_tracked,
+                    );
+                } else {
+                    k::update_running_ghost(
+                        &mut self.running_mean,
+                        &mut self.running_var,
+                        &self.batch_mean,
+                        &self.batch_var,
+                        &self.counts,
+                        self.running_average,
+                        self.num_batches_tracked,
+                    );
+                }
             }
             Mode::Population => {
                 if let Some(p) = &mut self.population {
-                    p.add_batch(&self.batch_mean, &self.batch_var, d.m());
+                    for (k, &m) in self.counts.iter().enumerate() {
+                        p.add_batch(
+                            &self.batch_mean[k * c..(k + 1) * c],
+                            &self.batch_var[k * c..(k + 1) * c],
+                            m,
+                        );
+                    }
                 }
             }
             Mode::Eval => {}
@@ -296,53 +575,140 @@ impl Layer for BatchNorm {
         if n != self.last_n || n == 0 {
             return backward_nothing(self, dx, n);
         }
-        let d = self.dims(n);
+        let (c, s) = (self.c, self.s);
+        let dims = self.dims(n);
         let affine = self.gamma.is_some();
-        let (dg, db) = if affine {
-            (
-                Some(&mut self.grad_gamma[..]),
-                Some(&mut self.grad_beta[..]),
-            )
-        } else {
-            (None, None)
-        };
-        let f = if self.last_mode == Mode::Eval {
-            k::backward_eval
-        } else {
-            k::backward_train
-        };
-        let xhat = if self.s == 1 {
-            k::Xhat::Stored(&self.xhat)
-        } else {
-            // The statistics the forward pass normalized with.
-            let (mean, mean_lo) = match self.last_mode {
-                Mode::Eval => (
-                    select_inference(
-                        self.inference,
-                        &self.population_mean,
-                        &self.population_var,
-                        &self.running_mean,
-                        &self.running_var,
-                    )
-                    .0,
-                    &self.zeros[..],
-                ),
-                Mode::Train | Mode::Population => (&self.batch_mean[..], &self.batch_mean_lo[..]),
+        if !self.last_batch_stats {
+            // Inference statistics (Eval mode, or frozen BN in training): constants.
+            let (dg, db) = if affine {
+                (
+                    Some(&mut self.grad_gamma[..]),
+                    Some(&mut self.grad_beta[..]),
+                )
+            } else {
+                (None, None)
             };
-            k::Xhat::FromInput { x, mean, mean_lo }
-        };
-        f(
-            dy,
-            xhat,
-            &self.inv_std,
-            self.gamma.as_deref(),
-            d,
-            dx,
-            dg,
-            db,
-            &mut self.acc,
-            ctx.threads,
-        );
+            let xhat = if s == 1 {
+                k::Xhat::Stored(&self.xhat)
+            } else {
+                let mean = select_inference(
+                    self.inference,
+                    &self.population_mean,
+                    &self.population_var,
+                    &self.running_mean,
+                    &self.running_var,
+                )
+                .0;
+                k::Xhat::FromInput {
+                    x,
+                    mean,
+                    mean_lo: &self.zeros,
+                }
+            };
+            k::backward_eval(
+                dy,
+                xhat,
+                &self.inv_std[..c],
+                self.gamma.as_deref(),
+                dims,
+                dx,
+                dg,
+                db,
+                &mut self.acc,
+                ctx.threads,
+            );
+            return;
+        }
+        let chunks = self.counts.len();
+        if chunks == 1 && self.renorm.is_none() {
+            // Plain batch normalization: the gradients go straight to their place.
+            let (dg, db) = if affine {
+                (
+                    Some(&mut self.grad_gamma[..]),
+                    Some(&mut self.grad_beta[..]),
+                )
+            } else {
+                (None, None)
+            };
+            let xhat = if s == 1 {
+                k::Xhat::Stored(&self.xhat)
+            } else {
+                k::Xhat::FromInput {
+                    x,
+                    mean: &self.batch_mean[..c],
+                    mean_lo: &self.batch_mean_lo[..c],
+                }
+            };
+            k::backward_train(
+                dy,
+                xhat,
+                &self.inv_std[..c],
+                self.gamma.as_deref(),
+                dims,
+                dx,
+                dg,
+                db,
+                &mut self.acc,
+                ctx.threads,
+            );
+            return;
+        }
+        // Virtual batches and/or batch renormalization: each virtual batch is a batch norm of
+        // its own. With renormalization, r and d are constants: the layer is batch norm with
+        // scale gamma * r (which gives dx), and dgamma = r * sum(dy * xhat) + d * sum(dy).
+        let mut dx = dx;
+        let mut a = 0;
+        for k in 0..chunks {
+            let nk = self.counts[k] / s;
+            let st = k * c..(k + 1) * c;
+            let span = a * c * s..(a + nk) * c * s;
+            let xhat = if s == 1 {
+                k::Xhat::Stored(&self.xhat[span.clone()])
+            } else {
+                k::Xhat::FromInput {
+                    x: &x[span.clone()],
+                    mean: &self.batch_mean[st.clone()],
+                    mean_lo: &self.batch_mean_lo[st.clone()],
+                }
+            };
+            let gamma = match self.renorm {
+                Some(_) => Some(&self.gamma_eff[st.clone()]),
+                None => self.gamma.as_deref(),
+            };
+            k::backward_train(
+                &dy[span.clone()],
+                xhat,
+                &self.inv_std[st.clone()],
+                gamma,
+                self.dims(nk),
+                dx.as_deref_mut().map(|d| &mut d[span]),
+                Some(&mut self.part_dgamma),
+                Some(&mut self.part_dbeta),
+                &mut self.acc,
+                ctx.threads,
+            );
+            if affine {
+                for ch in 0..c {
+                    let (sum_dy_xhat, sum_dy) = (self.part_dgamma[ch], self.part_dbeta[ch]);
+                    let dgamma = match self.renorm {
+                        Some(_) => {
+                            (self.r[k * c + ch] as f64 * sum_dy_xhat as f64
+                                + self.d[k * c + ch] as f64 * sum_dy as f64)
+                                as f32
+                        }
+                        None => sum_dy_xhat,
+                    };
+                    if k == 0 {
+                        self.grad_gamma[ch] = dgamma;
+                        self.grad_beta[ch] = sum_dy;
+                    } else {
+                        self.grad_gamma[ch] += dgamma;
+                        self.grad_beta[ch] += sum_dy;
+                    }
+                }
+            }
+            a += nk;
+        }
     }
 
     fn zero_grad(&mut self) {
@@ -392,8 +758,18 @@ impl Layer for BatchNorm {
         self
     }
     fn describe(&self) -> String {
+        let mut extra = String::new();
+        if let Some(g) = self.ghost {
+            extra += &format!(", ghost={g}");
+        }
+        if let Some(r) = self.renorm {
+            extra += &format!(", renorm(rmax={}, dmax={})", r.rmax, r.dmax);
+        }
+        if self.frozen {
+            extra += ", frozen";
+        }
         format!(
-            "BatchNorm{}({}, eps={}{})",
+            "BatchNorm{}({}, eps={}{}{extra})",
             if self.s == 1 { "1d" } else { "2d" },
             self.c,
             self.eps,

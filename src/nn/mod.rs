@@ -44,7 +44,7 @@ pub mod residual;
 pub mod sequential;
 
 pub use activation::{Relu, Sigmoid, Tanh};
-pub use batch_norm::{BatchNorm, InferenceStats};
+pub use batch_norm::{BatchNorm, InferenceStats, Renorm, RenormSchedule};
 pub use concat::Concat;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
