@@ -49,6 +49,7 @@ fn main() -> bnlab::Result<()> {
         eval_every: 0,
         threads: 1,
         augment: Augment::None,
+        bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, train.len(), train.features());

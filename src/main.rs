@@ -8,12 +8,13 @@ use bnlab::experiments::mnist::{self, MnistSetup, Progress};
 use bnlab::kernels::batch_norm::RunningAverage;
 use bnlab::model::{self, ModelSpec};
 use bnlab::network::Network;
-use bnlab::nn::InferenceStats;
+use bnlab::nn::{InferenceStats, RenormSchedule};
 use bnlab::optim::Schedule;
 use bnlab::report;
 use bnlab::run::{self, Event, Run, RunSpec};
 use bnlab::train::{
-    population_statistics, train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer,
+    population_statistics, train_loop, BnTraining, Evaluator, FreezeBn, LossSince, Observer, Order,
+    TrainConfig, Trainer,
 };
 use bnlab::{Error, Result};
 use clap::{Args, Parser, Subcommand};
@@ -93,6 +94,27 @@ struct DataArgs {
     no_download: bool,
 }
 
+/// `--norm`, shared by the commands that build a network.
+#[derive(Args, Clone)]
+struct NormArgs {
+    /// Replace every BatchNorm of the model, under the same module names: bn (as the model
+    /// has it), gn:G (group norm, G groups), ln (layer norm), brn[:RMAX:DMAX] (batch
+    /// renormalization, default 3 and 5), ghost:G (ghost batches of G examples), none (no
+    /// normalization: the layer before each BatchNorm gets a bias).
+    #[arg(long, default_value = "bn", value_name = "bn|gn:G|ln|brn|ghost:G|none")]
+    norm: String,
+}
+
+impl NormArgs {
+    /// The model named by `--model`, with `--norm` applied.
+    fn model(&self, name_or_path: &str) -> Result<ModelSpec> {
+        model::apply_norm(
+            &model::resolve(name_or_path)?,
+            model::NormChoice::parse(&self.norm)?,
+        )
+    }
+}
+
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct TrainArgs {
@@ -104,11 +126,24 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "out", "init", "steps", "batch_size", "lr", "momentum", "weight_decay",
         "schedule", "seed", "order", "eval_every", "checkpoint_every", "bn_momentum", "threads",
-        "save", "normalize", "augment",
+        "save", "normalize", "augment", "norm", "freeze_bn", "renorm_schedule",
     ])]
     resume: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    norm: NormArgs,
+    /// Frozen BN, as in fine-tuning: every BatchNorm normalizes with fixed statistics in
+    /// training too (gamma and beta still learn): `running` (those of --init; the default
+    /// when the flag is given alone) or `population` (Algorithm 2 over the training set with
+    /// the starting weights, computed before the first step).
+    #[arg(long, value_name = "running|population", num_args = 0..=1, default_missing_value = "running")]
+    freeze_bn: Option<String>,
+    /// Batch renormalization's schedule (with --norm brn or renorm layers), as fractions of
+    /// the run: r = 1 and d = 0 until WARMUP, then rmax and dmax rise linearly to their final
+    /// values at R_END and D_END.
+    #[arg(long, default_value = "0.1,0.8,0.5", value_name = "WARMUP,R_END,D_END")]
+    renorm_schedule: String,
     #[arg(long, default_value_t = 50_000)]
     steps: i64,
     #[arg(long, default_value_t = 60)]
@@ -171,6 +206,8 @@ struct EvalArgs {
     weights: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    norm: NormArgs,
     /// running (averages kept in training) or population (the paper's Algorithm 2, computed
     /// here by a pass over the training set).
     #[arg(long, default_value = "running")]
@@ -240,6 +277,8 @@ struct BenchArgs {
     model: String,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    norm: NormArgs,
     #[arg(long, default_value_t = 5000)]
     steps: i64,
     #[arg(long, default_value_t = 60)]
@@ -335,6 +374,8 @@ struct GradArgs {
     weights: PathBuf,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    norm: NormArgs,
     #[arg(long)]
     batch_size: i64,
     /// First training example of the batch (examples K .. K+B-1 in file order).
@@ -445,7 +486,14 @@ fn train(a: TrainArgs) -> Result<()> {
                 .model
                 .clone()
                 .ok_or_else(|| Error::config("--model", "required (unless --resume RUN_DIR)"))?;
-            let spec = model::resolve(&model)?;
+            let spec = a.norm.model(&model)?;
+            let freeze = a.freeze_bn.as_deref().map(FreezeBn::parse).transpose()?;
+            if freeze.is_some() && !spec.has_batch_norm() {
+                return Err(Error::config(
+                    "--freeze-bn",
+                    format!("{} has no BatchNorm to freeze", spec.name),
+                ));
+            }
             let config = TrainConfig {
                 steps: positive("--steps", a.steps)?,
                 batch_size: positive("--batch-size", a.batch_size)?,
@@ -458,6 +506,10 @@ fn train(a: TrainArgs) -> Result<()> {
                 eval_every: non_negative("--eval-every", a.eval_every)?,
                 threads: threads_used(a.threads),
                 augment: bnlab::train::Augment::parse(&a.augment)?,
+                bn: BnTraining {
+                    freeze,
+                    renorm_schedule: RenormSchedule::parse(&a.renorm_schedule)?,
+                },
             };
             config.validate(spec.has_batch_norm())?;
             let normalize = data::parse_normalize_flag(&a.normalize)?;
@@ -678,7 +730,7 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let spec = model::resolve(&a.model)?;
+    let spec = a.norm.model(&a.model)?;
     let stats = parse_bn_stats(&a.bn_stats)?;
     if a.threads == 0 {
         return Err(Error::config("--threads", "must be at least 1"));
@@ -721,7 +773,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
-    let spec = model::resolve(&a.model)?;
+    let spec = a.norm.model(&a.model)?;
     let steps = positive("--steps", a.steps)?;
     let config = TrainConfig {
         steps,
@@ -735,6 +787,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         eval_every: 0,
         threads: threads_used(a.threads),
         augment: bnlab::train::Augment::None,
+        bn: Default::default(),
     };
     config.validate(spec.has_batch_norm())?;
     let split = load_data(&a.data, Some(&spec))?;
@@ -1132,7 +1185,7 @@ fn summary_cmd(a: SummaryArgs) -> Result<()> {
 }
 
 fn grad_cmd(a: GradArgs) -> Result<()> {
-    let spec = model::resolve(&a.model)?;
+    let spec = a.norm.model(&a.model)?;
     let batch = positive("--batch-size", a.batch_size)?;
     if a.offset < 0 {
         return Err(Error::config(

@@ -7,7 +7,7 @@
 use crate::data::{CropFlip, Dataset};
 use crate::kernels::join;
 use crate::network::Network;
-use crate::nn::{InferenceStats, Layer, Mode};
+use crate::nn::{InferenceStats, Layer, Mode, RenormSchedule};
 use crate::optim::{Schedule, Sgd};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
@@ -157,6 +157,47 @@ pub struct TrainConfig {
     /// Augmentation of training batches.
     #[serde(default)]
     pub augment: Augment,
+    /// What the batch-normalization layers do in training beyond Algorithm 1: frozen, and
+    /// batch renormalization's schedule.
+    #[serde(default)]
+    pub bn: BnTraining,
+}
+
+/// Training settings of the batch-normalization layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BnTraining {
+    /// Frozen BN (`--freeze-bn`): every BatchNorm normalizes with fixed inference statistics
+    /// in training too, as in fine-tuning; `None`: batch statistics.
+    #[serde(default)]
+    pub freeze: Option<FreezeBn>,
+    /// How batch renormalization's limits relax over the run (layers without renorm ignore
+    /// it).
+    #[serde(default)]
+    pub renorm_schedule: RenormSchedule,
+}
+
+/// Which statistics frozen BN uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FreezeBn {
+    /// The running statistics the network starts with (from `--init`).
+    Running,
+    /// Algorithm 2's population statistics of the starting weights, computed before the
+    /// first step and kept in the running-statistics buffers (so checkpoints carry them).
+    Population,
+}
+
+impl FreezeBn {
+    /// Parse `running` or `population`.
+    pub fn parse(s: &str) -> Result<FreezeBn> {
+        match s {
+            "running" => Ok(FreezeBn::Running),
+            "population" => Ok(FreezeBn::Population),
+            _ => Err(Error::config(
+                "--freeze-bn",
+                format!("'{s}' (expected running or population)"),
+            )),
+        }
+    }
 }
 
 impl TrainConfig {
@@ -531,6 +572,14 @@ impl Trainer {
         if let Some((aug, rng)) = &mut self.augment {
             aug.apply(&mut self.x, b, rng);
         }
+        let (step, steps) = (self.step, self.config.steps);
+        let bn = self.config.bn;
+        net.for_each_batch_norm(&mut |layer| {
+            layer.frozen = bn.freeze.is_some();
+            if let Some(end) = layer.renorm() {
+                layer.set_renorm_limits(bn.renorm_schedule.limits(end, step, steps));
+            }
+        });
         let loss = net.forward_backward(&self.x, &self.y, b)?;
         self.step += 1;
         if !loss.is_finite() {
@@ -758,6 +807,18 @@ pub fn train_loop(
     loss: &mut LossSince,
     observer: &mut dyn Observer,
 ) -> Result<()> {
+    if trainer.step == 0 && trainer.config.bn.freeze == Some(FreezeBn::Population) {
+        // Frozen BN on Algorithm 2's statistics of the starting weights: computed once, kept
+        // in the running buffers, which frozen layers never update.
+        population_statistics(net, data, trainer.config.batch_size, None)?;
+        net.for_each_batch_norm(&mut |bn| {
+            if let (Some(m), Some(v)) = (bn.population_mean.take(), bn.population_var.take()) {
+                bn.running_mean = m;
+                bn.running_var = v;
+            }
+            bn.inference = InferenceStats::Running;
+        });
+    }
     while trainer.step < steps {
         let l = trainer.step(net, data)?;
         loss.sum += l;

@@ -46,6 +46,7 @@ fn trained(preset: &str, data: &Split) -> Network {
         eval_every: 0,
         threads: 1,
         augment: bnlab::train::Augment::None,
+        bn: Default::default(),
     };
     let mut net = Network::preset(preset, 1, 1000, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());
@@ -503,6 +504,7 @@ fn trained_inception(preset: &str, data: &Split) -> Network {
         eval_every: 0,
         threads: 1,
         augment: bnlab::train::Augment::None,
+        bn: Default::default(),
     };
     let mut net = Network::preset(preset, 1, 100, 1).unwrap();
     let mut t = Trainer::new(cfg.clone(), data.train.len(), data.train.features());

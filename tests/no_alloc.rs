@@ -72,6 +72,7 @@ fn assert_steps_allocate_nothing(
                 eval_every: 0,
                 threads,
                 augment: bnlab::train::Augment::None,
+                bn: Default::default(),
             };
             let mut net = Network::preset(preset, 3, batch, threads).unwrap();
             let mut t = Trainer::new(cfg, data.train.len(), data.train.features());

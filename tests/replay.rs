@@ -51,6 +51,7 @@ fn config(
         eval_every: 0,
         threads: 1,
         augment: bnlab::train::Augment::None,
+        bn: Default::default(),
     }
 }
 
@@ -196,6 +197,7 @@ fn same_seed_and_threads_give_bit_identical_results() {
                     TrainConfig {
                         threads,
                         augment: bnlab::train::Augment::None,
+                        bn: Default::default(),
                         seed: 7,
                         ..config(300, 60, 0.1, 0.9, 1e-4, Order::Shuffle)
                     },

@@ -99,6 +99,7 @@ pub fn run_variant(
         eval_every: setup.eval_every,
         threads: 1,
         augment: crate::train::Augment::None,
+        bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);

@@ -88,8 +88,9 @@ impl NormChoice {
     }
 }
 
-/// `spec` with every BatchNorm replaced as `choice` says, named `<name>-<norm>` (for `none`:
-/// [`crate::fold::plain_spec`]'s result, the matching preset where there is one). A model
+/// `spec` with every BatchNorm replaced as `choice` says. Batch renorm and ghost BN keep the
+/// name (their state is BN's); group and layer norm are named `<name>-gn4`, `<name>-ln`; `none`
+/// is [`crate::fold::plain_spec`]'s result (the matching preset where there is one). A model
 /// without BatchNorm is refused for any choice but `bn`.
 pub fn apply_norm(spec: &ModelSpec, choice: NormChoice) -> Result<ModelSpec> {
     if choice == NormChoice::Bn {
@@ -110,7 +111,11 @@ pub fn apply_norm(spec: &ModelSpec, choice: NormChoice) -> Result<ModelSpec> {
     }
     let mut out = spec.clone();
     out.layers = replace(&spec.layers, choice)?;
-    out.name = format!("{}-{}", spec.name, choice.flag().replace(':', ""));
+    // Batch renorm and ghost BN keep BN's state and its name: their checkpoints are BN
+    // checkpoints, loadable either way.
+    if !matches!(choice, NormChoice::Brn(_) | NormChoice::Ghost(_)) {
+        out.name = format!("{}-{}", spec.name, choice.flag().replace(':', ""));
+    }
     Ok(out)
 }
 
@@ -232,7 +237,7 @@ mod tests {
     fn replaces_every_batch_norm_under_its_name() {
         let spec = crate::model::preset("resnet20-bn").unwrap();
         let ghost = apply_norm(&spec, NormChoice::Ghost(8)).unwrap();
-        assert_eq!(ghost.name, "resnet20-bn-ghost8");
+        assert_eq!(ghost.name, "resnet20-bn", "ghost BN checkpoints are BN checkpoints");
         let text = ghost.to_json().to_string();
         let again = ModelSpec::parse(&text, "test").unwrap();
         assert_eq!(again.to_json().to_string(), text, "round trip");
