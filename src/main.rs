@@ -41,7 +41,7 @@ enum Command {
     /// Train a network (a preset or a model file) on a data set.
     ///
     /// Example: bnlab train --model resnet20-bn --data /usr/share/datasets/fashion-mnist --steps 2000 --batch-size 128 --lr 0.05 --momentum 0.9 --out runs/r20
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint on a data set's test split.
     Eval(EvalArgs),
     /// Measure training steps per second of the training loop alone.
@@ -394,7 +394,7 @@ struct GradArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench(a),
         Command::Fold(a) => fold_cmd(a),
