@@ -159,7 +159,8 @@ struct TrainArgs {
     schedule: String,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// shuffle (reshuffled every epoch) or sequential (batch k = examples kB..(k+1)B-1).
+    /// shuffle (reshuffled every epoch), sequential (batch k = examples kB..(k+1)B-1), or
+    /// grouped:K (non-i.i.d. batches: K pieces of B/K examples of one class each).
     #[arg(long, default_value = "shuffle")]
     order: String,
     /// Start from this checkpoint (safetensors, PyTorch state_dict names).

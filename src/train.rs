@@ -22,18 +22,32 @@ pub enum Order {
     Shuffle,
     /// Batch k holds examples k*B .. (k+1)*B-1 in file order, wrapping around at the end.
     Sequential,
+    /// Non-i.i.d. batches (Ioffe 2017, section 4.3): every batch is `classes` pieces of
+    /// B / `classes` examples, each piece of one class (so a batch holds at most `classes`
+    /// classes), the pieces in random order, reshuffled every epoch. Examples left over from
+    /// the pieces wait for a later epoch.
+    Grouped {
+        /// Pieces (classes) per batch; must divide the batch size.
+        classes: usize,
+    },
 }
 
 impl Order {
-    /// Parse `shuffle` or `sequential` (`--order`).
+    /// Parse `shuffle`, `sequential` or `grouped:K` (`--order`).
     pub fn parse(s: &str) -> Result<Order> {
+        let bad = || {
+            Error::config(
+                "--order",
+                format!("'{s}' (expected shuffle, sequential or grouped:K with K >= 1)"),
+            )
+        };
         match s {
             "shuffle" => Ok(Order::Shuffle),
             "sequential" => Ok(Order::Sequential),
-            _ => Err(Error::config(
-                "--order",
-                format!("'{s}' (expected shuffle or sequential)"),
-            )),
+            _ => match s.strip_prefix("grouped:").map(str::parse::<usize>) {
+                Some(Ok(classes)) if classes >= 1 => Ok(Order::Grouped { classes }),
+                _ => Err(bad()),
+            },
         }
     }
 }
@@ -47,6 +61,21 @@ pub struct Batches {
     pos: usize,
     rng: ChaCha8Rng,
     indices: Vec<usize>,
+    /// `Order::Grouped`'s labels and workspace, set up at the first batch.
+    groups: Option<Grouping>,
+}
+
+/// The workspace of `Order::Grouped`, sized once.
+struct Grouping {
+    labels: Vec<u8>,
+    /// Each class's examples.
+    by_class: Vec<Vec<usize>>,
+    /// (class, first index in `by_class[class]`) of every piece.
+    pieces: Vec<(usize, usize)>,
+    /// Examples per piece.
+    piece: usize,
+    /// The batches' part of a permutation: whole batches of pieces.
+    usable: usize,
 }
 
 impl Batches {
@@ -65,7 +94,63 @@ impl Batches {
             pos: 0,
             rng,
             indices: vec![0; batch],
+            groups: None,
         }
+    }
+
+    /// `Order::Grouped` needs the labels: set them up (once; later calls do nothing). The
+    /// first epoch's permutation is drawn here unless a restored state is being continued.
+    pub fn set_labels(&mut self, labels: &[u8]) -> Result<()> {
+        let Order::Grouped { classes } = self.order else {
+            return Ok(());
+        };
+        if self.groups.is_some() {
+            return Ok(());
+        }
+        if classes == 0 || !self.batch.is_multiple_of(classes) {
+            return Err(Error::config(
+                "--order",
+                format!(
+                    "grouped:{classes} needs a batch size divisible by {classes}, not {}",
+                    self.batch
+                ),
+            ));
+        }
+        if labels.len() != self.n {
+            return Err(Error::config(
+                "--order",
+                format!("{} labels for {} examples", labels.len(), self.n),
+            ));
+        }
+        let piece = self.batch / classes;
+        let k = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
+        let mut counts = vec![0usize; k];
+        for &l in labels {
+            counts[l as usize] += 1;
+        }
+        let pieces: usize = counts.iter().map(|c| c / piece).sum();
+        let usable = pieces / classes * classes * piece;
+        if usable == 0 {
+            return Err(Error::config(
+                "--order",
+                format!(
+                    "grouped:{classes} with batches of {}: no class has {piece} examples for a piece",
+                    self.batch
+                ),
+            ));
+        }
+        let mut g = Grouping {
+            labels: labels.to_vec(),
+            by_class: counts.iter().map(|&c| Vec::with_capacity(c)).collect(),
+            pieces: Vec::with_capacity(pieces),
+            piece,
+            usable,
+        };
+        if self.pos == 0 {
+            regroup(&mut g, &mut self.perm, &mut self.rng);
+        }
+        self.groups = Some(g);
+        Ok(())
     }
 
     /// Everything the following batches depend on: the current permutation, the position in
@@ -126,9 +211,54 @@ impl Batches {
                     .copy_from_slice(&self.perm[self.pos..self.pos + self.batch]);
                 self.pos += self.batch;
             }
+            Order::Grouped { .. } => {
+                let g = self
+                    .groups
+                    .as_mut()
+                    .expect("Batches::set_labels before the first grouped batch");
+                if self.pos + self.batch > g.usable {
+                    regroup(g, &mut self.perm, &mut self.rng);
+                    self.pos = 0;
+                }
+                self.indices
+                    .copy_from_slice(&self.perm[self.pos..self.pos + self.batch]);
+                self.pos += self.batch;
+            }
         }
         &self.indices
     }
+}
+
+/// A new epoch of `Order::Grouped`: every class's examples shuffled and cut into pieces, the
+/// pieces shuffled and laid out one after another, the examples left over at the end (so that
+/// `perm` stays a permutation). No allocation: the buffers were sized in `set_labels`.
+fn regroup(g: &mut Grouping, perm: &mut [usize], rng: &mut ChaCha8Rng) {
+    for v in &mut g.by_class {
+        v.clear();
+    }
+    for (i, &l) in g.labels.iter().enumerate() {
+        g.by_class[l as usize].push(i);
+    }
+    g.pieces.clear();
+    for (c, v) in g.by_class.iter_mut().enumerate() {
+        v.shuffle(rng);
+        for p in 0..v.len() / g.piece {
+            g.pieces.push((c, p * g.piece));
+        }
+    }
+    g.pieces.shuffle(rng);
+    let mut at = 0;
+    for &(c, start) in &g.pieces {
+        perm[at..at + g.piece].copy_from_slice(&g.by_class[c][start..start + g.piece]);
+        at += g.piece;
+    }
+    // The leftovers: each class's tail past its last piece, then pieces beyond `usable`.
+    for v in &g.by_class {
+        let tail = v.len() / g.piece * g.piece;
+        perm[at..at + v.len() - tail].copy_from_slice(&v[tail..]);
+        at += v.len() - tail;
+    }
+    debug_assert_eq!(at, perm.len());
 }
 
 /// Settings of a training run.
@@ -547,6 +677,7 @@ impl Trainer {
     /// training with `Error::Diverged` before the weights are touched.
     pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
         let b = self.config.batch_size;
+        self.batches.set_labels(&data.labels)?;
         let idx = self.batches.next_batch();
         if self.config.threads > 1 && self.augment.is_none() {
             // Each thread converts the half of every image that its half of the input layer
@@ -845,6 +976,40 @@ pub fn train_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouped batches: each is `classes` pieces of one class each, no example repeats within
+    /// an epoch, and the order stays a permutation (so run states restore it).
+    #[test]
+    fn grouped_batches_hold_few_classes() {
+        let labels: Vec<u8> = (0..1000u32).map(|i| ((i * 7) % 10) as u8).collect();
+        let mut b = Batches::new(Order::Grouped { classes: 2 }, 1000, 32, 5);
+        b.set_labels(&labels).unwrap();
+        // 100 per class, pieces of 16: 6 per class, 60 pieces, 30 batches an epoch.
+        for epoch in 0..3 {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..30 {
+                let idx = b.next_batch().to_vec();
+                for piece in idx.chunks(16) {
+                    assert!(piece.iter().all(|&i| labels[i] == labels[piece[0]]));
+                }
+                let classes: std::collections::HashSet<u8> =
+                    idx.iter().map(|&i| labels[i]).collect();
+                assert!(classes.len() <= 2, "{classes:?}");
+                for i in idx {
+                    assert!(seen.insert(i), "epoch {epoch}: example {i} twice");
+                }
+            }
+            let (perm, _, _, _) = b.state();
+            let mut sorted = perm.to_vec();
+            sorted.sort();
+            assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        }
+        assert!(Order::parse("grouped:0").is_err());
+        assert_eq!(Order::parse("grouped:4").unwrap(), Order::Grouped { classes: 4 });
+        let mut odd = Batches::new(Order::Grouped { classes: 3 }, 1000, 32, 5);
+        let e = odd.set_labels(&labels).unwrap_err().to_string();
+        assert!(e.contains("divisible by 3"), "{e}");
+    }
     use crate::data::Pixels;
     use crate::nn::TensorMut;
 
