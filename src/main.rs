@@ -71,6 +71,11 @@ enum Command {
 enum Study {
     /// Section 4.1, Figure 1: the MNIST sigmoid MLP with and without BN.
     Mnist(ReproduceArgs),
+    /// Where BN breaks (small and non-i.i.d. batches) and the normalizers that answer it:
+    /// BN, batch renorm, group norm, layer norm and none on vgg-mini-bn with Fashion-MNIST.
+    ///
+    /// Example: bnlab reproduce normalizers --quick --out runs/normalizers-quick
+    Normalizers(NormalizersArgs),
     /// Section 4.2, Figures 2-4: inception-mini on Fashion-MNIST with and without BN, at the
     /// baseline's best learning rate (from a sweep) and 5x / 30x it, and a BN-x30 ensemble.
     Inception(InceptionArgs),
@@ -336,6 +341,31 @@ struct InceptionArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct NormalizersArgs {
+    /// Fashion-MNIST directory (default: $BNLAB_DATA/fashion-mnist, else
+    /// /usr/share/datasets/fashion-mnist; never downloaded).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The whole path in a minute or two: 6,000 training examples per run.
+    #[arg(long)]
+    quick: bool,
+    /// Output folder. Finished runs are kept in DIR/runs; the same command again continues a
+    /// stopped study without redoing them.
+    #[arg(long, default_value = "runs/normalizers", value_name = "DIR")]
+    out: PathBuf,
+    /// Training examples every run sees (default 120,000; --quick 6,000).
+    #[arg(long)]
+    examples: Option<i64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report from the runs finished in --out so far (missing ones marked), without
+    /// training.
+    #[arg(long)]
+    report_only: bool,
+}
+
+#[derive(Args)]
 struct ModelsArgs {
     #[command(subcommand)]
     action: Option<ModelsAction>,
@@ -406,6 +436,9 @@ fn main() -> ExitCode {
         Command::Reproduce {
             study: Study::Mnist(a),
         } => reproduce_mnist(a),
+        Command::Reproduce {
+            study: Study::Normalizers(a),
+        } => reproduce_normalizers(a),
         Command::Reproduce {
             study: Study::Inception(a),
         } => reproduce_inception(a),
@@ -925,6 +958,97 @@ fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
     eprintln!(
         "reproduce mnist: {wall:.1} s; wrote {}",
         display_dir(&a.out)
+    );
+    Ok(())
+}
+
+fn reproduce_normalizers(a: NormalizersArgs) -> Result<()> {
+    use bnlab::experiments::normalizers::{self as norms, NormalizersSetup};
+    let mut setup = if a.quick {
+        NormalizersSetup::quick()
+    } else {
+        NormalizersSetup::default()
+    };
+    if let Some(n) = a.examples {
+        setup.examples = positive("--examples", n)?;
+    }
+    setup.seed = a.seed;
+    setup.validate()?;
+    let jobs = setup.jobs();
+    if a.report_only {
+        let results = norms::finished_results(&setup, &a.out);
+        let missing = results.iter().filter(|r| r.is_none()).count();
+        report::write_normalizers_report(
+            &a.out,
+            &report::NormalizersReport {
+                setup: &setup,
+                jobs: &jobs,
+                results: &results,
+            },
+        )?;
+        eprintln!(
+            "wrote the report of {} finished runs ({missing} missing) to {}",
+            jobs.len() - missing,
+            a.out.display()
+        );
+        return Ok(());
+    }
+    let split = data::fashion_mnist(a.data.as_deref())?;
+    prepare_out_dir(&a.out)?;
+    let t0 = std::time::Instant::now();
+    let done_before = std::sync::atomic::AtomicUsize::new(0);
+    let on_done = |d: norms::Done<'_>| {
+        if d.resumed {
+            done_before.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let fresh = d.finished - done_before.load(std::sync::atomic::Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let eta = if fresh > 0 && !d.resumed {
+            format!(
+                ", about {:.0} s to go",
+                elapsed / fresh as f64 * (d.total - d.finished) as f64
+            )
+        } else {
+            String::new()
+        };
+        let what = match d.result.test_accuracy {
+            Some(acc) => format!("test accuracy {:.2}%", 100.0 * acc),
+            None => format!(
+                "diverged at step {}",
+                d.result.diverged_at.unwrap_or_default()
+            ),
+        };
+        eprintln!(
+            "[{}/{}] {}: {what}{}{eta}",
+            d.finished,
+            d.total,
+            d.job.key(),
+            if d.resumed {
+                " (finished earlier)".to_string()
+            } else {
+                format!(" ({:.0} s)", d.result.seconds)
+            }
+        );
+    };
+    let results = norms::run_study(&setup, &split, &a.out, &on_done)?;
+    let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
+    report::write_normalizers_report(
+        &a.out,
+        &report::NormalizersReport {
+            setup: &setup,
+            jobs: &jobs,
+            results: &results,
+        },
+    )?;
+    eprintln!(
+        "wrote {}/summary.md, results.json, metrics.csv{} ({:.0} s)",
+        a.out.display(),
+        if cfg!(feature = "plots") {
+            ", batch_size.png/.svg"
+        } else {
+            ""
+        },
+        t0.elapsed().as_secs_f64()
     );
     Ok(())
 }

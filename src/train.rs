@@ -1005,7 +1005,10 @@ mod tests {
             assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
         }
         assert!(Order::parse("grouped:0").is_err());
-        assert_eq!(Order::parse("grouped:4").unwrap(), Order::Grouped { classes: 4 });
+        assert_eq!(
+            Order::parse("grouped:4").unwrap(),
+            Order::Grouped { classes: 4 }
+        );
         let mut odd = Batches::new(Order::Grouped { classes: 3 }, 1000, 32, 5);
         let e = odd.set_labels(&labels).unwrap_err().to_string();
         assert!(e.contains("divisible by 3"), "{e}");

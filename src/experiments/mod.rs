@@ -2,3 +2,4 @@
 
 pub mod inception;
 pub mod mnist;
+pub mod normalizers;

@@ -43,6 +43,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
     ("resnet20-bn", include_str!("../../models/resnet20-bn.json")),
     ("resnet20", include_str!("../../models/resnet20.json")),
+    ("vgg-mini-bn", include_str!("../../models/vgg-mini-bn.json")),
+    ("vgg-mini", include_str!("../../models/vgg-mini.json")),
 ];
 
 /// The preset names, in `bnlab models` order.

@@ -237,7 +237,10 @@ mod tests {
     fn replaces_every_batch_norm_under_its_name() {
         let spec = crate::model::preset("resnet20-bn").unwrap();
         let ghost = apply_norm(&spec, NormChoice::Ghost(8)).unwrap();
-        assert_eq!(ghost.name, "resnet20-bn", "ghost BN checkpoints are BN checkpoints");
+        assert_eq!(
+            ghost.name, "resnet20-bn",
+            "ghost BN checkpoints are BN checkpoints"
+        );
         let text = ghost.to_json().to_string();
         let again = ModelSpec::parse(&text, "test").unwrap();
         assert_eq!(again.to_json().to_string(), text, "round trip");

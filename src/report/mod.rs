@@ -23,6 +23,7 @@
 #[cfg(feature = "plots")]
 mod figure;
 mod inception;
+mod normalizers;
 #[cfg(feature = "plots")]
 mod png;
 mod summary;
@@ -37,6 +38,9 @@ pub use figure::line_chart;
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
     SetupRow, SweepRun,
+};
+pub use normalizers::{
+    claims as normalizer_claims, write_normalizers_report, Claim, NormalizersReport,
 };
 
 /// One evaluation during training.
