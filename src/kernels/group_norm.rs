@@ -68,7 +68,7 @@ impl Dims {
     }
     /// `Err` unless `groups` is at least 1 and divides `c`, and `c` and `s` are at least 1.
     pub fn check(&self) -> Result<()> {
-        if self.groups == 0 || self.c == 0 || self.s == 0 || self.c % self.groups != 0 {
+        if self.groups == 0 || self.c == 0 || self.s == 0 || !self.c.is_multiple_of(self.groups) {
             return Err(Error::Shape(format!(
                 "group norm: {} channels of {} positions cannot form {} groups (the channels must be a positive multiple of the groups)",
                 self.c, self.s, self.groups
