@@ -294,3 +294,314 @@ fn state_is_weight_and_bias_and_bad_groups_are_refused() {
     assert_eq!(dx, [0.0; 8]);
     assert_eq!(fresh.grad_beta().unwrap(), &[0.0; 4]);
 }
+
+// Model files, summary, training, fold and export with GroupNorm and LayerNorm.
+
+use bnlab::checkpoint::{self, TensorFile};
+use bnlab::model::{self, ModelSpec, Node};
+use bnlab::network::Network;
+use common::{fails_with, ok};
+
+/// A small conv net with a GroupNorm, a LayerNorm over feature maps and a LayerNorm over
+/// features (PyTorch's `nn.LayerNorm(16)`), and no BatchNorm.
+const GN_NET: &str = r#"{
+  "name": "gn-small",
+  "input": [1, 28, 28],
+  "layers": [
+    {"type": "Conv2d", "out_channels": 8, "kernel_size": 3, "padding": 1, "bias": false},
+    {"type": "GroupNorm", "num_groups": 4, "num_channels": 8, "eps": 1e-5, "affine": true},
+    {"type": "ReLU"},
+    {"type": "MaxPool2d", "kernel_size": 2},
+    {"type": "Conv2d", "out_channels": 6, "kernel_size": 3, "padding": 1},
+    {"type": "LayerNorm"},
+    {"type": "ReLU"},
+    {"type": "GlobalAvgPool"},
+    {"type": "Linear", "out_features": 16},
+    {"type": "LayerNorm", "normalized_shape": 16},
+    {"type": "ReLU"},
+    {"type": "Linear", "out_features": 10}
+  ]
+}"#;
+
+/// Parse and build `layers` in a 1x28x28 model; the error message.
+fn build_error(layers: &str) -> String {
+    let text = format!(r#"{{"name": "t", "input": [1, 28, 28], "layers": [{layers}]}}"#);
+    match ModelSpec::parse(&text, "t.json") {
+        Err(e) => e.to_string(),
+        Ok(spec) => match model::build(&spec, &[1, 28, 28], 0, false) {
+            Ok(_) => panic!("expected an error for {layers}"),
+            Err(e) => e.to_string(),
+        },
+    }
+}
+
+#[test]
+fn model_files_build_group_and_layer_norm_with_pytorch_names() {
+    let spec = ModelSpec::parse(GN_NET, "gn.json").unwrap();
+    assert_eq!(
+        spec.layers[1].node,
+        Node::GroupNorm {
+            groups: 4,
+            num_channels: Some(8),
+            eps: 1e-5,
+            affine: true
+        }
+    );
+    assert_eq!(
+        spec.layers[9].node,
+        Node::LayerNorm {
+            normalized_shape: Some(vec![16]),
+            eps: 1e-5,
+            affine: true
+        }
+    );
+    assert!(!spec.has_batch_norm());
+    // Written back and parsed again: the same tree.
+    let again = ModelSpec::parse(&spec.to_json().to_string(), "again").unwrap();
+    assert_eq!(again, spec);
+    let built = model::build(&spec, &[1, 28, 28], 0, false).unwrap();
+    let rows: Vec<(String, usize, Vec<usize>)> = built
+        .summary
+        .iter()
+        .filter(|r| r.kind.ends_with("Norm"))
+        .map(|r| (r.kind.clone(), r.params, r.output.clone()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("GroupNorm".to_string(), 16, vec![8, 28, 28]),
+            ("LayerNorm".to_string(), 12, vec![6, 14, 14]),
+            ("LayerNorm".to_string(), 32, vec![16]),
+        ]
+    );
+    let mut net = Network::build(&spec, &[1, 28, 28], 0, 4, 1).unwrap();
+    assert!(!net.has_batch_norm());
+    let mut names = Vec::new();
+    net.body
+        .visit_state("", &mut |n, s, _| names.push(format!("{n}{s:?}")));
+    for want in [
+        "1.weight[8]",
+        "1.bias[8]",
+        "5.weight[6]",
+        "5.bias[6]",
+        "9.weight[16]",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("running")), "{names:?}");
+    // A batch of one goes through (no batch statistics).
+    let x = Lcg(3).vec_f32(784, 1.0, 0.0);
+    let logits = net.forward(&x, 1, Mode::Train).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bad_group_and_layer_norm_entries_are_errors_naming_their_place() {
+    let conv = r#"{"type": "Conv2d", "out_channels": 8, "kernel_size": 3}"#;
+    let cases: &[(&str, &[&str])] = &[
+        (
+            r#"{"type": "GroupNorm", "num_groups": 3}"#,
+            &[
+                "layers[1] (module '1')",
+                "num_groups 3 does not divide the 8 channels",
+            ],
+        ),
+        (
+            r#"{"type": "GroupNorm", "num_groups": 2, "num_channels": 6}"#,
+            &[
+                "layers[1] (module '1')",
+                "num_channels is 6 but the input has 8",
+            ],
+        ),
+        (
+            r#"{"type": "GroupNorm"}"#,
+            &["layers[1] (module '1')", "GroupNorm needs 'num_groups'"],
+        ),
+        (
+            r#"{"type": "GroupNorm", "num_groups": 0}"#,
+            &["layers[1]", "'num_groups' must be at least 1"],
+        ),
+        (
+            r#"{"type": "GroupNorm", "num_groups": 2, "momentum": 0.1}"#,
+            &["layers[1]", "unknown key 'momentum' for GroupNorm"],
+        ),
+        (
+            r#"{"type": "LayerNorm", "normalized_shape": 8}"#,
+            &[
+                "layers[1] (module '1')",
+                "normalized_shape is [8] but the input is [8, 26, 26]",
+            ],
+        ),
+        (
+            r#"{"type": "LayerNorm", "normalized_shape": "x"}"#,
+            &["layers[1]", "'normalized_shape' must be a positive integer"],
+        ),
+        (
+            r#"{"type": "LayerNorm", "eps": 0}"#,
+            &["layers[1]", "'eps' must be positive"],
+        ),
+        (
+            r#"{"type": "LayerNorm", "affine": false}"#,
+            &["layers[1]", "unknown key 'affine' for LayerNorm"],
+        ),
+    ];
+    for (entry, needles) in cases {
+        let e = build_error(&format!("{conv}, {entry}"));
+        for n in *needles {
+            assert!(e.contains(n), "{entry}: expected '{n}' in: {e}");
+        }
+    }
+    // A LayerNorm given the whole shape of maps is fine.
+    let text = format!(
+        r#"{{"name": "t", "input": [1, 28, 28], "layers": [{conv},
+           {{"type": "LayerNorm", "normalized_shape": [8, 26, 26], "elementwise_affine": false}},
+           {{"type": "GlobalAvgPool"}}, {{"type": "Linear", "out_features": 2}}]}}"#
+    );
+    let spec = ModelSpec::parse(&text, "t").unwrap();
+    let built = model::build(&spec, &[1, 28, 28], 0, false).unwrap();
+    assert_eq!(built.summary[1].params, 0);
+}
+
+/// From the command line: summary counts GN/LN parameters, `train --model FILE` trains the GN
+/// net end to end on synthetic data (also with a batch of one, which BatchNorm nets refuse),
+/// the checkpoint has PyTorch's names and trained gamma values; `fold` and `export` refuse
+/// with clear errors.
+#[test]
+fn a_group_norm_model_file_trains_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_mnist(&data, 120, 20);
+    let d = data.to_str().unwrap();
+    let file = tmp.path().join("gn-small.json");
+    std::fs::write(&file, GN_NET).unwrap();
+    let m = file.to_str().unwrap();
+    let summary = ok(&["summary", "--model", m, "--data", d]);
+    assert!(summary.contains("GroupNorm"), "{summary}");
+    assert!(summary.contains("LayerNorm"), "{summary}");
+    // 72 + 16 + (432 + 6) + 12 + (96 + 16) + 32 + (160 + 10).
+    assert!(summary.contains("total parameters: 852"), "{summary}");
+    let w = tmp.path().join("w.safetensors");
+    let w_s = w.to_str().unwrap();
+    for batch in ["8", "1"] {
+        ok(&[
+            "train",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--steps",
+            "6",
+            "--batch-size",
+            batch,
+            "--lr",
+            "0.1",
+            "--eval-every",
+            "0",
+            "--save",
+            w_s,
+        ]);
+    }
+    let f = TensorFile::read(&w).unwrap();
+    let gamma = f.f32s("1.weight").expect("GroupNorm weight saved");
+    assert_eq!(gamma.len(), 8);
+    assert!(
+        gamma.iter().any(|&g| g != 1.0),
+        "gamma did not train: {gamma:?}"
+    );
+    assert!(f.f32s("9.bias").is_some());
+    assert!(!f.tensors.keys().any(|k| k.contains("running")));
+    // Loads back into the network.
+    let spec = model::resolve(m).unwrap();
+    let mut net = Network::build(&spec, &[1, 28, 28], 0, 4, 1).unwrap();
+    checkpoint::load(&mut net, &w).unwrap();
+    let onnx = tmp.path().join("m.onnx");
+    fails_with(
+        &[
+            "export",
+            "--model",
+            m,
+            "--weights",
+            w_s,
+            "--out",
+            onnx.to_str().unwrap(),
+        ],
+        &[
+            "does not support group or layer normalization",
+            "GroupNorm(4, 8",
+        ],
+    );
+    fails_with(
+        &[
+            "fold",
+            "--model",
+            m,
+            "--weights",
+            w_s,
+            "--save",
+            onnx.to_str().unwrap(),
+        ],
+        &["no batch normalization to fold"],
+    );
+}
+
+/// Folding a net with BatchNorm and GroupNorm: each BN goes into the layer before it, the
+/// GroupNorm stays (its trained gamma and beta copied) and the folded network computes the
+/// same inference function. A BatchNorm after a GroupNorm cannot be folded.
+#[test]
+fn fold_keeps_group_norm_as_it_is() {
+    let text = r#"{"name": "bn-gn", "input": [1, 12, 12], "layers": [
+        {"type": "Conv2d", "out_channels": 4, "kernel_size": 3, "bias": false},
+        {"type": "BatchNorm2d"},
+        {"type": "ReLU"},
+        {"type": "GroupNorm", "num_groups": 2},
+        {"type": "Conv2d", "out_channels": 4, "kernel_size": 3},
+        {"type": "BatchNorm2d"},
+        {"type": "Flatten"},
+        {"type": "LayerNorm"},
+        {"type": "Linear", "out_features": 3}
+    ]}"#;
+    let spec = ModelSpec::parse(text, "t").unwrap();
+    let mut net = Network::build(&spec, &[1, 12, 12], 1, 8, 1).unwrap();
+    let mut rng = Lcg(21);
+    // Training-like state: BN statistics and every gamma and beta away from their defaults.
+    let x = rng.vec_f32(8 * 144, 1.0, 0.5);
+    for _ in 0..5 {
+        net.forward(&x, 8, Mode::Train).unwrap();
+    }
+    net.body.for_each_param(&mut |p, _| {
+        for v in p.iter_mut() {
+            *v += 0.3 * rng.next() as f32;
+        }
+    });
+    let folded_spec = bnlab::fold::plain_spec(&spec).unwrap();
+    assert!(!folded_spec.has_batch_norm());
+    let kinds: Vec<bool> = folded_spec
+        .layers
+        .iter()
+        .map(|c| matches!(c.node, Node::GroupNorm { .. } | Node::LayerNorm { .. }))
+        .collect();
+    assert_eq!(kinds.iter().filter(|&&k| k).count(), 2, "{folded_spec:?}");
+    let mut folded = bnlab::fold::fold(&mut net).unwrap();
+    let a = net.forward(&x, 8, Mode::Eval).unwrap().to_vec();
+    let b = folded.forward(&x, 8, Mode::Eval).unwrap().to_vec();
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(
+        worst < 1e-4,
+        "folded logits differ by {worst}: {a:?} vs {b:?}"
+    );
+
+    let bad = r#"{"name": "gn-bn", "input": [4], "layers": [
+        {"type": "Linear", "out_features": 4},
+        {"type": "LayerNorm"},
+        {"type": "BatchNorm1d"},
+        {"type": "Linear", "out_features": 2}
+    ]}"#;
+    let e = bnlab::fold::plain_spec(&ModelSpec::parse(bad, "t").unwrap())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("cannot fold the BatchNorm '2'"), "{e}");
+}
