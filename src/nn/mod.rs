@@ -178,7 +178,7 @@ pub trait Layer: Send {
     ///
     /// Without a forward pass to differentiate (before any forward pass, after one that
     /// failed, or with an `n` other than the last forward's), the layers that cache something
-    /// in `forward` (BatchNorm, Dropout, MaxPool2d, and the containers Sequential, Concat and
+    /// in `forward` (BatchNorm, GroupNorm, Dropout, MaxPool2d, and the containers Sequential, Concat and
     /// Residual) set their parameter gradients to zero and fill `dx` with zeros. The others
     /// (activations, Linear, Conv2d, AvgPool2d, GlobalAvgPool, Flatten) differentiate at the
     /// `x` and `y` given, whatever was forwarded before.
