@@ -600,8 +600,7 @@ fn fold_keeps_group_norm_as_it_is() {
         {"type": "Linear", "out_features": 2}
     ]}"#;
     let e = bnlab::fold::plain_spec(&ModelSpec::parse(bad, "t").unwrap())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("cannot fold the BatchNorm '2'"), "{e}");
 }
