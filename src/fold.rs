@@ -15,13 +15,17 @@
 //!
 //! A Conv2d folds the same way, one row of its `[out, in*k*k]` weight per output channel.
 //!
+//! Group and layer normalization (`GroupNorm`) normalize each example with its own statistics,
+//! which no weight can absorb: they stay in the folded model as they are (gamma and beta
+//! copied), and a BatchNorm after one cannot be folded (an error).
+//!
 //! `fold` turns a network of a BN preset into one of its plain counterpart (`mlp-fig1-bn` ->
 //! `mlp-fig1`, `inception-mini-bn` -> `inception-mini`), so the result trains, evaluates, saves and loads under the plain preset's
 //! PyTorch names. `s` and the products are computed in f64 and rounded once to f32.
 
 use crate::model::{self, Child, ModelSpec, Node};
 use crate::network::Network;
-use crate::nn::{BatchNorm, Conv2d, Dropout, Layer, Linear};
+use crate::nn::{BatchNorm, Conv2d, Dropout, GroupNorm, Layer, Linear};
 use crate::{Error, Result};
 
 /// One parameterized layer of the folded network, as read from the BN network.
@@ -41,6 +45,9 @@ enum Folded {
     },
     /// A layer without parameters, named by `describe`, that must match the plain network's.
     Stateless(String),
+    /// A group or layer norm (named by `describe`): it depends on each example's own
+    /// statistics, so it folds into nothing and stays as it is, gamma and beta copied.
+    Norm(String, Option<Vec<f32>>, Option<Vec<f32>>),
 }
 
 /// The leaves of `layer` in forward order, through every container (`Layer::children`).
@@ -221,6 +228,11 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                     "layer {i} ({}) does not follow a Linear or Conv2d",
                     layers[i].describe()
                 )));
+            } else if let Some(gn) = any.downcast_mut::<GroupNorm>() {
+                let (gamma, beta) = (gn.gamma.clone(), gn.beta.clone());
+                folded.push(Folded::Norm(layers[i].describe(), gamma, beta));
+                i += 1;
+                continue;
             } else {
                 if !any.is::<Dropout>() {
                     folded.push(Folded::Stateless(layers[i].describe()));
@@ -333,6 +345,18 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 conv.weight.copy_from_slice(&weight);
                 conv.bias = bias;
             }
+            Folded::Norm(desc, gamma, beta) => match dst.as_any_mut().downcast_mut::<GroupNorm>() {
+                Some(gn) if desc == what => {
+                    gn.gamma = gamma;
+                    gn.beta = beta;
+                }
+                _ => {
+                    return Err(unexpected(format!(
+                        "folded layer {j} is {desc}, {} has {what}",
+                        plain.name
+                    )))
+                }
+            },
             Folded::Stateless(desc) => {
                 if desc != what {
                     return Err(unexpected(format!(

@@ -37,8 +37,8 @@ use crate::checkpoint::write_atomic;
 use crate::network::Network;
 use crate::nn::named::child_prefix;
 use crate::nn::{
-    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
-    MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
+    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, GroupNorm, Layer,
+    Linear, MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use std::path::Path;
@@ -388,6 +388,16 @@ impl Graph {
         if let Some(ap) = any.downcast_mut::<AvgPool2d>() {
             let (g, o, inc) = (ap.geometry(), ap.out_hw(), ap.count_include_pad());
             return self.pool("AveragePool", name, &desc, g, o, Some(inc), out);
+        }
+        if any.is::<GroupNorm>() {
+            // ONNX's GroupNormalization (opset 18, 21) and LayerNormalization (opset 17) do not
+            // both fit opset 17 with per-channel scales; refused rather than exported wrongly.
+            return Err(Error::config(
+                "model",
+                format!(
+                    "ONNX export does not support group or layer normalization yet: layer {name} ({desc})"
+                ),
+            ));
         }
         if let Some(gap) = any.downcast_mut::<GlobalAvgPool>() {
             let c = gap.c;

@@ -5,8 +5,8 @@
 //! every parameter for one training mini-batch must be within the case's relative-L2
 //! tolerance, tensor by tensor, with the same names; for every `eval` case, the PyTorch-trained
 //! checkpoint must classify within 2 of PyTorch's count of test images. One line per case is
-//! printed (worst tensor, error, tolerance). Cases that need a normalizer bnlab does not have
-//! yet (`norm`) are reported as skipped by name. With `BNLAB_REQUIRE_DATA=1` (CI) missing data
+//! printed (worst tensor, error, tolerance). A case with `norm` runs the preset with `--norm`
+//! applied (`gn:4`: every BatchNorm2d a GroupNorm under the same name). With `BNLAB_REQUIRE_DATA=1` (CI) missing data
 //! fails instead of skipping.
 
 mod common;
@@ -58,8 +58,13 @@ fn floats(file: &TensorFile, name: &str) -> Vec<f64> {
     }
 }
 
-fn network(model_name: &str, data: &Dataset, max_batch: usize) -> Network {
-    let spec = model::preset(model_name).expect("preset");
+fn network(model_name: &str, norm: Option<&str>, data: &Dataset, max_batch: usize) -> Network {
+    let mut spec = model::preset(model_name).expect("preset");
+    if let Some(norm) = norm {
+        // `--norm`: e.g. resnet20-bn with every BatchNorm2d a GroupNorm(4, C), same names.
+        let choice = model::NormChoice::parse(norm).expect("the case's --norm");
+        spec = model::apply_norm(&spec, choice).expect("--norm applies");
+    }
     let input = model::resolve_input(&spec, Some(&[data.channels, data.rows, data.cols]))
         .expect("input shape");
     Network::build(&spec, &input, 0, max_batch, 1).expect("network builds")
@@ -137,18 +142,13 @@ fn run_cases(dir: &Path) -> usize {
             skip(&format!("{name}: data set {} not present", get("data")));
             continue;
         };
-        if let Some(norm) = case.get("norm").and_then(|v| v.as_str()) {
-            common::skip_optional(&format!(
-                "{name}: needs --norm {norm} (the normalizers issue)"
-            ));
-            continue;
-        }
+        let norm = case.get("norm").and_then(|v| v.as_str());
         match get("kind") {
             "gradient" => {
                 let batch = case["batch_size"].as_u64().unwrap() as usize;
                 let offset = case["offset"].as_u64().unwrap_or(0) as usize;
                 let tol = case["tolerance_rel_l2"].as_f64().unwrap();
-                let mut net = network(get("model"), train, batch);
+                let mut net = network(get("model"), norm, train, batch);
                 let expected = TensorFile::read(&dir.join(get("expected"))).unwrap();
                 match case.get("init_xorshift").and_then(|v| v.as_object()) {
                     Some(spec) => {
@@ -207,7 +207,7 @@ fn run_cases(dir: &Path) -> usize {
             "eval" => {
                 let data = split.expect("eval cases need a data set's test split");
                 let want = case["test_correct"].as_u64().unwrap() as i64;
-                let mut net = network(get("model"), &data.train, 500);
+                let mut net = network(get("model"), norm, &data.train, 500);
                 checkpoint::load(&mut net, &dir.join(get("weights"))).expect("weights load");
                 let mut ev = Evaluator::new(500, data.test.features());
                 let got = ev

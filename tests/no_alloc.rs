@@ -6,7 +6,8 @@ mod common;
 use bnlab::data::load_mnist_dir;
 use bnlab::network::Network;
 use bnlab::nn::{
-    BatchNorm, Conv2d, Ctx, GlobalAvgPool, Layer, Linear, Mode, Relu, Residual, Sequential,
+    BatchNorm, Conv2d, Ctx, GlobalAvgPool, GroupNorm, Layer, Linear, Mode, Relu, Residual,
+    Sequential,
 };
 use bnlab::optim::Schedule;
 use bnlab::train::{Order, TrainConfig, Trainer};
@@ -189,8 +190,66 @@ fn residual_steps_do_not_allocate() {
     }
 }
 
+/// Group and layer normalization (maps and features) in a small conv net: forward and backward
+/// allocate nothing once reserved, on 1 and 2 threads, in training and inference mode.
+fn group_norm_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = common::Lcg(9);
+    let mut conv = |cin, cout| -> Box<dyn Layer> {
+        let mut c = Conv2d::new(cin, cout, 3, 1, 1, false, 16, 16).unwrap();
+        let w = rng.vec_f32(c.weight.len(), 0.3, 0.0);
+        c.set_weight(&w);
+        Box::new(c)
+    };
+    let mut net = Sequential::new(vec![
+        conv(3, 8),
+        Box::new(GroupNorm::group(4, 8, 256, 1e-5, true).unwrap()),
+        Box::new(Relu::new(8 * 256)),
+        conv(8, 8),
+        Box::new(GroupNorm::layer(8, 256, 1e-5, true).unwrap()),
+        Box::new(GlobalAvgPool::new(8, 16, 16).unwrap()),
+        Box::new(Linear::new(8, 16, true)),
+        Box::new(GroupNorm::layer(16, 1, 1e-5, true).unwrap()),
+        Box::new(Linear::new(16, 10, true)),
+    ]);
+    let n = 16;
+    net.reserve(n);
+    let x = rng.vec_f32(n * net.in_size(), 1.0, 0.0);
+    let dy = rng.vec_f32(n * 10, 1.0, 0.0);
+    let mut y = vec![0f32; n * 10];
+    let mut dx = vec![0f32; x.len()];
+    for threads in [1, 2] {
+        for mode in [Mode::Train, Mode::Eval] {
+            let ctx = Ctx { mode, threads };
+            let mut step = |net: &mut Sequential| {
+                net.forward(ctx, &x, &mut y, n).unwrap();
+                net.backward(ctx, &x, &y, &dy, Some(&mut dx), n);
+                net.for_each_param(&mut |p, g| {
+                    for (a, &b) in p.iter_mut().zip(g) {
+                        *a -= 1e-3 * b;
+                    }
+                });
+            };
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_millis(200) {
+                step(&mut net);
+            }
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            for _ in 0..10 {
+                step(&mut net);
+            }
+            let after = ALLOCATIONS.load(Ordering::SeqCst);
+            assert_eq!(
+                after - before,
+                0,
+                "{threads} threads, {mode:?}: allocations in steps"
+            );
+        }
+    }
+}
+
 fn main() {
-    let checks: [(&str, fn()); 3] = [
+    let checks: [(&str, fn()); 4] = [
         (
             "training_steps_do_not_allocate",
             training_steps_do_not_allocate,
@@ -202,6 +261,10 @@ fn main() {
         (
             "residual_steps_do_not_allocate",
             residual_steps_do_not_allocate,
+        ),
+        (
+            "group_norm_steps_do_not_allocate",
+            group_norm_steps_do_not_allocate,
         ),
     ];
     for (name, check) in checks {

@@ -41,6 +41,7 @@ pub use simd_kernel;
 
 pub mod activation;
 pub mod batch_norm;
+pub mod group_norm;
 pub mod matmul;
 pub mod sparse;
 pub mod team;

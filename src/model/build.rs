@@ -6,8 +6,8 @@
 use super::spec::{module_path, BiasInit, Child, Init, ModelSpec, Node, WeightInit};
 use crate::kernels::batch_norm::RunningAverage;
 use crate::nn::{
-    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, Layer, Linear,
-    MaxPool2d, Relu, Renorm, Residual, Sequential, Sigmoid, Tanh,
+    AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, GroupNorm, Layer,
+    Linear, MaxPool2d, Relu, Renorm, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -161,6 +161,8 @@ fn kind_name(node: &Node) -> &'static str {
         Node::Conv2d { .. } => "Conv2d",
         Node::BatchNorm { two_d: false, .. } => "BatchNorm1d",
         Node::BatchNorm { two_d: true, .. } => "BatchNorm2d",
+        Node::GroupNorm { .. } => "GroupNorm",
+        Node::LayerNorm { .. } => "LayerNorm",
         Node::Relu => "ReLU",
         Node::Sigmoid => "Sigmoid",
         Node::Tanh => "Tanh",
@@ -430,6 +432,15 @@ impl Builder<'_> {
                 let params = if *affine { 2 * c } else { 0 };
                 (Box::new(bn), input.to_vec(), params, 0)
             }
+            Node::GroupNorm { .. } | Node::LayerNorm { .. } => {
+                let gn = group_norm(&c.node, input).map_err(|e| self.err(json, &module, e))?;
+                let params = if gn.gamma.is_some() {
+                    2 * gn.channels
+                } else {
+                    0
+                };
+                (Box::new(gn), input.to_vec(), params, 0)
+            }
             Node::Relu => (Box::new(Relu::new(size)), input.to_vec(), 0, 0),
             Node::Sigmoid => (Box::new(Sigmoid::new(size)), input.to_vec(), 0, 0),
             Node::Tanh => (Box::new(Tanh::new(size)), input.to_vec(), 0, 0),
@@ -577,4 +588,55 @@ impl Builder<'_> {
             .filter(|r| r.depth == depth)
             .fold((0, 0), |(p, m), r| (p + r.params, m + r.macs))
     }
+}
+
+/// The layer of a `GroupNorm` or `LayerNorm` node on one example of shape `input` (`[C]` or
+/// `[C, H, W]`), or what is wrong with it.
+fn group_norm(node: &Node, input: &[usize]) -> std::result::Result<GroupNorm, String> {
+    let (c, s) = match input {
+        [c] => (*c, 1),
+        [c, h, w] => (*c, h * w),
+        _ => {
+            return Err(format!(
+                "needs [features] or [channels, height, width], got {input:?}"
+            ))
+        }
+    };
+    let made = match node {
+        Node::GroupNorm {
+            groups,
+            num_channels,
+            eps,
+            affine,
+        } => {
+            if let Some(nc) = num_channels.filter(|&nc| nc != c) {
+                return Err(format!(
+                    "num_channels is {nc} but the input has {c} channels"
+                ));
+            }
+            if c % groups != 0 {
+                return Err(format!(
+                    "num_groups {groups} does not divide the {c} channels"
+                ));
+            }
+            GroupNorm::group(*groups, c, s, *eps as f32, *affine)
+        }
+        Node::LayerNorm {
+            normalized_shape,
+            eps,
+            affine,
+        } => {
+            if let Some(ns) = normalized_shape
+                .as_ref()
+                .filter(|ns| ns.as_slice() != input)
+            {
+                return Err(format!(
+                    "normalized_shape is {ns:?} but the input is {input:?} (layer norm normalizes over the whole example)"
+                ));
+            }
+            GroupNorm::layer(c, s, *eps as f32, *affine)
+        }
+        _ => unreachable!("group_norm is called for GroupNorm and LayerNorm nodes"),
+    };
+    made.map_err(|e| e.to_string())
 }

@@ -159,12 +159,23 @@ fn replace_node(node: &Node, choice: NormChoice) -> Result<Node> {
                 ghost: Some(g),
                 renorm: None,
             },
-            NormChoice::Gn(_) | NormChoice::Ln => {
-                return Err(Error::config(
-                    "--norm",
-                    format!("{} is not available yet", choice.flag()),
-                ))
-            }
+            NormChoice::Gn(groups) => Node::GroupNorm {
+                groups,
+                num_channels: *num_features,
+                eps: *eps,
+                affine: *affine,
+            },
+            // Over the features of an example (BatchNorm1d's place) or over (C, H, W) of a
+            // feature map with per-channel affine (BatchNorm2d's).
+            NormChoice::Ln => Node::LayerNorm {
+                normalized_shape: if *two_d {
+                    None
+                } else {
+                    num_features.map(|f| vec![f])
+                },
+                eps: *eps,
+                affine: *affine,
+            },
             NormChoice::Bn | NormChoice::None => node.clone(),
         },
         Node::Sequential { layers } => Node::Sequential {
@@ -251,6 +262,30 @@ mod tests {
             "{text}"
         );
         assert!(bns >= 19);
+        let gn = apply_norm(&spec, NormChoice::Gn(4)).unwrap();
+        assert_eq!(gn.name, "resnet20-bn-gn4");
+        let text = gn.to_json().to_string();
+        assert_eq!(text.matches("\"GroupNorm\"").count(), bns, "{text}");
+        assert!(!text.contains("BatchNorm"));
+        let ln = apply_norm(&spec, NormChoice::Ln).unwrap();
+        assert_eq!(
+            ln.to_json().to_string().matches("\"LayerNorm\"").count(),
+            bns
+        );
+        let input = crate::model::resolve_input(&gn, Some(&[1, 28, 28])).unwrap();
+        crate::model::build(&gn, &input, 0, false).unwrap();
+        let mlp = crate::model::preset("mlp-fig1-bn").unwrap();
+        let ln = apply_norm(&mlp, NormChoice::Ln).unwrap();
+        let input = crate::model::resolve_input(&ln, Some(&[1, 28, 28])).unwrap();
+        crate::model::build(&ln, &input, 0, false).unwrap();
+        // Groups that do not divide the channels are refused when the network is built.
+        let gn5 = apply_norm(&spec, NormChoice::Gn(5)).unwrap();
+        let input = crate::model::resolve_input(&gn5, Some(&[1, 28, 28])).unwrap();
+        let e = match crate::model::build(&gn5, &input, 0, false) {
+            Ok(_) => panic!("5 groups of 16 channels were accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("bn1") && e.contains('5'), "{e}");
         let plain = apply_norm(&spec, NormChoice::None).unwrap();
         assert_eq!(plain.name, "resnet20");
         let none = crate::model::preset("resnet20").unwrap();

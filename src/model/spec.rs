@@ -132,6 +132,31 @@ pub enum Node {
         /// plain batch normalization.
         renorm: Option<RenormSpec>,
     },
+    /// `nn.GroupNorm(groups, C)` on `[C, H, W]` or `[C]`: per example over each group of
+    /// `C / groups` consecutive channels and their positions; per-channel affine (`weight`,
+    /// `bias`); no running statistics.
+    GroupNorm {
+        /// Groups (`num_groups`); must divide the channels.
+        groups: usize,
+        /// As stated in the file (checked against the input), if given.
+        num_channels: Option<usize>,
+        /// Added to the variance (default 1e-5).
+        eps: f64,
+        /// Whether gamma and beta are learned (default true).
+        affine: bool,
+    },
+    /// Layer normalization: on `[F]` PyTorch's `nn.LayerNorm(F)`; on `[C, H, W]` over C, H, W
+    /// of each example with a per-channel affine (group norm with one group, Wu & He 2018;
+    /// PyTorch's `nn.LayerNorm([C, H, W])` would learn one gamma per value).
+    LayerNorm {
+        /// As stated in the file (checked against the input shape: `[F]`, or `[C, H, W]`), if
+        /// given.
+        normalized_shape: Option<Vec<usize>>,
+        /// Added to the variance (default 1e-5).
+        eps: f64,
+        /// Whether gamma and beta are learned (`elementwise_affine`, default true).
+        affine: bool,
+    },
     /// `nn.ReLU`, on any shape.
     Relu,
     /// `nn.Sigmoid`, on any shape.
@@ -382,6 +407,8 @@ pub const LAYER_KINDS: &[&str] = &[
     "Conv2d",
     "BatchNorm1d",
     "BatchNorm2d",
+    "GroupNorm",
+    "LayerNorm",
     "ReLU",
     "Sigmoid",
     "Tanh",
@@ -605,6 +632,32 @@ fn child_json(c: &Child) -> Value {
                 put("rmax", r.rmax.into());
                 put("dmax", r.dmax.into());
             }
+        }
+        Node::GroupNorm {
+            groups,
+            num_channels,
+            eps,
+            affine,
+        } => {
+            put("type", "GroupNorm".into());
+            put("num_groups", (*groups).into());
+            if let Some(v) = num_channels {
+                put("num_channels", (*v).into());
+            }
+            put("eps", (*eps).into());
+            put("affine", (*affine).into());
+        }
+        Node::LayerNorm {
+            normalized_shape,
+            eps,
+            affine,
+        } => {
+            put("type", "LayerNorm".into());
+            if let Some(v) = normalized_shape {
+                put("normalized_shape", v.clone().into());
+            }
+            put("eps", (*eps).into());
+            put("elementwise_affine", (*affine).into());
         }
         Node::Relu => put("type", "ReLU".into()),
         Node::Sigmoid => put("type", "Sigmoid".into()),
@@ -890,6 +943,7 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
                 renorm,
             }
         }
+        "GroupNorm" | "LayerNorm" => parse_group_norm(&mut o, kind_str == "LayerNorm")?,
         "ReLU" => Node::Relu,
         "Sigmoid" => Node::Sigmoid,
         "Tanh" => Node::Tanh,
@@ -984,4 +1038,49 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
     };
     o.finish()?;
     Ok(Child { name, node })
+}
+
+/// The keys of `GroupNorm` (`num_groups`, `num_channels`, `eps`, `affine`) or `LayerNorm`
+/// (`normalized_shape`: an integer or an array of integers, `eps`, `elementwise_affine`).
+fn parse_group_norm(o: &mut Obj<'_>, layer: bool) -> Result<Node> {
+    let eps = o.f64_or("eps", 1e-5)?;
+    if eps <= 0.0 {
+        return Err(o.err("'eps' must be positive"));
+    }
+    if !layer {
+        let groups = o.positive("num_groups", None)?;
+        let num_channels = o.optional_usize("num_channels")?;
+        let affine = o.bool_or("affine", true)?;
+        return Ok(Node::GroupNorm {
+            groups,
+            num_channels,
+            eps,
+            affine,
+        });
+    }
+    let given = o.get("normalized_shape");
+    let bad = || o.err("'normalized_shape' must be a positive integer or an array of them");
+    let normalized_shape = match given {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![
+            n.as_u64().filter(|&v| v >= 1).ok_or_else(bad)? as usize
+        ]),
+        Some(Value::Array(dims)) if !dims.is_empty() => Some(
+            dims.iter()
+                .map(|d| {
+                    d.as_u64()
+                        .filter(|&v| v >= 1)
+                        .map(|v| v as usize)
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(_) => return Err(bad()),
+    };
+    let affine = o.bool_or("elementwise_affine", true)?;
+    Ok(Node::LayerNorm {
+        normalized_shape,
+        eps,
+        affine,
+    })
 }

@@ -37,6 +37,7 @@ pub mod concat;
 pub mod conv;
 pub mod dropout;
 pub mod flatten;
+pub mod group_norm;
 pub mod linear;
 pub mod named;
 pub mod pool;
@@ -49,6 +50,7 @@ pub use concat::Concat;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
 pub use flatten::Flatten;
+pub use group_norm::GroupNorm;
 pub use linear::Linear;
 pub use named::NamedSequential;
 pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
@@ -176,7 +178,7 @@ pub trait Layer: Send {
     ///
     /// Without a forward pass to differentiate (before any forward pass, after one that
     /// failed, or with an `n` other than the last forward's), the layers that cache something
-    /// in `forward` (BatchNorm, Dropout, MaxPool2d, and the containers Sequential, Concat and
+    /// in `forward` (BatchNorm, GroupNorm, Dropout, MaxPool2d, and the containers Sequential, Concat and
     /// Residual) set their parameter gradients to zero and fill `dx` with zeros. The others
     /// (activations, Linear, Conv2d, AvgPool2d, GlobalAvgPool, Flatten) differentiate at the
     /// `x` and `y` given, whatever was forwarded before.
