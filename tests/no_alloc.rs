@@ -248,8 +248,72 @@ fn group_norm_steps_do_not_allocate() {
     }
 }
 
+/// The BatchNorm family (ghost batches, batch renorm with its schedule, frozen BN) and
+/// grouped (non-i.i.d.) batches across many epochs: nothing allocates once the first steps
+/// have sized the buffers. A small synthetic data set (10 classes x 20 images of 12x12), so
+/// that grouped epochs (5 batches each) turn over many times.
+fn normalizer_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = common::Lcg(9);
+    let n = 200;
+    let pixels = rng.vec_f32(n * 144, 0.5, 0.5);
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let data = bnlab::data::Dataset::new(bnlab::data::Pixels::F32(pixels), labels, [1, 12, 12], 10)
+        .unwrap();
+    let base = bnlab::model::preset("vgg-mini-bn").unwrap();
+    for (norm, order, freeze) in [
+        ("ghost:8", Order::Shuffle, None),
+        ("brn", Order::Shuffle, None),
+        ("bn", Order::Grouped { classes: 2 }, None),
+        ("bn", Order::Shuffle, Some(bnlab::train::FreezeBn::Running)),
+    ] {
+        for threads in [1, 2] {
+            let spec =
+                bnlab::model::apply_norm(&base, bnlab::model::NormChoice::parse(norm).unwrap())
+                    .unwrap();
+            let input = bnlab::model::resolve_input(&spec, Some(&[1, 12, 12])).unwrap();
+            let mut net = Network::build(&spec, &input, 3, 32, threads).unwrap();
+            let cfg = TrainConfig {
+                steps: 60,
+                batch_size: 32,
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                schedule: Schedule::Constant,
+                seed: 3,
+                order,
+                eval_every: 0,
+                threads,
+                augment: bnlab::train::Augment::None,
+                bn: bnlab::train::BnTraining {
+                    freeze,
+                    renorm_schedule: bnlab::nn::RenormSchedule::parse("0,0.5,0.5").unwrap(),
+                },
+            };
+            let mut t = Trainer::new(cfg, data.len(), data.features());
+            for _ in 0..3 {
+                t.step(&mut net, &data).unwrap();
+            }
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            for _ in 0..50 {
+                t.step(&mut net, &data).unwrap();
+            }
+            let after = ALLOCATIONS.load(Ordering::SeqCst);
+            assert_eq!(
+                after - before,
+                0,
+                "{norm}, {order:?}, {freeze:?}, {threads} threads: allocations in steps"
+            );
+        }
+    }
+}
+
 fn main() {
-    let checks: [(&str, fn()); 4] = [
+    let checks: [(&str, fn()); 5] = [
+        (
+            "normalizer_steps_do_not_allocate",
+            normalizer_steps_do_not_allocate,
+        ),
         (
             "training_steps_do_not_allocate",
             training_steps_do_not_allocate,
