@@ -244,3 +244,54 @@ fn grad_takes_norm() {
     assert_eq!(grad("ghost:20"), bn);
     assert_ne!(grad("ghost:10"), bn);
 }
+
+/// Every preset with BN takes every `--norm`: the rewritten network builds and trains a step
+/// on a batch (finite loss), keeps the module names of the original's weights, and only
+/// `bn`, `brn` and `ghost` keep the running statistics.
+#[test]
+fn every_bn_preset_takes_every_norm() {
+    use bnlab::model::{self, NormChoice};
+    use bnlab::network::Network;
+    let mut rng = common::Lcg(4);
+    for name in model::preset_names() {
+        let spec = model::preset(name).unwrap();
+        if !spec.has_batch_norm() {
+            continue;
+        }
+        let input = model::resolve_input(&spec, Some(&[1, 28, 28])).unwrap();
+        let names = |net: &mut Network| {
+            let mut v = Vec::new();
+            net.visit_state(&mut |n, _, _| v.push(n.to_string()));
+            v
+        };
+        let mut base = Network::build(&spec, &input, 1, 4, 1).unwrap();
+        let base_names = names(&mut base);
+        for norm in ["bn", "gn:4", "ln", "brn", "ghost:2", "none"] {
+            let choice = NormChoice::parse(norm).unwrap();
+            let s = model::apply_norm(&spec, choice).unwrap();
+            let mut net = Network::build(&s, &input, 1, 4, 1)
+                .unwrap_or_else(|e| panic!("{name} --norm {norm}: {e}"));
+            let x = rng.vec_f32(4 * 784, 0.5, 0.5);
+            let loss = net.forward_backward(&x, &[0, 1, 2, 3], 4).unwrap();
+            assert!(loss.is_finite(), "{name} --norm {norm}: loss {loss}");
+            let got = names(&mut net);
+            let keeps_stats = matches!(norm, "bn" | "brn" | "ghost:2");
+            assert_eq!(
+                got.iter().any(|n| n.ends_with("running_mean")),
+                keeps_stats,
+                "{name} --norm {norm}"
+            );
+            if keeps_stats {
+                assert_eq!(got, base_names, "{name} --norm {norm}: the names of BN");
+            }
+            if norm == "gn:4" || norm == "ln" {
+                // Same weights and affine parameters under the same names, no BN buffers.
+                let want: Vec<&String> = base_names
+                    .iter()
+                    .filter(|n| !n.contains("running_") && !n.contains("num_batches"))
+                    .collect();
+                assert_eq!(got.iter().collect::<Vec<_>>(), want, "{name} --norm {norm}");
+            }
+        }
+    }
+}
