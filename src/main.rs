@@ -955,6 +955,16 @@ fn open_or_create_study(
     Ok(study.with_stop(stop.clone()))
 }
 
+/// A new study whose data cannot be loaded is removed again, so that the same command with
+/// the data fixed starts it (rather than asking for --resume).
+fn discard_if_fresh<T>(dirs: &StudyDirArgs, study: &Study, r: Result<T>) -> Result<T> {
+    if r.is_err() && dirs.resume.is_none() {
+        let _ = std::fs::remove_file(study.dir().join(bnlab::study::STUDY_FILE));
+        let _ = std::fs::remove_dir(study.dir().join(bnlab::study::RUNS_DIR));
+    }
+    r
+}
+
 /// Runs of a study with a result.
 fn finished_runs(study: &Study) -> usize {
     std::fs::read_dir(study.dir().join(bnlab::study::RUNS_DIR))
@@ -1047,7 +1057,7 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         data: study_data(&study, a.data.data.as_deref()),
         ..a.data.clone()
     };
-    let split = load_data(&data, None)?;
+    let split = discard_if_fresh(&a.study, &study, load_data(&data, None))?;
     let out = study.dir().to_path_buf();
     let meter = StudyMeter::new(mode, "reproduce mnist", 2, setup.steps, 2);
     let on_progress = |p: Progress<'_>| {
@@ -1170,7 +1180,11 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
         stop,
     )?;
     let setup: InceptionSetup = study.setup()?;
-    let split = data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref())?;
+    let split = discard_if_fresh(
+        &a.study,
+        &study,
+        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+    )?;
     let out = study.dir().to_path_buf();
     let runs = setup.job_count();
     let meter = StudyMeter::new(

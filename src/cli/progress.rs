@@ -61,10 +61,13 @@ pub fn fmt_rate(r: f64) -> String {
     }
 }
 
-/// A duration: `45 s`, `3 min 05 s`, `1 h 02 min`.
+/// A duration: `1.2 s`, `45 s`, `3 min 05 s`, `1 h 02 min`.
 pub fn fmt_duration(secs: f64) -> String {
     if !secs.is_finite() || secs < 0.0 {
         return "?".into();
+    }
+    if secs < 9.95 {
+        return format!("{secs:.1} s");
     }
     let s = secs.round() as u64;
     if s < 60 {
@@ -464,6 +467,7 @@ mod tests {
         assert_eq!(fmt_rate(28.44), "28.4 steps/s");
         assert_eq!(fmt_rate(0.5249), "0.52 steps/s");
         assert_eq!(fmt_duration(18.2), "18 s");
+        assert_eq!(fmt_duration(1.23), "1.2 s");
         assert_eq!(fmt_duration(185.0), "3 min 05 s");
         assert_eq!(fmt_duration(3720.0), "1 h 02 min");
         assert_eq!(group(1_234_567), "1,234,567");
