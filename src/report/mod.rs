@@ -64,9 +64,7 @@ pub struct CurvePoint {
 }
 
 /// An f64 that serde_json wrote as `null` (NaN or infinite) read back as NaN.
-pub(crate) fn nan_from_null<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<f64, D::Error> {
+pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     use serde::Deserialize;
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
