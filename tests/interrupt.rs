@@ -350,6 +350,24 @@ fn inception_quick_study_killed_and_resumed_gives_the_same_results() {
         )),
         "{err}"
     );
+    // The report so far marks the runs that are missing (or says there is nothing yet).
+    let o = bnlab()
+        .args(["reproduce", "inception", "--report-only", d, "--data", data])
+        .output()
+        .unwrap();
+    let rerr = String::from_utf8_lossy(&o.stderr);
+    assert!(!rerr.contains("panicked"), "{rerr}");
+    if o.status.success() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(killed.join("results.json")).unwrap()).unwrap();
+        assert_eq!(json["partial"], true);
+        let missing = json["missing_runs"].as_array().unwrap();
+        assert!(!missing.is_empty() && missing.len() < 9, "{missing:?}");
+        let md = std::fs::read_to_string(killed.join("summary.md")).unwrap();
+        assert!(md.starts_with("> **Partial report**"), "{md}");
+    } else {
+        assert!(rerr.contains("nothing to report"), "{rerr}");
+    }
     let resume = ["reproduce", "inception", "--resume", d];
     let kills = kill_and_resume(&resume, &resume, &killed, 12);
     assert!(kills >= 3, "only {kills} kills landed");

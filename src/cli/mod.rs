@@ -15,9 +15,9 @@ pub use progress::{ProgressMode, Reporter, StudyMeter};
 /// their arguments.
 #[derive(Args, Clone, Debug)]
 pub struct RunControl {
-    /// How progress is shown on stderr: auto (a bar on a terminal, else plain), bar, plain (one
-    /// line per evaluation), or json (one JSON object per line on stdout: run, step, steps,
-    /// loss, accuracy, rate, eta).
+    /// How progress is shown: auto or bar (a bar on stderr when it is a terminal, else plain),
+    /// plain (one line per evaluation on stderr), or json (one JSON object per evaluation on
+    /// stdout: run, step, steps, loss, accuracy, rate in steps/s, eta in seconds).
     #[arg(long, default_value = "auto", value_name = "auto|bar|plain|json")]
     pub progress: String,
 }

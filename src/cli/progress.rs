@@ -20,12 +20,12 @@ pub enum ProgressMode {
 }
 
 impl ProgressMode {
-    /// `auto` (bar when stderr is a terminal, else plain), `bar`, `plain` or `json`.
+    /// `auto` or `bar` (a bar when stderr is a terminal, else plain lines: bars are not drawn
+    /// into files), `plain` or `json`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
-            "auto" if std::io::stderr().is_terminal() => Ok(ProgressMode::Bar),
-            "auto" | "plain" => Ok(ProgressMode::Plain),
-            "bar" => Ok(ProgressMode::Bar),
+            "auto" | "bar" if std::io::stderr().is_terminal() => Ok(ProgressMode::Bar),
+            "auto" | "bar" | "plain" => Ok(ProgressMode::Plain),
             "json" => Ok(ProgressMode::Json),
             other => Err(Error::config(
                 "--progress",
