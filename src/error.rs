@@ -77,6 +77,13 @@ pub enum Error {
         /// Which of the two.
         msg: String,
     },
+    /// Training stopped because a stop was requested (SIGINT or SIGTERM through
+    /// [`crate::stop::Stop`]) after the step `step`; the state to resume from is written.
+    #[error("stopped on request after step {step}")]
+    Stopped {
+        /// Steps done when the run stopped.
+        step: usize,
+    },
     /// Writing a report (CSV, JSON, figure) failed.
     #[error("report {}: {msg}", path.display())]
     Report {

@@ -22,6 +22,8 @@ pub mod onnx;
 pub mod optim;
 pub mod report;
 pub mod run;
+pub mod stop;
+pub mod study;
 pub mod train;
 
 pub use error::{Error, Result};

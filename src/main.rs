@@ -1,6 +1,8 @@
 //! The `bnlab` command line: parse, validate, call the library, print. Errors become one line
 //! on stderr and a non-zero exit status.
 
+mod cli;
+
 use bnlab::checkpoint;
 use bnlab::data::{self, Split};
 use bnlab::experiments::inception::{self, InceptionSetup};
@@ -12,24 +14,28 @@ use bnlab::nn::{InferenceStats, RenormSchedule};
 use bnlab::optim::Schedule;
 use bnlab::report;
 use bnlab::run::{self, Event, Run, RunSpec};
+use bnlab::study::Study;
 use bnlab::train::{
     population_statistics, train_loop, BnTraining, Evaluator, FreezeBn, LossSince, Observer, Order,
     TrainConfig, Trainer,
 };
 use bnlab::{Error, Result};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use std::collections::HashMap;
+use cli::progress::{fmt_duration, fmt_rate, RunUpdate};
+use cli::{shell_word, Reporter, RunControl, StudyMeter};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
     name = "bnlab",
     version,
-    about = "Batch Normalization (Ioffe & Szegedy 2015) on CPU"
+    about = "Batch Normalization (Ioffe & Szegedy 2015) on CPU: train networks (presets or model \
+             files) on MNIST, Fashion-MNIST, CIFAR-10 or .npz data, evaluate, fold, export, and \
+             reproduce the paper's experiments",
+    after_help = "Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist\n\
+                  `bnlab COMMAND --help` describes each command, with an example."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,21 +44,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a network (a preset or a model file) on a data set.
+    /// Train a network (a preset or a model file) on a data set: MNIST-layout IDX files
+    /// (MNIST, Fashion-MNIST), CIFAR-10 or a .npz archive.
+    ///
+    /// Progress shows the rate and an ETA (a bar on a terminal, else one line per evaluation;
+    /// --progress json for tools). With --out the run keeps its state in RUN_DIR; Ctrl-C (or
+    /// SIGTERM) stops after the current step, writes the state and prints the command that
+    /// resumes it (exit status 130; 143 for SIGTERM); a second Ctrl-C stops at once.
     ///
     /// Example: bnlab train --model resnet20-bn --data /usr/share/datasets/fashion-mnist --steps 2000 --batch-size 128 --lr 0.05 --momentum 0.9 --out runs/r20
     Train(Box<TrainArgs>),
-    /// Evaluate a checkpoint on a data set's test split.
+    /// Evaluate a checkpoint on a data set's test split (running or population BN statistics).
+    ///
+    /// Example: bnlab eval --model mlp-fig1-bn --weights runs/r/final.safetensors --data ../shared/datasets/mnist --bn-stats population
     Eval(EvalArgs),
     /// Measure training steps per second of the training loop alone.
+    ///
+    /// Example: bnlab bench --model mlp-fig1-bn --data ../shared/datasets/mnist --steps 5000 --threads 2
     Bench(BenchArgs),
     /// Fold each BN into the Conv2d or Linear before it (a checkpoint of the network without BN).
+    ///
+    /// Example: bnlab fold --model mlp-fig1-bn --weights runs/r/final.safetensors --save folded.safetensors
     Fold(FoldArgs),
     /// Export a network in inference mode (ONNX).
+    ///
+    /// Example: bnlab export --model mlp-fig1-bn --weights runs/r/final.safetensors --format onnx --out net.onnx
     Export(ExportArgs),
     /// List the preset networks, or print one's model file (`models show NAME`).
+    ///
+    /// Example: bnlab models show resnet20-bn > my-net.json
     Models(ModelsArgs),
-    /// Print a network's layers: path, output shape, parameters, multiply-adds per example.
+    /// Print a network's layers: path, output shape, parameters, multiply-adds per example
+    /// (the data's example shape fixes an input the model file leaves open).
     ///
     /// Example: bnlab summary --model resnet20-bn --data /usr/share/datasets/fashion-mnist
     Summary(SummaryArgs),
@@ -60,16 +83,29 @@ enum Command {
     ///
     /// Example: bnlab grad --model mlp-fig1-bn --weights w.safetensors --data ../shared/datasets/mnist --batch-size 60 --save grad.safetensors
     Grad(GradArgs),
-    /// Reproduce one of the paper's experiments.
+    /// Reproduce one of the paper's experiments (a study of several training runs).
+    ///
+    /// A study keeps its progress in its output folder (finished runs' results, running runs'
+    /// checkpoints): Ctrl-C stops it after the current step and prints the command that
+    /// resumes it (`--resume DIR`); `--report-only DIR` writes the report of a study stopped
+    /// halfway, marking the missing runs.
+    ///
+    /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     Reproduce {
         #[command(subcommand)]
-        study: Study,
+        study: StudyCommand,
     },
 }
 
 #[derive(Subcommand)]
-enum Study {
-    /// Section 4.1, Figure 1: the MNIST sigmoid MLP with and without BN.
+enum StudyCommand {
+    /// Section 4.1, Figure 1: the sigmoid MLP (mlp-fig1, mlp-fig1-bn) on MNIST, without and
+    /// with BN, trained side by side (about 20 s on 2 cores).
+    ///
+    /// Writes results.json, timings.json, metrics.csv, summary.md and fig1.svg/png into --out.
+    ///
+    /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
+    /// (stopped? bnlab reproduce mnist --resume runs/mnist)
     Mnist(ReproduceArgs),
     /// Where BN breaks (small and non-i.i.d. batches) and the normalizers that answer it:
     /// BN, batch renorm, group norm, layer norm and none on vgg-mini-bn with Fashion-MNIST.
@@ -77,7 +113,11 @@ enum Study {
     /// Example: bnlab reproduce normalizers --quick --out runs/normalizers-quick
     Normalizers(NormalizersArgs),
     /// Section 4.2, Figures 2-4: inception-mini on Fashion-MNIST with and without BN, at the
-    /// baseline's best learning rate (from a sweep) and 5x / 30x it, and a BN-x30 ensemble.
+    /// baseline's best learning rate (from a sweep) and 5x / 30x it, and a BN-x30 ensemble
+    /// (17 runs, about 23 minutes on 2 cores; --quick: under a minute).
+    ///
+    /// Example: bnlab reproduce inception --quick --out runs/inception-quick
+    /// (stopped? bnlab reproduce inception --resume runs/inception-quick)
     Inception(InceptionArgs),
 }
 
@@ -200,6 +240,8 @@ struct TrainArgs {
     /// padding, and horizontal flip: the standard CIFAR recipe); deterministic for a seed.
     #[arg(long, default_value = "none", value_name = "none|crop-flip")]
     augment: String,
+    #[command(flatten)]
+    control: RunControl,
 }
 
 #[derive(Args)]
@@ -295,21 +337,42 @@ struct BenchArgs {
     json: bool,
 }
 
+/// Continuing or reporting on a study kept in a directory (every `reproduce`).
+#[derive(Args, Clone, Debug)]
+struct StudyDirArgs {
+    /// Continue the study kept in DIR (stopped by Ctrl-C, SIGTERM or a kill) with its own
+    /// settings; finished runs are not redone, and the results are those of an uninterrupted
+    /// study.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "report_only"])]
+    resume: Option<PathBuf>,
+    /// Write the report of the study kept in DIR from the runs that finished (a study stopped
+    /// halfway), marking the missing runs; nothing is trained.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    report_only: Option<PathBuf>,
+}
+
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct ReproduceArgs {
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 50_000)]
+    /// Training steps of each net.
+    #[arg(long, default_value_t = 50_000, conflicts_with_all = ["resume", "report_only"])]
     steps: i64,
+    /// The study's folder: its progress, then its report.
     #[arg(long, default_value = "runs/mnist", value_name = "DIR")]
     out: PathBuf,
-    #[arg(long, default_value_t = 500)]
+    /// Evaluate (and checkpoint) every K steps.
+    #[arg(long, default_value_t = 500, value_name = "K", conflicts_with_all = ["resume", "report_only"])]
     eval_every: i64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, conflicts_with_all = ["resume", "report_only"])]
     lr: f64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
+    #[command(flatten)]
+    study: StudyDirArgs,
+    #[command(flatten)]
+    control: RunControl,
 }
 
 #[derive(Args)]
@@ -319,25 +382,30 @@ struct InceptionArgs {
     /// /usr/share/datasets/fashion-mnist; never downloaded).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// The whole path in a few minutes: few steps, two ensemble members.
-    #[arg(long)]
+    /// The whole path in under a minute: 100 steps per run, two ensemble members.
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     quick: bool,
+    /// The study's folder: its progress, then its report.
     #[arg(long, default_value = "runs/inception", value_name = "DIR")]
     out: PathBuf,
-    /// Training steps of every run (default 2200; --quick 100).
-    #[arg(long)]
+    /// Training steps of every run (default 4500; --quick 100).
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     steps: Option<i64>,
-    /// Evaluate on the test subset every K steps (default 100; --quick 20).
-    #[arg(long, value_name = "K")]
+    /// Evaluate on the test subset (and checkpoint) every K steps (default 100; --quick 20).
+    #[arg(long, value_name = "K", conflicts_with_all = ["resume", "report_only"])]
     eval_every: Option<i64>,
     /// Learning rates of the no-BN sweep, comma-separated (default 0.01,0.02,...,0.32).
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with_all = ["resume", "report_only"])]
     sweep: Option<String>,
     /// BN-x30 networks in the ensemble (default 6; --quick 2).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     members: Option<i64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
+    #[command(flatten)]
+    study: StudyDirArgs,
+    #[command(flatten)]
+    control: RunControl,
 }
 
 #[derive(Args)]
@@ -424,8 +492,21 @@ struct GradArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Only the long runs stop gracefully; every other command keeps the default Ctrl-C.
+    let long_run = matches!(cli.command, Command::Train(_) | Command::Reproduce { .. });
+    let stop = if long_run {
+        match cli::install_stop() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        bnlab::stop::Stop::new()
+    };
     let result = match cli.command {
-        Command::Train(a) => train(*a),
+        Command::Train(a) => train(*a, &stop),
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench(a),
         Command::Fold(a) => fold_cmd(a),
@@ -434,17 +515,19 @@ fn main() -> ExitCode {
         Command::Summary(a) => summary_cmd(a),
         Command::Grad(a) => grad_cmd(a),
         Command::Reproduce {
-            study: Study::Mnist(a),
-        } => reproduce_mnist(a),
+            study: StudyCommand::Mnist(a),
+        } => reproduce_mnist(a, &stop),
         Command::Reproduce {
-            study: Study::Normalizers(a),
+            study: StudyCommand::Normalizers(a),
         } => reproduce_normalizers(a),
         Command::Reproduce {
-            study: Study::Inception(a),
-        } => reproduce_inception(a),
+            study: StudyCommand::Inception(a),
+        } => reproduce_inception(a, &stop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The command has said where it stopped and how to resume.
+        Err(Error::Stopped { .. }) => ExitCode::from(cli::stopped_status(&stop)),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -495,7 +578,8 @@ fn network_for(
     Network::build(spec, &input, seed, max_batch, threads)
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    let mode = a.control.mode()?;
     let mut run = match &a.resume {
         Some(dir) => {
             let spec = Run::read_spec(dir)?;
@@ -577,33 +661,51 @@ fn train(a: TrainArgs) -> Result<()> {
         }
     };
     let (run, split) = (&mut run.0, &run.1);
-    let bar = ProgressBar::new(run.spec.config.steps as u64).with_style(bar_style());
-    bar.set_prefix(run.net.name().to_string());
-    bar.set_position(run.step() as u64);
+    run.stop = stop.clone();
+    if run.dir().is_none() && a.save.is_none() {
+        eprintln!(
+            "warning: neither --out nor --save given: the trained model will not be saved, and \
+             the run cannot be resumed if stopped"
+        );
+    }
+    let steps = run.spec.config.steps;
+    let start_step = run.step();
+    let mut progress = Reporter::new(mode, run.net.name(), steps, start_step);
+    let mut last_accuracy = None;
     let result = run.run(split, &mut |e| match e {
-        Event::Step { step, .. } => {
-            if step.is_multiple_of(100) {
-                bar.set_position(step as u64);
-            }
-        }
+        Event::Step { step, .. } => progress.step(step),
         Event::Evaluated {
             step,
             train_loss,
             test_accuracy,
         } => {
-            bar.set_message(format!(
-                "loss {train_loss:.4} test acc {:.2}%",
-                100.0 * test_accuracy
-            ));
-            bar.println(format!(
-                "step {step}: train loss {train_loss:.4}, test accuracy {:.2}%",
-                100.0 * test_accuracy
-            ));
+            last_accuracy = Some(test_accuracy);
+            progress.evaluated(step, train_loss, test_accuracy);
         }
         Event::Checkpoint { .. } => {}
     });
+    let seconds = progress.elapsed();
     if let Err(e) = result {
-        bar.abandon();
+        progress.abandon();
+        if let Error::Stopped { step } = e {
+            match run.dir() {
+                Some(dir) => eprintln!(
+                    "stopped at step {} of {} ({}); the run's state is in {}\nresume with: bnlab train --resume {}",
+                    cli::progress::group(step as u64),
+                    cli::progress::group(steps as u64),
+                    stop_signal_name(stop),
+                    dir.join(run::STATE_FILE).display(),
+                    shell_word(&dir.display().to_string())
+                ),
+                None => eprintln!(
+                    "stopped at step {} of {} ({}); nothing was saved (no --out), so the run cannot be resumed",
+                    cli::progress::group(step as u64),
+                    cli::progress::group(steps as u64),
+                    stop_signal_name(stop),
+                ),
+            }
+            return Err(e);
+        }
         if let Some(dir) = run.dir() {
             if dir.join(run::STATE_FILE).exists() {
                 eprintln!(
@@ -615,15 +717,39 @@ fn train(a: TrainArgs) -> Result<()> {
         }
         return Err(e);
     }
-    bar.finish_and_clear();
+    progress.finish();
+    let mut written = Vec::new();
     if let Some(dir) = run.dir() {
-        eprintln!("wrote {}", dir.join(run::FINAL_FILE).display());
+        written.push(dir.join(run::FINAL_FILE).display().to_string());
     }
     if let Some(p) = &a.save {
         checkpoint::save(&mut run.net, p)?;
-        eprintln!("wrote {}", p.display());
+        written.push(p.display().to_string());
     }
+    let done = steps - start_step;
+    eprintln!(
+        "{}: {} steps in {} ({}); final test accuracy {}; model {}",
+        run.net.name(),
+        cli::progress::group(done as u64),
+        fmt_duration(seconds),
+        fmt_rate(done as f64 / seconds.max(1e-9)),
+        last_accuracy.map_or_else(|| "—".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+        if written.is_empty() {
+            "not saved (no --out or --save)".to_string()
+        } else {
+            format!("written to {}", written.join(" and "))
+        }
+    );
     Ok(())
+}
+
+/// "SIGINT" / "SIGTERM": what asked the run to stop.
+fn stop_signal_name(stop: &bnlab::stop::Stop) -> &'static str {
+    match stop.reason() {
+        2 => "SIGINT",
+        15 => "SIGTERM",
+        _ => "stop requested",
+    }
 }
 
 fn non_negative(name: &str, v: i64) -> Result<usize> {
@@ -892,72 +1018,175 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>6}/{len} {per_sec:>12} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
+/// The study in `--resume DIR`, or a new one in `--out` (refusing a folder that holds one).
+fn open_or_create_study(
+    name: &str,
+    dirs: &StudyDirArgs,
+    out: &Path,
+    setup: impl FnOnce() -> Result<serde_json::Value>,
+    data: Option<&Path>,
+    stop: &bnlab::stop::Stop,
+) -> Result<Study> {
+    let study = match &dirs.resume {
+        Some(dir) => {
+            let study = Study::open(dir, name)?;
+            eprintln!(
+                "resuming the {name} study in {} ({} of its runs finished)",
+                dir.display(),
+                finished_runs(&study)
+            );
+            study
+        }
+        None => Study::create(out, name, setup()?, data.map(absolute))?,
+    };
+    Ok(study.with_stop(stop.clone()))
 }
 
-fn reproduce_mnist(a: ReproduceArgs) -> Result<()> {
-    let setup = MnistSetup {
-        steps: positive("--steps", a.steps)?,
-        eval_every: positive("--eval-every", a.eval_every)?,
-        lr: if a.lr.is_finite() && a.lr > 0.0 {
-            a.lr
-        } else {
-            return Err(Error::config(
-                "--lr",
-                format!("{} (must be positive)", a.lr),
-            ));
-        },
-        seed: a.seed,
-        ..MnistSetup::default()
-    };
-    let split = load_data(&a.data, None)?;
-    prepare_out_dir(&a.out)?;
-    let multi = MultiProgress::new();
-    let bars: HashMap<&str, ProgressBar> = ["mlp-fig1", "mlp-fig1-bn"]
-        .into_iter()
-        .map(|name| {
-            let b = multi.add(ProgressBar::new(setup.steps as u64).with_style(bar_style()));
-            b.set_prefix(name);
-            (name, b)
+/// A new study whose data cannot be loaded is removed again, so that the same command with
+/// the data fixed starts it (rather than asking for --resume).
+fn discard_if_fresh<T>(dirs: &StudyDirArgs, study: &Study, r: Result<T>) -> Result<T> {
+    if r.is_err() && dirs.resume.is_none() {
+        let _ = std::fs::remove_file(study.dir().join(bnlab::study::STUDY_FILE));
+        let _ = std::fs::remove_dir(study.dir().join(bnlab::study::RUNS_DIR));
+    }
+    r
+}
+
+/// Runs of a study with a result.
+fn finished_runs(study: &Study) -> usize {
+    std::fs::read_dir(study.dir().join(bnlab::study::RUNS_DIR))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join(bnlab::study::RESULT_FILE).is_file())
+                .count()
         })
-        .collect();
-    let bars = Mutex::new(bars);
-    let on_progress = |p: Progress<'_>| {
-        if let Ok(bars) = bars.lock() {
-            if let Some(b) = bars.get(p.variant) {
-                b.set_position(p.step as u64);
-                let acc = p
-                    .last_accuracy
-                    .map(|a| format!(" test acc {:.2}%", 100.0 * a))
-                    .unwrap_or_default();
-                b.set_message(format!("loss {:.4}{acc}", p.loss));
-            }
+        .unwrap_or(0)
+}
+
+/// Say where a stopped study stands and the command that continues it.
+fn report_stopped(name: &str, study: &Study, meter: &StudyMeter, stop: &bnlab::stop::Stop) {
+    let (done, total) = meter.runs();
+    let dir = shell_word(&study.dir().display().to_string());
+    eprintln!(
+        "stopped ({}): {done} of {total} runs finished; the study's progress (results, and \
+         checkpoints of the runs in progress) is in {}\nresume with: bnlab reproduce {name} --resume {dir}\n\
+         report so far: bnlab reproduce {name} --report-only {dir}",
+        stop_signal_name(stop),
+        study.dir().join(bnlab::study::RUNS_DIR).display(),
+    );
+}
+
+/// The data a resumed study uses: the flags, else what it started with.
+fn study_data(study: &Study, flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf)
+        .or_else(|| study.manifest().data.clone())
+}
+
+fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    let mode = a.control.mode()?;
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "mnist")?;
+        let setup: MnistSetup = study.setup()?;
+        let (report, missing) = mnist::partial_report(&setup, &study)?;
+        if report.variants.is_empty() {
+            return Err(Error::config(
+                "--report-only",
+                format!(
+                    "no run of the study in {} has finished yet: nothing to report",
+                    dir.display()
+                ),
+            ));
         }
+        report::write_mnist_report(dir, &report)?;
+        report::mark_partial(dir, &missing)?;
+        eprintln!(
+            "wrote the report of {} ({} of {} runs; missing: {})",
+            dir.display(),
+            report.variants.len(),
+            mnist::VARIANTS.len(),
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing.join(", ")
+            }
+        );
+        return Ok(());
+    }
+    let make_setup = || -> Result<MnistSetup> {
+        Ok(MnistSetup {
+            steps: positive("--steps", a.steps)?,
+            eval_every: positive("--eval-every", a.eval_every)?,
+            lr: if a.lr.is_finite() && a.lr > 0.0 {
+                a.lr
+            } else {
+                return Err(Error::config(
+                    "--lr",
+                    format!("{} (must be positive)", a.lr),
+                ));
+            },
+            seed: a.seed,
+            ..MnistSetup::default()
+        })
+    };
+    if a.study.resume.is_none() {
+        make_setup()?;
+    }
+    let study = open_or_create_study(
+        "mnist",
+        &a.study,
+        &a.out,
+        || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
+        a.data.data.as_deref(),
+        stop,
+    )?;
+    let setup: MnistSetup = study.setup()?;
+    let data = DataArgs {
+        data: study_data(&study, a.data.data.as_deref()),
+        ..a.data.clone()
+    };
+    let split = discard_if_fresh(&a.study, &study, load_data(&data, None))?;
+    let out = study.dir().to_path_buf();
+    let meter = StudyMeter::new(mode, "reproduce mnist", 2, setup.steps, 2);
+    let on_progress = |p: Progress<'_>| {
+        meter.update(RunUpdate {
+            slot: mnist::VARIANTS
+                .iter()
+                .position(|v| *v == p.variant)
+                .unwrap_or(0),
+            label: p.variant,
+            step: p.step,
+            steps: p.steps,
+            loss: Some(p.loss),
+            accuracy: p.last_accuracy,
+            evaluated: p.evaluated,
+            finished: p.finished,
+        })
     };
     let t = Instant::now();
-    let result = mnist::reproduce(&setup, &split, &on_progress)?;
-    if let Ok(bars) = bars.lock() {
-        for b in bars.values() {
-            b.finish();
+    let result = mnist::reproduce(&setup, &split, &study, &on_progress);
+    meter.finish();
+    let result = match result {
+        Err(e @ Error::Stopped { .. }) => {
+            report_stopped("mnist", &study, &meter, stop);
+            return Err(e);
         }
-    }
+        r => r?,
+    };
     let wall = t.elapsed().as_secs_f64();
-    report::write_mnist_report(&a.out, &result)?;
+    report::write_mnist_report(&out, &result)?;
     for v in &result.variants {
         eprintln!(
-            "{}: final test accuracy {:.2}% (running statistics), {:.2}% (population statistics), trained in {:.1} s",
+            "{}: final test accuracy {:.2}% (running statistics), {:.2}% (population statistics), trained in {}",
             v.name,
             100.0 * v.final_running,
             100.0 * v.final_population,
-            v.train_seconds
+            fmt_duration(v.train_seconds)
         );
     }
     eprintln!(
-        "reproduce mnist: {wall:.1} s; wrote {}",
-        display_dir(&a.out)
+        "reproduce mnist: {}; wrote {}",
+        fmt_duration(wall),
+        display_dir(&out)
     );
     Ok(())
 }
@@ -994,7 +1223,7 @@ fn reproduce_normalizers(a: NormalizersArgs) -> Result<()> {
         return Ok(());
     }
     let split = data::fashion_mnist(a.data.as_deref())?;
-    prepare_out_dir(&a.out)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let t0 = std::time::Instant::now();
     let done_before = std::sync::atomic::AtomicUsize::new(0);
     let on_done = |d: norms::Done<'_>| {
@@ -1053,7 +1282,8 @@ fn reproduce_normalizers(a: NormalizersArgs) -> Result<()> {
     Ok(())
 }
 
-fn reproduce_inception(a: InceptionArgs) -> Result<()> {
+/// The inception study's settings from the flags.
+fn inception_setup(a: &InceptionArgs) -> Result<InceptionSetup> {
     let mut setup = if a.quick {
         InceptionSetup::quick()
     } else {
@@ -1088,77 +1318,83 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
     }
     setup.seed = a.seed;
     setup.validate()?;
-    let split = data::fashion_mnist(a.data.as_deref())?;
-    prepare_out_dir(&a.out)?;
+    Ok(setup)
+}
 
-    let multi = MultiProgress::new();
-    let total = multi.add(
-        ProgressBar::new(setup.job_count() as u64).with_style(
-            ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} runs, {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        ),
-    );
-    total.set_prefix("reproduce inception");
-    total.enable_steady_tick(std::time::Duration::from_secs(1));
-    let workers: Vec<ProgressBar> = (0..setup.workers)
-        .map(|_| {
-            let b = multi.add(
-                ProgressBar::new(setup.steps as u64).with_style(
-                    ProgressStyle::with_template(
-                        "{prefix:>24} [{bar:30}] {pos:>6}/{len} {per_sec:>12} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                ),
-            );
-            b.set_prefix("waiting");
-            b
-        })
-        .collect();
-    let on_progress = |p: inception::Progress<'_>| {
-        let Some(b) = workers.get(p.worker) else {
-            return;
-        };
-        if p.step == 0 && !p.finished {
-            b.reset();
-            b.set_length(p.steps as u64);
-            b.set_prefix(p.label.to_string());
-            b.set_message("");
-        }
-        b.set_position(p.step as u64);
-        if p.evaluated {
-            b.set_message(
-                p.last_accuracy
-                    .map(|a| format!("test acc {:.2}%", 100.0 * a))
-                    .unwrap_or_default(),
-            );
-        }
-        if p.finished {
-            total.inc(1);
-            let line = format!(
-                "{}: {}",
-                p.label,
-                p.last_accuracy
-                    .map(|a| format!("{:.2}% at step {}", 100.0 * a, p.step))
-                    .unwrap_or_else(|| format!("stopped at step {}", p.step))
-            );
-            // Bars are hidden when stderr is not a terminal (a log file): keep the lines.
-            if total.is_hidden() {
-                eprintln!("{line}");
+fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    let mode = a.control.mode()?;
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "inception")?;
+        let setup: InceptionSetup = study.setup()?;
+        let split = data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref())?;
+        let (report, missing) = inception::partial_report(&setup, &split, &study)?;
+        report::write_inception_report(dir, &report)?;
+        report::mark_partial(dir, &missing)?;
+        eprintln!(
+            "wrote the report of {} ({} of {} runs finished; missing: {})",
+            dir.display(),
+            setup.job_count() - missing.len(),
+            setup.job_count(),
+            if missing.is_empty() {
+                "none".to_string()
             } else {
-                total.println(line);
+                missing.join(", ")
             }
-        }
+        );
+        return Ok(());
+    }
+    if a.study.resume.is_none() {
+        inception_setup(&a)?;
+    }
+    let study = open_or_create_study(
+        "inception",
+        &a.study,
+        &a.out,
+        || {
+            serde_json::to_value(inception_setup(&a)?)
+                .map_err(|e| Error::config("setup", e.to_string()))
+        },
+        a.data.as_deref(),
+        stop,
+    )?;
+    let setup: InceptionSetup = study.setup()?;
+    let split = discard_if_fresh(
+        &a.study,
+        &study,
+        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+    )?;
+    let out = study.dir().to_path_buf();
+    let runs = setup.job_count();
+    let meter = StudyMeter::new(
+        mode,
+        "reproduce inception",
+        runs,
+        setup.steps,
+        setup.workers,
+    );
+    let on_progress = |p: inception::Progress<'_>| {
+        meter.update(RunUpdate {
+            slot: p.worker,
+            label: p.label,
+            step: p.step,
+            steps: p.steps,
+            loss: None,
+            accuracy: p.last_accuracy,
+            evaluated: p.evaluated,
+            finished: p.finished,
+        })
     };
     let t = Instant::now();
-    let result = inception::reproduce(&setup, &split, &on_progress);
-    for b in &workers {
-        b.finish_and_clear();
-    }
-    total.finish();
-    let result = result?;
-    report::write_inception_report(&a.out, &result)?;
+    let result = inception::reproduce(&setup, &split, &study, &on_progress);
+    meter.finish();
+    let result = match result {
+        Err(e @ Error::Stopped { .. }) => {
+            report_stopped("inception", &study, &meter, stop);
+            return Err(e);
+        }
+        r => r?,
+    };
+    report::write_inception_report(&out, &result)?;
     eprintln!("lr0 = {} (best of the no-BN sweep)", result.lr0);
     for v in &result.variants {
         eprintln!(
@@ -1184,17 +1420,11 @@ fn reproduce_inception(a: InceptionArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "reproduce inception: {:.1} s; wrote {}",
-        t.elapsed().as_secs_f64(),
-        display_dir(&a.out)
+        "reproduce inception: {}; wrote {}",
+        fmt_duration(t.elapsed().as_secs_f64()),
+        display_dir(&out)
     );
     Ok(())
-}
-
-/// Create the output directory before a long run, so that an unusable `--out` fails at once
-/// rather than after the training.
-fn prepare_out_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
 fn display_dir(p: &Path) -> String {

@@ -17,6 +17,7 @@ use crate::model::{self, ModelSpec};
 use crate::network::Network;
 use crate::nn::Layer;
 use crate::report::write_atomic;
+use crate::stop::Stop;
 use crate::train::{train_loop, Evaluator, LossSince, Observer, TrainConfig, Trainer};
 use crate::{Error, Result};
 use safetensors::tensor::Dtype;
@@ -68,6 +69,18 @@ pub struct RunSpec {
 struct Progress {
     version: u32,
     spec: RunSpec,
+    #[serde(flatten)]
+    training: TrainingState,
+    metrics: String,
+}
+
+/// Everything the next training step depends on besides the tensors (weights, BN buffers,
+/// momentum buffers, batch permutation): step counts, generator states, and the mean loss of the
+/// current evaluation interval. Kept as JSON in a checkpoint's metadata beside the tensors of
+/// [`training_entries`], and put back by [`restore_training`] (used by `train --out` and by
+/// `study`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainingState {
     step: usize,
     sgd_steps_taken: usize,
     batches_pos: usize,
@@ -77,10 +90,140 @@ struct Progress {
     /// The augmentation generator (seed, stream position), when the run augments.
     #[serde(default)]
     augment_rng: Option<(String, String)>,
-    metrics: String,
     /// f64 bits, so the mean loss of the current evaluation interval resumes exactly.
     loss_sum_bits: u64,
     loss_count: usize,
+}
+
+impl TrainingState {
+    /// Steps done when the state was taken.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+}
+
+/// The tensors (`state_dict` entries, then momentum buffers and the batch permutation under
+/// the `bnlab.` prefix) and the [`TrainingState`] of a network and its trainer: everything the
+/// next step depends on.
+pub fn training_entries(
+    net: &mut Network,
+    trainer: &Trainer,
+    loss: &LossSince,
+) -> (Vec<Entry>, TrainingState) {
+    let mut entries: Vec<Entry> = checkpoint::state_entries(net);
+    for (i, v) in trainer.sgd.velocity().iter().enumerate() {
+        entries.push((
+            format!("{EXTRA}velocity.{i}"),
+            Dtype::F32,
+            vec![v.len()],
+            f32_bytes(v),
+        ));
+    }
+    let (perm, pos, seed, word_pos) = trainer.batches.state();
+    let perm_bytes: Vec<u8> = perm
+        .iter()
+        .flat_map(|&i| (i as i64).to_le_bytes())
+        .collect();
+    entries.push((
+        format!("{EXTRA}order.perm"),
+        Dtype::I64,
+        vec![perm.len()],
+        perm_bytes,
+    ));
+    let mut dropout_rngs = Vec::new();
+    net.body.for_each_rng(&mut |r| {
+        dropout_rngs.push((hex(&r.get_seed()), r.get_word_pos().to_string()))
+    });
+    let state = TrainingState {
+        step: trainer.step,
+        sgd_steps_taken: trainer.sgd.steps_taken,
+        batches_pos: pos,
+        batches_seed: hex(&seed),
+        batches_word_pos: word_pos.to_string(),
+        dropout_rngs,
+        augment_rng: trainer
+            .augment_rng_state()
+            .map(|(s, w)| (hex(&s), w.to_string())),
+        loss_sum_bits: loss.sum.to_bits(),
+        loss_count: loss.count,
+    };
+    (entries, state)
+}
+
+/// Put the state written by [`training_entries`] (read back as `file` from `path`) into a
+/// freshly built network and trainer of the same settings; returns the mean loss so far of the
+/// current evaluation interval.
+pub fn restore_training(
+    net: &mut Network,
+    trainer: &mut Trainer,
+    file: &TensorFile,
+    path: &Path,
+    state: &TrainingState,
+) -> Result<LossSince> {
+    let bad = |msg: String| Error::checkpoint(path, msg);
+    checkpoint::load_from(net, file, path, Some(EXTRA))?;
+    // Optimizer momentum buffers.
+    let mut velocity = Vec::new();
+    while let Some((_, Loaded::F32(v))) = file
+        .tensors
+        .get(&format!("{EXTRA}velocity.{}", velocity.len()))
+    {
+        velocity.push(v.clone());
+    }
+    let mut sizes = Vec::new();
+    net.body.for_each_param(&mut |w, _| sizes.push(w.len()));
+    if !velocity.is_empty()
+        && (velocity.len() != sizes.len()
+            || velocity.iter().zip(&sizes).any(|(v, &s)| v.len() != s))
+    {
+        return Err(bad("momentum buffers do not fit the model".into()));
+    }
+    *trainer.sgd.velocity_mut() = velocity;
+    trainer.sgd.steps_taken = state.sgd_steps_taken;
+    trainer.step = state.step;
+    // Batch order.
+    let perm: Vec<usize> = match file.tensors.get(&format!("{EXTRA}order.perm")) {
+        Some((_, Loaded::I64(v))) => v.iter().map(|&i| i as usize).collect(),
+        _ => return Err(bad("missing the batch order".into())),
+    };
+    let seed = unhex32(&state.batches_seed).ok_or_else(|| bad("bad generator seed".into()))?;
+    let word_pos: u128 = state
+        .batches_word_pos
+        .parse()
+        .map_err(|_| bad("bad generator position".into()))?;
+    trainer
+        .batches
+        .restore(perm, state.batches_pos, seed, word_pos)?;
+    // Dropout generators.
+    let mut saved = state.dropout_rngs.iter();
+    let mut rng_err = None;
+    net.body.for_each_rng(&mut |rng| {
+        use rand::SeedableRng;
+        match saved
+            .next()
+            .and_then(|(s, w)| Some((unhex32(s)?, w.parse::<u128>().ok()?)))
+        {
+            Some((s, w)) => {
+                *rng = rand_chacha::ChaCha8Rng::from_seed(s);
+                rng.set_word_pos(w);
+            }
+            None => rng_err = Some(bad("dropout generator state missing".into())),
+        }
+    });
+    if let Some(e) = rng_err {
+        return Err(e);
+    }
+    if let Some((s, w)) = &state.augment_rng {
+        let seed = unhex32(s).ok_or_else(|| bad("bad augmentation generator seed".into()))?;
+        let word_pos: u128 = w
+            .parse()
+            .map_err(|_| bad("bad augmentation generator position".into()))?;
+        trainer.restore_augment_rng(seed, word_pos);
+    }
+    Ok(LossSince {
+        sum: f64::from_bits(state.loss_sum_bits),
+        count: state.loss_count,
+    })
 }
 
 /// What the run reports as it goes.
@@ -121,6 +264,9 @@ pub struct Run {
     dir: Option<PathBuf>,
     metrics: String,
     loss: LossSince,
+    /// Asked for by SIGINT / SIGTERM (the command line) or by the caller: the run stops after
+    /// its current step, writing its state first (`Error::Stopped`).
+    pub stop: Stop,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -197,6 +343,7 @@ impl Run {
             dir,
             metrics: String::from("step,train_loss,test_accuracy\n"),
             loss: LossSince::default(),
+            stop: Stop::new(),
         })
     }
 
@@ -247,73 +394,10 @@ impl Run {
         let path = dir.join(STATE_FILE);
         let file = TensorFile::read(&path)?;
         let p = Self::progress_of(&file, &path)?;
-        let bad = |msg: String| Error::checkpoint(&path, msg);
         let mut run = Run::new(p.spec.clone(), None, data_shape, train_len)?;
         run.dir = Some(dir.to_path_buf());
-        checkpoint::load_from(&mut run.net, &file, &path, Some(EXTRA))?;
-        // Optimizer momentum buffers.
-        let mut velocity = Vec::new();
-        while let Some((_, Loaded::F32(v))) = file
-            .tensors
-            .get(&format!("{EXTRA}velocity.{}", velocity.len()))
-        {
-            velocity.push(v.clone());
-        }
-        let mut sizes = Vec::new();
-        run.net.body.for_each_param(&mut |w, _| sizes.push(w.len()));
-        if !velocity.is_empty()
-            && (velocity.len() != sizes.len()
-                || velocity.iter().zip(&sizes).any(|(v, &s)| v.len() != s))
-        {
-            return Err(bad("momentum buffers do not fit the model".into()));
-        }
-        *run.trainer.sgd.velocity_mut() = velocity;
-        run.trainer.sgd.steps_taken = p.sgd_steps_taken;
-        run.trainer.step = p.step;
-        // Batch order.
-        let perm: Vec<usize> = match file.tensors.get(&format!("{EXTRA}order.perm")) {
-            Some((_, Loaded::I64(v))) => v.iter().map(|&i| i as usize).collect(),
-            _ => return Err(bad("missing the batch order".into())),
-        };
-        let seed = unhex32(&p.batches_seed).ok_or_else(|| bad("bad generator seed".into()))?;
-        let word_pos: u128 = p
-            .batches_word_pos
-            .parse()
-            .map_err(|_| bad("bad generator position".into()))?;
-        run.trainer
-            .batches
-            .restore(perm, p.batches_pos, seed, word_pos)?;
-        // Dropout generators.
-        let mut saved = p.dropout_rngs.iter();
-        let mut rng_err = None;
-        run.net.body.for_each_rng(&mut |rng| {
-            use rand::SeedableRng;
-            match saved
-                .next()
-                .and_then(|(s, w)| Some((unhex32(s)?, w.parse::<u128>().ok()?)))
-            {
-                Some((s, w)) => {
-                    *rng = rand_chacha::ChaCha8Rng::from_seed(s);
-                    rng.set_word_pos(w);
-                }
-                None => rng_err = Some(bad("dropout generator state missing".into())),
-            }
-        });
-        if let Some(e) = rng_err {
-            return Err(e);
-        }
-        if let Some((s, w)) = &p.augment_rng {
-            let seed = unhex32(s).ok_or_else(|| bad("bad augmentation generator seed".into()))?;
-            let word_pos: u128 = w
-                .parse()
-                .map_err(|_| bad("bad augmentation generator position".into()))?;
-            run.trainer.restore_augment_rng(seed, word_pos);
-        }
+        run.loss = restore_training(&mut run.net, &mut run.trainer, &file, &path, &p.training)?;
         run.metrics = p.metrics;
-        run.loss = LossSince {
-            sum: f64::from_bits(p.loss_sum_bits),
-            count: p.loss_count,
-        };
         Ok(run)
     }
 
@@ -347,7 +431,8 @@ impl Run {
 
     /// Train to the end, evaluating every `eval_every` steps and checkpointing every
     /// `checkpoint_every` steps (and at the end). On divergence the run stops at once; the
-    /// state on disk is the last good one.
+    /// state on disk is the last good one. When `stop` is requested the run ends after the
+    /// current step with `Error::Stopped`, its state (with a run directory) written first.
     pub fn run(&mut self, data: &Split, on_event: &mut dyn FnMut(Event<'_>)) -> Result<()> {
         let c = self.spec.config.clone();
         if self.dir.is_some() && self.trainer.step == 0 {
@@ -361,6 +446,7 @@ impl Run {
             on_event,
             dir: self.dir.as_deref(),
             spec: &self.spec,
+            stop: &self.stop,
         };
         train_loop(
             &mut self.net,
@@ -397,45 +483,12 @@ fn write_state(
     metrics: &str,
     loss: &LossSince,
 ) -> Result<PathBuf> {
-    let mut entries: Vec<Entry> = checkpoint::state_entries(net);
-    for (i, v) in trainer.sgd.velocity().iter().enumerate() {
-        entries.push((
-            format!("{EXTRA}velocity.{i}"),
-            Dtype::F32,
-            vec![v.len()],
-            f32_bytes(v),
-        ));
-    }
-    let (perm, pos, seed, word_pos) = trainer.batches.state();
-    let perm_bytes: Vec<u8> = perm
-        .iter()
-        .flat_map(|&i| (i as i64).to_le_bytes())
-        .collect();
-    entries.push((
-        format!("{EXTRA}order.perm"),
-        Dtype::I64,
-        vec![perm.len()],
-        perm_bytes,
-    ));
-    let mut dropout_rngs = Vec::new();
-    net.body.for_each_rng(&mut |r| {
-        dropout_rngs.push((hex(&r.get_seed()), r.get_word_pos().to_string()))
-    });
+    let (entries, training) = training_entries(net, trainer, loss);
     let progress = Progress {
         version: STATE_VERSION,
         spec: spec.clone(),
-        step: trainer.step,
-        sgd_steps_taken: trainer.sgd.steps_taken,
-        batches_pos: pos,
-        batches_seed: hex(&seed),
-        batches_word_pos: word_pos.to_string(),
-        dropout_rngs,
-        augment_rng: trainer
-            .augment_rng_state()
-            .map(|(s, w)| (hex(&s), w.to_string())),
+        training,
         metrics: metrics.to_string(),
-        loss_sum_bits: loss.sum.to_bits(),
-        loss_count: loss.count,
     };
     let mut meta = checkpoint::model_metadata(net);
     meta.insert(
@@ -458,6 +511,7 @@ struct RunObserver<'a> {
     on_event: &'a mut dyn FnMut(Event<'_>),
     dir: Option<&'a Path>,
     spec: &'a RunSpec,
+    stop: &'a Stop,
 }
 
 impl Observer for RunObserver<'_> {
@@ -484,11 +538,17 @@ impl Observer for RunObserver<'_> {
         let step = trainer.step;
         (self.on_event)(Event::Step { step, loss });
         let every = self.spec.checkpoint_every;
-        let now = (every > 0 && step.is_multiple_of(every)) || step == self.spec.config.steps;
+        let now = (every > 0 && step.is_multiple_of(every))
+            || step == self.spec.config.steps
+            || self.stop.requested();
         if let (Some(dir), true) = (self.dir, now) {
             let path = write_state(dir, self.spec, net, trainer, self.metrics, since)?;
             (self.on_event)(Event::Checkpoint { step, path: &path });
         }
         Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.requested()
     }
 }

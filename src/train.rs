@@ -922,13 +922,19 @@ pub trait Observer {
         let _ = (net, trainer, loss, since, evaluated);
         Ok(())
     }
+    /// Asked after every `after_step`: true stops the loop there with `Error::Stopped` (the
+    /// observer saves what it needs in `after_step` first). Default: never.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// The training loop every command and study uses: steps until `steps` (counted by
 /// `trainer.step`, so a resumed trainer continues), the mean loss of each evaluation interval
 /// in `loss`, an evaluation every `eval_every` steps (0: only after the last), and a stop
 /// with `Error::Diverged` when the loss or (checked at evaluations) a weight or BN statistic is
-/// NaN or infinite.
+/// NaN or infinite. When the observer asks to stop (`Observer::stop_requested`, checked after
+/// every step but the last), the loop ends with `Error::Stopped` after the step.
 pub fn train_loop(
     net: &mut Network,
     trainer: &mut Trainer,
@@ -969,6 +975,9 @@ pub fn train_loop(
             *loss = LossSince::default();
         }
         observer.after_step(net, trainer, l, loss, evaluate)?;
+        if trainer.step < steps && observer.stop_requested() {
+            return Err(Error::Stopped { step: trainer.step });
+        }
     }
     Ok(())
 }

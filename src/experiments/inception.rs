@@ -56,9 +56,8 @@ use crate::optim::Schedule;
 use crate::report::{
     AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant, SetupRow, SweepRun,
 };
-use crate::train::{
-    argmax, train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer,
-};
+use crate::study::{Study, Tracked};
+use crate::train::{argmax, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -104,7 +103,7 @@ const RECIPES: [(&str, &str, f64, bool); 7] = [
 
 /// Settings of the study. `default()` is the full run, `quick()` the few-minute check of the
 /// whole path; every budget is here, so retuning for a faster build means editing one place.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct InceptionSetup {
     /// Training steps of every run (sweep, variants, ensemble members).
     pub steps: usize,
@@ -303,7 +302,8 @@ struct Job {
     keep_probabilities: bool,
 }
 
-/// What a run left.
+/// What a run left (its result in the study directory; the probabilities beside it).
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Outcome {
     curve: Vec<AccuracyPoint>,
     /// Step and reason when training stopped on a NaN or infinite loss or weight.
@@ -312,6 +312,7 @@ struct Outcome {
     test_accuracy: Option<f64>,
     /// The same with every test batch normalized by its own statistics (BN networks only).
     test_accuracy_batch_stats: Option<f64>,
+    #[serde(skip)]
     probabilities: Option<Vec<f32>>,
     train_seconds: f64,
 }
@@ -433,14 +434,125 @@ fn probabilities(net: &mut Network, data: &Dataset, batch: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Train one network and follow it.
+/// The study's side of the training loop: the accuracy curve on the test subset (for the runs
+/// that draw one) and the worker's progress line.
+struct Follow<'a, P: Fn(usize, Option<f64>, bool, bool)> {
+    evaluator: Evaluator,
+    test: &'a crate::data::Dataset,
+    subset: Option<usize>,
+    curve: Option<Vec<AccuracyPoint>>,
+    train_seconds: f64,
+    t0: Instant,
+    progress: P,
+}
+
+impl<P: Fn(usize, Option<f64>, bool, bool)> Follow<'_, P> {
+    fn last(&self) -> Option<f64> {
+        self.curve.as_ref()?.last().map(|p| p.test_accuracy)
+    }
+}
+
+impl<P: Fn(usize, Option<f64>, bool, bool)> Observer for Follow<'_, P> {
+    fn evaluate(&mut self, net: &mut Network, step: usize, _mean_loss: f64) -> Result<()> {
+        if self.curve.is_none() {
+            return Ok(());
+        }
+        self.train_seconds += self.t0.elapsed().as_secs_f64();
+        let acc = self
+            .evaluator
+            .evaluate(net, self.test, None, self.subset)?
+            .accuracy();
+        if let Some(c) = &mut self.curve {
+            c.push(AccuracyPoint {
+                step,
+                test_accuracy: acc,
+            });
+        }
+        (self.progress)(step, Some(acc), true, false);
+        self.t0 = Instant::now();
+        Ok(())
+    }
+    fn after_step(
+        &mut self,
+        _net: &mut Network,
+        trainer: &Trainer,
+        _loss: f64,
+        _since: &LossSince,
+        evaluated: bool,
+    ) -> Result<()> {
+        let drawn = evaluated && self.curve.is_some();
+        if !drawn && trainer.step.is_multiple_of(25) {
+            (self.progress)(trainer.step, self.last(), false, false);
+        }
+        Ok(())
+    }
+}
+
+impl<P: Fn(usize, Option<f64>, bool, bool)> Tracked for Follow<'_, P> {
+    type Saved = (Option<Vec<AccuracyPoint>>, f64);
+    fn save(&self) -> Self::Saved {
+        (
+            self.curve.clone(),
+            self.train_seconds + self.t0.elapsed().as_secs_f64(),
+        )
+    }
+    fn restore(&mut self, (curve, seconds): Self::Saved) {
+        self.curve = curve;
+        self.train_seconds = seconds;
+        self.t0 = Instant::now();
+    }
+}
+
+/// The probabilities of an ensemble member, kept beside its result.
+const PROBABILITIES: &str = "probabilities";
+
+/// A finished job of `study`, if it is one: its outcome (with the probabilities it keeps).
+fn finished_outcome(study: &Study, job: &Job) -> Result<Option<Outcome>> {
+    let Some(mut o) = study.result::<Outcome>(&job.label)? else {
+        return Ok(None);
+    };
+    if job.keep_probabilities && o.test_accuracy.is_some() {
+        o.probabilities = study.load_floats(&job.label, PROBABILITIES)?;
+        if o.probabilities.is_none() {
+            return Err(Error::data(
+                study.run_dir(&job.label),
+                "a finished ensemble member without its probabilities",
+            ));
+        }
+    }
+    Ok(Some(o))
+}
+
+/// Train one network and follow it, as run `job.label` of `study` (a finished run is read
+/// back; a started one continues from its checkpoint).
 fn run_job(
     job: &Job,
     setup: &InceptionSetup,
     data: &Split,
+    study: &Study,
     worker: usize,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Outcome> {
+    let progress = |step: usize, last_accuracy: Option<f64>, evaluated: bool, finished: bool| {
+        on_progress(Progress {
+            worker,
+            label: &job.label,
+            step,
+            steps: setup.steps,
+            last_accuracy,
+            evaluated,
+            finished,
+        })
+    };
+    if let Some(o) = finished_outcome(study, job)? {
+        progress(
+            o.diverged.as_ref().map_or(setup.steps, |d| d.0),
+            o.test_accuracy.or(o.curve.last().map(|p| p.test_accuracy)),
+            true,
+            true,
+        );
+        return Ok(o);
+    }
     let r = &job.recipe;
     let features = data.train.features();
     let mut net = Network::preset(r.preset, r.seed, setup.batch_size.max(setup.eval_batch), 1)?;
@@ -462,68 +574,6 @@ fn run_job(
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let evaluator = Evaluator::new(setup.eval_batch, features);
     let subset = Some(setup.eval_subset);
-    let progress = |step: usize, last_accuracy: Option<f64>, evaluated: bool, finished: bool| {
-        on_progress(Progress {
-            worker,
-            label: &job.label,
-            step,
-            steps: setup.steps,
-            last_accuracy,
-            evaluated,
-            finished,
-        })
-    };
-    /// The study's side of the training loop: the accuracy curve on the test subset (for the
-    /// runs that draw one) and the worker's progress line.
-    struct Follow<'a, P: Fn(usize, Option<f64>, bool, bool)> {
-        evaluator: Evaluator,
-        test: &'a crate::data::Dataset,
-        subset: Option<usize>,
-        curve: Option<Vec<AccuracyPoint>>,
-        train_seconds: f64,
-        t0: Instant,
-        progress: P,
-    }
-    impl<P: Fn(usize, Option<f64>, bool, bool)> Follow<'_, P> {
-        fn last(&self) -> Option<f64> {
-            self.curve.as_ref()?.last().map(|p| p.test_accuracy)
-        }
-    }
-    impl<P: Fn(usize, Option<f64>, bool, bool)> Observer for Follow<'_, P> {
-        fn evaluate(&mut self, net: &mut Network, step: usize, _mean_loss: f64) -> Result<()> {
-            if self.curve.is_none() {
-                return Ok(());
-            }
-            self.train_seconds += self.t0.elapsed().as_secs_f64();
-            let acc = self
-                .evaluator
-                .evaluate(net, self.test, None, self.subset)?
-                .accuracy();
-            if let Some(c) = &mut self.curve {
-                c.push(AccuracyPoint {
-                    step,
-                    test_accuracy: acc,
-                });
-            }
-            (self.progress)(step, Some(acc), true, false);
-            self.t0 = Instant::now();
-            Ok(())
-        }
-        fn after_step(
-            &mut self,
-            _net: &mut Network,
-            trainer: &Trainer,
-            _loss: f64,
-            _since: &LossSince,
-            evaluated: bool,
-        ) -> Result<()> {
-            let drawn = evaluated && self.curve.is_some();
-            if !drawn && trainer.step.is_multiple_of(25) {
-                (self.progress)(trainer.step, self.last(), false, false);
-            }
-            Ok(())
-        }
-    }
     let mut follow = Follow {
         evaluator,
         test: &data.test,
@@ -533,27 +583,36 @@ fn run_job(
         t0: Instant::now(),
         progress,
     };
-    if let Some(c) = &mut follow.curve {
-        let acc = follow
-            .evaluator
-            .evaluate(&mut net, &data.test, None, subset)?
-            .accuracy();
-        c.push(AccuracyPoint {
-            step: 0,
-            test_accuracy: acc,
-        });
-    }
-    (follow.progress)(0, follow.last(), job.curve, false);
+    let mut loss = match study.resume_run(&job.label, &mut net, &mut trainer, &mut follow)? {
+        Some(loss) => loss,
+        None => {
+            if let Some(c) = &mut follow.curve {
+                let acc = follow
+                    .evaluator
+                    .evaluate(&mut net, &data.test, None, subset)?
+                    .accuracy();
+                c.push(AccuracyPoint {
+                    step: 0,
+                    test_accuracy: acc,
+                });
+            }
+            LossSince::default()
+        }
+    };
+    (follow.progress)(trainer.step, follow.last(), job.curve, false);
     follow.t0 = Instant::now();
     // Runs without a curve are checked for finite weights only after their last step.
     let eval_every = if job.curve { setup.eval_every } else { 0 };
-    let mut diverged = match train_loop(
+    // Checkpoints at the evaluations (every eval_every steps, also for runs without a curve).
+    let mut diverged = match study.train_run(
+        &job.label,
         &mut net,
         &mut trainer,
         &data.train,
         setup.steps,
         eval_every,
-        &mut LossSince::default(),
+        setup.eval_every,
+        &mut loss,
         &mut follow,
     ) {
         Ok(()) => None,
@@ -591,28 +650,38 @@ fn run_job(
         ),
         _ => None,
     };
-    progress(
-        diverged.as_ref().map_or(setup.steps, |d| d.0),
-        test_accuracy.or(curve.last().map(|p| p.test_accuracy)),
-        true,
-        true,
-    );
-    Ok(Outcome {
+    let outcome = Outcome {
         curve,
         diverged,
         test_accuracy,
         test_accuracy_batch_stats,
         probabilities: probs,
         train_seconds,
-    })
+    };
+    if let Some(p) = &outcome.probabilities {
+        study.save_floats(&job.label, PROBABILITIES, p)?;
+    }
+    study.finish(&job.label, &outcome)?;
+    progress(
+        outcome.diverged.as_ref().map_or(setup.steps, |d| d.0),
+        outcome
+            .test_accuracy
+            .or(outcome.curve.last().map(|p| p.test_accuracy)),
+        true,
+        true,
+    );
+    Ok(outcome)
 }
 
 /// Runs `jobs` on `setup.workers` threads pulling from one queue; results in job order. The
-/// first error stops the queue (runs in progress finish) and is returned.
+/// first error stops the queue (runs in progress finish) and is returned; a stop request ends
+/// the runs in progress after their current step (each writing its checkpoint) and returns
+/// `Error::Stopped`.
 fn run_all(
     jobs: &[Job],
     setup: &InceptionSetup,
     data: &Split,
+    study: &Study,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Vec<Outcome>> {
     let next = AtomicUsize::new(0);
@@ -628,7 +697,12 @@ fn run_all(
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let r = run_job(job, setup, data, worker, on_progress);
+                // A stopped study starts no new run (finished ones are still read back).
+                if study.stop().requested() && !study.is_finished(&job.label) {
+                    failed.store(true, Ordering::Relaxed);
+                    break;
+                }
+                let r = run_job(job, setup, data, study, worker, on_progress);
                 if r.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -646,14 +720,19 @@ fn run_all(
     for slot in slots {
         match slot {
             Some(Ok(o)) => out.push(o),
-            Some(Err(e)) => {
-                first_err.get_or_insert(e);
+            // A stop wins over other errors: it is what the user asked for.
+            Some(Err(e)) if matches!(e, Error::Stopped { .. }) || first_err.is_none() => {
+                first_err = Some(e);
             }
+            Some(Err(_)) => {}
             None => {}
         }
     }
     match first_err {
         Some(e) => Err(e),
+        None if study.stop().requested() && out.len() < jobs.len() => {
+            Err(Error::Stopped { step: 0 })
+        }
         None if out.len() == jobs.len() => Ok(out),
         None => Err(Error::config(
             "reproduce inception",
@@ -692,92 +771,200 @@ fn variant_of(
     }
 }
 
-/// The whole study: the sweep, the variants, the ensemble.
-pub fn reproduce(
-    setup: &InceptionSetup,
-    data: &Split,
-    on_progress: &(dyn Fn(Progress<'_>) + Sync),
-) -> Result<InceptionReport> {
-    setup.validate()?;
-    let t0 = Instant::now();
-    let recipe = |name: &str, lr0: f64, seed: u64| {
-        setup
-            .recipe(name, lr0, seed)
-            .ok_or_else(|| Error::config("reproduce inception", format!("no recipe for {name}")))
-    };
-
-    // 1. The learning-rate sweep of the no-BN baseline.
-    let sweep_jobs = setup
+/// The sweep's jobs: the no-BN baseline at every rate.
+fn sweep_jobs(setup: &InceptionSetup) -> Result<Vec<Job>> {
+    setup
         .sweep_rates
         .iter()
         .map(|&lr| {
             Ok(Job {
                 label: format!("{INCEPTION} lr {lr}"),
-                recipe: recipe(INCEPTION, lr, setup.seed)?,
+                recipe: recipe_of(setup, INCEPTION, lr, setup.seed)?,
                 curve: true,
                 keep_probabilities: false,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    let sweep_out = run_all(&sweep_jobs, setup, data, on_progress)?;
-    let candidates: Vec<SweepCandidate> = sweep_out
-        .iter()
-        .map(|o| SweepCandidate {
-            max_accuracy: max_accuracy(&o.curve),
-            final_accuracy: o.curve.last().map_or(0.0, |p| p.test_accuracy),
-            diverged: o.diverged.is_some(),
-        })
-        .collect();
-    let best = best_sweep_index(&candidates)
-        .ok_or_else(|| Error::config("reproduce inception", "the sweep produced no run"))?;
-    let lr0 = setup.sweep_rates[best];
-    let baseline_max = candidates[best].max_accuracy;
+        .collect()
+}
 
-    // 2. The other variants and the extra ensemble members, in one queue.
+fn recipe_of(setup: &InceptionSetup, name: &str, lr0: f64, seed: u64) -> Result<Recipe> {
+    setup
+        .recipe(name, lr0, seed)
+        .ok_or_else(|| Error::config("reproduce inception", format!("no recipe for {name}")))
+}
+
+/// The index of the best sweep run among those that finished (`None` for the others).
+fn choose_lr0(sweep_out: &[Option<Outcome>]) -> Option<(usize, f64)> {
+    let (idx, candidates): (Vec<usize>, Vec<SweepCandidate>) = sweep_out
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| {
+            let o = o.as_ref()?;
+            Some((
+                i,
+                SweepCandidate {
+                    max_accuracy: max_accuracy(&o.curve),
+                    final_accuracy: o.curve.last().map_or(0.0, |p| p.test_accuracy),
+                    diverged: o.diverged.is_some(),
+                },
+            ))
+        })
+        .unzip();
+    let best = best_sweep_index(&candidates)?;
+    Some((idx[best], candidates[best].max_accuracy))
+}
+
+/// The second stage's jobs for base rate `lr0`: the six other variants, then the extra
+/// ensemble members.
+fn stage_two_jobs(setup: &InceptionSetup, lr0: f64) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for name in &VARIANT_NAMES[1..] {
         jobs.push(Job {
             label: name.to_string(),
-            recipe: recipe(name, lr0, setup.seed)?,
+            recipe: recipe_of(setup, name, lr0, setup.seed)?,
             curve: true,
             keep_probabilities: *name == BN_X30,
         });
     }
-    let member_seeds: Vec<u64> = (0..setup.ensemble_members as u64)
-        .map(|i| setup.seed + i)
-        .collect();
-    for &seed in &member_seeds[1..] {
+    for seed in member_seeds(setup).into_iter().skip(1) {
         jobs.push(Job {
             label: format!("{BN_X30} seed {seed}"),
-            recipe: recipe(BN_X30, lr0, seed)?,
+            recipe: recipe_of(setup, BN_X30, lr0, seed)?,
             curve: false,
             keep_probabilities: true,
         });
     }
-    let outcomes = run_all(&jobs, setup, data, on_progress)?;
+    Ok(jobs)
+}
+
+fn member_seeds(setup: &InceptionSetup) -> Vec<u64> {
+    (0..setup.ensemble_members as u64)
+        .map(|i| setup.seed + i)
+        .collect()
+}
+
+/// The whole study as runs of `study`: the sweep, the variants, the ensemble. Finished runs
+/// are read back and started ones continue, so a study stopped and resumed (any number of
+/// times) gives the same report, wall-clock times aside. A stop request ends the runs in
+/// progress after their current step with `Error::Stopped`.
+pub fn reproduce(
+    setup: &InceptionSetup,
+    data: &Split,
+    study: &Study,
+    on_progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<InceptionReport> {
+    setup.validate()?;
+    let t0 = Instant::now();
+    // 1. The learning-rate sweep of the no-BN baseline.
+    let sweep = sweep_jobs(setup)?;
+    let sweep_out = run_all(&sweep, setup, data, study, on_progress)?;
+    let sweep_out: Vec<Option<Outcome>> = sweep_out.into_iter().map(Some).collect();
+    let (best, _) = choose_lr0(&sweep_out)
+        .ok_or_else(|| Error::config("reproduce inception", "the sweep produced no run"))?;
+    let lr0 = setup.sweep_rates[best];
+    // 2. The other variants and the extra ensemble members, in one queue.
+    let jobs = stage_two_jobs(setup, lr0)?;
+    let outcomes = run_all(&jobs, setup, data, study, on_progress)?;
+    let outcomes: Vec<Option<Outcome>> = outcomes.into_iter().map(Some).collect();
+    let (report, _) = assemble(
+        setup,
+        data,
+        &sweep,
+        &sweep_out,
+        &jobs,
+        &outcomes,
+        t0.elapsed().as_secs_f64(),
+    )?;
+    Ok(report)
+}
+
+/// The report of the runs of `study` that finished, and the labels of those that did not
+/// (`reproduce inception --report-only`). lr0 is the best of the finished sweep runs (the
+/// second stage starts only after the whole sweep, so its runs agree with it).
+pub fn partial_report(
+    setup: &InceptionSetup,
+    data: &Split,
+    study: &Study,
+) -> Result<(InceptionReport, Vec<String>)> {
+    setup.validate()?;
+    let sweep = sweep_jobs(setup)?;
+    let sweep_out = sweep
+        .iter()
+        .map(|j| finished_outcome(study, j))
+        .collect::<Result<Vec<_>>>()?;
+    let Some((best, _)) = choose_lr0(&sweep_out) else {
+        return Err(Error::config(
+            "--report-only",
+            format!(
+                "no run of the study in {} has finished yet: nothing to report",
+                study.dir().display()
+            ),
+        ));
+    };
+    let jobs = stage_two_jobs(setup, setup.sweep_rates[best])?;
+    let outcomes = jobs
+        .iter()
+        .map(|j| finished_outcome(study, j))
+        .collect::<Result<Vec<_>>>()?;
+    assemble(setup, data, &sweep, &sweep_out, &jobs, &outcomes, 0.0)
+}
+
+/// The report from the outcomes (`None`: the run has not finished; it is drawn as an empty
+/// curve, counted nowhere, and its label is returned as missing).
+fn assemble(
+    setup: &InceptionSetup,
+    data: &Split,
+    sweep_jobs: &[Job],
+    sweep_out: &[Option<Outcome>],
+    jobs: &[Job],
+    outcomes: &[Option<Outcome>],
+    wall_seconds: f64,
+) -> Result<(InceptionReport, Vec<String>)> {
+    let missing: Vec<String> = sweep_jobs
+        .iter()
+        .zip(sweep_out)
+        .chain(jobs.iter().zip(outcomes))
+        .filter(|(_, o)| o.is_none())
+        .map(|(j, _)| j.label.clone())
+        .collect();
+    let empty = Outcome {
+        curve: Vec::new(),
+        diverged: None,
+        test_accuracy: None,
+        test_accuracy_batch_stats: None,
+        probabilities: None,
+        train_seconds: 0.0,
+    };
+    let (best, baseline_max) = choose_lr0(sweep_out)
+        .ok_or_else(|| Error::config("reproduce inception", "the sweep produced no run"))?;
+    let lr0 = setup.sweep_rates[best];
+    fn or_empty<'a>(o: &'a Option<Outcome>, empty: &'a Outcome) -> &'a Outcome {
+        o.as_ref().unwrap_or(empty)
+    }
+    let outcome = |o| or_empty(o, &empty);
 
     let mut variants = vec![variant_of(
         INCEPTION,
         &sweep_jobs[best].recipe,
-        &sweep_out[best],
+        outcome(&sweep_out[best]),
         baseline_max,
     )];
     for (i, name) in VARIANT_NAMES[1..].iter().enumerate() {
         variants.push(variant_of(
             name,
             &jobs[i].recipe,
-            &outcomes[i],
+            outcome(&outcomes[i]),
             baseline_max,
         ));
     }
 
-    // 3. The ensemble: the BN-x30 variant and the extra members.
-    let x30 = &outcomes[VARIANT_NAMES[1..]
+    // 3. The ensemble: the BN-x30 variant and the extra members (those that finished).
+    let x30 = VARIANT_NAMES[1..]
         .iter()
         .position(|n| *n == BN_X30)
-        .unwrap_or(0)];
-    let members: Vec<&Outcome> = std::iter::once(x30)
-        .chain(outcomes[VARIANT_NAMES.len() - 1..].iter())
+        .unwrap_or(0);
+    let members: Vec<&Outcome> = std::iter::once(outcome(&outcomes[x30]))
+        .chain(outcomes[VARIANT_NAMES.len() - 1..].iter().map(outcome))
         .collect();
     let member_accuracies: Vec<Option<f64>> = members.iter().map(|o| o.test_accuracy).collect();
     let probs: Vec<&[f32]> = members
@@ -787,7 +974,7 @@ pub fn reproduce(
     let classes = data.test.classes;
     let ensemble = EnsembleResult {
         members: members.len(),
-        seeds: member_seeds,
+        seeds: member_seeds(setup),
         usable_members: probs.len(),
         accuracy: (!probs.is_empty())
             .then(|| accuracy_of(&mean_probabilities(&probs), &data.test.labels, classes)),
@@ -798,16 +985,19 @@ pub fn reproduce(
     let sweep = setup
         .sweep_rates
         .iter()
-        .zip(&sweep_out)
+        .zip(sweep_out)
         .enumerate()
-        .map(|(i, (&lr, o))| SweepRun {
-            lr,
-            max_accuracy: candidates[i].max_accuracy,
-            final_accuracy: candidates[i].final_accuracy,
-            final_test_accuracy: o.test_accuracy,
-            diverged: o.diverged.is_some(),
-            chosen: i == best,
-            curve: o.curve.clone(),
+        .map(|(i, (&lr, o))| {
+            let o = outcome(o);
+            SweepRun {
+                lr,
+                max_accuracy: max_accuracy(&o.curve),
+                final_accuracy: o.curve.last().map_or(0.0, |p| p.test_accuracy),
+                final_test_accuracy: o.test_accuracy,
+                diverged: o.diverged.is_some(),
+                chosen: i == best,
+                curve: o.curve.clone(),
+            }
         })
         .collect();
 
@@ -830,15 +1020,18 @@ pub fn reproduce(
             "subset: the first eval_subset test images, every eval_every steps; final_test_accuracy: all test images; BN running statistics".into(),
         );
     }
-    Ok(InceptionReport {
-        setup: setup_json,
-        setup_rows: setup.setup_rows(lr0),
-        lr0,
-        sweep,
-        variants,
-        ensemble,
-        wall_seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok((
+        InceptionReport {
+            setup: setup_json,
+            setup_rows: setup.setup_rows(lr0),
+            lr0,
+            sweep,
+            variants,
+            ensemble,
+            wall_seconds,
+        },
+        missing,
+    ))
 }
 
 #[cfg(test)]

@@ -10,15 +10,16 @@ use crate::data::Split;
 use crate::network::Network;
 use crate::optim::Schedule;
 use crate::report::{CurvePoint, MnistReport, VariantRun};
+use crate::study::{Study, Tracked};
 use crate::train::{
-    percentile, population_statistics, train_loop, Evaluator, LossSince, Observer, Order, Probe,
-    TrainConfig, Trainer,
+    percentile, population_statistics, Evaluator, LossSince, Observer, Order, Probe, TrainConfig,
+    Trainer,
 };
 use crate::{Error, Result};
 use std::time::Instant;
 
 /// Settings of the reproduction; the defaults are the paper's.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MnistSetup {
     /// Training steps of each net.
     pub steps: usize,
@@ -59,10 +60,17 @@ pub struct Progress<'a> {
     pub variant: &'a str,
     /// Steps done.
     pub step: usize,
-    /// The latest step's loss.
+    /// Steps of the run.
+    pub steps: usize,
+    /// The latest step's loss (at an evaluation: the mean since the previous one; NaN when
+    /// unknown).
     pub loss: f64,
     /// The latest test accuracy (fraction 0..1), if evaluated yet.
     pub last_accuracy: Option<f64>,
+    /// An evaluation just happened (`last_accuracy` is new).
+    pub evaluated: bool,
+    /// The run is done (now, or in an earlier session of the study).
+    pub finished: bool,
 }
 
 /// The layer whose output is the input of the sigmoid that Figure 1 (b, c) follows: the last
@@ -77,13 +85,109 @@ pub fn probe_layer(net: &Network) -> Option<usize> {
     last_sigmoid.checked_sub(1)
 }
 
-/// Train one variant and follow it.
+/// Figure 1's measurements at every evaluation: accuracy and the probe's percentiles.
+struct Follow<'a> {
+    evaluator: Evaluator,
+    data: &'a Split,
+    probe: Probe,
+    preset: &'static str,
+    steps: usize,
+    curve: Vec<CurvePoint>,
+    train_seconds: f64,
+    t0: Instant,
+    on_progress: &'a (dyn Fn(Progress<'_>) + Sync),
+}
+
+impl Follow<'_> {
+    fn point(&mut self, net: &mut Network, step: usize, train_loss: f64) -> Result<CurvePoint> {
+        let mut ev = self
+            .evaluator
+            .evaluate(net, &self.data.test, Some(self.probe), None)?;
+        Ok(CurvePoint {
+            step,
+            test_accuracy: ev.accuracy(),
+            p15: percentile(&mut ev.probe, 15.0),
+            p50: percentile(&mut ev.probe, 50.0),
+            p85: percentile(&mut ev.probe, 85.0),
+            train_loss,
+        })
+    }
+
+    fn report(&self, step: usize, loss: f64, evaluated: bool, finished: bool) {
+        (self.on_progress)(Progress {
+            variant: self.preset,
+            step,
+            steps: self.steps,
+            loss,
+            last_accuracy: self.curve.last().map(|p| p.test_accuracy),
+            evaluated,
+            finished,
+        });
+    }
+}
+
+impl Observer for Follow<'_> {
+    fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
+        self.train_seconds += self.t0.elapsed().as_secs_f64();
+        let point = self.point(net, step, mean_loss)?;
+        self.curve.push(point);
+        self.report(step, mean_loss, true, false);
+        self.t0 = Instant::now();
+        Ok(())
+    }
+    fn after_step(
+        &mut self,
+        _net: &mut Network,
+        trainer: &Trainer,
+        loss: f64,
+        _since: &LossSince,
+        evaluated: bool,
+    ) -> Result<()> {
+        if !evaluated && trainer.step.is_multiple_of(100) {
+            self.report(trainer.step, loss, false, false);
+        }
+        Ok(())
+    }
+}
+
+impl Tracked for Follow<'_> {
+    type Saved = (Vec<CurvePoint>, f64);
+    fn save(&self) -> Self::Saved {
+        (
+            self.curve.clone(),
+            self.train_seconds + self.t0.elapsed().as_secs_f64(),
+        )
+    }
+    fn restore(&mut self, (curve, seconds): Self::Saved) {
+        self.curve = curve;
+        self.train_seconds = seconds;
+        self.t0 = Instant::now();
+    }
+}
+
+/// Train one variant and follow it, as run `preset` of `study`: a finished run's result is
+/// read back, a started one continues from its checkpoint (every `eval_every` steps, and when a
+/// stop is requested: `Error::Stopped`).
 pub fn run_variant(
     preset: &'static str,
     setup: &MnistSetup,
     data: &Split,
+    study: &Study,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<VariantRun> {
+    if let Some(done) = study.result::<VariantRun>(preset)? {
+        let last = done.curve.last();
+        on_progress(Progress {
+            variant: preset,
+            step: setup.steps,
+            steps: setup.steps,
+            loss: last.map_or(f64::NAN, |p| p.train_loss),
+            last_accuracy: last.map(|p| p.test_accuracy),
+            evaluated: true,
+            finished: true,
+        });
+        return Ok(done);
+    }
     let features = data.train.features();
     let max_batch = setup.batch_size.max(setup.eval_batch);
     let mut net = Network::preset(preset, setup.seed, max_batch, 1)?;
@@ -109,85 +213,36 @@ pub fn run_variant(
             .ok_or_else(|| Error::config("--model", "Figure 1 needs a sigmoid MLP"))?,
         unit: setup.probe_unit,
     };
-    /// Figure 1's measurements at every evaluation: accuracy and the probe's percentiles.
-    struct Follow<'a> {
-        evaluator: Evaluator,
-        data: &'a Split,
-        probe: Probe,
-        preset: &'static str,
-        curve: Vec<CurvePoint>,
-        train_seconds: f64,
-        t0: Instant,
-        on_progress: &'a (dyn Fn(Progress<'_>) + Sync),
-    }
-    impl Follow<'_> {
-        fn point(&mut self, net: &mut Network, step: usize, train_loss: f64) -> Result<CurvePoint> {
-            let mut ev = self
-                .evaluator
-                .evaluate(net, &self.data.test, Some(self.probe), None)?;
-            Ok(CurvePoint {
-                step,
-                test_accuracy: ev.accuracy(),
-                p15: percentile(&mut ev.probe, 15.0),
-                p50: percentile(&mut ev.probe, 50.0),
-                p85: percentile(&mut ev.probe, 85.0),
-                train_loss,
-            })
-        }
-    }
-    impl Observer for Follow<'_> {
-        fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
-            self.train_seconds += self.t0.elapsed().as_secs_f64();
-            let point = self.point(net, step, mean_loss)?;
-            (self.on_progress)(Progress {
-                variant: self.preset,
-                step,
-                loss: mean_loss,
-                last_accuracy: Some(point.test_accuracy),
-            });
-            self.curve.push(point);
-            self.t0 = Instant::now();
-            Ok(())
-        }
-        fn after_step(
-            &mut self,
-            _net: &mut Network,
-            trainer: &Trainer,
-            loss: f64,
-            _since: &LossSince,
-            evaluated: bool,
-        ) -> Result<()> {
-            if !evaluated && trainer.step.is_multiple_of(100) {
-                (self.on_progress)(Progress {
-                    variant: self.preset,
-                    step: trainer.step,
-                    loss,
-                    last_accuracy: self.curve.last().map(|p| p.test_accuracy),
-                });
-            }
-            Ok(())
-        }
-    }
     let mut follow = Follow {
         evaluator,
         data,
         probe,
         preset,
+        steps: setup.steps,
         curve: Vec::new(),
         train_seconds: 0.0,
         t0: Instant::now(),
         on_progress,
     };
-    let first = follow.point(&mut net, 0, f64::NAN)?;
-    follow.curve.push(first);
+    let mut loss = match study.resume_run(preset, &mut net, &mut trainer, &mut follow)? {
+        Some(loss) => loss,
+        None => {
+            let first = follow.point(&mut net, 0, f64::NAN)?;
+            follow.curve.push(first);
+            LossSince::default()
+        }
+    };
+    follow.report(trainer.step, f64::NAN, false, false);
     follow.t0 = Instant::now();
-    train_loop(
+    study.train_run(
+        preset,
         &mut net,
         &mut trainer,
         &data.train,
         setup.steps,
         setup.eval_every,
-        &mut LossSince::default(),
+        setup.eval_every,
+        &mut loss,
         &mut follow,
     )?;
     let Follow {
@@ -205,19 +260,37 @@ pub fn run_variant(
     } else {
         final_running
     };
-    Ok(VariantRun {
+    let run = VariantRun {
         name: preset.to_string(),
         curve,
         final_running,
         final_population,
         train_seconds,
-    })
+    };
+    study.finish(preset, &run)?;
+    let last = run.curve.last();
+    on_progress(Progress {
+        variant: preset,
+        step: setup.steps,
+        steps: setup.steps,
+        loss: last.map_or(f64::NAN, |p| p.train_loss),
+        last_accuracy: last.map(|p| p.test_accuracy),
+        evaluated: true,
+        finished: true,
+    });
+    Ok(run)
 }
 
-/// Train both networks (in parallel, one thread each) and collect the report.
+/// The two nets of the study, in report order.
+pub const VARIANTS: [&str; 2] = ["mlp-fig1", "mlp-fig1-bn"];
+
+/// Train both networks (in parallel, one thread each) as runs of `study`, and collect the
+/// report. A stop request ends both after their current step (`Error::Stopped`), each with its
+/// checkpoint written; calling again with the study opened continues them.
 pub fn reproduce(
     setup: &MnistSetup,
     data: &Split,
+    study: &Study,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<MnistReport> {
     if setup.steps == 0 || setup.eval_every == 0 || setup.batch_size < 2 {
@@ -227,13 +300,46 @@ pub fn reproduce(
         ));
     }
     let (plain, bn) = std::thread::scope(|s| {
-        let h = s.spawn(|| run_variant("mlp-fig1", setup, data, on_progress));
-        let bn = run_variant("mlp-fig1-bn", setup, data, on_progress);
+        let h = s.spawn(|| run_variant(VARIANTS[0], setup, data, study, on_progress));
+        let bn = run_variant(VARIANTS[1], setup, data, study, on_progress);
         let plain = h
             .join()
             .unwrap_or_else(|_| Err(Error::config("reproduce mnist", "training thread panicked")));
         (plain, bn)
     });
+    // A stop reaches both threads: report it rather than the other's error, if any.
+    let (plain, bn) = match (plain, bn) {
+        (Err(e @ Error::Stopped { .. }), _) | (_, Err(e @ Error::Stopped { .. })) => return Err(e),
+        (p, b) => (p?, b?),
+    };
+    Ok(MnistReport {
+        setup: setup_json(setup)?,
+        variants: vec![plain, bn],
+    })
+}
+
+/// The report of the runs of `study` that finished, and the names of those that did not
+/// (`reproduce mnist --report-only`).
+pub fn partial_report(setup: &MnistSetup, study: &Study) -> Result<(MnistReport, Vec<String>)> {
+    let mut variants = Vec::new();
+    let mut missing = Vec::new();
+    for name in VARIANTS {
+        match study.result::<VariantRun>(name)? {
+            Some(v) => variants.push(v),
+            None => missing.push(name.to_string()),
+        }
+    }
+    Ok((
+        MnistReport {
+            setup: setup_json(setup)?,
+            variants,
+        },
+        missing,
+    ))
+}
+
+/// The settings as results.json's `setup`.
+fn setup_json(setup: &MnistSetup) -> Result<serde_json::Value> {
     let setup_json =
         serde_json::to_value(setup).map_err(|e| Error::config("setup", e.to_string()))?;
     let mut setup_json = setup_json;
@@ -254,8 +360,5 @@ pub fn reproduce(
             "Algorithm 2 over the whole training set, batches of 60".into(),
         );
     }
-    Ok(MnistReport {
-        setup: setup_json,
-        variants: vec![plain?, bn?],
-    })
+    Ok(setup_json)
 }

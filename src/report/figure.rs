@@ -210,6 +210,25 @@ impl Panel {
     }
 }
 
+/// Figure 1(a)'s accuracy axis: it covers every evaluation (step 0's near-chance accuracy
+/// included), so no point is drawn on an edge it does not lie on; the lower end is the lowest
+/// accuracy rounded down to 0.05, the upper end 1.
+fn accuracy_axis(report: &MnistReport) -> (f64, f64) {
+    let all_min = report
+        .variants
+        .iter()
+        .flat_map(|v| v.curve.iter())
+        .map(|p| p.test_accuracy)
+        .filter(|a| a.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let lo = if all_min.is_finite() {
+        ((all_min * 20.0).floor() / 20.0).clamp(0.0, 0.9)
+    } else {
+        0.9
+    };
+    (lo, 1.0)
+}
+
 /// Writes the paper's Figure 1 as `<path>.svg` and `<path>.png`: (a) test accuracy of all nets,
 /// (b)/(c) the 15/50/85th percentiles of one last-layer sigmoid input without and with BN.
 pub(super) fn write_fig1(path_without_ext: &Path, report: &MnistReport) -> Result<()> {
@@ -221,23 +240,7 @@ pub(super) fn write_fig1(path_without_ext: &Path, report: &MnistReport) -> Resul
         .fold(0.0, f64::max);
     let x_range = (0.0, if x_max > 0.0 { x_max } else { 1.0 });
 
-    // (a) The early evaluations (10% accuracy at step 0) would squash the interesting part, so
-    // the range is set by the curves after the first tenth of training and anything below is
-    // drawn on the bottom edge, as in the paper.
-    let late: Vec<f64> = report
-        .variants
-        .iter()
-        .flat_map(|v| v.curve.iter())
-        .filter(|p| p.step as f64 >= 0.1 * x_max && p.test_accuracy.is_finite())
-        .map(|p| p.test_accuracy)
-        .collect();
-    let late_min = late.iter().copied().fold(f64::INFINITY, f64::min);
-    let acc_lo = if late_min.is_finite() {
-        ((late_min * 20.0).floor() / 20.0).clamp(0.0, 0.9)
-    } else {
-        0.9
-    };
-    let acc_range = (acc_lo, 1.0);
+    let acc_range = accuracy_axis(report);
     let accuracy_series: Vec<Series> = report
         .variants
         .iter()
@@ -483,4 +486,50 @@ fn downsample(rgb: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{CurvePoint, VariantRun};
+
+    fn run(points: &[(usize, f64)]) -> VariantRun {
+        VariantRun {
+            name: "mlp-fig1".into(),
+            curve: points
+                .iter()
+                .map(|&(step, test_accuracy)| CurvePoint {
+                    step,
+                    test_accuracy,
+                    p15: 0.0,
+                    p50: 0.0,
+                    p85: 0.0,
+                    train_loss: 0.0,
+                })
+                .collect(),
+            final_running: 0.0,
+            final_population: 0.0,
+            train_seconds: 0.0,
+        }
+    }
+
+    /// A short run's early accuracy (0.098 at step 0, 0.6 at 500) lies inside the axis rather
+    /// than on a bottom edge at 0.80 (the bug of issue 14).
+    #[test]
+    fn accuracy_axis_covers_every_point() {
+        let report = MnistReport {
+            setup: serde_json::Value::Null,
+            variants: vec![run(&[(0, 0.098), (500, 0.6), (5000, 0.95)])],
+        };
+        let (lo, hi) = accuracy_axis(&report);
+        assert_eq!((lo, hi), (0.05, 1.0));
+        for p in &report.variants[0].curve {
+            assert!((lo..=hi).contains(&p.test_accuracy));
+        }
+        let late = MnistReport {
+            setup: serde_json::Value::Null,
+            variants: vec![run(&[(0, 0.93), (500, 0.97)])],
+        };
+        assert_eq!(accuracy_axis(&late), (0.9, 1.0));
+    }
 }

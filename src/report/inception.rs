@@ -4,6 +4,7 @@
 //! | file | for |
 //! | --- | --- |
 //! | `results.json` | setup, the lr sweep, every variant's curve and numbers, the ensemble |
+//! | `timings.json` | wall-clock seconds: the study's (this session's), each variant's training |
 //! | `metrics.csv` | every evaluation of every run (sweep and variants), one row each |
 //! | `accuracy.svg`, `accuracy.png` | Figure 2: subset test accuracy of the 7 variants against steps |
 //! | `accuracy_zoom.svg`, `accuracy_zoom.png` | the same near the top, where the variants cross Inception's maximum |
@@ -26,6 +27,7 @@ pub struct AccuracyPoint {
     /// Training steps done.
     pub step: usize,
     /// Fraction 0..1.
+    #[serde(deserialize_with = "super::nan_from_null")]
     pub test_accuracy: f64,
 }
 
@@ -125,7 +127,8 @@ pub struct InceptionReport {
     pub variants: Vec<InceptionVariant>,
     /// Figure 4's ensemble.
     pub ensemble: EnsembleResult,
-    /// Wall-clock seconds of the whole study.
+    /// Wall-clock seconds of the study (of the session that finished it, when resumed);
+    /// written to timings.json, not results.json.
     pub wall_seconds: f64,
 }
 
@@ -157,6 +160,7 @@ pub fn write_inception_report(out_dir: &Path, report: &InceptionReport) -> Resul
         msg: e.to_string(),
     })?;
     write_atomic(&json_path, format!("{json}\n").as_bytes())?;
+    super::write_timings(out_dir, &timings_json(report))?;
     write_atomic(&out_dir.join("metrics.csv"), metrics_csv(report).as_bytes())?;
     #[cfg(feature = "plots")]
     figures(out_dir, report)?;
@@ -221,7 +225,6 @@ fn results_json(report: &InceptionReport) -> serde_json::Value {
                     "weight_decay": v.weight_decay,
                     "dropout": v.dropout,
                     "lr_factor_over_run": v.lr_factor_over_run,
-                    "train_seconds": v.train_seconds,
                 }),
             )
         })
@@ -232,7 +235,20 @@ fn results_json(report: &InceptionReport) -> serde_json::Value {
         "variants": variants,
         "variant_order": report.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
         "ensemble": report.ensemble,
+    })
+}
+
+/// The wall-clock times, kept out of results.json so that a study resumed after a stop gives
+/// the same results.json as one left alone.
+fn timings_json(report: &InceptionReport) -> serde_json::Value {
+    let variants: serde_json::Map<String, serde_json::Value> = report
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), v.train_seconds.into()))
+        .collect();
+    serde_json::json!({
         "wall_seconds": report.wall_seconds,
+        "train_seconds": variants,
     })
 }
 
@@ -367,7 +383,7 @@ pub(super) fn summary_md(report: &InceptionReport) -> String {
     );
     let _ = writeln!(
         s,
-        "Wall time of the whole study: {:.0} s.\n",
+        "Wall time of the whole study: {:.0} s (of the last session, if it was resumed).\n",
         report.wall_seconds
     );
 

@@ -7,6 +7,7 @@
 //! | --- | --- |
 //! | `metrics.csv` | every evaluation of every net, one row each, for spreadsheets and pandas |
 //! | `results.json` | the same curves plus setup and final accuracies, for programs |
+//! | `timings.json` | wall-clock training seconds (kept out of results.json: they differ between runs) |
 //! | `fig1.svg`, `fig1.png` | the paper's Figure 1: (a) test accuracy, (b)/(c) sigmoid-input percentiles |
 //! | `summary.md` | a readable report with our numbers beside the PyTorch reference |
 //!
@@ -43,35 +44,50 @@ pub use normalizers::{
     claims as normalizer_claims, write_normalizers_report, Claim, NormalizersReport,
 };
 
-/// One evaluation during training.
+/// One evaluation during training. (JSON writes NaN as `null`; reading takes `null` back as
+/// NaN, so a curve survives a study's result file.)
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CurvePoint {
     /// Training steps (mini-batches) done before this evaluation.
     pub step: usize,
     /// Test accuracy as a fraction in 0..1.
+    #[serde(deserialize_with = "nan_from_null")]
     pub test_accuracy: f64,
     /// 15th percentile of the input to the probed sigmoid of the last hidden layer.
+    #[serde(deserialize_with = "nan_from_null")]
     pub p15: f64,
     /// 50th percentile (median) of the same input.
+    #[serde(deserialize_with = "nan_from_null")]
     pub p50: f64,
     /// 85th percentile of the same input.
+    #[serde(deserialize_with = "nan_from_null")]
     pub p85: f64,
-    /// Training loss around this step.
+    /// Training loss around this step (NaN at step 0).
+    #[serde(deserialize_with = "nan_from_null")]
     pub train_loss: f64,
 }
 
+/// An f64 that serde_json wrote as `null` (NaN or infinite) read back as NaN.
+pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 /// The measurements of one trained net.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VariantRun {
     /// "mlp-fig1" (no BN) or "mlp-fig1-bn".
     pub name: String,
     /// One point per evaluation, ascending step (the first point may be step 0).
     pub curve: Vec<CurvePoint>,
     /// Final test accuracy (fraction 0..1) with running-average BN statistics.
+    #[serde(deserialize_with = "nan_from_null")]
     pub final_running: f64,
     /// Final test accuracy with the paper's Algorithm 2 population statistics (plain net: same as running).
+    #[serde(deserialize_with = "nan_from_null")]
     pub final_population: f64,
     /// Wall-clock seconds spent training.
+    #[serde(deserialize_with = "nan_from_null")]
     pub train_seconds: f64,
 }
 
@@ -105,6 +121,15 @@ pub fn write_mnist_report(out_dir: &Path, report: &MnistReport) -> Result<()> {
         msg: e.to_string(),
     })?;
     write_atomic(&json_path, format!("{json}\n").as_bytes())?;
+    let train_seconds: serde_json::Map<String, serde_json::Value> = report
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), v.train_seconds.into()))
+        .collect();
+    write_timings(
+        out_dir,
+        &serde_json::json!({ "train_seconds": train_seconds }),
+    )?;
     #[cfg(feature = "plots")]
     figure::write_fig1(&out_dir.join("fig1"), report)?;
     write_atomic(
@@ -173,7 +198,6 @@ fn results_json(report: &MnistReport) -> serde_json::Value {
                 serde_json::json!({
                     "curve": v.curve,
                     "final": { "running": v.final_running, "population": v.final_population },
-                    "train_seconds": v.train_seconds,
                 }),
             )
         })
@@ -182,6 +206,52 @@ fn results_json(report: &MnistReport) -> serde_json::Value {
 }
 
 pub use crate::fsutil::write_atomic;
+
+/// The timings file of a report: wall-clock seconds, which differ between a study left alone
+/// and one stopped and resumed, so they stay out of results.json.
+pub const TIMINGS_FILE: &str = "timings.json";
+
+/// Write `timings` as [`TIMINGS_FILE`] in `out_dir`.
+pub fn write_timings(out_dir: &Path, timings: &serde_json::Value) -> Result<()> {
+    let path = out_dir.join(TIMINGS_FILE);
+    let text = serde_json::to_string_pretty(timings).map_err(|e| Error::Report {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    write_atomic(&path, format!("{text}\n").as_bytes())
+}
+
+/// Mark the report in `out_dir` as partial: results.json gets `"missing_runs"` (the runs that
+/// have no result yet) and summary.md a first paragraph naming them. For any study's
+/// `--report-only` on a study stopped halfway; nothing changes when `missing` is empty.
+pub fn mark_partial(out_dir: &Path, missing: &[String]) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let json_path = out_dir.join("results.json");
+    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Report {
+        path: json_path.clone(),
+        msg: e.to_string(),
+    })?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("partial".into(), true.into());
+        obj.insert("missing_runs".into(), missing.into());
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Report {
+        path: json_path.clone(),
+        msg: e.to_string(),
+    })?;
+    write_atomic(&json_path, format!("{text}\n").as_bytes())?;
+    let md_path = out_dir.join("summary.md");
+    let md = std::fs::read_to_string(&md_path).map_err(|e| Error::io(&md_path, e))?;
+    let note = format!(
+        "> **Partial report**: the study was stopped before these runs finished, so they are \
+         missing from every table, figure and check below: {}. Resume the study to complete it.\n\n",
+        missing.join(", ")
+    );
+    write_atomic(&md_path, format!("{note}{md}").as_bytes())
+}
 
 /// Percentage with two decimals, as used in summary.md: 0.98123 -> "98.12%".
 pub fn fmt_percent(acc: f64) -> String {

@@ -1,0 +1,464 @@
+//! A study's progress on disk, so that a study stopped at any instant (Ctrl-C, SIGTERM, SIGKILL,
+//! a power cut) continues where it was and ends with the same results, bit for bit, as one left
+//! alone. Every `bnlab reproduce ...` uses it; a new study needs only the calls below.
+//!
+//! A study directory (`--out`) holds:
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `study.json` | which study, its settings (`setup`) and data, written once when it starts |
+//! | `runs/KEY/result.json` | a finished run's result (whatever the study serializes) |
+//! | `runs/KEY/*.f32` | a finished run's large arrays (little-endian f32), beside its result |
+//! | `runs/KEY/checkpoint.safetensors` | a running run's state: weights, BN buffers, momentum, batch order, generators, and the study's own per-run data (its curve so far) |
+//!
+//! Every file is written atomically (`fsutil::write_atomic`), and a result is written before its
+//! checkpoint is removed, so a kill at any instant leaves either the previous state or the next.
+//!
+//! The calls, for a study that trains runs keyed by a label:
+//!
+//! 1. [`Study::create`] (refuses a directory that already holds a study) or [`Study::open`]
+//!    (resume; the settings come from `study.json`, so a resumed study is the same study);
+//!    [`Study::with_stop`] shares the command line's [`Stop`].
+//! 2. Per run: [`Study::result`] gives a finished run's result (skip the training); else build
+//!    the network and trainer as for a fresh run, call [`Study::resume_run`] (restores them and
+//!    the tracker from the checkpoint, if any; `None`: start fresh), then [`Study::train_run`]
+//!    (the one training loop, checkpointing every `checkpoint_every` steps and when a stop is
+//!    requested; `Err(Error::Stopped)` then), and [`Study::finish`] with the run's result.
+//! 3. The report is built from the results alone, so it is the same whether the runs were
+//!    trained in one go or over several sessions. Wall-clock times differ between the two, so
+//!    they stay out of `results.json` (the reports write them to `timings.json`).
+//!
+//! The per-run data a study follows (its accuracy curve, the training time so far) travels in the
+//! checkpoint through the [`Tracked`] trait: an [`Observer`] that can also say what to save and
+//! take it back.
+
+use crate::checkpoint::{self, TensorFile};
+use crate::data::Dataset;
+use crate::fsutil::write_atomic;
+use crate::network::Network;
+use crate::run::{restore_training, training_entries, TrainingState};
+use crate::stop::Stop;
+use crate::train::{train_loop, LossSince, Observer, Trainer};
+use crate::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// The study's description in its directory.
+pub const STUDY_FILE: &str = "study.json";
+/// The folder of the runs in a study directory.
+pub const RUNS_DIR: &str = "runs";
+/// A finished run's result, in `runs/KEY/`.
+pub const RESULT_FILE: &str = "result.json";
+/// A running run's state, in `runs/KEY/`.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const VERSION: u32 = 1;
+const META_KEY: &str = "bnlab_study_run";
+
+/// What `study.json` holds.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// The study's name (`mnist`, `inception`): a directory of one study is not resumed as
+    /// another.
+    pub study: String,
+    /// The study's settings, as the study serialized them; a resumed study reads them back.
+    pub setup: serde_json::Value,
+    /// The data given when the study started (absolute), if any.
+    pub data: Option<PathBuf>,
+}
+
+/// A study directory (see the module doc).
+pub struct Study {
+    dir: PathBuf,
+    manifest: Manifest,
+    stop: Stop,
+}
+
+/// The per-run data a study follows beside the training state, saved in every checkpoint and
+/// given back on resume: an [`Observer`] of the training loop that can also be saved.
+pub trait Tracked: Observer {
+    /// What is saved: the curve so far, the training time so far, ...
+    type Saved: Serialize + DeserializeOwned;
+    /// The data to save now.
+    fn save(&self) -> Self::Saved;
+    /// Take back what [`Tracked::save`] gave, on resume.
+    fn restore(&mut self, saved: Self::Saved);
+}
+
+/// What a run's checkpoint keeps besides its tensors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckpointMeta<S> {
+    version: u32,
+    training: TrainingState,
+    tracked: S,
+}
+
+/// A file-name-safe form of a run's label: ASCII letters, digits, `.`, `-` and `_` kept, every
+/// other character `_` (`"BN-x30 seed 2"` -> `"BN-x30_seed_2"`).
+pub fn run_key(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Study {
+    /// Start study `study` in `dir` (created if needed) with `setup`; refuses a directory that
+    /// already holds a study, saying how to continue it.
+    pub fn create(
+        dir: &Path,
+        study: &str,
+        setup: serde_json::Value,
+        data: Option<PathBuf>,
+    ) -> Result<Study> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if dir.join(STUDY_FILE).exists() {
+            return Err(Error::config(
+                "--out",
+                format!(
+                    "{} already holds a study; continue it with `bnlab reproduce {study} --resume {0}`, or choose another --out",
+                    dir.display()
+                ),
+            ));
+        }
+        let manifest = Manifest {
+            version: VERSION,
+            study: study.to_string(),
+            setup,
+            data,
+        };
+        let runs = dir.join(RUNS_DIR);
+        std::fs::create_dir_all(&runs).map_err(|e| Error::io(&runs, e))?;
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::config("study", e.to_string()))?;
+        write_atomic(&dir.join(STUDY_FILE), format!("{text}\n").as_bytes())?;
+        Ok(Study {
+            dir: dir.to_path_buf(),
+            manifest,
+            stop: Stop::new(),
+        })
+    }
+
+    /// Open the study `study` saved in `dir` (to resume it, or to report on it).
+    pub fn open(dir: &Path, study: &str) -> Result<Study> {
+        let path = dir.join(STUDY_FILE);
+        if !path.exists() {
+            return Err(Error::config(
+                "--resume",
+                format!("no study in {} ({STUDY_FILE} is missing)", dir.display()),
+            ));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::data(&path, format!("not a study description: {e}")))?;
+        if manifest.version != VERSION {
+            return Err(Error::data(
+                &path,
+                format!(
+                    "study format version {} (this bnlab reads {VERSION})",
+                    manifest.version
+                ),
+            ));
+        }
+        if manifest.study != study {
+            return Err(Error::config(
+                "--resume",
+                format!(
+                    "{} holds a `{}` study, not `{study}`",
+                    dir.display(),
+                    manifest.study
+                ),
+            ));
+        }
+        Ok(Study {
+            dir: dir.to_path_buf(),
+            manifest,
+            stop: Stop::new(),
+        })
+    }
+
+    /// Use `stop` (shared with the signal handler): runs stop after their current step.
+    pub fn with_stop(mut self, stop: Stop) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    /// The stop request every run of the study honours.
+    pub fn stop(&self) -> &Stop {
+        &self.stop
+    }
+
+    /// The study directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The study's description (`study.json`).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The study's settings as saved; `serde_json::from_value` turns them back into the
+    /// study's setup type.
+    pub fn setup<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.manifest.setup.clone()).map_err(|e| {
+            Error::data(
+                self.dir.join(STUDY_FILE),
+                format!("settings unreadable: {e}"),
+            )
+        })
+    }
+
+    /// The folder of run `label` (not created).
+    pub fn run_dir(&self, label: &str) -> PathBuf {
+        self.dir.join(RUNS_DIR).join(run_key(label))
+    }
+
+    fn ensure_run_dir(&self, label: &str) -> Result<PathBuf> {
+        let d = self.run_dir(label);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        Ok(d)
+    }
+
+    /// True when run `label` has a result.
+    pub fn is_finished(&self, label: &str) -> bool {
+        self.run_dir(label).join(RESULT_FILE).is_file()
+    }
+
+    /// True when run `label` has a checkpoint (it started and did not finish).
+    pub fn is_started(&self, label: &str) -> bool {
+        self.run_dir(label).join(CHECKPOINT_FILE).is_file()
+    }
+
+    /// The result of run `label`, if it finished.
+    pub fn result<T: DeserializeOwned>(&self, label: &str) -> Result<Option<T>> {
+        let path = self.run_dir(label).join(RESULT_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::data(&path, format!("unreadable run result: {e}")))
+    }
+
+    /// Record run `label` as finished with `result` (atomically), then drop its checkpoint.
+    /// Floats survive exactly (serde_json writes the shortest form that reads back the same).
+    pub fn finish<T: Serialize>(&self, label: &str, result: &T) -> Result<()> {
+        let d = self.ensure_run_dir(label)?;
+        let path = d.join(RESULT_FILE);
+        let text = serde_json::to_string(result)
+            .map_err(|e| Error::data(&path, format!("result not serializable: {e}")))?;
+        write_atomic(&path, text.as_bytes())?;
+        let ckpt = d.join(CHECKPOINT_FILE);
+        if ckpt.exists() {
+            std::fs::remove_file(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        }
+        Ok(())
+    }
+
+    /// Keep a large array of run `label` (`runs/KEY/NAME.f32`, little-endian), written before
+    /// [`Study::finish`].
+    pub fn save_floats(&self, label: &str, name: &str, values: &[f32]) -> Result<()> {
+        let d = self.ensure_run_dir(label)?;
+        write_atomic(
+            &d.join(format!("{}.f32", run_key(name))),
+            &checkpoint::f32_bytes(values),
+        )
+    }
+
+    /// An array kept by [`Study::save_floats`], if present.
+    pub fn load_floats(&self, label: &str, name: &str) -> Result<Option<Vec<f32>>> {
+        let path = self.run_dir(label).join(format!("{}.f32", run_key(name)));
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        if bytes.len() % 4 != 0 {
+            return Err(Error::data(&path, "length is not a multiple of 4"));
+        }
+        Ok(Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
+    }
+
+    /// Write run `label`'s checkpoint: everything the next step of `net` and `trainer`
+    /// depends on, the loss since the last evaluation, and `tracked`'s data.
+    pub fn save_checkpoint<T: Tracked + ?Sized>(
+        &self,
+        label: &str,
+        net: &mut Network,
+        trainer: &Trainer,
+        loss: &LossSince,
+        tracked: &T,
+    ) -> Result<()> {
+        let d = self.ensure_run_dir(label)?;
+        let path = d.join(CHECKPOINT_FILE);
+        let (entries, training) = training_entries(net, trainer, loss);
+        let meta = CheckpointMeta {
+            version: VERSION,
+            training,
+            tracked: tracked.save(),
+        };
+        let mut metadata = checkpoint::model_metadata(net);
+        metadata.insert(
+            META_KEY.to_string(),
+            serde_json::to_string(&meta).map_err(|e| Error::checkpoint(&path, e.to_string()))?,
+        );
+        checkpoint::write_entries(&path, &entries, metadata)
+    }
+
+    /// Continue run `label` from its checkpoint, if it has one: `net` and `trainer` (built as
+    /// for a fresh run) and `tracked` get the saved state; returns the loss since the last
+    /// evaluation. `None`: no checkpoint, start fresh.
+    pub fn resume_run<T: Tracked + ?Sized>(
+        &self,
+        label: &str,
+        net: &mut Network,
+        trainer: &mut Trainer,
+        tracked: &mut T,
+    ) -> Result<Option<LossSince>> {
+        let path = self.run_dir(label).join(CHECKPOINT_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let file = TensorFile::read(&path)?;
+        let text = file.metadata.get(META_KEY).ok_or_else(|| {
+            Error::checkpoint(
+                &path,
+                format!("not a study run checkpoint (no '{META_KEY}')"),
+            )
+        })?;
+        let meta: CheckpointMeta<T::Saved> = serde_json::from_str(text)
+            .map_err(|e| Error::checkpoint(&path, format!("unreadable run state: {e}")))?;
+        if meta.version != VERSION {
+            return Err(Error::checkpoint(
+                &path,
+                format!("version {} (this bnlab reads {VERSION})", meta.version),
+            ));
+        }
+        let loss = restore_training(net, trainer, &file, &path, &meta.training)?;
+        tracked.restore(meta.tracked);
+        Ok(Some(loss))
+    }
+
+    /// Train run `label` up to `steps` with the one training loop ([`train_loop`]), evaluating
+    /// every `eval_every` steps through `tracked`, writing the checkpoint every
+    /// `checkpoint_every` steps (0: never periodically) and after the step at which a stop is
+    /// requested; then the loop returns `Error::Stopped`. `loss` is the mean loss so far of the
+    /// current evaluation interval (from [`Study::resume_run`], else the default).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_run<T: Tracked + ?Sized>(
+        &self,
+        label: &str,
+        net: &mut Network,
+        trainer: &mut Trainer,
+        data: &Dataset,
+        steps: usize,
+        eval_every: usize,
+        checkpoint_every: usize,
+        loss: &mut LossSince,
+        tracked: &mut T,
+    ) -> Result<()> {
+        let mut observer = Checkpointing {
+            study: self,
+            label,
+            every: checkpoint_every,
+            steps,
+            tracked,
+        };
+        train_loop(net, trainer, data, steps, eval_every, loss, &mut observer)
+    }
+}
+
+/// The study's side of the loop around the tracker's: checkpoints and the stop request.
+struct Checkpointing<'a, T: Tracked + ?Sized> {
+    study: &'a Study,
+    label: &'a str,
+    every: usize,
+    steps: usize,
+    tracked: &'a mut T,
+}
+
+impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
+    fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
+        self.tracked.evaluate(net, step, mean_loss)
+    }
+
+    fn after_step(
+        &mut self,
+        net: &mut Network,
+        trainer: &Trainer,
+        loss: f64,
+        since: &LossSince,
+        evaluated: bool,
+    ) -> Result<()> {
+        self.tracked
+            .after_step(net, trainer, loss, since, evaluated)?;
+        let step = trainer.step;
+        // The last step needs no checkpoint: the run's result follows at once.
+        let due = step < self.steps
+            && ((self.every > 0 && step.is_multiple_of(self.every)) || self.study.stop.requested());
+        if due {
+            self.study
+                .save_checkpoint(self.label, net, trainer, since, &*self.tracked)?;
+        }
+        Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.study.stop.requested() || self.tracked.stop_requested()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_file_names() {
+        assert_eq!(run_key("BN-x30 seed 2"), "BN-x30_seed_2");
+        assert_eq!(run_key("Inception lr 0.08"), "Inception_lr_0.08");
+        assert_eq!(run_key("a/b\\c"), "a_b_c");
+    }
+
+    #[test]
+    fn create_refuses_a_study_and_open_checks_the_kind() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("s");
+        let s = Study::create(&d, "mnist", serde_json::json!({"steps": 5}), None).unwrap();
+        assert!(!s.is_finished("a"));
+        s.finish("a", &vec![0.1f64, 1.0 / 3.0]).unwrap();
+        assert!(s.is_finished("a"));
+        let back: Vec<f64> = s.result("a").unwrap().unwrap();
+        assert_eq!(back, vec![0.1, 1.0 / 3.0]);
+        s.save_floats("a", "p", &[1.5, -0.25]).unwrap();
+        assert_eq!(s.load_floats("a", "p").unwrap(), Some(vec![1.5, -0.25]));
+        let err = Study::create(&d, "mnist", serde_json::json!({}), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--resume"), "{err}");
+        let err = Study::open(&d, "inception").err().unwrap().to_string();
+        assert!(err.contains("holds a `mnist` study"), "{err}");
+        let s = Study::open(&d, "mnist").unwrap();
+        let setup: serde_json::Value = s.setup().unwrap();
+        assert_eq!(setup["steps"], 5);
+        let err = Study::open(&t.path().join("none"), "mnist")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no study"), "{err}");
+    }
+}
