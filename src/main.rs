@@ -519,7 +519,7 @@ fn main() -> ExitCode {
         } => reproduce_mnist(a, &stop),
         Command::Reproduce {
             study: StudyCommand::Normalizers(a),
-        } => reproduce_normalizers(a),
+        } => reproduce_normalizers(a, &stop),
         Command::Reproduce {
             study: StudyCommand::Inception(a),
         } => reproduce_inception(a, &stop),
@@ -1191,7 +1191,7 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     Ok(())
 }
 
-fn reproduce_normalizers(a: NormalizersArgs) -> Result<()> {
+fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     use bnlab::experiments::normalizers::{self as norms, NormalizersSetup};
     let mut setup = if a.quick {
         NormalizersSetup::quick()
@@ -1259,7 +1259,21 @@ fn reproduce_normalizers(a: NormalizersArgs) -> Result<()> {
             }
         );
     };
-    let results = norms::run_study(&setup, &split, &a.out, &on_done)?;
+    let results = match norms::run_study(&setup, &split, &a.out, stop, &on_done) {
+        Err(Error::Stopped { step }) => {
+            let mut again: Vec<String> = std::env::args().map(|s| cli::shell_word(&s)).collect();
+            if again.is_empty() {
+                again.push("bnlab".into());
+            }
+            eprintln!(
+                "stopped; the finished runs are kept in {}/runs. Continue with the same command:\n  {}",
+                a.out.display(),
+                again.join(" ")
+            );
+            return Err(Error::Stopped { step });
+        }
+        other => other?,
+    };
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
     report::write_normalizers_report(
         &a.out,

@@ -117,3 +117,92 @@ fn normalizers_study_outputs_resumes_and_reports_partially() {
     ]);
     assert_eq!(other.matches("(finished earlier)").count(), 0, "{other}");
 }
+
+/// Ctrl-C stops the study after the current steps with status 130 and the command that
+/// continues it; a SIGKILL later loses only the runs in training; the same command then
+/// finishes the study with the results.json of an uninterrupted one, byte for byte.
+#[test]
+fn normalizers_study_stopped_killed_and_continued_gives_the_same_results() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let Some(fashion) = fashion_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let f = fashion.to_str().unwrap().to_string();
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "reproduce",
+            "normalizers",
+            "--data",
+            &f,
+            "--out",
+            out.to_str().unwrap(),
+            "--examples",
+            "320",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = t.path().join("whole");
+    let a = args(&whole);
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let want = std::fs::read(whole.join("results.json")).unwrap();
+
+    let cut = t.path().join("cut");
+    let b = args(&cut);
+    // Start, wait for the `n`-th finished run, send `signal`; the exit code and stderr.
+    let interrupt = |n: usize, signal: &str| -> (Option<i32>, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+            .args(&b)
+            .env_remove("BNLAB_DATA")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let start = Instant::now();
+        let needle = format!("[{n}/28]");
+        while !seen
+            .iter()
+            .any(|l: &String| l.contains(&needle) && !l.contains("earlier"))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "no {needle}: {seen:?}"
+            );
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                seen.push(l);
+            }
+        }
+        let ok = Command::new("kill")
+            .args(["-s", signal, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let status = child.wait().unwrap();
+        while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+            seen.push(l);
+        }
+        (status.code(), seen.join("\n"))
+    };
+    let (code, log) = interrupt(3, "INT");
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("Continue with the same command"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let (code, log) = interrupt(9, "KILL");
+    assert_eq!(code, None, "killed: {log}");
+    assert!(log.contains("(finished earlier)"), "{log}");
+    let done = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(done.contains("(finished earlier)"), "{done}");
+    assert_eq!(std::fs::read(cut.join("results.json")).unwrap(), want);
+}

@@ -21,8 +21,9 @@
 //! Every run is independent: they flow through `workers` threads, each network single-threaded
 //! and bit-reproducible. A finished run is written to `runs/<key>.json` in the output folder at
 //! once (atomically), with the settings it was run under; running the same command with the
-//! same `--out` again skips every run already there, so a stopped study continues where it
-//! was. results.json holds no timings (they go to timings.json), so a resumed study's
+//! same `--out` again skips every run already there, so a stopped study (Ctrl-C, SIGTERM or
+//! SIGKILL) continues where it was; the runs that were in training start again (they take
+//! seconds to a minute each, so they keep no checkpoint). results.json holds no timings (they go to timings.json), so a resumed study's
 //! results.json is byte-identical to an uninterrupted one's.
 
 use crate::data::Split;
@@ -30,6 +31,7 @@ use crate::fsutil::write_atomic;
 use crate::model::{self, NormChoice};
 use crate::network::Network;
 use crate::optim::Schedule;
+use crate::stop::Stop;
 use crate::train::{train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer};
 use crate::{Error, Result};
 use std::path::Path;
@@ -257,10 +259,14 @@ pub struct Done<'a> {
 
 /// Both studies: every job's result, in `setup.jobs()` order. Finished runs are read from
 /// `out_dir/runs` and new ones written there as they finish.
+///
+/// A stop request (`stop`: Ctrl-C) ends the runs in training after their current step and
+/// starts no new one; the result is then `Error::Stopped`, with every finished run on disk.
 pub fn run_study(
     setup: &NormalizersSetup,
     data: &Split,
     out_dir: &Path,
+    stop: &Stop,
     on_done: &(dyn Fn(Done<'_>) + Sync),
 ) -> Result<Vec<RunResult>> {
     setup.validate()?;
@@ -290,14 +296,14 @@ pub fn run_study(
     std::thread::scope(|s| {
         for _ in 0..setup.workers.min(todo.len()) {
             s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
+                if failed.load(Ordering::Relaxed) || stop.requested() {
                     break;
                 }
                 let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
                 let job = &jobs[i];
-                let r = run_job(setup, job, data).and_then(|r| {
+                let r = run_job(setup, job, data, stop).and_then(|r| {
                     let file = serde_json::json!({
                         "settings": setup.fingerprint(job),
                         "result": r,
@@ -329,12 +335,19 @@ pub fn run_study(
     let slots = slots
         .into_inner()
         .map_err(|_| Error::config("reproduce normalizers", "a training thread panicked"))?;
+    let mut stopped = None;
     for (i, slot) in slots.into_iter().enumerate() {
         match slot {
             Some(Ok(r)) => results[i] = Some(r),
+            Some(Err(Error::Stopped { step })) => stopped = Some(step),
             Some(Err(e)) => return Err(e),
             None => {}
         }
+    }
+    if stop.requested() && results.iter().any(Option::is_none) {
+        return Err(Error::Stopped {
+            step: stopped.unwrap_or(0),
+        });
     }
     results
         .into_iter()
@@ -371,17 +384,29 @@ fn read_finished(runs: &Path, setup: &NormalizersSetup, job: &Job) -> Option<Run
     serde_json::from_value(v.get("result")?.clone()).ok()
 }
 
-/// The observer of a run: nothing between steps (the result is the final accuracy).
-struct Quiet;
+/// The observer of a run: nothing between steps (the result is the final accuracy), and the
+/// stop request.
+struct Quiet<'a>(&'a Stop);
 
-impl Observer for Quiet {
+impl Observer for Quiet<'_> {
     fn evaluate(&mut self, _: &mut Network, _: usize, _: f64) -> Result<()> {
         Ok(())
+    }
+    fn stop_requested(&self) -> bool {
+        self.0.requested()
     }
 }
 
 /// Train and evaluate one run.
-pub fn run_job(setup: &NormalizersSetup, job: &Job, data: &Split) -> Result<RunResult> {
+/// A stop request (`stop`) ends the run after its current step with `Error::Stopped`; the run
+/// is then trained again from the start when the study continues (a run takes seconds to a
+/// minute, so it keeps no checkpoint).
+pub fn run_job(
+    setup: &NormalizersSetup,
+    job: &Job,
+    data: &Split,
+    stop: &Stop,
+) -> Result<RunResult> {
     let t0 = Instant::now();
     let choice = NormChoice::parse(&job.norm)?;
     let spec = model::apply_norm(&model::preset(&setup.model)?, choice)?;
@@ -423,7 +448,7 @@ pub fn run_job(setup: &NormalizersSetup, job: &Job, data: &Split) -> Result<RunR
         steps,
         0,
         &mut LossSince::default(),
-        &mut Quiet,
+        &mut Quiet(stop),
     ) {
         Ok(()) => None,
         Err(Error::Diverged { step, .. }) => Some(step),
