@@ -427,10 +427,10 @@ struct NormalizersArgs {
     examples: Option<i64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Write the report from the runs finished in --out so far (missing ones marked), without
-    /// training.
-    #[arg(long)]
-    report_only: bool,
+    /// Write the report of the study in DIR from the runs finished so far (missing ones
+    /// marked), without training; give the same --quick/--examples/--seed as the study.
+    #[arg(long, value_name = "DIR")]
+    report_only: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1204,11 +1204,11 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
     setup.seed = a.seed;
     setup.validate()?;
     let jobs = setup.jobs();
-    if a.report_only {
-        let results = norms::finished_results(&setup, &a.out);
+    if let Some(dir) = &a.report_only {
+        let results = norms::finished_results(&setup, dir);
         let missing = results.iter().filter(|r| r.is_none()).count();
         report::write_normalizers_report(
-            &a.out,
+            dir,
             &report::NormalizersReport {
                 setup: &setup,
                 jobs: &jobs,
@@ -1218,7 +1218,7 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
         eprintln!(
             "wrote the report of {} finished runs ({missing} missing) to {}",
             jobs.len() - missing,
-            a.out.display()
+            dir.display()
         );
         return Ok(());
     }

@@ -127,6 +127,7 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "summary",
         "reproduce mnist",
         "reproduce inception",
+        "reproduce normalizers",
     ]
     .iter()
     .map(|c| help(&c.split(' ').map(str::to_string).collect::<Vec<_>>()))
