@@ -1465,7 +1465,9 @@ fn ics_cmd(a: IcsArgs) -> Result<()> {
         );
     }
     if a.probe.json {
-        println!("{}", serde_json::json!({ "layers": layers }));
+        // The fields in the struct's order (json! would sort them).
+        let layers = serde_json::to_string(&layers).expect("numbers and strings serialize");
+        println!("{{\"layers\":{layers}}}");
     }
     Ok(())
 }
@@ -1490,7 +1492,10 @@ fn landscape_cmd(a: LandscapeArgs) -> Result<()> {
         None => println!("effective beta-smoothness undefined (no nonzero step)"),
     }
     if a.probe.json {
-        println!("{}", serde_json::json!(l));
+        println!(
+            "{}",
+            serde_json::to_string(&l).expect("numbers and strings serialize")
+        );
     }
     Ok(())
 }
