@@ -536,7 +536,22 @@ fn the_commands() {
     assert_eq!(layers[3]["name"], "9.weight");
     assert!(layers[3]["l2_diff"].as_f64().unwrap() > 0.0);
 
+    // Two threads give the same bits; --lr 0 changes no gradient.
+    let two = run("ics", &["--lr", "0.2", "--json", "--threads", "2"]);
+    assert_eq!(two.lines().last(), out.lines().last());
+    let zero = run("ics", &["--lr", "0", "--json"]);
+    let zero: serde_json::Value = serde_json::from_str(zero.lines().last().unwrap()).unwrap();
+    for l in zero["layers"].as_array().unwrap() {
+        assert_eq!(l["l2_diff"], 0.0, "{l}");
+        assert_eq!(l["cosine"], 1.0, "{l}");
+    }
+
     let out = run("landscape", &["--etas", "0,0.1,0.4", "--json"]);
+    let two = run(
+        "landscape",
+        &["--etas", "0,0.1,0.4", "--json", "--threads", "2"],
+    );
+    assert_eq!(two.lines().last(), out.lines().last());
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let want = landscape(&mut net, &train, 7, 16, &[0.0, 0.1, 0.4]).unwrap();
     let mut keys: Vec<&str> = json
