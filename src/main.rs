@@ -1484,8 +1484,18 @@ fn landscape_cmd(a: LandscapeArgs) -> Result<()> {
         offset + batch
     );
     println!("{:>12} {:>14} {:>14}", "eta", "loss", "grad_change");
+    // Plain numbers where they are readable, else exponents (a step of 1e30 is allowed).
+    let num = |v: f64, digits: usize| match v.abs() {
+        a if a == 0.0 || (1e-3..1e6).contains(&a) || !a.is_finite() => format!("{v:.digits$}"),
+        _ => format!("{v:.digits$e}"),
+    };
     for p in &l.points {
-        println!("{:>12} {:>14.6} {:>14.6e}", p.eta, p.loss, p.grad_change);
+        let eta = if (1e-3..1e6).contains(&p.eta.abs()) || p.eta == 0.0 {
+            p.eta.to_string()
+        } else {
+            format!("{:e}", p.eta)
+        };
+        println!("{eta:>12} {:>14} {:>14.6e}", num(p.loss, 6), p.grad_change);
     }
     match l.beta_smoothness {
         Some(b) => println!("effective beta-smoothness {b:.6e}"),

@@ -576,6 +576,12 @@ fn the_commands() {
     assert!(json["beta_smoothness"].as_f64().unwrap() > 0.0);
     assert_eq!(points[0]["loss"], json["loss0"]);
     assert_eq!(points[0]["grad_change"], 0.0);
+    // A step so large that the gradients overflow: still a JSON object (null for NaN).
+    let out = run("landscape", &["--etas", "1e30", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let p = &json["points"][0];
+    assert!(p["loss"].as_f64().is_none_or(|l| l > 1e20), "{json}");
+    assert!(p["grad_change"].is_null() || p["grad_change"].as_f64().unwrap() > 0.0);
     // Without --json: no JSON line; eta 0 alone leaves beta-smoothness undefined.
     let out = run("landscape", &["--etas", "0"]);
     assert!(out.contains("undefined") && !out.contains('{'), "{out}");
