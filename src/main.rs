@@ -446,7 +446,8 @@ struct ProbeArgs {
     data: DataArgs,
     #[command(flatten)]
     norm: NormArgs,
-    #[arg(long)]
+    /// Examples in the mini-batch (B).
+    #[arg(long, value_name = "B")]
     batch_size: i64,
     /// First training example of the batch (examples K .. K+B-1 in file order).
     #[arg(long, default_value_t = 0, value_name = "K")]
@@ -454,6 +455,7 @@ struct ProbeArgs {
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Most threads a kernel may use (1 or 2).
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
