@@ -2,7 +2,8 @@
 //!
 //! The data path reads top to bottom, one module per arrow:
 //! `data` -> `nn` (layers built on `kernels`) -> `network` (loss) -> `optim` -> `train`
-//! (steps, evaluation, Algorithm 2, probes) -> `report`. See ARCHITECTURE.md. Trained
+//! (steps, evaluation, Algorithm 2, probes) -> `report`; `probe` measures a network on one
+//! mini-batch (internal covariate shift, the loss landscape). See ARCHITECTURE.md. Trained
 //! networks leave through `checkpoint`, `fold` (BN folded into the Linear before it) and
 //! `onnx` (export for other runtimes).
 
@@ -20,6 +21,7 @@ pub mod network;
 pub mod nn;
 pub mod onnx;
 pub mod optim;
+pub mod probe;
 pub mod report;
 pub mod run;
 pub mod stop;

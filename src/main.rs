@@ -83,6 +83,17 @@ enum Command {
     ///
     /// Example: bnlab grad --model mlp-fig1-bn --weights w.safetensors --data ../shared/datasets/mnist --batch-size 60 --save grad.safetensors
     Grad(GradArgs),
+    /// Internal covariate shift (Santurkar et al. 2018, Definition 2.1) at every Linear and
+    /// Conv2d layer on one mini-batch: how the layer's gradient changes when every parameter
+    /// before it takes an SGD step.
+    ///
+    /// Example: bnlab ics --model mlp-fig1-bn --weights w.safetensors --data ../shared/datasets/mnist --batch-size 60 --lr 0.1
+    Ics(IcsArgs),
+    /// The loss landscape along the gradient of one mini-batch: loss, gradient change and
+    /// effective beta-smoothness at each step size.
+    ///
+    /// Example: bnlab landscape --model mlp-fig1-bn --weights w.safetensors --data ../shared/datasets/mnist --batch-size 60 --etas 0.05,0.1,0.2,0.4
+    Landscape(LandscapeArgs),
     /// Reproduce one of the paper's experiments (a study of several training runs).
     ///
     /// A study keeps its progress in its output folder (finished runs' results, running runs'
@@ -369,6 +380,10 @@ struct ReproduceArgs {
     lr: f64,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
+    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G or none
+    /// (default: bn, the paper's batch normalization).
+    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|none", conflicts_with_all = ["resume", "report_only"])]
+    norm: Option<String>,
     #[command(flatten)]
     study: StudyDirArgs,
     #[command(flatten)]
@@ -402,6 +417,10 @@ struct InceptionArgs {
     members: Option<i64>,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
+    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G or none
+    /// (default: bn, the paper's batch normalization).
+    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|none", conflicts_with_all = ["resume", "report_only"])]
+    norm: Option<String>,
     #[command(flatten)]
     study: StudyDirArgs,
     #[command(flatten)]
@@ -490,6 +509,53 @@ struct GradArgs {
     threads: usize,
 }
 
+/// What `ics` and `landscape` measure on: a checkpoint and one mini-batch.
+#[derive(Args)]
+struct ProbeArgs {
+    /// A preset (see `bnlab models`) or the path of a model file.
+    #[arg(long, value_name = "PRESET|FILE")]
+    model: String,
+    /// The parameters (safetensors, PyTorch state_dict names).
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    norm: NormArgs,
+    /// Examples in the mini-batch (B).
+    #[arg(long, value_name = "B")]
+    batch_size: i64,
+    /// First training example of the batch (examples K .. K+B-1 in file order).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    offset: i64,
+    /// Print a JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Most threads a kernel may use (1 or 2).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct IcsArgs {
+    #[command(flatten)]
+    probe: ProbeArgs,
+    /// The SGD step size of the parameters before each layer.
+    #[arg(long, value_name = "ETA")]
+    lr: f64,
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct LandscapeArgs {
+    #[command(flatten)]
+    probe: ProbeArgs,
+    /// Step sizes along the negative gradient, comma-separated (e.g. 0.05,0.1,0.2,0.4).
+    #[arg(long, value_name = "E1,E2,..")]
+    etas: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Only the long runs stop gracefully; every other command keeps the default Ctrl-C.
@@ -514,6 +580,8 @@ fn main() -> ExitCode {
         Command::Models(a) => models_cmd(a),
         Command::Summary(a) => summary_cmd(a),
         Command::Grad(a) => grad_cmd(a),
+        Command::Ics(a) => ics_cmd(a),
+        Command::Landscape(a) => landscape_cmd(a),
         Command::Reproduce {
             study: StudyCommand::Mnist(a),
         } => reproduce_mnist(a, &stop),
@@ -1125,6 +1193,7 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
                 ));
             },
             seed: a.seed,
+            norm: study_norm(a.norm.as_deref())?,
             ..MnistSetup::default()
         })
     };
@@ -1296,6 +1365,17 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
     Ok(())
 }
 
+/// A study's `--norm`, checked; `bn` (or none given) is the paper's batch normalization.
+fn study_norm(norm: Option<&str>) -> Result<Option<String>> {
+    match norm {
+        None => Ok(None),
+        Some(n) => match model::NormChoice::parse(n)? {
+            model::NormChoice::Bn => Ok(None),
+            _ => Ok(Some(n.to_string())),
+        },
+    }
+}
+
 /// The inception study's settings from the flags.
 fn inception_setup(a: &InceptionArgs) -> Result<InceptionSetup> {
     let mut setup = if a.quick {
@@ -1303,6 +1383,7 @@ fn inception_setup(a: &InceptionArgs) -> Result<InceptionSetup> {
     } else {
         InceptionSetup::default()
     };
+    setup.norm = study_norm(a.norm.as_deref())?;
     if let Some(n) = a.steps {
         setup.steps = positive("--steps", n)?;
     }
@@ -1604,6 +1685,93 @@ fn grad_cmd(a: GradArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({ "loss": loss, "tensors": grads.len() })
+        );
+    }
+    Ok(())
+}
+
+/// The network of `--model` with `--weights`, the data, and the batch's offset and size.
+fn probe_setup(a: &ProbeArgs) -> Result<(Network, Split, usize, usize)> {
+    let spec = a.norm.model(&a.model)?;
+    let batch = positive("--batch-size", a.batch_size)?;
+    if a.offset < 0 {
+        return Err(Error::config(
+            "--offset",
+            format!("{} (must be >= 0)", a.offset),
+        ));
+    }
+    if a.threads == 0 {
+        return Err(Error::config("--threads", "must be at least 1"));
+    }
+    let mut split = load_data(&a.data, Some(&spec))?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
+    checkpoint::load(&mut net, &a.weights)?;
+    split.set_normalization(net.normalization.clone())?;
+    Ok((net, split, a.offset as usize, batch))
+}
+
+fn ics_cmd(a: IcsArgs) -> Result<()> {
+    bnlab::probe::check_lr(a.lr)?;
+    let (mut net, split, offset, batch) = probe_setup(&a.probe)?;
+    let layers = bnlab::probe::ics(&mut net, &split.train, offset, batch, a.lr)?;
+    println!(
+        "{}: internal covariate shift on training examples {offset}..{} (--lr {})",
+        net.name(),
+        offset + batch,
+        a.lr
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>10}",
+        "layer", "grad_norm", "l2_diff", "cosine"
+    );
+    for l in &layers {
+        let cosine = l.cosine.map_or("-".to_string(), |c| format!("{c:.6}"));
+        println!(
+            "{:<28} {:>12.5e} {:>12.5e} {cosine:>10}",
+            l.name, l.grad_norm, l.l2_diff
+        );
+    }
+    if a.probe.json {
+        // The fields in the struct's order (json! would sort them).
+        let layers = serde_json::to_string(&layers).expect("numbers and strings serialize");
+        println!("{{\"layers\":{layers}}}");
+    }
+    Ok(())
+}
+
+fn landscape_cmd(a: LandscapeArgs) -> Result<()> {
+    let etas = bnlab::probe::parse_etas(&a.etas)?;
+    let (mut net, split, offset, batch) = probe_setup(&a.probe)?;
+    let l = bnlab::probe::landscape(&mut net, &split.train, offset, batch, &etas)?;
+    println!(
+        "{}: loss {:.6} and gradient norm {:.6e} on training examples {offset}..{}",
+        net.name(),
+        l.loss0,
+        l.grad_norm,
+        offset + batch
+    );
+    println!("{:>12} {:>14} {:>14}", "eta", "loss", "grad_change");
+    // Plain numbers where they are readable, else exponents (a step of 1e30 is allowed).
+    let num = |v: f64, digits: usize| match v.abs() {
+        a if a == 0.0 || (1e-3..1e6).contains(&a) || !a.is_finite() => format!("{v:.digits$}"),
+        _ => format!("{v:.digits$e}"),
+    };
+    for p in &l.points {
+        let eta = if (1e-3..1e6).contains(&p.eta.abs()) || p.eta == 0.0 {
+            p.eta.to_string()
+        } else {
+            format!("{:e}", p.eta)
+        };
+        println!("{eta:>12} {:>14} {:>14.6e}", num(p.loss, 6), p.grad_change);
+    }
+    match l.beta_smoothness {
+        Some(b) => println!("effective beta-smoothness {b:.6e}"),
+        None => println!("effective beta-smoothness undefined (no nonzero step)"),
+    }
+    if a.probe.json {
+        println!(
+            "{}",
+            serde_json::to_string(&l).expect("numbers and strings serialize")
         );
     }
     Ok(())

@@ -65,7 +65,24 @@ impl Network {
     /// A preset whose input shape the file fixes (not `resnet20*`, whose input comes from the
     /// data: use `build` with `model::resolve_input`).
     pub fn preset(name: &str, seed: u64, max_batch: usize, threads: usize) -> Result<Self> {
-        let spec = model::preset(name)?;
+        Network::preset_with_norm(name, None, seed, max_batch, threads)
+    }
+
+    /// A preset with `--norm`'s rewrite (`norm`, e.g. `gn:4`) applied when the preset has
+    /// BatchNorm layers; presets without them are built as they are.
+    pub fn preset_with_norm(
+        name: &str,
+        norm: Option<&str>,
+        seed: u64,
+        max_batch: usize,
+        threads: usize,
+    ) -> Result<Self> {
+        let mut spec = model::preset(name)?;
+        if let Some(n) = norm {
+            if spec.has_batch_norm() {
+                spec = model::apply_norm(&spec, model::NormChoice::parse(n)?)?;
+            }
+        }
         let input = model::resolve_input(&spec, None)?;
         Network::build(&spec, &input, seed, max_batch, threads)
     }

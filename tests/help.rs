@@ -121,6 +121,8 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "eval",
         "bench",
         "grad",
+        "ics",
+        "landscape",
         "fold",
         "export",
         "models",

@@ -295,3 +295,48 @@ fn every_bn_preset_takes_every_norm() {
         }
     }
 }
+
+/// The studies take `--norm` too: recorded in the setup, said at the top of the summary;
+/// nonsense is refused before anything runs.
+#[test]
+fn studies_take_norm() {
+    let Some(mnist) = common::mnist_or_skip() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    ok(&[
+        "reproduce",
+        "mnist",
+        "--data",
+        mnist.to_str().unwrap(),
+        "--steps",
+        "100",
+        "--eval-every",
+        "50",
+        "--norm",
+        "ln",
+        "--out",
+        out.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["setup"]["norm"], "ln", "{}", r["setup"]);
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("Run with `--norm ln`"), "{summary}");
+    let bad = t.path().join("bad");
+    fails_with(
+        &[
+            "reproduce",
+            "inception",
+            "--quick",
+            "--norm",
+            "gn:0",
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+        &["--norm", "gn:0"],
+    );
+}

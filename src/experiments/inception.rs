@@ -133,6 +133,10 @@ pub struct InceptionSetup {
     pub ensemble_members: usize,
     /// Runs trained at the same time, each on one thread.
     pub workers: usize,
+    /// `--norm`: every BatchNorm of the BN networks replaced (`gn:4`, `brn`, ...); `None`:
+    /// batch normalization, as in the paper.
+    #[serde(default)]
+    pub norm: Option<String>,
 }
 
 impl Default for InceptionSetup {
@@ -152,6 +156,7 @@ impl Default for InceptionSetup {
             seed: 1,
             ensemble_members: 6,
             workers: 2,
+            norm: None,
         }
     }
 }
@@ -555,7 +560,13 @@ fn run_job(
     }
     let r = &job.recipe;
     let features = data.train.features();
-    let mut net = Network::preset(r.preset, r.seed, setup.batch_size.max(setup.eval_batch), 1)?;
+    let mut net = Network::preset_with_norm(
+        r.preset,
+        setup.norm.as_deref(),
+        r.seed,
+        setup.batch_size.max(setup.eval_batch),
+        1,
+    )?;
     let config = TrainConfig {
         steps: setup.steps,
         batch_size: setup.batch_size,

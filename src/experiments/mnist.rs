@@ -37,6 +37,10 @@ pub struct MnistSetup {
     pub probe_unit: usize,
     /// Examples per inference batch.
     pub eval_batch: usize,
+    /// `--norm`: every BatchNorm of the BN networks replaced (`gn:4`, `brn`, ...); `None`:
+    /// batch normalization, as in the paper.
+    #[serde(default)]
+    pub norm: Option<String>,
 }
 
 impl Default for MnistSetup {
@@ -50,6 +54,7 @@ impl Default for MnistSetup {
             eval_every: 500,
             probe_unit: 0,
             eval_batch: 500,
+            norm: None,
         }
     }
 }
@@ -190,7 +195,8 @@ pub fn run_variant(
     }
     let features = data.train.features();
     let max_batch = setup.batch_size.max(setup.eval_batch);
-    let mut net = Network::preset(preset, setup.seed, max_batch, 1)?;
+    let mut net =
+        Network::preset_with_norm(preset, setup.norm.as_deref(), setup.seed, max_batch, 1)?;
     let config = TrainConfig {
         steps: setup.steps,
         batch_size: setup.batch_size,

@@ -373,6 +373,9 @@ pub(super) fn summary_md(report: &InceptionReport) -> String {
         s,
         "# Batch Normalization on an Inception network: section 4.2 of Ioffe & Szegedy (2015)\n"
     );
+    if let Some(note) = super::norm_note(&report.setup) {
+        let _ = writeln!(s, "{note}\n");
+    }
     let _ = writeln!(
         s,
         "Figures 2, 3 and 4 of the paper in miniature: `inception-mini` on Fashion-MNIST, with and \

@@ -272,6 +272,16 @@ pub fn fmt_steps(step: f64) -> String {
     }
 }
 
+/// The note at the top of a study's summary run with `--norm` (the setup's `norm`): its "BN"
+/// networks use another normalizer.
+pub(crate) fn norm_note(setup: &serde_json::Value) -> Option<String> {
+    let n = setup.get("norm")?.as_str()?;
+    Some(format!(
+        "**Run with `--norm {n}`: every BatchNorm of the networks called BN below is replaced by \
+         that normalizer** (see docs/models.md); the paper's numbers are for batch normalization."
+    ))
+}
+
 /// The readable name of a variant, as used in the figure legend and summary.md.
 pub fn display_name(name: &str) -> &str {
     match name {

@@ -65,6 +65,9 @@ pub(super) fn summary_md(report: &MnistReport) -> String {
         s,
         "# Batch Normalization on MNIST: Figure 1 of Ioffe & Szegedy (2015)\n"
     );
+    if let Some(note) = super::norm_note(&report.setup) {
+        let _ = writeln!(s, "{note}\n");
+    }
     let _ = writeln!(
         s,
         "A fully connected 784-100-100-100-10 net with sigmoid units, trained with and without \
