@@ -78,11 +78,10 @@ fn normalizers_study_outputs_resumes_and_reports_partially() {
     let partial = run(&[
         "reproduce",
         "normalizers",
-        "--out",
-        o,
         "--examples",
         "96",
         "--report-only",
+        o,
     ]);
     assert!(partial.contains("2 missing"), "{partial}");
     let p: serde_json::Value =
