@@ -435,21 +435,18 @@ struct NormalizersArgs {
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// The whole path in a minute or two: 6,000 training examples per run.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     quick: bool,
-    /// Output folder. Finished runs are kept in DIR/runs; the same command again continues a
-    /// stopped study without redoing them.
+    /// The study's folder: its progress, then its report.
     #[arg(long, default_value = "runs/normalizers", value_name = "DIR")]
     out: PathBuf,
     /// Training examples every run sees (default 120,000; --quick 6,000).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     examples: Option<i64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
-    /// Write the report of the study in DIR from the runs finished so far (missing ones
-    /// marked), without training; give the same --quick/--examples/--seed as the study.
-    #[arg(long, value_name = "DIR")]
-    report_only: Option<PathBuf>,
+    #[command(flatten)]
+    study: StudyDirArgs,
 }
 
 #[derive(Args)]
@@ -1262,37 +1259,60 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
 
 fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     use bnlab::experiments::normalizers::{self as norms, NormalizersSetup};
-    let mut setup = if a.quick {
-        NormalizersSetup::quick()
-    } else {
-        NormalizersSetup::default()
+    let make_setup = || -> Result<NormalizersSetup> {
+        let mut setup = if a.quick {
+            NormalizersSetup::quick()
+        } else {
+            NormalizersSetup::default()
+        };
+        if let Some(n) = a.examples {
+            setup.examples = positive("--examples", n)?;
+        }
+        setup.seed = a.seed;
+        setup.validate()?;
+        Ok(setup)
     };
-    if let Some(n) = a.examples {
-        setup.examples = positive("--examples", n)?;
-    }
-    setup.seed = a.seed;
-    setup.validate()?;
-    let jobs = setup.jobs();
-    if let Some(dir) = &a.report_only {
-        let results = norms::finished_results(&setup, dir);
-        let missing = results.iter().filter(|r| r.is_none()).count();
+    let write = |dir: &Path, setup: &NormalizersSetup, results: &[Option<norms::RunResult>]| {
         report::write_normalizers_report(
             dir,
             &report::NormalizersReport {
-                setup: &setup,
-                jobs: &jobs,
-                results: &results,
+                setup,
+                jobs: &setup.jobs(),
+                results,
             },
-        )?;
+        )
+    };
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "normalizers")?;
+        let setup: NormalizersSetup = study.setup()?;
+        let results = norms::finished_results(&setup, &study)?;
+        let missing = results.iter().filter(|r| r.is_none()).count();
+        write(dir, &setup, &results)?;
         eprintln!(
             "wrote the report of {} finished runs ({missing} missing) to {}",
-            jobs.len() - missing,
+            results.len() - missing,
             dir.display()
         );
         return Ok(());
     }
-    let split = data::fashion_mnist(a.data.as_deref())?;
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    if a.study.resume.is_none() {
+        make_setup()?;
+    }
+    let study = open_or_create_study(
+        "normalizers",
+        &a.study,
+        &a.out,
+        || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
+        a.data.as_deref(),
+        stop,
+    )?;
+    let setup: NormalizersSetup = study.setup()?;
+    let split = discard_if_fresh(
+        &a.study,
+        &study,
+        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+    )?;
+    let out = study.dir().to_path_buf();
     let t0 = std::time::Instant::now();
     let done_before = std::sync::atomic::AtomicUsize::new(0);
     let on_done = |d: norms::Done<'_>| {
@@ -1303,8 +1323,8 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
         let elapsed = t0.elapsed().as_secs_f64();
         let eta = if fresh > 0 && !d.resumed {
             format!(
-                ", about {:.0} s to go",
-                elapsed / fresh as f64 * (d.total - d.finished) as f64
+                ", study ETA {}",
+                fmt_duration(elapsed / fresh as f64 * (d.total - d.finished) as f64)
             )
         } else {
             String::new()
@@ -1324,43 +1344,27 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
             if d.resumed {
                 " (finished earlier)".to_string()
             } else {
-                format!(" ({:.0} s)", d.result.seconds)
+                format!(" ({})", fmt_duration(d.result.seconds))
             }
         );
     };
-    let results = match norms::run_study(&setup, &split, &a.out, stop, &on_done) {
+    let results = match norms::run_study(&setup, &split, &study, &on_done) {
         Err(Error::Stopped { step }) => {
-            let mut again: Vec<String> = std::env::args().map(|s| cli::shell_word(&s)).collect();
-            if again.is_empty() {
-                again.push("bnlab".into());
-            }
             eprintln!(
-                "stopped; the finished runs are kept in {}/runs. Continue with the same command:\n  {}",
-                a.out.display(),
-                again.join(" ")
+                "stopped; the study is kept in {}. Resume it with:\n  bnlab reproduce normalizers --resume {}",
+                out.display(),
+                cli::shell_word(&out.display().to_string())
             );
             return Err(Error::Stopped { step });
         }
         other => other?,
     };
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
-    report::write_normalizers_report(
-        &a.out,
-        &report::NormalizersReport {
-            setup: &setup,
-            jobs: &jobs,
-            results: &results,
-        },
-    )?;
+    write(&out, &setup, &results)?;
     eprintln!(
-        "wrote {}/summary.md, results.json, metrics.csv{} ({:.0} s)",
-        a.out.display(),
-        if cfg!(feature = "plots") {
-            ", batch_size.png/.svg"
-        } else {
-            ""
-        },
-        t0.elapsed().as_secs_f64()
+        "reproduce normalizers: {}; wrote {}",
+        fmt_duration(t0.elapsed().as_secs_f64()),
+        out.display()
     );
     Ok(())
 }

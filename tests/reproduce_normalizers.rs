@@ -66,23 +66,20 @@ fn normalizers_study_outputs_resumes_and_reports_partially() {
     );
     assert!(!summary.contains("Partial report"));
 
-    // The same command again: every run is reused, results.json is the same bytes.
-    let again = run(&args);
+    // The same command again is refused (the folder holds a study); --resume reuses every
+    // run, and results.json is the same bytes.
+    let o2 = bnlab(&args);
+    assert!(!o2.status.success());
+    assert!(String::from_utf8_lossy(&o2.stderr).contains("--resume"));
+    let again = run(&["reproduce", "normalizers", "--resume", o]);
     assert_eq!(again.matches("(finished earlier)").count(), 28, "{again}");
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), first);
 
     // Two runs lost (as if stopped before they finished): report-only marks them ...
     for key in ["batch_size-gn4-8", "non_iid-bn"] {
-        std::fs::remove_file(out.join("runs").join(format!("{key}.json"))).unwrap();
+        std::fs::remove_file(out.join("runs").join(key).join("result.json")).unwrap();
     }
-    let partial = run(&[
-        "reproduce",
-        "normalizers",
-        "--examples",
-        "96",
-        "--report-only",
-        o,
-    ]);
+    let partial = run(&["reproduce", "normalizers", "--report-only", o]);
     assert!(partial.contains("2 missing"), "{partial}");
     let p: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
@@ -94,32 +91,19 @@ fn normalizers_study_outputs_resumes_and_reports_partially() {
         summary.contains("Partial report: 2 of 28 runs are missing"),
         "{summary}"
     );
-    // ... and the command continues with only those two, ending where it ended before.
-    let resumed = run(&args);
+    // ... and --resume trains only those two, ending where it ended before.
+    let resumed = run(&["reproduce", "normalizers", "--resume", o]);
     assert_eq!(
         resumed.matches("(finished earlier)").count(),
         26,
         "{resumed}"
     );
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), first);
-
-    // Other settings do not reuse these runs.
-    let other = run(&[
-        "reproduce",
-        "normalizers",
-        "--data",
-        f,
-        "--out",
-        o,
-        "--examples",
-        "64",
-    ]);
-    assert_eq!(other.matches("(finished earlier)").count(), 0, "{other}");
 }
 
-/// Ctrl-C stops the study after the current steps with status 130 and the command that
-/// continues it; a SIGKILL later loses only the runs in training; the same command then
-/// finishes the study with the results.json of an uninterrupted one, byte for byte.
+/// Ctrl-C stops the study after the current steps (checkpointed) with status 130 and the
+/// command that resumes it; after a SIGKILL too, `--resume` finishes the study with the
+/// results.json of an uninterrupted one, byte for byte.
 #[test]
 fn normalizers_study_stopped_killed_and_continued_gives_the_same_results() {
     use std::io::{BufRead, BufReader};
@@ -152,9 +136,17 @@ fn normalizers_study_stopped_killed_and_continued_gives_the_same_results() {
     let cut = t.path().join("cut");
     let b = args(&cut);
     // Start, wait for the `n`-th finished run, send `signal`; the exit code and stderr.
-    let interrupt = |n: usize, signal: &str| -> (Option<i32>, String) {
+    let resume: Vec<String> = [
+        "reproduce",
+        "normalizers",
+        "--resume",
+        cut.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let interrupt = |args: &[String], n: usize, signal: &str| -> (Option<i32>, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
-            .args(&b)
+            .args(args)
             .env_remove("BNLAB_DATA")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -194,14 +186,17 @@ fn normalizers_study_stopped_killed_and_continued_gives_the_same_results() {
         }
         (status.code(), seen.join("\n"))
     };
-    let (code, log) = interrupt(3, "INT");
+    let (code, log) = interrupt(&b, 3, "INT");
     assert_eq!(code, Some(130), "{log}");
-    assert!(log.contains("Continue with the same command"), "{log}");
+    assert!(
+        log.contains("bnlab reproduce normalizers --resume"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
-    let (code, log) = interrupt(9, "KILL");
+    let (code, log) = interrupt(&resume, 9, "KILL");
     assert_eq!(code, None, "killed: {log}");
     assert!(log.contains("(finished earlier)"), "{log}");
-    let done = run(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    let done = run(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(done.contains("(finished earlier)"), "{done}");
     assert_eq!(std::fs::read(cut.join("results.json")).unwrap(), want);
 }

@@ -19,29 +19,25 @@
 //! A narrower ResNet-20 would be closer to Wu & He's ResNet-50, at several times the cost.
 //!
 //! Every run is independent: they flow through `workers` threads, each network single-threaded
-//! and bit-reproducible. A finished run is written to `runs/<key>.json` in the output folder at
-//! once (atomically), with the settings it was run under; running the same command with the
-//! same `--out` again skips every run already there, so a stopped study (Ctrl-C, SIGTERM or
-//! SIGKILL) continues where it was; the runs that were in training start again (they take
-//! seconds to a minute each, so they keep no checkpoint). results.json holds no timings (they go to timings.json), so a resumed study's
+//! and bit-reproducible. The study keeps its progress through `study::Study` like every
+//! `reproduce`: finished runs' results and the checkpoints of runs in training, so a stopped
+//! study (Ctrl-C, SIGTERM or SIGKILL) continues with `--resume DIR` where it was. results.json holds no timings (they go to timings.json), so a resumed study's
 //! results.json is byte-identical to an uninterrupted one's.
 
 use crate::data::Split;
-use crate::fsutil::write_atomic;
 use crate::model::{self, NormChoice};
 use crate::network::Network;
 use crate::optim::Schedule;
-use crate::stop::Stop;
-use crate::train::{train_loop, Evaluator, LossSince, Observer, Order, TrainConfig, Trainer};
+use crate::study::{Study as StudyDir, Tracked};
+use crate::train::{Evaluator, Observer, Order, TrainConfig, Trainer};
 use crate::{Error, Result};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 /// Settings of the two studies; `default()` is the full run, `quick()` the check of the whole
 /// path in a minute or two.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NormalizersSetup {
     /// The BN network whose BatchNorms are replaced.
     pub model: String,
@@ -164,26 +160,6 @@ impl NormalizersSetup {
         }
         jobs
     }
-
-    /// The settings a run's result depends on, recorded with it: a finished run is reused only
-    /// under the same ones.
-    fn fingerprint(&self, job: &Job) -> serde_json::Value {
-        serde_json::json!({
-            "model": self.model,
-            "study": job.study.key(),
-            "norm": job.norm,
-            "batch_size": job.batch_size,
-            "examples": self.examples,
-            "base_batch": self.base_batch,
-            "base_lr": self.base_lr,
-            "momentum": self.momentum,
-            "lr_decay_over_run": self.lr_decay_over_run,
-            "seed": self.seed,
-            "non_iid_classes": self.non_iid_classes,
-            "eval_batch": self.eval_batch,
-            "version": 1,
-        })
-    }
 }
 
 /// Which of the two studies a run belongs to.
@@ -193,15 +169,6 @@ pub enum Study {
     BatchSize,
     /// Batches of a few classes each.
     NonIid,
-}
-
-impl Study {
-    fn key(self) -> &'static str {
-        match self {
-            Study::BatchSize => "batch_size",
-            Study::NonIid => "non_iid",
-        }
-    }
 }
 
 /// One training run.
@@ -257,26 +224,27 @@ pub struct Done<'a> {
     pub total: usize,
 }
 
-/// Both studies: every job's result, in `setup.jobs()` order. Finished runs are read from
-/// `out_dir/runs` and new ones written there as they finish.
+/// Both studies: every job's result, in `setup.jobs()` order, kept in `study` (the folder's
+/// `runs/KEY/result.json`, and the checkpoint of a run in training, every
+/// `CHECKPOINT_EVERY` steps and when a stop is requested): finished runs are read back, a
+/// stopped run continues from its checkpoint, bit for bit.
 ///
-/// A stop request (`stop`: Ctrl-C) ends the runs in training after their current step and
-/// starts no new one; the result is then `Error::Stopped`, with every finished run on disk.
+/// A stop request (the study's `Stop`: Ctrl-C) ends the runs in training after their current
+/// step, with their checkpoints written, and starts no new one; the result is then
+/// `Error::Stopped`.
 pub fn run_study(
     setup: &NormalizersSetup,
     data: &Split,
-    out_dir: &Path,
-    stop: &Stop,
+    study: &StudyDir,
     on_done: &(dyn Fn(Done<'_>) + Sync),
 ) -> Result<Vec<RunResult>> {
     setup.validate()?;
     let jobs = setup.jobs();
-    let runs = out_dir.join("runs");
-    std::fs::create_dir_all(&runs).map_err(|e| Error::io(&runs, e))?;
+    let stop = study.stop();
     let finished = AtomicUsize::new(0);
     let mut results: Vec<Option<RunResult>> = vec![None; jobs.len()];
     for (i, job) in jobs.iter().enumerate() {
-        if let Some(r) = read_finished(&runs, setup, job) {
+        if let Some(r) = study.result::<RunResult>(&job.key())? {
             let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
             on_done(Done {
                 job,
@@ -303,16 +271,8 @@ pub fn run_study(
                     break;
                 };
                 let job = &jobs[i];
-                let r = run_job(setup, job, data, stop).and_then(|r| {
-                    let file = serde_json::json!({
-                        "settings": setup.fingerprint(job),
-                        "result": r,
-                    });
-                    let text = serde_json::to_string_pretty(&file)
-                        .map_err(|e| Error::config("reproduce normalizers", e.to_string()))?;
-                    write_atomic(&runs.join(format!("{}.json", job.key())), text.as_bytes())?;
-                    Ok(r)
-                });
+                let r = run_job(setup, job, data, study)
+                    .and_then(|r| study.finish(&job.key(), &r).map(|()| r));
                 match &r {
                     Ok(res) => {
                         let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
@@ -363,49 +323,46 @@ pub fn run_study(
         .collect()
 }
 
-/// The runs of `setup` already finished in `out_dir` (under the same settings), in
-/// `setup.jobs()` order; `None` for the others. For `--report-only`.
-pub fn finished_results(setup: &NormalizersSetup, out_dir: &Path) -> Vec<Option<RunResult>> {
-    let runs = out_dir.join("runs");
+/// The runs of the study already finished, in `setup.jobs()` order; `None` for the others.
+/// For `--report-only`.
+pub fn finished_results(
+    setup: &NormalizersSetup,
+    study: &StudyDir,
+) -> Result<Vec<Option<RunResult>>> {
     setup
         .jobs()
         .iter()
-        .map(|j| read_finished(&runs, setup, j))
+        .map(|j| study.result(&j.key()))
         .collect()
 }
 
-/// A run finished by an earlier invocation under the same settings.
-fn read_finished(runs: &Path, setup: &NormalizersSetup, job: &Job) -> Option<RunResult> {
-    let text = std::fs::read_to_string(runs.join(format!("{}.json", job.key()))).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    if v.get("settings")? != &setup.fingerprint(job) {
-        return None;
-    }
-    serde_json::from_value(v.get("result")?.clone()).ok()
-}
+/// Training steps between a run's checkpoints.
+pub const CHECKPOINT_EVERY: usize = 500;
 
-/// The observer of a run: nothing between steps (the result is the final accuracy), and the
-/// stop request.
-struct Quiet<'a>(&'a Stop);
+/// The observer of a run: nothing between steps (the result is the final accuracy); the
+/// study's checkpoints carry no data of its own.
+struct Quiet;
 
-impl Observer for Quiet<'_> {
+impl Observer for Quiet {
     fn evaluate(&mut self, _: &mut Network, _: usize, _: f64) -> Result<()> {
         Ok(())
     }
-    fn stop_requested(&self) -> bool {
-        self.0.requested()
-    }
+}
+
+impl Tracked for Quiet {
+    type Saved = ();
+    fn save(&self) {}
+    fn restore(&mut self, _: ()) {}
 }
 
 /// Train and evaluate one run.
-/// A stop request (`stop`) ends the run after its current step with `Error::Stopped`; the run
-/// is then trained again from the start when the study continues (a run takes seconds to a
-/// minute, so it keeps no checkpoint).
+/// Checkpointed in `study` (continued from its checkpoint if it has one); a stop request ends
+/// it after its current step with `Error::Stopped`.
 pub fn run_job(
     setup: &NormalizersSetup,
     job: &Job,
     data: &Split,
-    stop: &Stop,
+    study: &StudyDir,
 ) -> Result<RunResult> {
     let t0 = Instant::now();
     let choice = NormChoice::parse(&job.norm)?;
@@ -441,14 +398,21 @@ pub fn run_job(
     config.validate(net.has_batch_norm())?;
     let features = data.train.features();
     let mut trainer = Trainer::new(config, data.train.len(), features);
-    let diverged_at = match train_loop(
+    let key = job.key();
+    let mut quiet = Quiet;
+    let mut loss = study
+        .resume_run(&key, &mut net, &mut trainer, &mut quiet)?
+        .unwrap_or_default();
+    let diverged_at = match study.train_run(
+        &key,
         &mut net,
         &mut trainer,
         &data.train,
         steps,
         0,
-        &mut LossSince::default(),
-        &mut Quiet(stop),
+        CHECKPOINT_EVERY,
+        &mut loss,
+        &mut quiet,
     ) {
         Ok(()) => None,
         Err(Error::Diverged { step, .. }) => Some(step),
