@@ -578,8 +578,10 @@ impl Layer for BatchNorm {
         let (c, s) = (self.c, self.s);
         let dims = self.dims(n);
         let affine = self.gamma.is_some();
-        if !self.last_batch_stats {
-            // Inference statistics (Eval mode, or frozen BN in training): constants.
+        if !self.last_batch_stats || (self.counts.len() == 1 && self.renorm.is_none()) {
+            // One batch of statistics: the inference statistics (Eval mode, or frozen BN in
+            // training: constants) or the mini-batch's (plain batch normalization). The
+            // gradients go straight to their place.
             let (dg, db) = if affine {
                 (
                     Some(&mut self.grad_gamma[..]),
@@ -590,6 +592,12 @@ impl Layer for BatchNorm {
             };
             let xhat = if s == 1 {
                 k::Xhat::Stored(&self.xhat)
+            } else if self.last_batch_stats {
+                k::Xhat::FromInput {
+                    x,
+                    mean: &self.batch_mean[..c],
+                    mean_lo: &self.batch_mean_lo[..c],
+                }
             } else {
                 let mean = select_inference(
                     self.inference,
@@ -605,7 +613,12 @@ impl Layer for BatchNorm {
                     mean_lo: &self.zeros,
                 }
             };
-            k::backward_eval(
+            let f = if self.last_batch_stats {
+                k::backward_train
+            } else {
+                k::backward_eval
+            };
+            f(
                 dy,
                 xhat,
                 &self.inv_std[..c],
@@ -620,39 +633,6 @@ impl Layer for BatchNorm {
             return;
         }
         let chunks = self.counts.len();
-        if chunks == 1 && self.renorm.is_none() {
-            // Plain batch normalization: the gradients go straight to their place.
-            let (dg, db) = if affine {
-                (
-                    Some(&mut self.grad_gamma[..]),
-                    Some(&mut self.grad_beta[..]),
-                )
-            } else {
-                (None, None)
-            };
-            let xhat = if s == 1 {
-                k::Xhat::Stored(&self.xhat)
-            } else {
-                k::Xhat::FromInput {
-                    x,
-                    mean: &self.batch_mean[..c],
-                    mean_lo: &self.batch_mean_lo[..c],
-                }
-            };
-            k::backward_train(
-                dy,
-                xhat,
-                &self.inv_std[..c],
-                self.gamma.as_deref(),
-                dims,
-                dx,
-                dg,
-                db,
-                &mut self.acc,
-                ctx.threads,
-            );
-            return;
-        }
         // Virtual batches and/or batch renormalization: each virtual batch is a batch norm of
         // its own. With renormalization, r and d are constants: the layer is batch norm with
         // scale gamma * r (which gives dx), and dgamma = r * sum(dy * xhat) + d * sum(dy).
