@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod experiments;
 pub mod fold;

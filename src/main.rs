@@ -5,6 +5,7 @@ mod cli;
 
 use bnlab::checkpoint;
 use bnlab::data::{self, Split};
+use bnlab::dist::BnSync;
 use bnlab::experiments::inception::{self, InceptionSetup};
 use bnlab::experiments::mnist::{self, MnistSetup, Progress};
 use bnlab::kernels::batch_norm::RunningAverage;
@@ -22,7 +23,7 @@ use bnlab::train::{
 use bnlab::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use cli::progress::{fmt_duration, fmt_rate, RunUpdate};
-use cli::{shell_word, Reporter, RunControl, StudyMeter};
+use cli::{shell_word, Ranks, Reporter, RunControl, StudyMeter};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -182,7 +183,7 @@ struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
         "model", "out", "init", "steps", "batch_size", "lr", "momentum", "weight_decay",
         "schedule", "seed", "order", "eval_every", "checkpoint_every", "bn_momentum", "threads",
-        "save", "normalize", "augment", "norm", "freeze_bn", "renorm_schedule",
+        "save", "normalize", "augment", "norm", "freeze_bn", "renorm_schedule", "bn_sync",
     ])]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -252,7 +253,20 @@ struct TrainArgs {
     #[arg(long, default_value = "none", value_name = "none|crop-flip")]
     augment: String,
     #[command(flatten)]
+    sync: SyncArgs,
+    #[command(flatten)]
     control: RunControl,
+}
+
+/// Data-parallel settings (under `mpirun -n P`, with the `mpi` feature).
+#[derive(Args)]
+struct SyncArgs {
+    /// Under mpirun -n P: global (every BatchNorm's statistics over the whole batch, reduced
+    /// over the P processes: the same training as one process) or local (each process
+    /// normalizes its own slice: ghost BN with the slice as virtual batch). Ignored in one
+    /// process.
+    #[arg(long, default_value = "global", value_name = "global|local")]
+    bn_sync: String,
 }
 
 #[derive(Args)]
@@ -344,6 +358,8 @@ struct BenchArgs {
     batch_size: i64,
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    #[command(flatten)]
+    sync: SyncArgs,
     #[arg(long)]
     json: bool,
 }
@@ -568,10 +584,30 @@ fn main() -> ExitCode {
     } else {
         bnlab::stop::Stop::new()
     };
+    // Under mpirun -n P, the commands that train data-parallel run on P ranks.
+    let ranks = match &cli.command {
+        Command::Train(_) | Command::Bench(_) | Command::Reproduce { .. } => Ranks::start(),
+        _ => Ok(Ranks::single()),
+    };
+    let ranks = match ranks {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if ranks.size() > 1 && matches!(cli.command, Command::Reproduce { .. }) {
+        eprintln!(
+            "error: the reproduce studies run in one process; under mpirun, train data-parallel \
+             with `bnlab train` (see README, \"Data-parallel training\")"
+        );
+        ranks.abort(2);
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
-        Command::Train(a) => train(*a, &stop),
+        Command::Train(a) => train(*a, &stop, &ranks),
         Command::Eval(a) => eval(a),
-        Command::Bench(a) => bench(a),
+        Command::Bench(a) => bench(a, &ranks),
         Command::Fold(a) => fold_cmd(a),
         Command::Export(a) => export_cmd(a),
         Command::Models(a) => models_cmd(a),
@@ -593,8 +629,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The command has said where it stopped and how to resume.
         Err(Error::Stopped { .. }) => ExitCode::from(cli::stopped_status(&stop)),
-        Err(e) => {
+        Err(e) if ranks.size() == 1 => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        // Every rank met it at the same step: rank 0 says it, all end normally.
+        Err(e) if Ranks::agreed(&e) => {
+            if ranks.lead() {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error (rank {} of {}): {e}", ranks.rank(), ranks.size());
+            ranks.abort(1);
             ExitCode::FAILURE
         }
     }
@@ -643,8 +691,9 @@ fn network_for(
     Network::build(spec, &input, seed, max_batch, threads)
 }
 
-fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     let mode = a.control.mode()?;
+    let lead = ranks.lead();
     let mut run = match &a.resume {
         Some(dir) => {
             let spec = Run::read_spec(dir)?;
@@ -655,13 +704,32 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
             };
             let mut split = load_data(&data, Some(&Run::model_of(&spec)?))?;
             split.set_normalization(spec.normalization.clone())?;
+            let trained_on = spec.ranks.unwrap_or(1);
+            if trained_on != ranks.size() {
+                return Err(Error::config(
+                    "--resume",
+                    format!(
+                        "the run in {} was trained on {trained_on} process(es), this is {}: \
+                         resume it with {}bnlab train --resume {0}",
+                        dir.display(),
+                        ranks.size(),
+                        if trained_on > 1 {
+                            format!("mpirun -n {trained_on} ")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
             let run = Run::resume(dir, &data_shape(&split), split.train.len())?;
-            eprintln!(
-                "resuming {} at step {} of {}",
-                dir.display(),
-                run.step(),
-                run.spec.config.steps
-            );
+            if lead {
+                eprintln!(
+                    "resuming {} at step {} of {}",
+                    dir.display(),
+                    run.step(),
+                    run.spec.config.steps
+                );
+            }
             (run, split)
         }
         None => {
@@ -715,6 +783,10 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
                 normalization,
                 init: a.init.clone(),
                 checkpoint_every: non_negative("--checkpoint-every", a.checkpoint_every)?,
+                ranks: (ranks.size() > 1).then_some(ranks.size()),
+                bn_sync: (ranks.size() > 1)
+                    .then(|| BnSync::parse(&a.sync.bn_sync))
+                    .transpose()?,
             };
             let run = Run::new(
                 run_spec,
@@ -727,7 +799,17 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     };
     let (run, split) = (&mut run.0, &run.1);
     run.stop = stop.clone();
-    if run.dir().is_none() && a.save.is_none() {
+    if ranks.size() > 1 {
+        let bn_sync = run.spec.bn_sync.unwrap_or(BnSync::Global);
+        join_ranks(&mut run.net, ranks, bn_sync, &run.spec.config)?;
+        run.writes = lead;
+        // No rank starts (and rank 0 writes its first state) before every rank has checked
+        // the run directory.
+        ranks.barrier();
+    } else {
+        BnSync::parse(&a.sync.bn_sync)?;
+    }
+    if lead && run.dir().is_none() && a.save.is_none() {
         eprintln!(
             "warning: neither --out nor --save given: the trained model will not be saved, and \
              the run cannot be resumed if stopped"
@@ -736,6 +818,9 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     let steps = run.spec.config.steps;
     let start_step = run.step();
     let mut progress = Reporter::new(mode, run.net.name(), steps, start_step);
+    if !lead {
+        progress = progress.silenced();
+    }
     let mut last_accuracy = None;
     let result = run.run(split, &mut |e| match e {
         Event::Step { step, .. } => progress.step(step),
@@ -752,6 +837,9 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     let seconds = progress.elapsed();
     if let Err(e) = result {
         progress.abandon();
+        if !lead {
+            return Err(e);
+        }
         if let Error::Stopped { step } = e {
             match run.dir() {
                 Some(dir) => eprintln!(
@@ -783,6 +871,9 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         return Err(e);
     }
     progress.finish();
+    if !lead {
+        return Ok(());
+    }
     let mut written = Vec::new();
     if let Some(dir) = run.dir() {
         written.push(dir.join(run::FINAL_FILE).display().to_string());
@@ -806,6 +897,25 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// Make `net` one replica of the data-parallel run on `ranks`, checking that the global batch
+/// splits into slices BN can normalize.
+fn join_ranks(net: &mut Network, ranks: &Ranks, bn_sync: BnSync, c: &TrainConfig) -> Result<()> {
+    let p = ranks.size();
+    let least = if net.has_batch_norm() { 2 * p } else { p };
+    if c.batch_size < least {
+        return Err(Error::config(
+            "--batch-size",
+            format!(
+                "{} over {p} processes: needs at least {least} (every process's slice holds at \
+                 least {} example(s))",
+                c.batch_size,
+                least / p
+            ),
+        ));
+    }
+    net.set_dist(ranks.dist(bn_sync))
 }
 
 /// "SIGINT" / "SIGTERM": what asked the run to stop.
@@ -997,7 +1107,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(a: BenchArgs) -> Result<()> {
+fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     let spec = a.norm.model(&a.model)?;
     let steps = positive("--steps", a.steps)?;
     let config = TrainConfig {
@@ -1018,6 +1128,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     let split = load_data(&a.data, Some(&spec))?;
     config.validate_for_data(split.train.len())?;
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
+    let bn_sync = BnSync::parse(&a.sync.bn_sync)?;
+    if ranks.size() > 1 {
+        join_ranks(&mut net, ranks, bn_sync, &config)?;
+    }
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
     /// Keeps the last loss; nothing is evaluated.
@@ -1050,6 +1164,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         &mut since,
         &mut last,
     )?;
+    ranks.barrier();
     let t = Instant::now();
     train_loop(
         &mut net,
@@ -1060,11 +1175,20 @@ fn bench(a: BenchArgs) -> Result<()> {
         &mut since,
         &mut last,
     )?;
+    ranks.barrier();
     let secs = t.elapsed().as_secs_f64();
+    if !ranks.lead() {
+        return Ok(());
+    }
     let loss = last.0;
     let rate = steps as f64 / secs;
+    let procs = if ranks.size() > 1 {
+        format!("{} processes x ", ranks.size())
+    } else {
+        String::new()
+    };
     println!(
-        "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({} threads, last loss {loss:.4})",
+        "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({procs}{} threads, last loss {loss:.4})",
         net.name(),
         config.batch_size,
         config.threads
@@ -1074,6 +1198,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             "model": net.name(),
             "batch_size": config.batch_size,
             "steps": steps,
+            "processes": ranks.size(),
+            "bn_sync": (ranks.size() > 1).then(|| bn_sync.name()),
             "threads": config.threads,
             "seconds": secs,
             "steps_per_s": rate,

@@ -1,7 +1,8 @@
 //! A model ready to train: the layers built from a model file (`model`), the softmax
 //! cross-entropy loss on top, and the logits buffers, all sized once for the largest batch.
 
-use crate::kernels::activation::softmax_cross_entropy;
+use crate::dist::Dist;
+use crate::kernels::activation::{softmax_cross_entropy, softmax_cross_entropy_of};
 use crate::model::{self, ModelSpec};
 use crate::nn::{BatchNorm, Ctx, InferenceStats, Layer, Mode, Sequential, TensorMut};
 use crate::{Error, Result};
@@ -27,6 +28,8 @@ pub struct Network {
     /// The mini-batch size the network was trained with, when known (recorded in
     /// checkpoints): the batch size of Algorithm 2's population statistics.
     pub train_batch_size: Option<usize>,
+    /// The data-parallel run this network is a replica in (`set_dist`), if any.
+    dist: Option<Dist>,
 }
 
 impl Network {
@@ -59,6 +62,7 @@ impl Network {
             batch_norms,
             normalization: None,
             train_batch_size: None,
+            dist: None,
         })
     }
 
@@ -85,6 +89,33 @@ impl Network {
         }
         let input = model::resolve_input(&spec, None)?;
         Network::build(&spec, &input, seed, max_batch, threads)
+    }
+
+    /// Make this network one replica of a data-parallel run (`None`: a network of its own
+    /// again): training steps take this rank's slice of every batch and sum the gradients over
+    /// the ranks (`train::Trainer::step`), evaluation and Algorithm 2 are sharded, and every
+    /// BatchNorm synchronizes as `dist.bn_sync` says. Errors for layers without a
+    /// data-parallel form (ghost BN, batch renormalization).
+    pub fn set_dist(&mut self, dist: Option<Dist>) -> Result<()> {
+        let mut err = None;
+        self.body.for_each_batch_norm(&mut |bn| {
+            if let Err(e) = bn.set_sync(dist.clone()) {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err {
+            self.body.for_each_batch_norm(&mut |bn| {
+                let _ = bn.set_sync(None);
+            });
+            return Err(e);
+        }
+        self.dist = dist;
+        Ok(())
+    }
+
+    /// The data-parallel run of more than one rank this network is part of, if any.
+    pub fn dist(&self) -> Option<&Dist> {
+        self.dist.as_ref().filter(|d| d.comm.size() > 1)
     }
 
     /// The model's name (a preset's name, or the model file's).
@@ -162,6 +193,19 @@ impl Network {
     /// Errors: as [`Network::forward`], and `Error::Shape` when `labels` holds fewer than `n`
     /// labels or one is not below `classes`.
     pub fn forward_backward(&mut self, x: &[f32], labels: &[usize], n: usize) -> Result<f64> {
+        self.forward_backward_of(x, labels, n, n)
+    }
+
+    /// [`Network::forward_backward`] on `n` examples that are one rank's slice of a batch of
+    /// `batch`: the returned loss is the mean over the `n`, the gradients are those of the
+    /// mean loss over the whole batch (see `softmax_cross_entropy_of`), this rank's part.
+    pub fn forward_backward_of(
+        &mut self,
+        x: &[f32],
+        labels: &[usize],
+        n: usize,
+        batch: usize,
+    ) -> Result<f64> {
         self.check_batch(x, n)?;
         let ctx = self.ctx(Mode::Train);
         let k = self.body.out_size();
@@ -177,7 +221,8 @@ impl Network {
             )));
         }
         self.body.forward(ctx, x, &mut self.logits, n)?;
-        let loss = softmax_cross_entropy(&self.logits, labels, n, k, Some(&mut self.dlogits));
+        let loss =
+            softmax_cross_entropy_of(&self.logits, labels, n, k, Some(&mut self.dlogits), batch);
         self.body
             .backward(ctx, x, &self.logits, &self.dlogits, None, n);
         Ok(loss)
@@ -203,6 +248,25 @@ impl Network {
     /// Every tensor of the `state_dict`, in order.
     pub fn visit_state(&mut self, f: &mut dyn FnMut(&str, &[usize], TensorMut<'_>)) {
         self.body.visit_state("", f)
+    }
+
+    /// A hash (FNV-1a) of the bits of every tensor of the state: equal on the ranks of a
+    /// data-parallel run, which hold the same state.
+    pub fn state_hash(&mut self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut add = |v: u64| {
+            h ^= v;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        self.visit_state(&mut |_, _, t| match t {
+            TensorMut::I64(v) => add(*v as u64),
+            mut t => {
+                for x in t.floats().into_iter().flatten() {
+                    add(x.to_bits() as u64);
+                }
+            }
+        });
+        h
     }
 
     /// True when every parameter and buffer is finite.

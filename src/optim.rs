@@ -139,6 +139,13 @@ impl Sgd {
     /// Apply one update with the gradients the last backward pass left in the network.
     /// Returns false when some weight became NaN or infinite.
     pub fn step(&mut self, net: &mut Network) -> bool {
+        self.step_with(net, None)
+    }
+
+    /// [`Sgd::step`] with the gradients taken from `grads` when given: every parameter's, one
+    /// after another in `for_each_param` order (a data-parallel run's gradients summed over
+    /// its ranks).
+    pub fn step_with(&mut self, net: &mut Network, grads: Option<&[f32]>) -> bool {
         let lr = self.schedule.lr(self.lr, self.steps_taken) as f32;
         let (mom, wd) = (self.momentum, self.weight_decay);
         let first = self.steps_taken == 0;
@@ -152,7 +159,15 @@ impl Sgd {
         // One thread: splitting the update across cores measured slower (the halves of the
         // weights then have to travel between the cores' caches every step).
         let mut finite = true;
+        let mut at = 0;
         net.body.for_each_param(&mut |w, g| {
+            let g = match grads {
+                Some(all) => {
+                    at += w.len();
+                    &all[at - w.len()..at]
+                }
+                None => g,
+            };
             finite &= if mom == 0.0 {
                 update_plain(w, g, lr, wd)
             } else {

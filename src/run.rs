@@ -62,6 +62,13 @@ pub struct RunSpec {
     pub init: Option<PathBuf>,
     /// Write the run state every this many steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// The processes of a data-parallel run (`mpirun -n P`); `None` for one. A run resumes
+    /// only with as many.
+    #[serde(default)]
+    pub ranks: Option<usize>,
+    /// `--bn-sync` of a data-parallel run.
+    #[serde(default)]
+    pub bn_sync: Option<crate::dist::BnSync>,
 }
 
 /// The progress of a run, kept in the state file.
@@ -267,6 +274,9 @@ pub struct Run {
     /// Asked for by SIGINT / SIGTERM (the command line) or by the caller: the run stops after
     /// its current step, writing its state first (`Error::Stopped`).
     pub stop: Stop,
+    /// This process writes the run's files (false on the ranks of a data-parallel run other
+    /// than rank 0, which compute the same state).
+    pub writes: bool,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -344,6 +354,7 @@ impl Run {
             metrics: String::from("step,train_loss,test_accuracy\n"),
             loss: LossSince::default(),
             stop: Stop::new(),
+            writes: true,
         })
     }
 
@@ -435,7 +446,7 @@ impl Run {
     /// current step with `Error::Stopped`, its state (with a run directory) written first.
     pub fn run(&mut self, data: &Split, on_event: &mut dyn FnMut(Event<'_>)) -> Result<()> {
         let c = self.spec.config.clone();
-        if self.dir.is_some() && self.trainer.step == 0 {
+        if self.dir.is_some() && self.writes && self.trainer.step == 0 {
             // A run killed before its first periodic checkpoint can be resumed too.
             self.save_state()?;
         }
@@ -444,7 +455,7 @@ impl Run {
             test: &data.test,
             metrics: &mut self.metrics,
             on_event,
-            dir: self.dir.as_deref(),
+            dir: self.dir.as_deref().filter(|_| self.writes),
             spec: &self.spec,
             stop: &self.stop,
         };
@@ -457,7 +468,7 @@ impl Run {
             &mut self.loss,
             &mut observer,
         )?;
-        if let Some(dir) = self.dir.clone() {
+        if let Some(dir) = self.dir.clone().filter(|_| self.writes) {
             // Again, for a run resumed after a kill that landed between its last state and
             // the metrics file: the state holds every line, the file may not yet.
             write_atomic(&dir.join(METRICS_FILE), self.metrics.as_bytes())?;
@@ -536,6 +547,14 @@ impl Observer for RunObserver<'_> {
         _evaluated: bool,
     ) -> Result<()> {
         let step = trainer.step;
+        if let Some(d) = net.dist() {
+            // Ranks see a signal at different steps: they stop together, at the first step
+            // after which any of them has seen one (mpirun sends SIGTERM to every rank).
+            let reason = d.comm.max_u64(self.stop.reason() as u64);
+            if reason != 0 && !self.stop.requested() {
+                self.stop.request(reason as usize);
+            }
+        }
         (self.on_event)(Event::Step { step, loss });
         let every = self.spec.checkpoint_every;
         let now = (every > 0 && step.is_multiple_of(every))

@@ -457,7 +457,18 @@ impl Evaluator {
         f: &mut InferenceBatch<'_>,
     ) -> Result<()> {
         let total = limit.unwrap_or(data.len()).min(data.len());
-        let mut start = 0;
+        self.for_each_batch_in(net, data, 0..total, f)
+    }
+
+    /// `for_each_batch` over the examples `range`.
+    fn for_each_batch_in(
+        &mut self,
+        net: &mut Network,
+        data: &Dataset,
+        range: std::ops::Range<usize>,
+        f: &mut InferenceBatch<'_>,
+    ) -> Result<()> {
+        let (mut start, total) = (range.start, range.end);
         while start < total {
             let n = self.batch.min(total - start).min(net.max_batch());
             for (j, ix) in self.indices[..n].iter_mut().enumerate() {
@@ -472,7 +483,9 @@ impl Evaluator {
     }
 
     /// Test accuracy and mean loss over `data` (the first `limit` examples if given), in
-    /// inference mode, recording the probe's values if asked.
+    /// inference mode, recording the probe's values if asked. In a data-parallel run each rank
+    /// evaluates a contiguous shard and the counts and losses are summed over the ranks (no
+    /// probe there).
     pub fn evaluate(
         &mut self,
         net: &mut Network,
@@ -489,8 +502,20 @@ impl Evaluator {
         if probe.is_some() {
             ev.probe.reserve_exact(total);
         }
+        let dist = net.dist().cloned();
+        let shard = match &dist {
+            Some(d) if probe.is_some() => {
+                let _ = d;
+                return Err(Error::config(
+                    "probe",
+                    "a probe is not supported in a data-parallel evaluation",
+                ));
+            }
+            Some(d) => crate::dist::slice_of(total, d.comm.size(), d.comm.rank()),
+            None => 0..total,
+        };
         let mut loss_sum = 0.0;
-        self.for_each_batch(net, data, limit, &mut |net, _, n, labels| {
+        self.for_each_batch_in(net, data, shard, &mut |net, _, n, labels| {
             let logits = net.last_logits(n);
             for (row, &label) in logits.chunks_exact(k).zip(labels) {
                 if argmax(row) == label {
@@ -507,6 +532,12 @@ impl Evaluator {
             }
             Ok(())
         })?;
+        if let Some(d) = dist {
+            let mut sums = [ev.correct as f64, loss_sum];
+            d.comm.sum_f64(&mut sums);
+            ev.correct = sums[0] as usize;
+            loss_sum = sums[1];
+        }
         ev.loss = loss_sum / total.max(1) as f64;
         Ok(ev)
     }
@@ -622,6 +653,9 @@ pub struct Trainer {
     y: Vec<usize>,
     /// Crop-flip with its own generator (seeded from the run's seed), when asked for.
     augment: Option<(CropFlip, ChaCha8Rng)>,
+    /// A data-parallel step's gradients, every parameter's one after another, summed over the
+    /// ranks (sized at the first such step).
+    grads: Vec<f32>,
 }
 
 impl Trainer {
@@ -645,6 +679,7 @@ impl Trainer {
             x: vec![0.0; b * features],
             y: vec![0; b],
             augment: None,
+            grads: Vec::new(),
         }
     }
 
@@ -676,6 +711,9 @@ impl Trainer {
     /// One SGD step on the next mini-batch; returns the loss. A NaN or infinite loss stops
     /// training with `Error::Diverged` before the weights are touched.
     pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
+        if net.dist().is_some() {
+            return self.step_data_parallel(net, data);
+        }
         let b = self.config.batch_size;
         self.batches.set_labels(&data.labels)?;
         let idx = self.batches.next_batch();
@@ -729,6 +767,67 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// `step` as one rank of a data-parallel run: the same global batch on every rank (same
+    /// order, same generator), this rank's contiguous slice of it forward and backward with
+    /// the gradient of the global batch's mean loss, the gradients and the loss summed over
+    /// the ranks, and the same SGD update everywhere.
+    fn step_data_parallel(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
+        let dist = net.dist().cloned().expect("a data-parallel network");
+        if self.augment.is_some() {
+            return Err(Error::config(
+                "--augment",
+                "augmentation is not supported in a data-parallel run yet",
+            ));
+        }
+        let b = self.config.batch_size;
+        self.batches.set_labels(&data.labels)?;
+        let slice = dist.slice(b);
+        let n = slice.len();
+        let idx = &self.batches.next_batch()[slice];
+        data.fill_batch(idx, &mut self.x, &mut self.y);
+        let (step, steps) = (self.step, self.config.steps);
+        let bn = self.config.bn;
+        net.for_each_batch_norm(&mut |layer| {
+            layer.frozen = bn.freeze.is_some();
+            if let Some(end) = layer.renorm() {
+                layer.set_renorm_limits(bn.renorm_schedule.limits(end, step, steps));
+            }
+        });
+        let local_loss = net.forward_backward_of(&self.x, &self.y, n, b)?;
+        if self.grads.is_empty() {
+            let mut len = 0;
+            net.body.for_each_param(&mut |w, _| len += w.len());
+            self.grads = vec![0.0; len];
+        }
+        let mut at = 0;
+        let grads = &mut self.grads;
+        net.body.for_each_param(&mut |_, g| {
+            grads[at..at + g.len()].copy_from_slice(g);
+            at += g.len();
+        });
+        dist.comm.sum_f32(&mut self.grads);
+        let mut loss = [local_loss * n as f64];
+        dist.comm.sum_f64(&mut loss);
+        let loss = loss[0] / b as f64;
+        self.step += 1;
+        // Every rank holds the same loss and weights, so every rank decides the same.
+        if !loss.is_finite() {
+            return Err(Error::Diverged {
+                step: self.step,
+                msg: format!("the loss is {loss}"),
+            });
+        }
+        if !self.sgd.step_with(net, Some(&self.grads)) {
+            return Err(Error::Diverged {
+                step: self.step,
+                msg: "a weight became NaN or infinite".into(),
+            });
+        }
+        Ok(loss)
+    }
+}
+
 /// The paper's Algorithm 2 (lines 8-11): with the network frozen, run training mini-batches of
 /// `batch` examples in file order (`max_batches` of them, by default the whole training set)
 /// and set each BN layer's population statistics to `E[x] = E_B[mu_B]` and
@@ -762,16 +861,19 @@ pub fn population_statistics(
         ));
     }
     let features = train.features();
+    // A data-parallel run: each rank its slice of every batch, as in training (the BN layers
+    // merge or sum the statistics over the ranks).
+    let slice = net.dist().map_or(0..batch, |d| d.slice(batch));
     let mut x = vec![0.0; batch * features];
     let mut y = vec![0; batch];
-    let mut indices = vec![0; batch];
+    let mut indices = vec![0; slice.len()];
     net.for_each_batch_norm(&mut |bn| bn.begin_population());
     for b in 0..count {
         for (j, ix) in indices.iter_mut().enumerate() {
-            *ix = b * batch + j;
+            *ix = b * batch + slice.start + j;
         }
         train.fill_batch(&indices, &mut x, &mut y);
-        net.forward(&x, batch, Mode::Population)?;
+        net.forward(&x, slice.len(), Mode::Population)?;
     }
     let mut missing = 0;
     net.for_each_batch_norm(&mut |bn| {
@@ -971,6 +1073,16 @@ pub fn train_loop(
                     step,
                     msg: "a weight or BN statistic is NaN or infinite".into(),
                 });
+            }
+            if let Some(d) = net.dist().cloned() {
+                // Every rank must hold the same state bit for bit; check, cheaply.
+                let h = net.state_hash();
+                if d.comm.min_u64(h) != d.comm.max_u64(h) {
+                    return Err(Error::config(
+                        "data-parallel run",
+                        format!("the ranks' weights differ at step {step}"),
+                    ));
+                }
             }
             *loss = LossSince::default();
         }

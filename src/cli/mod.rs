@@ -2,6 +2,7 @@
 //! (terminal bars, plain lines, JSON lines) with human units and ETAs.
 
 pub mod progress;
+pub mod ranks;
 
 use bnlab::stop::Stop;
 use bnlab::{Error, Result};
@@ -10,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use progress::{ProgressMode, Reporter, StudyMeter};
+pub use ranks::Ranks;
 
 /// Flags shared by every long-running command (`train`, `reproduce ...`), flattened into
 /// their arguments.

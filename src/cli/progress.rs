@@ -159,9 +159,19 @@ pub struct Reporter {
     name: String,
     meter: Meter,
     last: String,
+    quiet: bool,
 }
 
 impl Reporter {
+    /// Show nothing (the ranks of a data-parallel run other than rank 0).
+    pub fn silenced(mut self) -> Self {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        self.quiet = true;
+        self
+    }
+
     /// A run called `name` of `steps` steps, starting (or resuming) at `step`.
     pub fn new(mode: ProgressMode, name: &str, steps: usize, step: usize) -> Self {
         let bar = (mode == ProgressMode::Bar).then(|| {
@@ -178,6 +188,7 @@ impl Reporter {
             name: name.to_string(),
             meter,
             last: String::new(),
+            quiet: false,
         }
     }
 
@@ -195,6 +206,9 @@ impl Reporter {
     /// An evaluation is done.
     pub fn evaluated(&mut self, step: usize, loss: f64, accuracy: f64) {
         self.meter.at(step);
+        if self.quiet {
+            return;
+        }
         let steps = self.meter.steps;
         match self.mode {
             ProgressMode::Json => json_line(serde_json::json!({
@@ -222,6 +236,9 @@ impl Reporter {
 
     /// A line above the bar (or on stderr).
     pub fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(line),
             None => eprintln!("{line}"),

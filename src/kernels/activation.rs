@@ -111,6 +111,21 @@ pub fn softmax_cross_entropy(
     k: usize,
     dlogits: Option<&mut [f32]>,
 ) -> f64 {
+    softmax_cross_entropy_of(logits, labels, n, k, dlogits, n)
+}
+
+/// [`softmax_cross_entropy`] of `n` examples that are part of a batch of `batch`: the loss is
+/// still the mean over the `n`, while `dlogits` is the gradient of the mean over the whole
+/// batch (divided by `batch`), so that the ranks of a data-parallel run, each holding a slice,
+/// add up to the single-process gradient.
+pub fn softmax_cross_entropy_of(
+    logits: &[f32],
+    labels: &[usize],
+    n: usize,
+    k: usize,
+    dlogits: Option<&mut [f32]>,
+    batch: usize,
+) -> f64 {
     let mut total = 0.0f64;
     let mut dl = dlogits;
     for i in 0..n {
@@ -124,7 +139,7 @@ pub fn softmax_cross_entropy(
         total += lse - row[labels[i]] as f64;
         if let Some(d) = dl.as_deref_mut() {
             let dr = &mut d[i * k..][..k];
-            let inv_n = 1.0 / n as f64;
+            let inv_n = 1.0 / batch as f64;
             for (j, (o, &v)) in dr.iter_mut().zip(row).enumerate() {
                 let p = ((v as f64 - lse).exp()) * inv_n;
                 *o = if j == labels[i] {

@@ -449,9 +449,11 @@ fn grad_sums_features(
 }
 
 /// dgamma = sum dy * xhat and dbeta = sum dy per feature (written when asked), returning the
-/// two f64 sums, which live in `acc`.
+/// two f64 sums, which live in `acc` (`sum dy` in `acc[..c]`, `sum dy * xhat` in
+/// `acc[c..2c]`). The first half of [`backward_train`]: a data-parallel run sums the two over
+/// its ranks before [`backward_dx`].
 #[allow(clippy::too_many_arguments)]
-fn param_grads<'a>(
+pub fn param_grads<'a>(
     dy: &[f32],
     xhat: Xhat<'_>,
     inv_std: &[f32],
@@ -492,9 +494,30 @@ pub fn backward_train(
     acc: &mut [f64],
     threads: usize,
 ) {
-    let (sum_dy, sum_dy_xhat) = param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
-    let Some(dx) = dx else { return };
-    let m = d.m() as f64;
+    param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
+    if let Some(dx) = dx {
+        backward_dx(dy, xhat, inv_std, gamma, d, d.m(), dx, acc, threads);
+    }
+}
+
+/// The second half of [`backward_train`]: dx from the per-feature sums that [`param_grads`]
+/// left in `acc`, for statistics over `m` values per feature (`d.m()` in one process; the whole
+/// global batch's when the sums were reduced over the ranks of a data-parallel run).
+/// Overwrites the sums in `acc`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dx(
+    dy: &[f32],
+    xhat: Xhat<'_>,
+    inv_std: &[f32],
+    gamma: Option<&[f32]>,
+    d: Dims,
+    m: usize,
+    dx: &mut [f32],
+    acc: &mut [f64],
+    threads: usize,
+) {
+    let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
+    let m = m as f64;
     // dx = k * (dy - a - xhat * b) with k = gamma * inv_std, a = sum_dy / m, b = sum_dy_xhat / m.
     let c = d.c;
     for ch in 0..c {
@@ -700,6 +723,28 @@ pub fn update_running_ghost(
     }
 }
 
+/// Update running mean and variance from a step's mean and unbiased variance given in f64 (a
+/// data-parallel run's average over its ranks), as [`update_running`] does.
+pub fn update_running_unbiased(
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    mean: &[f64],
+    unbiased_var: &[f64],
+    avg: RunningAverage,
+    batches_tracked: i64,
+) {
+    let factor = match avg {
+        RunningAverage::Exponential { momentum } => momentum as f64,
+        RunningAverage::Cumulative => 1.0 / batches_tracked.max(1) as f64,
+    };
+    for ch in 0..running_mean.len() {
+        let rm = running_mean[ch] as f64;
+        let rv = running_var[ch] as f64;
+        running_mean[ch] = ((1.0 - factor) * rm + factor * mean[ch]) as f32;
+        running_var[ch] = ((1.0 - factor) * rv + factor * unbiased_var[ch]) as f32;
+    }
+}
+
 /// Batch renormalization's correction (Ioffe 2017, Algorithm 1), per feature, against the
 /// running statistics in PyTorch's convention: with `sigma_B = sqrt(batch_var + eps)` and
 /// `sigma = sqrt(running_var + eps)`, `r = clip(sigma_B / sigma, 1/rmax, rmax)` and
@@ -763,6 +808,25 @@ impl PopulationStats {
         // Algorithm 2 assumes one mini-batch size m; a smaller last batch would change the
         // correction slightly, so callers use full batches only.
         self.m = m;
+    }
+
+    /// Sum the accumulated statistics over the ranks of a data-parallel run whose ranks each
+    /// added their own batches (`sum` adds a buffer element-wise over the ranks).
+    pub fn sum_over(&mut self, sum: &dyn Fn(&mut [f64])) {
+        let c = self.sum_mean.len();
+        let mut buf = Vec::with_capacity(2 * c + 2);
+        buf.extend_from_slice(&self.sum_mean);
+        buf.extend_from_slice(&self.sum_var);
+        buf.push(self.batches as f64);
+        // Slices of unequal sizes have m differing by one: the ranks' mean m, rounded down,
+        // the same on every rank.
+        buf.push(self.m as f64);
+        buf.push(1.0);
+        sum(&mut buf);
+        self.sum_mean.copy_from_slice(&buf[..c]);
+        self.sum_var.copy_from_slice(&buf[c..2 * c]);
+        self.batches = buf[2 * c] as usize;
+        self.m = (buf[2 * c + 1] / buf[2 * c + 2]) as usize;
     }
 
     /// Mini-batches added so far.

@@ -5,6 +5,7 @@
 //! is small; feature maps recompute it from the layer's input).
 
 use super::{backward_nothing, check_forward, Ctx, Layer, Mode, TensorMut};
+use crate::dist::{BnSync, Dist};
 use crate::kernels::batch_norm::{self as k, Dims, PopulationStats, RunningAverage};
 use crate::Result;
 
@@ -64,6 +65,12 @@ pub struct BatchNorm {
     /// Frozen BN: training-mode passes normalize with the inference statistics, which stay
     /// fixed (fine-tuning); gamma and beta still learn.
     pub frozen: bool,
+    /// A data-parallel run's ranks (set with `Network::set_dist`): with `BnSync::Global` the
+    /// batch statistics and the backward pass's two sums are reduced over them; with either
+    /// mode the running statistics (and Algorithm 2's) are averaged over them.
+    sync: Option<Dist>,
+    /// The reductions' buffer, `3 * c`.
+    sync_buf: Vec<f64>,
     // Per-step workspace and backward cache: statistics per virtual batch, one after another.
     batch_mean: Vec<f32>,
     batch_mean_lo: Vec<f32>,
@@ -206,6 +213,8 @@ impl BatchNorm {
             renorm: None,
             renorm_now: Renorm::NONE,
             frozen: false,
+            sync: None,
+            sync_buf: Vec::new(),
             batch_mean: vec![0.0; c],
             batch_mean_lo: vec![0.0; c],
             batch_var: vec![0.0; c],
@@ -268,6 +277,81 @@ impl BatchNorm {
         self.renorm_now
     }
 
+    /// Join a data-parallel run (`None`: leave it). Ghost batches and batch renormalization
+    /// have no data-parallel form here: refused.
+    pub fn set_sync(&mut self, sync: Option<Dist>) -> Result<()> {
+        if sync.is_some() && (self.ghost.is_some() || self.renorm.is_some()) {
+            return Err(crate::Error::config(
+                "--norm",
+                "ghost batch normalization and batch renormalization are not supported in a \
+                 data-parallel run (--bn-sync local is ghost BN with the slice as virtual batch)",
+            ));
+        }
+        self.sync_buf = vec![0.0; if sync.is_some() { 3 * self.c } else { 0 }];
+        self.sync = sync;
+        Ok(())
+    }
+
+    /// The sync of a run of more than one rank.
+    fn synced(&self) -> Option<&Dist> {
+        self.sync.as_ref().filter(|d| d.comm.size() > 1)
+    }
+
+    /// `BnSync::Global` over more than one rank: replace the statistics of the (single)
+    /// batch in slots `0..c` by those of the global batch, merged with Chan's formula from
+    /// every rank's (count, mean, M2); `counts[0]` becomes the global count.
+    fn merge_global_stats(&mut self) {
+        let Some(dist) = self.synced().cloned() else {
+            return;
+        };
+        let c = self.c;
+        let m = self.counts[0] as f64;
+        let buf = &mut self.sync_buf[..3 * c];
+        for ch in 0..c {
+            buf[3 * ch] = m;
+            buf[3 * ch + 1] = self.batch_mean[ch] as f64 + self.batch_mean_lo[ch] as f64;
+            buf[3 * ch + 2] = self.batch_var[ch] as f64 * m;
+        }
+        dist.comm.merge_moments(buf);
+        for ch in 0..c {
+            let mu = buf[3 * ch + 1];
+            self.batch_mean[ch] = mu as f32;
+            self.batch_mean_lo[ch] = (mu - self.batch_mean[ch] as f64) as f32;
+            self.batch_var[ch] = (buf[3 * ch + 2] / buf[3 * ch]) as f32;
+        }
+        self.counts[0] = buf[0] as usize;
+        k::inv_std(&self.batch_var[..c], self.eps, &mut self.inv_std[..c]);
+    }
+
+    /// `BnSync::Local` over more than one rank: the running statistics follow the
+    /// count-weighted average over the ranks of each slice's mean and unbiased variance (as
+    /// ghost BN's do over its virtual batches), the same on every rank.
+    fn update_running_local(&mut self, dist: &Dist) {
+        let c = self.c;
+        let m = self.counts[0] as f64;
+        let unbias = m / (m - 1.0);
+        let buf = &mut self.sync_buf[..3 * c];
+        for ch in 0..c {
+            buf[ch] = m * self.batch_mean[ch] as f64;
+            buf[c + ch] = m * unbias * self.batch_var[ch] as f64;
+        }
+        buf[2 * c] = m;
+        dist.comm.sum_f64(&mut buf[..2 * c + 1]);
+        let total = buf[2 * c];
+        for v in buf[..2 * c].iter_mut() {
+            *v /= total;
+        }
+        let (mean, var) = buf[..2 * c].split_at(c);
+        k::update_running_unbiased(
+            &mut self.running_mean,
+            &mut self.running_var,
+            mean,
+            var,
+            self.running_average,
+            self.num_batches_tracked,
+        );
+    }
+
     /// The number of virtual batches a training-mode batch of `n` examples is split into.
     pub fn virtual_batches(&self, n: usize) -> usize {
         match self.ghost {
@@ -296,9 +380,15 @@ impl BatchNorm {
 
     /// End Algorithm 2: fix `E[x]` and `Var[x]`. Returns the number of batches averaged.
     pub fn finish_population(&mut self) -> usize {
-        let Some(p) = self.population.take() else {
+        let Some(mut p) = self.population.take() else {
             return 0;
         };
+        if let Some(d) = self.synced() {
+            // Global: every rank added the same merged statistics. Local: each its own slices'.
+            if d.bn_sync == BnSync::Local {
+                p.sum_over(&|buf| d.comm.sum_f64(buf));
+            }
+        }
         let mut mean = vec![0.0; self.c];
         let mut var = vec![0.0; self.c];
         if p.finish(&mut mean, &mut var) {
@@ -488,6 +578,9 @@ impl Layer for BatchNorm {
             self.training_stats(x, k, a, nk, ctx.threads)?;
             self.counts.push(nk * s);
         }
+        if self.synced().is_some_and(|d| d.bn_sync == BnSync::Global) {
+            self.merge_global_stats();
+        }
         for k in 0..chunks {
             let a = k * g;
             let nk = g.min(n - a);
@@ -524,13 +617,19 @@ impl Layer for BatchNorm {
         match ctx.mode {
             Mode::Train => {
                 self.num_batches_tracked += 1;
-                if chunks == 1 {
+                let local = self
+                    .synced()
+                    .filter(|d| d.bn_sync == BnSync::Local)
+                    .cloned();
+                if let Some(d) = local {
+                    self.update_running_local(&d);
+                } else if chunks == 1 {
                     k::update_running(
                         &mut self.running_mean,
                         &mut self.running_var,
                         &self.batch_mean[..c],
                         &self.batch_var[..c],
-                        n * s,
+                        self.counts[0],
                         self.running_average,
                         self.num_batches_tracked,
                     );
@@ -582,6 +681,10 @@ impl Layer for BatchNorm {
             // One batch of statistics: the inference statistics (Eval mode, or frozen BN in
             // training: constants) or the mini-batch's (plain batch normalization). The
             // gradients go straight to their place.
+            let global = self
+                .synced()
+                .filter(|d| d.bn_sync == BnSync::Global && self.last_batch_stats)
+                .cloned();
             let (dg, db) = if affine {
                 (
                     Some(&mut self.grad_gamma[..]),
@@ -613,6 +716,26 @@ impl Layer for BatchNorm {
                     mean_lo: &self.zeros,
                 }
             };
+            if let Some(d) = global {
+                // The local sums (whose dgamma and dbeta the gradient all-reduce adds up),
+                // then dx from the global batch's sums and count.
+                k::param_grads(dy, xhat, &self.inv_std[..c], dims, dg, db, &mut self.acc, ctx.threads);
+                d.comm.sum_f64(&mut self.acc[..2 * c]);
+                if let Some(dx) = dx {
+                    k::backward_dx(
+                        dy,
+                        xhat,
+                        &self.inv_std[..c],
+                        self.gamma.as_deref(),
+                        dims,
+                        self.counts[0],
+                        dx,
+                        &mut self.acc,
+                        ctx.threads,
+                    );
+                }
+                return;
+            }
             let f = if self.last_batch_stats {
                 k::backward_train
             } else {
