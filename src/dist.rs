@@ -209,12 +209,24 @@ mod tests {
             let m = merge_moments(a, b);
             assert_eq!(m, merge_moments(b, a), "symmetric");
             assert_eq!(m[0], whole[0]);
-            assert!((m[1] - whole[1]).abs() <= 1e-12 * whole[1].abs(), "{m:?} {whole:?}");
+            assert!(
+                (m[1] - whole[1]).abs() <= 1e-12 * whole[1].abs(),
+                "{m:?} {whole:?}"
+            );
             let rel = (m[2] - whole[2]).abs() / whole[2];
-            assert!(rel < 1e-9, "cut {cut}: M2 {} against {}: {rel:e}", m[2], whole[2]);
+            assert!(
+                rel < 1e-9,
+                "cut {cut}: M2 {} against {}: {rel:e}",
+                m[2],
+                whole[2]
+            );
         }
         // Three pieces in two orders: the same result up to rounding.
-        let (a, b, c) = (moments(&x[..100]), moments(&x[100..700]), moments(&x[700..]));
+        let (a, b, c) = (
+            moments(&x[..100]),
+            moments(&x[100..700]),
+            moments(&x[700..]),
+        );
         let l = merge_moments(merge_moments(a, b), c);
         let r = merge_moments(a, merge_moments(b, c));
         assert!((l[2] - r[2]).abs() / l[2] < 1e-9);

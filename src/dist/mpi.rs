@@ -111,7 +111,10 @@ impl Collective for MpiCollective {
     }
 
     fn merge_moments(&self, buf: &mut [f64]) {
-        assert!(buf.len() % 3 == 0, "moments come in (count, mean, M2) triples");
+        assert!(
+            buf.len() % 3 == 0,
+            "moments come in (count, mean, M2) triples"
+        );
         let count = (buf.len() / 3) as c_int;
         let mut s = self.scratch64.lock().unwrap_or_else(|e| e.into_inner());
         let send = sized(&mut s, buf.len());

@@ -719,7 +719,16 @@ impl Layer for BatchNorm {
             if let Some(d) = global {
                 // The local sums (whose dgamma and dbeta the gradient all-reduce adds up),
                 // then dx from the global batch's sums and count.
-                k::param_grads(dy, xhat, &self.inv_std[..c], dims, dg, db, &mut self.acc, ctx.threads);
+                k::param_grads(
+                    dy,
+                    xhat,
+                    &self.inv_std[..c],
+                    dims,
+                    dg,
+                    db,
+                    &mut self.acc,
+                    ctx.threads,
+                );
                 d.comm.sum_f64(&mut self.acc[..2 * c]);
                 if let Some(dx) = dx {
                     k::backward_dx(

@@ -1,0 +1,464 @@
+//! Data-parallel training under `mpirun -n 2` (the `mpi` feature; issue 12's checks):
+//! - `--bn-sync global` on 2 processes equals one process with the whole batch within 1e-5
+//!   relative L2 on every tensor (weights and BN buffers), for mlp-fig1-bn, for a conv preset
+//!   (vgg-mini-bn on Fashion-MNIST), and for an uneven split (61 over 2);
+//! - `--bn-sync local` on 2 processes equals one process with `--norm ghost:30` (batch 60);
+//! - a 2-process run with one rank SIGKILLed and resumed ends bit-identical to one left alone;
+//! - a divergence stops every rank at the same step with one message; resuming with another
+//!   process count is refused.
+//!
+//! Each test skips with a `SKIPPED:` line when the binary was built without the feature or
+//! mpirun is missing, and fails instead under `BNLAB_REQUIRE_MPI=1` (set by .ci/run when it
+//! installed Open MPI). Without the feature, being started by mpirun is an error (tested
+//! without mpirun, through the launcher's environment variable).
+
+mod common;
+
+use bnlab::checkpoint::{Loaded, TensorFile};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn require_mpi() -> bool {
+    std::env::var_os("BNLAB_REQUIRE_MPI").is_some_and(|v| v == "1")
+}
+
+/// True when the binary has the `mpi` feature and `mpirun` runs; otherwise reports the skip
+/// (a failure under `BNLAB_REQUIRE_MPI=1`).
+fn mpi_available() -> bool {
+    let why = if !cfg!(feature = "mpi") {
+        "built without the mpi feature (cargo test --release --features mpi --test mpi)"
+    } else if Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        "mpirun not found (apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+    } else {
+        return true;
+    };
+    assert!(!require_mpi(), "BNLAB_REQUIRE_MPI=1 but {why}");
+    common::skip_optional(why);
+    false
+}
+
+/// `mpirun -n P bnlab ARGS`, as CI runs it (root, two processes on two cores).
+fn mpirun(p: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "-n",
+        &p.to_string(),
+        "--allow-run-as-root",
+        "--oversubscribe",
+    ])
+    .arg(env!("CARGO_BIN_EXE_bnlab"))
+    .args(args)
+    .env_remove("BNLAB_DATA")
+    .stdin(Stdio::null());
+    c
+}
+
+fn run_ok(mut c: Command) -> Output {
+    let o = c.output().expect("runs");
+    assert!(
+        o.status.success(),
+        "{c:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// One process, without mpirun.
+fn single(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bnlab"));
+    c.args(args).env_remove("BNLAB_DATA").stdin(Stdio::null());
+    c
+}
+
+fn floats(p: &Path) -> Vec<(String, Vec<f64>)> {
+    let f = TensorFile::read(p).unwrap();
+    let mut v: Vec<(String, Vec<f64>)> = f
+        .tensors
+        .iter()
+        .map(|(k, (_, t))| {
+            let x = match t {
+                Loaded::F32(x) => x.iter().map(|&v| v as f64).collect(),
+                Loaded::F64(x) => x.clone(),
+                Loaded::I64(x) => x.iter().map(|&v| v as f64).collect(),
+            };
+            (k.clone(), x)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn bits(p: &Path) -> Vec<(String, Vec<u64>)> {
+    floats(p)
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().map(f64::to_bits).collect()))
+        .collect()
+}
+
+/// Every tensor of `a` within `tol` relative L2 of `b`'s (and the same names); returns the
+/// worst.
+fn assert_close(a: &Path, b: &Path, tol: f64) -> f64 {
+    let (a, b) = (floats(a), floats(b));
+    assert_eq!(
+        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        b.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    let mut worst = 0f64;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff: f64 = x.iter().zip(y).map(|(p, q)| (p - q).powi(2)).sum::<f64>();
+        let norm: f64 = x.iter().map(|p| p * p).sum::<f64>();
+        let rel = diff.sqrt() / norm.sqrt().max(1e-30);
+        assert!(rel <= tol, "{name}: relative L2 {rel:e} > {tol:e}");
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+/// Training arguments shared by the two sides of a comparison.
+fn train_args<'a>(model: &'a str, data: &'a str, batch: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--batch-size",
+        batch,
+        "--order",
+        "sequential",
+        "--steps",
+        steps,
+        "--momentum",
+        "0.9",
+        "--eval-every",
+        "0",
+        "--progress",
+        "plain",
+    ]
+}
+
+/// `mpirun -n 2 ... extra2` against one process with `... extra1`, from the same init.
+fn compare(model: &str, data: &Path, batch: &str, steps: &str, extra1: &[&str], extra2: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data.to_str().unwrap();
+    let init = tmp.path().join("init.safetensors");
+    // The init: the model's weights after one step (so gamma and beta are not 1 and 0).
+    run_ok(single(&[
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "0",
+        "--save",
+        init.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]));
+    let (one, two) = (tmp.path().join("one.st"), tmp.path().join("two.st"));
+    let base = train_args(model, data, batch, steps);
+    let with = |out: &Path, extra: &[&str]| {
+        let mut v = base.clone();
+        v.extend_from_slice(&["--init", init.to_str().unwrap()]);
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&["--save", out.to_str().unwrap()]);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let a1 = with(&one, extra1);
+    let a2 = with(&two, extra2);
+    run_ok(single(&a1.iter().map(String::as_str).collect::<Vec<_>>()));
+    let o = run_ok(mpirun(
+        2,
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Rank 0 alone reports.
+    assert_eq!(err.matches("final test accuracy").count(), 1, "{err}");
+    let worst = assert_close(&one, &two, 1e-5);
+    println!("{model} batch {batch} {extra2:?}: worst relative L2 {worst:e}");
+}
+
+#[test]
+fn global_sync_equals_one_process_mlp() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    compare(
+        "mlp-fig1-bn",
+        &data,
+        "60",
+        "60",
+        &[],
+        &["--bn-sync", "global"],
+    );
+}
+
+#[test]
+fn global_sync_equals_one_process_uneven_split() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    // 61 over 2 ranks: slices of 31 and 30.
+    compare(
+        "mlp-fig1-bn",
+        &data,
+        "61",
+        "60",
+        &[],
+        &["--bn-sync", "global"],
+    );
+}
+
+#[test]
+fn global_sync_equals_one_process_conv() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
+    compare(
+        "vgg-mini-bn",
+        &data,
+        "60",
+        "6",
+        &[],
+        &["--bn-sync", "global"],
+    );
+}
+
+#[test]
+fn local_sync_equals_ghost_batch_norm_of_the_slice() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    compare(
+        "mlp-fig1-bn",
+        &data,
+        "60",
+        "60",
+        &["--norm", "ghost:30"],
+        &["--bn-sync", "local"],
+    );
+}
+
+/// The step of the run state in `dir`, if one is there and whole.
+fn state_step(dir: &Path) -> Option<u64> {
+    let f = TensorFile::read(&dir.join("state.safetensors")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(f.metadata.get("bnlab_run")?).ok()?;
+    v["step"].as_u64()
+}
+
+/// The processes whose parent is `pid` (mpirun's ranks).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn killed_rank_resumes_bit_identical() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            data,
+            "--steps",
+            "1200",
+            "--eval-every",
+            "400",
+            "--checkpoint-every",
+            "100",
+            "--momentum",
+            "0.9",
+            "--progress",
+            "plain",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let alone = tmp.path().join("alone");
+    let a = args(&alone);
+    run_ok(mpirun(2, &a.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let killed = tmp.path().join("killed");
+    let k = args(&killed);
+    let mut job = mpirun(2, &k.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill a rank once a checkpoint past step 0 is on disk, well before the end.
+    let start = Instant::now();
+    let at = loop {
+        if let Some(s) = state_step(&killed).filter(|&s| s >= 200) {
+            break s;
+        }
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the job ended before a checkpoint"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint in 2 min"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), 2, "mpirun's ranks: {ranks:?}");
+    let victim = ranks[1];
+    Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    let status = job.wait().unwrap();
+    assert!(
+        !status.success(),
+        "mpirun ends the job when a rank is killed"
+    );
+    let saved = state_step(&killed).expect("a whole state after the kill");
+    assert!((at..1200).contains(&saved), "state at step {saved}");
+
+    let o = run_ok(mpirun(
+        2,
+        &[
+            "train",
+            "--resume",
+            killed.to_str().unwrap(),
+            "--data",
+            data,
+            "--progress",
+            "plain",
+        ],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("at step {saved} of 1200")),
+        "resumed from the last checkpoint: {err}"
+    );
+    assert_eq!(
+        bits(&alone.join("final.safetensors")),
+        bits(&killed.join("final.safetensors")),
+        "the resumed run's final weights differ from the uninterrupted run's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(alone.join("metrics.csv")).unwrap(),
+        std::fs::read_to_string(killed.join("metrics.csv")).unwrap()
+    );
+    println!("killed rank {victim} after step {saved}: final weights bit-identical");
+
+    // Another process count cannot continue it.
+    let o = single(&[
+        "train",
+        "--resume",
+        killed.to_str().unwrap(),
+        "--data",
+        data,
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("mpirun -n 2"), "{err}");
+}
+
+#[test]
+fn divergence_stops_every_rank_at_the_same_step() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::synthetic_mnist(&data, 120, 20);
+    let mut c = mpirun(
+        2,
+        &[
+            "train",
+            "--model",
+            "mlp-fig1",
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "500",
+            "--lr",
+            "1e38",
+            "--eval-every",
+            "1",
+            "--progress",
+            "plain",
+        ],
+    );
+    let start = Instant::now();
+    let o = c.output().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(60), "no deadlock");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.matches("diverged at step").count(), 1, "{err}");
+    assert!(
+        !err.contains("MPI_ABORT"),
+        "the ranks agreed, no abort: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Without the feature, a process started by a launcher as one of several refuses to train
+/// alone (each rank would train its own copy).
+#[test]
+fn without_the_feature_mpirun_is_an_error() {
+    if cfg!(feature = "mpi") {
+        return;
+    }
+    let o = single(&["train", "--model", "mlp-fig1-bn", "--steps", "1"])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--features mpi"), "{err}");
+}
