@@ -112,7 +112,7 @@ impl Collective for MpiCollective {
 
     fn merge_moments(&self, buf: &mut [f64]) {
         assert!(
-            buf.len() % 3 == 0,
+            buf.len().is_multiple_of(3),
             "moments come in (count, mean, M2) triples"
         );
         let count = (buf.len() / 3) as c_int;
