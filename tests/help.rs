@@ -106,7 +106,7 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         }
     }
     // Every bnlab flag named anywhere in README.md is some command's flag. The others are
-    // cargo's, named in the build and test instructions.
+    // cargo's, named in the build and test instructions, and mpirun's.
     let cargo = [
         "--release",
         "--no-default-features",
@@ -115,6 +115,11 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "--open",
         "--check",
         "--all-targets",
+        "--features",
+        "--test",
+        "--allow-run-as-root",
+        "--hostfile",
+        "--oversubscribe",
     ];
     let all_help: String = [
         "train",

@@ -3,6 +3,7 @@
 //!   relative L2 on every tensor (weights and BN buffers), for mlp-fig1-bn, for a conv preset
 //!   (vgg-mini-bn on Fashion-MNIST), and for an uneven split (61 over 2);
 //! - `--bn-sync local` on 2 processes equals one process with `--norm ghost:30` (batch 60);
+//! - Algorithm 2 (`--freeze-bn population`) sharded over the processes: the same equalities;
 //! - a 2-process run with one rank SIGKILLed and resumed ends bit-identical to one left alone;
 //! - a divergence stops every rank at the same step with one message; resuming with another
 //!   process count is refused.
@@ -260,6 +261,36 @@ fn local_sync_equals_ghost_batch_norm_of_the_slice() {
         "60",
         &["--norm", "ghost:30"],
         &["--bn-sync", "local"],
+    );
+}
+
+/// Algorithm 2 (here through `--freeze-bn population`, computed over the training set before
+/// the first step and then kept fixed) takes each process's slice of every mini-batch and
+/// reduces: global equals one process, local equals ghost BN of the slice.
+#[test]
+fn algorithm_2_is_sharded_and_reduced() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let frozen = ["--freeze-bn", "population"];
+    compare(
+        "mlp-fig1-bn",
+        &data,
+        "60",
+        "20",
+        &frozen,
+        &["--bn-sync", "global", "--freeze-bn", "population"],
+    );
+    compare(
+        "mlp-fig1-bn",
+        &data,
+        "60",
+        "20",
+        &["--norm", "ghost:30", "--freeze-bn", "population"],
+        &["--bn-sync", "local", "--freeze-bn", "population"],
     );
 }
 
