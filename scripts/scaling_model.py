@@ -40,37 +40,39 @@ def doubling(n, p, alpha, beta):
 
 
 def comm(preset, p, alpha, beta, small):
+    """Seconds per step: gradients (ring), BN global, BN local, loss + stop flag."""
     params, bn, _, _ = preset
-    grads = ring(4 * params + 8, p, alpha, beta)
-    bn_t = sum(small(24 * c, p, alpha, beta) + small(16 * c, p, alpha, beta) for c in bn)
-    flag = small(8, p, alpha, beta)
-    return grads, bn_t, flag
+    grads = ring(4 * params, p, alpha, beta)
+    bn_global = sum(small(24 * c, p, alpha, beta) + small(16 * c, p, alpha, beta) for c in bn)
+    bn_local = sum(small(8 * (2 * c + 1), p, alpha, beta) for c in bn)
+    scalars = 2 * doubling(8, p, alpha, beta)
+    return grads, bn_global, bn_local, scalars
 
 
 def main(per_example):
-    print("| preset | parameters | BN layers (channels) | gradient bytes / step | BN bytes / step (global) | BN all-reduces / step | FLOP / example | FLOP / step (60 / process) |")
+    print("| preset | parameters | BN layers (channels) | gradient bytes / step | BN bytes / step, global | BN all-reduces / step, global (local) | FLOP / example | FLOP / step, 60 examples |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (params, bn, macs, _) in PRESETS.items():
         print(
-            f"| {name} | {params:,} | {len(bn)} ({sum(bn)}) | {4 * params + 8:,} | {40 * sum(bn):,} | {2 * len(bn)} | {6 * macs / 1e6:.2f} M | {6 * macs * SLICE / 1e9:.3f} G |"
+            f"| {name} | {params:,} | {len(bn)} ({sum(bn)}) | {4 * params:,} | {40 * sum(bn):,} | {2 * len(bn)} ({len(bn)}) | {6 * macs / 1e6:.2f} M | {6 * macs * SLICE / 1e9:.3f} G |"
         )
     for net, (alpha, beta) in NETS.items():
-        print(f"\n**{net}** (alpha {alpha * 1e6:g} us, {8 / beta / 1e9:g} Gb/s); 60 examples per process:\n")
-        print("| preset | P | compute (ms) | gradients (ms) | BN, doubling (ms) | BN, ring (ms) | step (ms) | efficiency | B* doubling | B* ring |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(f"\n**{net}** (alpha {alpha * 1e6:g} us, {8 / beta / 1e9:g} Gb/s), 60 examples per process (global batch 60 P); times in ms:\n")
+        print("| preset | P | compute | gradients | BN global, doubling | BN global, ring | BN local | step, global | efficiency, global | efficiency, local | B*, doubling | B*, ring |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, preset in PRESETS.items():
             t_ex = per_example[name]
             for p in RANKS:
-                g, bn_d, flag = comm(preset, p, alpha, beta, doubling)
-                _, bn_r, _ = comm(preset, p, alpha, beta, ring)
+                g, bn_g, bn_l, sc = comm(preset, p, alpha, beta, doubling)
+                _, bn_gr, _, _ = comm(preset, p, alpha, beta, ring)
                 compute = t_ex * SLICE
-                step = compute + g + bn_d + flag
-                eff = compute / step
+                step_g = compute + g + bn_g + sc
+                step_l = compute + g + bn_l + sc
                 # The global batch below which BN's reductions take longer than the compute.
-                b_d = p * bn_d / t_ex
-                b_r = p * bn_r / t_ex
+                b_d = p * bn_g / t_ex
+                b_r = p * bn_gr / t_ex
                 print(
-                    f"| {name} | {p} | {compute * 1e3:.2f} | {g * 1e3:.3f} | {bn_d * 1e3:.3f} | {bn_r * 1e3:.2f} | {step * 1e3:.2f} | {eff:.0%} | {b_d:,.0f} | {b_r:,.0f} |"
+                    f"| {name} | {p} | {compute * 1e3:.2f} | {g * 1e3:.3f} | {bn_g * 1e3:.3f} | {bn_gr * 1e3:.2f} | {bn_l * 1e3:.3f} | {step_g * 1e3:.2f} | {compute / step_g:.0%} | {compute / step_l:.0%} | {b_d:,.0f} | {b_r:,.0f} |"
                 )
 
 
