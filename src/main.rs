@@ -843,11 +843,16 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
         if let Error::Stopped { step } = e {
             match run.dir() {
                 Some(dir) => eprintln!(
-                    "stopped at step {} of {} ({}); the run's state is in {}\nresume with: bnlab train --resume {}",
+                    "stopped at step {} of {} ({}); the run's state is in {}\nresume with: {}bnlab train --resume {}",
                     cli::progress::group(step as u64),
                     cli::progress::group(steps as u64),
                     stop_signal_name(stop),
                     dir.join(run::STATE_FILE).display(),
+                    if ranks.size() > 1 {
+                        format!("mpirun -n {} ", ranks.size())
+                    } else {
+                        String::new()
+                    },
                     shell_word(&dir.display().to_string())
                 ),
                 None => eprintln!(

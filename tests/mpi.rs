@@ -4,7 +4,8 @@
 //!   (vgg-mini-bn on Fashion-MNIST), and for an uneven split (61 over 2);
 //! - `--bn-sync local` on 2 processes equals one process with `--norm ghost:30` (batch 60);
 //! - Algorithm 2 (`--freeze-bn population`) sharded over the processes: the same equalities;
-//! - a 2-process run with one rank SIGKILLed and resumed ends bit-identical to one left alone;
+//! - a 2-process run with one rank SIGKILLed, or mpirun sent SIGTERM, and resumed ends
+//!   bit-identical to one left alone;
 //! - a divergence stops every rank at the same step with one message; resuming with another
 //!   process count is refused.
 //!
@@ -423,6 +424,64 @@ fn killed_rank_resumes_bit_identical() {
         std::fs::read_to_string(killed.join("metrics.csv")).unwrap()
     );
     println!("killed rank {victim} after step {saved}: final weights bit-identical");
+
+    // SIGTERM to mpirun (as Ctrl-C does: mpirun sends SIGTERM to every rank): the ranks agree
+    // on a step, rank 0 writes the state there and prints the command that resumes.
+    let stopped = tmp.path().join("stopped");
+    let s = args(&stopped);
+    let job = mpirun(2, &s.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while state_step(&stopped).is_none_or(|s| s < 200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint in 2 min"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Command::new("kill")
+        .args(["-TERM", &job.id().to_string()])
+        .status()
+        .unwrap();
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    let step: u64 = err
+        .split("stopped at step ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .map(|n| n.replace(',', "").parse().unwrap())
+        .unwrap_or_else(|| panic!("no stop message: {err}"));
+    assert_eq!(err.matches("stopped at step").count(), 1, "{err}");
+    assert!(
+        err.contains("resume with: mpirun -n 2 bnlab train --resume"),
+        "{err}"
+    );
+    assert_eq!(
+        state_step(&stopped),
+        Some(step),
+        "the state is the stop step's"
+    );
+    run_ok(mpirun(
+        2,
+        &[
+            "train",
+            "--resume",
+            stopped.to_str().unwrap(),
+            "--data",
+            data,
+            "--progress",
+            "plain",
+        ],
+    ));
+    assert_eq!(
+        bits(&alone.join("final.safetensors")),
+        bits(&stopped.join("final.safetensors")),
+        "the run stopped by SIGTERM and resumed differs from the uninterrupted run"
+    );
 
     // Another process count cannot continue it.
     let o = single(&[
