@@ -11,7 +11,7 @@ use crate::nn::{InferenceStats, Layer, Mode, RenormSchedule};
 use crate::optim::{Schedule, Sgd};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// How training examples are grouped into mini-batches.
@@ -774,18 +774,20 @@ impl Trainer {
     /// the ranks, and the same SGD update everywhere.
     fn step_data_parallel(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
         let dist = net.dist().cloned().expect("a data-parallel network");
-        if self.augment.is_some() {
-            return Err(Error::config(
-                "--augment",
-                "augmentation is not supported in a data-parallel run yet",
-            ));
-        }
         let b = self.config.batch_size;
         self.batches.set_labels(&data.labels)?;
         let slice = dist.slice(b);
-        let n = slice.len();
+        let (slice_start, n) = (slice.start, slice.len());
         let idx = &self.batches.next_batch()[slice];
         data.fill_batch(idx, &mut self.x, &mut self.y);
+        if let Some((aug, rng)) = &mut self.augment {
+            // One draw per example of the global batch, as in one process: skip the other
+            // ranks' draws, so every rank's generator stays where one process's would be.
+            let skip = |rng: &mut ChaCha8Rng, k: usize| (0..k).for_each(|_| _ = rng.next_u64());
+            skip(rng, slice_start);
+            aug.apply(&mut self.x, n, rng);
+            skip(rng, b - slice_start - n);
+        }
         let (step, steps) = (self.step, self.config.steps);
         let bn = self.config.bn;
         net.for_each_batch_norm(&mut |layer| {

@@ -120,6 +120,8 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "--allow-run-as-root",
         "--hostfile",
         "--oversubscribe",
+        "--bind-to",
+        "--mca",
     ];
     let all_help: String = [
         "train",

@@ -247,6 +247,27 @@ fn global_sync_equals_one_process_conv() {
     );
 }
 
+/// Crop-flip draws one number per example of the global batch: each rank skips the others'
+/// draws, so augmented training equals one process's too.
+#[test]
+fn global_sync_equals_one_process_with_augmentation() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
+    let aug = ["--augment", "crop-flip"];
+    compare(
+        "vgg-mini-bn",
+        &data,
+        "61",
+        "4",
+        &aug,
+        &["--bn-sync", "global", "--augment", "crop-flip"],
+    );
+}
+
 #[test]
 fn local_sync_equals_ghost_batch_norm_of_the_slice() {
     if !mpi_available() {
