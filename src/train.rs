@@ -504,8 +504,7 @@ impl Evaluator {
         }
         let dist = net.dist().cloned();
         let shard = match &dist {
-            Some(d) if probe.is_some() => {
-                let _ = d;
+            Some(_) if probe.is_some() => {
                 return Err(Error::config(
                     "probe",
                     "a probe is not supported in a data-parallel evaluation",
