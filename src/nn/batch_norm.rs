@@ -717,19 +717,32 @@ impl Layer for BatchNorm {
                 }
             };
             if let Some(d) = global {
-                // The local sums (whose dgamma and dbeta the gradient all-reduce adds up),
-                // then dx from the global batch's sums and count.
+                // The local sums, summed over the ranks in f64, then dx from the global
+                // batch's sums and count.
                 k::param_grads(
                     dy,
                     xhat,
                     &self.inv_std[..c],
                     dims,
-                    dg,
-                    db,
+                    None,
+                    None,
                     &mut self.acc,
                     ctx.threads,
                 );
                 d.comm.sum_f64(&mut self.acc[..2 * c]);
+                // dgamma and dbeta are these global sums, rounded once as one process rounds
+                // them: rank 0 writes them, the others zeros, so the f32 gradient all-reduce
+                // adds exact zeros. (Summing per-rank f32 partials instead loses the digits
+                // that cancel between the ranks: sum dy is small against its parts.)
+                let lead = d.comm.rank() == 0;
+                let (sum_dy, sum_dy_xhat) = self.acc[..2 * c].split_at(c);
+                for (out, sums) in [(dg, sum_dy_xhat), (db, sum_dy)] {
+                    if let Some(out) = out {
+                        for (o, &v) in out.iter_mut().zip(sums) {
+                            *o = if lead { v as f32 } else { 0.0 };
+                        }
+                    }
+                }
                 if let Some(dx) = dx {
                     k::backward_dx(
                         dy,
