@@ -23,6 +23,7 @@
 
 #[cfg(feature = "plots")]
 mod figure;
+mod ics;
 mod inception;
 mod normalizers;
 #[cfg(feature = "plots")]
@@ -35,7 +36,8 @@ use std::path::Path;
 use crate::{Error, Result};
 
 #[cfg(feature = "plots")]
-pub use figure::line_chart;
+pub use figure::{line_chart, panels_figure, PanelSpec};
+pub use ics::{ics_claims, write_ics_report, IcsReport};
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
     SetupRow, SweepRun,
