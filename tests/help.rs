@@ -130,6 +130,7 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "reproduce mnist",
         "reproduce inception",
         "reproduce normalizers",
+        "reproduce ics",
     ]
     .iter()
     .map(|c| help(&c.split(' ').map(str::to_string).collect::<Vec<_>>()))

@@ -264,6 +264,7 @@ fn normalizer_steps_do_not_allocate() {
     for (norm, order, freeze) in [
         ("ghost:8", Order::Shuffle, None),
         ("brn", Order::Shuffle, None),
+        ("noisy-bn", Order::Shuffle, None),
         ("bn", Order::Grouped { classes: 2 }, None),
         ("bn", Order::Shuffle, Some(bnlab::train::FreezeBn::Running)),
     ] {

@@ -75,6 +75,17 @@ pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Res
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
+/// A list of f64 that serde_json wrote with `null`s (NaN or infinite) read back with NaNs.
+pub fn nans_from_nulls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<f64>, D::Error> {
+    use serde::Deserialize;
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
+}
+
 /// The measurements of one trained net.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VariantRun {
