@@ -3,3 +3,4 @@
 pub mod inception;
 pub mod mnist;
 pub mod normalizers;
+pub mod precise_bn;

@@ -25,6 +25,7 @@
 mod figure;
 mod inception;
 mod normalizers;
+mod precise_bn;
 #[cfg(feature = "plots")]
 mod png;
 mod summary;
@@ -43,6 +44,7 @@ pub use inception::{
 pub use normalizers::{
     claims as normalizer_claims, write_normalizers_report, Claim, NormalizersReport,
 };
+pub use precise_bn::{write_precise_bn_report, PreciseBnReport};
 
 /// One evaluation during training. (JSON writes NaN as `null`; reading takes `null` back as
 /// NaN, so a curve survives a study's result file.)
