@@ -1880,16 +1880,6 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         let results = pbn::finished_results(&setup, &study)?;
         let missing = results.iter().filter(|r| r.is_none()).count();
         write(dir, &setup, &results)?;
-        if missing > 0 {
-            let keys: Vec<String> = setup
-                .jobs()
-                .iter()
-                .zip(&results)
-                .filter(|(_, r)| r.is_none())
-                .map(|(j, _)| j.key())
-                .collect();
-            report::mark_partial(dir, &keys)?;
-        }
         eprintln!(
             "wrote the report of {} finished runs ({missing} missing) to {}",
             results.len() - missing,

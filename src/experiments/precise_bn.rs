@@ -90,9 +90,7 @@ impl Default for PreciseBnSetup {
             slow_ema_momentum: 0.01,
             population_examples: 10_000,
             test_examples: 10_000,
-            sample_counts: vec![
-                16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
-            ],
+            sample_counts: vec![16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
             draws: 5,
             seed: 1,
             workers: 2,
@@ -385,9 +383,8 @@ pub fn population_of(
 
 /// `n` distinct training example indices out of `len`, the `draw`-th draw for `n`.
 fn draw_indices(seed: u64, len: usize, n: usize, draw: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ 0x9e37_79b9_0000_0000 ^ ((n as u64) << 16) ^ draw as u64,
-    );
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_0000_0000 ^ ((n as u64) << 16) ^ draw as u64);
     rand::seq::index::sample(&mut rng, len, n.min(len)).into_vec()
 }
 
@@ -429,8 +426,13 @@ impl<P: Fn(usize, Option<f64>, bool)> Observer for Follow<'_, P> {
     fn evaluate(&mut self, net: &mut Network, step: usize, mean_loss: f64) -> Result<()> {
         // This step's statistics, before the evaluations' forward passes replace them.
         self.ema.update(net, self.setup.batch_size);
-        let (ema, ema_slow, population) =
-            evaluate_three(net, &mut self.ema, self.setup, self.data, &mut self.evaluator)?;
+        let (ema, ema_slow, population) = evaluate_three(
+            net,
+            &mut self.ema,
+            self.setup,
+            self.data,
+            &mut self.evaluator,
+        )?;
         self.curve.push(EvalPoint {
             step,
             train_loss: mean_loss,

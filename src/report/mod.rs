@@ -25,9 +25,9 @@
 mod figure;
 mod inception;
 mod normalizers;
-mod precise_bn;
 #[cfg(feature = "plots")]
 mod png;
+mod precise_bn;
 mod summary;
 
 use std::fmt::Write as _;
@@ -36,7 +36,7 @@ use std::path::Path;
 use crate::{Error, Result};
 
 #[cfg(feature = "plots")]
-pub use figure::line_chart;
+pub use figure::{line_chart, line_charts, Chart};
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
     SetupRow, SweepRun,

@@ -1,9 +1,9 @@
 //! The report of `reproduce precise-bn` (Wu & Johnson 2021, section 3): results.json (no
 //! timings, so that a resumed study's is byte-identical), timings.json, metrics.csv (the
 //! curves), samples.csv (every draw of the sample-count measurement), summary.md with the
-//! paper's claims checked against the measurements, and two figures: `accuracy` (test accuracy
-//! over training with each kind of statistics) and `samples` (accuracy against the number of
-//! examples of the population statistics).
+//! paper's claims checked against the measurements, and the figure `precise_bn` (test accuracy
+//! over training with each kind of statistics, one panel per learning rate; accuracy against
+//! the number of examples of the population statistics).
 
 use super::{fmt_percent, Claim};
 use crate::experiments::precise_bn::{EvalPoint, Job, PreciseBnSetup, RunResult};
@@ -103,9 +103,8 @@ pub fn curve_stats(curve: &[EvalPoint]) -> Option<CurveStats> {
 /// within [`NEAR_FULL`] of the whole training set's, if any.
 pub fn samples_needed(r: &RunResult) -> Option<usize> {
     let full = r.population_full?;
-    let near = |s: &crate::experiments::precise_bn::SamplePoint| {
-        mean(&s.accuracies) >= full - NEAR_FULL
-    };
+    let near =
+        |s: &crate::experiments::precise_bn::SamplePoint| mean(&s.accuracies) >= full - NEAR_FULL;
     let first_far = r.samples.iter().rposition(|s| !near(s));
     match first_far {
         None => r.samples.first().map(|s| s.examples),
@@ -173,7 +172,8 @@ pub fn write_precise_bn_report(out_dir: &Path, report: &PreciseBnReport<'_>) -> 
         "setup": report.setup,
         "runs": runs,
         "claims": claims,
-        "missing_runs": missing.len(),
+        "partial": !missing.is_empty(),
+        "missing_runs": missing,
     });
     write_atomic(
         &out_dir.join("results.json"),
@@ -216,29 +216,34 @@ pub fn write_precise_bn_report(out_dir: &Path, report: &PreciseBnReport<'_>) -> 
 #[cfg(feature = "plots")]
 fn figures(out_dir: &Path, report: &PreciseBnReport<'_>) -> Result<()> {
     let s = report.setup;
-    let mut series = Vec::new();
+    let mut titles = Vec::new();
+    let mut curves = Vec::new();
     let mut samples = Vec::new();
-    for r in report.results.iter().flatten() {
+    for (j, r) in report.jobs.iter().zip(report.results) {
+        let Some(r) = r else { continue };
         let curve = |f: fn(&EvalPoint) -> f64| -> Vec<(f64, f64)> {
             r.curve
                 .iter()
                 .map(|p| (p.step as f64, 100.0 * f(p)))
                 .collect()
         };
-        series.push((
-            format!("lr {}: EMA {}", r.lr, s.ema_momentum),
-            curve(|p| p.ema),
-        ));
-        series.push((
-            format!("lr {}: EMA {}", r.lr, s.slow_ema_momentum),
-            curve(|p| p.ema_slow),
-        ));
-        series.push((
-            format!("lr {}: population (PreciseBN)", r.lr),
-            curve(|p| p.population),
-        ));
+        titles.push(format!("{} learning rate ({})", j.name, r.lr));
+        curves.push(vec![
+            (
+                format!("EMA, momentum {}", s.ema_momentum),
+                curve(|p| p.ema),
+            ),
+            (
+                format!("EMA, momentum {}", s.slow_ema_momentum),
+                curve(|p| p.ema_slow),
+            ),
+            (
+                "population (PreciseBN)".to_string(),
+                curve(|p| p.population),
+            ),
+        ]);
         samples.push((
-            format!("lr {}: mean of {} draws", r.lr, s.draws),
+            format!("lr {}: N samples, mean of {} draws", r.lr, s.draws),
             r.samples
                 .iter()
                 .map(|p| ((p.examples as f64).log10(), 100.0 * mean(&p.accuracies)))
@@ -256,31 +261,37 @@ fn figures(out_dir: &Path, report: &PreciseBnReport<'_>) -> Result<()> {
             ));
         }
     }
-    // The early EMA points can be near chance; the axis keeps the interesting range.
-    let ys: Vec<f64> = series
+    // The earliest EMA points can be near chance; the axis keeps the upper 40 points.
+    let hi = curves
         .iter()
+        .flatten()
         .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let range = hi.is_finite().then(|| {
+        (
+            ((hi - 40.0) / 10.0).floor().max(0.0) * 10.0,
+            (hi + 1.0).min(100.0).ceil(),
+        )
+    });
+    let mut charts: Vec<super::Chart<'_>> = titles
+        .iter()
+        .zip(&curves)
+        .map(|(t, c)| super::Chart {
+            title: t,
+            x_label: "training step",
+            y_label: "test accuracy (%)",
+            series: c,
+            y_range: range,
+        })
         .collect();
-    let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let range = hi
-        .is_finite()
-        .then(|| (((hi - 40.0) / 10.0).floor().max(0.0) * 10.0, (hi + 1.0).min(100.0).ceil()));
-    super::line_chart(
-        &out_dir.join("accuracy"),
-        "Fashion-MNIST test accuracy over training: EMA vs population statistics",
-        "training step",
-        "test accuracy (%)",
-        &series,
-        range,
-    )?;
-    super::line_chart(
-        &out_dir.join("samples"),
-        "Population statistics from N training examples (final weights)",
-        "log10 N",
-        "test accuracy (%)",
-        &samples,
-        None,
-    )
+    charts.push(super::Chart {
+        title: "final weights: population statistics from N examples",
+        x_label: "log10 N",
+        y_label: "test accuracy (%)",
+        series: &samples,
+        y_range: None,
+    });
+    super::line_charts(&out_dir.join("precise_bn"), &charts)
 }
 
 /// The paper's claims checked against the results.
@@ -395,7 +406,13 @@ pub fn claims(report: &PreciseBnReport<'_>) -> Vec<Claim> {
         .iter()
         .filter_map(|n| report.run(n))
         .filter(|(_, r)| r.population_full.is_some())
-        .map(|(j, r)| (j.lr, samples_needed(r), r.samples.first().map(|p| p.examples)))
+        .map(|(j, r)| {
+            (
+                j.lr,
+                samples_needed(r),
+                r.samples.first().map(|p| p.examples),
+            )
+        })
         .collect();
     if needed.len() == 2 {
         out.push(Claim {
@@ -491,7 +508,10 @@ fn summary_md(report: &PreciseBnReport<'_>, claims: &[Claim], missing: &[String]
     }
     let _ = writeln!(md, "## Over training\n");
     if cfg!(feature = "plots") {
-        let _ = writeln!(md, "![test accuracy over training](accuracy.png)\n");
+        let _ = writeln!(
+            md,
+            "![test accuracy over training, and against N](precise_bn.png)\n"
+        );
     } else {
         let _ = writeln!(md, "{}\n", super::NO_FIGURES);
     }
@@ -536,7 +556,7 @@ fn summary_md(report: &PreciseBnReport<'_>, claims: &[Claim], missing: &[String]
          evaluation is in metrics.csv.\n\n## How many samples the population statistics need\n"
     );
     if cfg!(feature = "plots") {
-        let _ = writeln!(md, "![accuracy against N](samples.png)\n");
+        let _ = writeln!(md, "Right panel of the figure above.\n");
     }
     let counts: Vec<usize> = s.sample_counts.clone();
     let _ = write!(md, "| learning rate |");
@@ -556,7 +576,11 @@ fn summary_md(report: &PreciseBnReport<'_>, claims: &[Claim], missing: &[String]
                 .and_then(|r| r.samples.iter().find(|p| p.examples == *n))
                 .map(|p| {
                     let lo = p.accuracies.iter().copied().fold(f64::INFINITY, f64::min);
-                    let hi = p.accuracies.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let hi = p
+                        .accuracies
+                        .iter()
+                        .copied()
+                        .fold(f64::NEG_INFINITY, f64::max);
                     format!(
                         "{} ({:.1}-{:.1})",
                         fmt_percent(mean(&p.accuracies)),
