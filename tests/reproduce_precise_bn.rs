@@ -29,8 +29,11 @@ fn vgg(seed: u64) -> Network {
     Network::build(&spec, &input, seed, 32, 1).unwrap()
 }
 
-/// (name, bits) of every tensor of the state, running statistics apart from the rest.
-fn state(net: &mut Network) -> (Vec<(String, Vec<u32>)>, Vec<(String, Vec<u32>)>) {
+/// (name, bits) of tensors.
+type Tensors = Vec<(String, Vec<u32>)>;
+
+/// Every tensor of the state: the running statistics, and the rest.
+fn state(net: &mut Network) -> (Tensors, Tensors) {
     let (mut running, mut rest) = (Vec::new(), Vec::new());
     net.visit_state(&mut |name, _, t| {
         let bits: Vec<u32> = match t {
