@@ -709,3 +709,127 @@ pub fn finished_results(setup: &PreciseBnSetup, study: &Study) -> Result<Vec<Opt
         .map(|j| study.result(&j.key()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Pixels;
+    use crate::train::train_loop;
+
+    /// Noise plus a bright column at the label's position: learnable in a few steps.
+    fn synthetic(n: usize, salt: usize) -> Dataset {
+        let labels: Vec<u8> = (0..n).map(|i| ((i * 7 + salt) % 10) as u8).collect();
+        let pixels: Vec<f32> = (0..n * 144)
+            .map(|i| {
+                let noise = ((i * 7919 + salt) % 251) as f32 / 251.0;
+                let column = (i % 12) as u8 == labels[i / 144];
+                noise + if column { 2.0 } else { 0.0 }
+            })
+            .collect();
+        Dataset::new(Pixels::F32(pixels), labels, [1, 12, 12], 10).unwrap()
+    }
+
+    /// The study's observer, in the training loop with its evaluations in between: at every
+    /// evaluation the second EMA's accuracy is that of a network trained with BN momentum
+    /// 0.01 (its own running statistics), the EMA's and the population's those of the network
+    /// trained alongside, so the evaluations disturb neither the EMA nor training.
+    #[test]
+    fn the_curve_matches_a_network_trained_with_the_slow_momentum() {
+        let data = Split {
+            train: synthetic(320, 0),
+            test: synthetic(100, 3),
+        };
+        let setup = PreciseBnSetup {
+            steps: 30,
+            eval_every: 10,
+            batch_size: 16,
+            population_examples: 64,
+            test_examples: 100,
+            eval_batch: 50,
+            ..PreciseBnSetup::default()
+        };
+        let config = TrainConfig {
+            steps: setup.steps,
+            batch_size: 16,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            schedule: Schedule::Constant,
+            seed: 2,
+            order: Order::Shuffle,
+            eval_every: 10,
+            threads: 1,
+            augment: crate::train::Augment::None,
+            bn: Default::default(),
+        };
+        let spec = model::preset("vgg-mini-bn").unwrap();
+        let input = model::resolve_input(&spec, Some(&[1, 12, 12])).unwrap();
+        let build = |momentum: f32| {
+            let mut net = Network::build(&spec, &input, 5, 50, 1).unwrap();
+            net.for_each_batch_norm(&mut |bn| {
+                bn.running_average = RunningAverage::Exponential { momentum }
+            });
+            net
+        };
+        let mut a = build(0.1);
+        let mut follow = Follow {
+            setup: &setup,
+            data: &data,
+            ema: EmaStats::new(&mut a, 0.01).unwrap(),
+            evaluator: Evaluator::new(50, 144),
+            curve: Vec::new(),
+            progress: |_: usize, _: Option<f64>, _: bool| {},
+        };
+        let mut ta = Trainer::new(config.clone(), 320, 144);
+        let mut loss = LossSince::default();
+        train_loop(&mut a, &mut ta, &data.train, 30, 10, &mut loss, &mut follow).unwrap();
+        assert_eq!(follow.curve.len(), 3);
+
+        let (mut b, mut c) = (build(0.01), build(0.1));
+        let (mut tb, mut tc) = (
+            Trainer::new(config.clone(), 320, 144),
+            Trainer::new(config, 320, 144),
+        );
+        let mut ev = Evaluator::new(50, 144);
+        for p in &follow.curve {
+            while tb.step < p.step {
+                tb.step(&mut b, &data.train).unwrap();
+                tc.step(&mut c, &data.train).unwrap();
+            }
+            let slow = ev
+                .evaluate(&mut b, &data.test, None, None)
+                .unwrap()
+                .accuracy();
+            let ema = ev
+                .evaluate(&mut c, &data.test, None, None)
+                .unwrap()
+                .accuracy();
+            population_statistics(&mut c, &data.train, 16, Some(4)).unwrap();
+            let pop = ev
+                .evaluate(&mut c, &data.test, None, None)
+                .unwrap()
+                .accuracy();
+            clear_population(&mut c);
+            assert_eq!((p.ema_slow, p.ema, p.population), (slow, ema, pop), "{p:?}");
+        }
+        // And the buffers themselves, bit for bit.
+        let mut i = 0;
+        b.for_each_batch_norm(&mut |bn| {
+            assert_eq!(bn.running_mean, follow.ema.means()[i]);
+            assert_eq!(bn.running_var, follow.ema.vars()[i]);
+            i += 1;
+        });
+        // The two momenta give different statistics and different accuracies.
+        let (mut i, mut differ) = (0, false);
+        c.for_each_batch_norm(&mut |bn| {
+            differ |= bn.running_mean != follow.ema.means()[i];
+            i += 1;
+        });
+        assert!(differ);
+        assert!(
+            follow.curve.iter().any(|p| p.ema_slow != p.ema),
+            "{:?}",
+            follow.curve
+        );
+    }
+}
