@@ -1836,6 +1836,9 @@ struct PreciseBnArgs {
     /// Evaluate three ways (and checkpoint) every K steps (default 300; --quick 50).
     #[arg(long, value_name = "K", conflicts_with_all = ["resume", "report_only"])]
     eval_every: Option<i64>,
+    /// L2 weight decay of both runs (default 5e-4).
+    #[arg(long, value_name = "X", conflicts_with_all = ["resume", "report_only"])]
+    weight_decay: Option<f32>,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
     #[command(flatten)]
@@ -1858,6 +1861,9 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         }
         if let Some(k) = a.eval_every {
             setup.eval_every = positive("--eval-every", k)?;
+        }
+        if let Some(w) = a.weight_decay {
+            setup.weight_decay = w;
         }
         setup.seed = a.seed;
         setup.validate()?;

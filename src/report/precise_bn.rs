@@ -469,8 +469,8 @@ fn summary_md(report: &PreciseBnReport<'_>, claims: &[Claim], missing: &[String]
         md,
         "# The statistics BN uses at inference: EMA against population statistics\n\n\
          Wu & Johnson 2021, \"Rethinking 'Batch' in BatchNorm\", section 3. `{}` on \
-         Fashion-MNIST, SGD with momentum {}, batches of {}, {} steps, the learning rate \
-         decaying {}x over the run, at a normal and a high learning rate ({}); seed {}. Every \
+         Fashion-MNIST, SGD with momentum {} and weight decay {}, batches of {}, {} steps, \
+         the learning rate decaying {}x over the run, at a normal and a high learning rate ({}); seed {}. Every \
          {} steps the first {} test images are evaluated with (1) the network's running \
          statistics, an EMA of momentum {} (PyTorch's default), (2) a second EMA of momentum \
          {} kept from the same mini-batch statistics, and (3) population statistics of the \
@@ -480,6 +480,7 @@ fn summary_md(report: &PreciseBnReport<'_>, claims: &[Claim], missing: &[String]
          ResNet-50 on ImageNet: compare the direction of the effects, not their size.\n",
         s.model,
         s.momentum,
+        s.weight_decay,
         s.batch_size,
         s.steps,
         (1.0 / s.lr_decay_over_run).round(),
