@@ -129,7 +129,10 @@ impl PreciseBnSetup {
             return bad("batch size", "BN needs at least 2 examples".into());
         }
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
-            return bad("--weight-decay", format!("{} (must be >= 0)", self.weight_decay));
+            return bad(
+                "--weight-decay",
+                format!("{} (must be >= 0)", self.weight_decay),
+            );
         }
         if self.steps == 0 || self.eval_every == 0 {
             return bad("--steps / --eval-every", "must be positive".into());
