@@ -138,6 +138,13 @@ enum StudyCommand {
     /// Example: bnlab reproduce ics --quick --out runs/ics-quick
     /// (stopped? bnlab reproduce ics --resume runs/ics-quick)
     Ics(IcsStudyArgs),
+    /// Wu & Johnson 2021: EMA against population statistics (PreciseBN) at inference, over
+    /// the training of vgg-mini-bn at a normal and a high learning rate, and how many samples
+    /// the population statistics need.
+    ///
+    /// Example: bnlab reproduce precise-bn --quick --out runs/precise-bn-quick
+    /// (stopped? bnlab reproduce precise-bn --resume runs/precise-bn-quick)
+    PreciseBn(PreciseBnArgs),
 }
 
 #[derive(Args, Clone)]
@@ -626,6 +633,9 @@ fn main() -> ExitCode {
         Command::Reproduce {
             study: StudyCommand::Ics(a),
         } => reproduce_ics(a, &stop),
+        Command::Reproduce {
+            study: StudyCommand::PreciseBn(a),
+        } => reproduce_precise_bn(a, &stop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1978,5 +1988,154 @@ fn check_writable(path: &Path) -> Result<()> {
             format!("{} is a directory", path.display()),
         ));
     }
+    Ok(())
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct PreciseBnArgs {
+    /// Fashion-MNIST directory (default: $BNLAB_DATA/fashion-mnist, else
+    /// /usr/share/datasets/fashion-mnist; never downloaded).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The whole path in a minute or two: 600 steps, 2,000 test images, fewer draws.
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
+    quick: bool,
+    /// The study's folder: its progress, then its report.
+    #[arg(long, default_value = "runs/precise-bn", value_name = "DIR")]
+    out: PathBuf,
+    /// Training steps of each run (default 12,000; --quick 600).
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
+    steps: Option<i64>,
+    /// Evaluate three ways (and checkpoint) every K steps (default 300; --quick 50).
+    #[arg(long, value_name = "K", conflicts_with_all = ["resume", "report_only"])]
+    eval_every: Option<i64>,
+    /// L2 weight decay of both runs (default 5e-4).
+    #[arg(long, value_name = "X", conflicts_with_all = ["resume", "report_only"])]
+    weight_decay: Option<f32>,
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
+    seed: u64,
+    #[command(flatten)]
+    study: StudyDirArgs,
+    #[command(flatten)]
+    control: RunControl,
+}
+
+fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    use bnlab::experiments::precise_bn::{self as pbn, PreciseBnSetup};
+    let mode = a.control.mode()?;
+    let make_setup = || -> Result<PreciseBnSetup> {
+        let mut setup = if a.quick {
+            PreciseBnSetup::quick()
+        } else {
+            PreciseBnSetup::default()
+        };
+        if let Some(n) = a.steps {
+            setup.steps = positive("--steps", n)?;
+        }
+        if let Some(k) = a.eval_every {
+            setup.eval_every = positive("--eval-every", k)?;
+        }
+        if let Some(w) = a.weight_decay {
+            setup.weight_decay = w;
+        }
+        setup.seed = a.seed;
+        setup.validate()?;
+        Ok(setup)
+    };
+    let write = |dir: &Path, setup: &PreciseBnSetup, results: &[Option<pbn::RunResult>]| {
+        let jobs = setup.jobs();
+        report::write_precise_bn_report(
+            dir,
+            &report::PreciseBnReport {
+                setup,
+                jobs: &jobs,
+                results,
+            },
+        )
+    };
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "precise-bn")?;
+        let setup: PreciseBnSetup = study.setup()?;
+        let results = pbn::finished_results(&setup, &study)?;
+        let missing = results.iter().filter(|r| r.is_none()).count();
+        write(dir, &setup, &results)?;
+        eprintln!(
+            "wrote the report of {} finished runs ({missing} missing) to {}",
+            results.len() - missing,
+            dir.display()
+        );
+        return Ok(());
+    }
+    if a.study.resume.is_none() {
+        make_setup()?;
+    }
+    let study = open_or_create_study(
+        "precise-bn",
+        &a.study,
+        &a.out,
+        || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
+        a.data.as_deref(),
+        stop,
+    )?;
+    let setup: PreciseBnSetup = study.setup()?;
+    let split = discard_if_fresh(
+        &a.study,
+        &study,
+        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+    )?;
+    let out = study.dir().to_path_buf();
+    let meter = StudyMeter::new(
+        mode,
+        "reproduce precise-bn",
+        setup.lrs.len(),
+        setup.steps,
+        setup.workers,
+    );
+    let on_progress = |p: pbn::Progress<'_>| {
+        meter.update(RunUpdate {
+            slot: p.worker,
+            label: p.label,
+            step: p.step,
+            steps: p.steps,
+            loss: None,
+            accuracy: p.accuracy,
+            evaluated: p.evaluated,
+            finished: p.finished,
+        })
+    };
+    // Runs trained now report through the meter; runs read back are said once.
+    let on_done = |job: &pbn::Job, r: &pbn::RunResult, resumed: bool| {
+        if resumed {
+            meter.update(RunUpdate {
+                slot: 0,
+                label: &job.key(),
+                step: r.diverged_at.unwrap_or(setup.steps),
+                steps: setup.steps,
+                loss: None,
+                accuracy: r.population_full,
+                evaluated: false,
+                finished: true,
+            });
+            eprintln!("{} ({}): finished earlier", job.key(), job.name);
+        }
+    };
+    let t0 = Instant::now();
+    let result = pbn::run_study(&setup, &split, &study, &on_progress, &on_done);
+    meter.finish();
+    let results = match result {
+        Err(e @ Error::Stopped { .. }) => {
+            report_stopped("precise-bn", &study, &meter, stop);
+            return Err(e);
+        }
+        r => r?,
+    };
+    let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
+    write(&out, &setup, &results)?;
+    eprintln!(
+        "reproduce precise-bn: {}; wrote {}",
+        fmt_duration(t0.elapsed().as_secs_f64()),
+        display_dir(&out)
+    );
     Ok(())
 }

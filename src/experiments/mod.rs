@@ -4,3 +4,4 @@ pub mod ics;
 pub mod inception;
 pub mod mnist;
 pub mod normalizers;
+pub mod precise_bn;

@@ -366,6 +366,59 @@ pub fn line_chart(
     series: &[(String, Vec<(f64, f64)>)],
     y_range: Option<(f64, f64)>,
 ) -> Result<()> {
+    let panel = chart_panel(
+        path_without_ext,
+        &Chart {
+            title,
+            x_label,
+            y_label,
+            series,
+            y_range,
+        },
+    )?;
+    Figure {
+        size: (900, 560),
+        panels: vec![panel],
+    }
+    .write(path_without_ext)
+}
+
+/// One panel of [`line_charts`]: the arguments of [`line_chart`].
+pub struct Chart<'a> {
+    /// The panel's title.
+    pub title: &'a str,
+    /// The x axis's label.
+    pub x_label: &'a str,
+    /// The y axis's label.
+    pub y_label: &'a str,
+    /// (legend label, points) per line.
+    pub series: &'a [(String, Vec<(f64, f64)>)],
+    /// The y range; `None`: fitted to the data.
+    pub y_range: Option<(f64, f64)>,
+}
+
+/// Line charts side by side (each as [`line_chart`], 750x560 pixels a panel) in one figure,
+/// `<path>.svg` and `<path>.png`.
+pub fn line_charts(path_without_ext: &Path, charts: &[Chart<'_>]) -> Result<()> {
+    let panels = charts
+        .iter()
+        .map(|c| chart_panel(path_without_ext, c))
+        .collect::<Result<Vec<_>>>()?;
+    Figure {
+        size: (750 * panels.len().max(1) as u32, 560),
+        panels,
+    }
+    .write(path_without_ext)
+}
+
+fn chart_panel(path_without_ext: &Path, chart: &Chart<'_>) -> Result<Panel> {
+    let Chart {
+        title,
+        x_label,
+        y_label,
+        series,
+        y_range,
+    } = *chart;
     let bad = |msg: String| Error::Report {
         path: with_ext(path_without_ext, "svg"),
         msg,
@@ -399,7 +452,7 @@ pub fn line_chart(
         }
     };
     let (y0, y1) = y_range;
-    let panel = Panel {
+    Ok(Panel {
         title: title.into(),
         x_label: x_label.into(),
         y_label: y_label.into(),
@@ -422,12 +475,7 @@ pub fn line_chart(
             .collect(),
         bands: Vec::new(),
         legend: SeriesLabelPosition::LowerRight,
-    };
-    Figure {
-        size: (900, 560),
-        panels: vec![panel],
-    }
-    .write(path_without_ext)
+    })
 }
 
 /// One panel of [`panels_figure`]: lines (legend label, points), and optionally the band

@@ -28,6 +28,7 @@ mod inception;
 mod normalizers;
 #[cfg(feature = "plots")]
 mod png;
+mod precise_bn;
 mod summary;
 
 use std::fmt::Write as _;
@@ -36,7 +37,7 @@ use std::path::Path;
 use crate::{Error, Result};
 
 #[cfg(feature = "plots")]
-pub use figure::{line_chart, panels_figure, PanelSpec};
+pub use figure::{line_chart, line_charts, panels_figure, Chart, PanelSpec};
 pub use ics::{ics_claims, write_ics_report, IcsReport};
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
@@ -45,6 +46,7 @@ pub use inception::{
 pub use normalizers::{
     claims as normalizer_claims, write_normalizers_report, Claim, NormalizersReport,
 };
+pub use precise_bn::{write_precise_bn_report, PreciseBnReport};
 
 /// One evaluation during training. (JSON writes NaN as `null`; reading takes `null` back as
 /// NaN, so a curve survives a study's result file.)
