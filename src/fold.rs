@@ -25,7 +25,7 @@
 
 use crate::model::{self, Child, ModelSpec, Node};
 use crate::network::Network;
-use crate::nn::{BatchNorm, Conv2d, Dropout, GroupNorm, Layer, Linear};
+use crate::nn::{BatchNorm, Conv2d, Dropout, GroupNorm, Layer, Linear, Noise};
 use crate::{Error, Result};
 
 /// One parameterized layer of the folded network, as read from the BN network.
@@ -126,7 +126,7 @@ pub fn plain_spec(spec: &ModelSpec) -> Result<ModelSpec> {
     fn no_dropout(children: &[Child]) -> Vec<Child> {
         children
             .iter()
-            .filter(|c| !matches!(c.node, Node::Dropout { .. }))
+            .filter(|c| !matches!(c.node, Node::Dropout { .. } | Node::Noise(_)))
             .map(|c| Child {
                 name: c.name.clone(),
                 node: match &c.node {
@@ -234,7 +234,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
                 i += 1;
                 continue;
             } else {
-                if !any.is::<Dropout>() {
+                if !(any.is::<Dropout>() || any.is::<Noise>()) {
                     folded.push(Folded::Stateless(layers[i].describe()));
                 }
                 i += 1;
@@ -286,7 +286,7 @@ pub fn fold(bn_net: &mut Network) -> Result<Network> {
     let targets: Vec<&mut dyn Layer> = targets
         .into_iter()
         .filter_map(|l| {
-            if l.as_any_mut().is::<Dropout>() {
+            if l.as_any_mut().is::<Dropout>() || l.as_any_mut().is::<Noise>() {
                 None
             } else {
                 Some(l)

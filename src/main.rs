@@ -131,6 +131,21 @@ enum StudyCommand {
     /// Example: bnlab reproduce inception --quick --out runs/inception-quick
     /// (stopped? bnlab reproduce inception --resume runs/inception-quick)
     Inception(InceptionArgs),
+    /// Why BN works (Santurkar et al. 2018): vgg-mini on Fashion-MNIST and the Figure 1 MLP on
+    /// MNIST, each without BN, with BN and with noisy BN; test accuracy, the stability of a
+    /// layer's inputs, internal covariate shift and the loss landscape over training, and
+    /// their claims checked.
+    ///
+    /// Example: bnlab reproduce ics --quick --out runs/ics-quick
+    /// (stopped? bnlab reproduce ics --resume runs/ics-quick)
+    Ics(IcsStudyArgs),
+    /// Wu & Johnson 2021: EMA against population statistics (PreciseBN) at inference, over
+    /// the training of vgg-mini-bn at a normal and a high learning rate, and how many samples
+    /// the population statistics need.
+    ///
+    /// Example: bnlab reproduce precise-bn --quick --out runs/precise-bn-quick
+    /// (stopped? bnlab reproduce precise-bn --resume runs/precise-bn-quick)
+    PreciseBn(PreciseBnArgs),
 }
 
 #[derive(Args, Clone)]
@@ -156,9 +171,14 @@ struct DataArgs {
 struct NormArgs {
     /// Replace every BatchNorm of the model, under the same module names: bn (as the model
     /// has it), gn:G (group norm, G groups), ln (layer norm), brn[:RMAX:DMAX] (batch
-    /// renormalization, default 3 and 5), ghost:G (ghost batches of G examples), none (no
-    /// normalization: the layer before each BatchNorm gets a bias).
-    #[arg(long, default_value = "bn", value_name = "bn|gn:G|ln|brn|ghost:G|none")]
+    /// renormalization, default 3 and 5), ghost:G (ghost batches of G examples), noisy-bn (BN
+    /// followed by Santurkar et al.'s noise in training), none (no normalization: the layer
+    /// before each BatchNorm gets a bias).
+    #[arg(
+        long,
+        default_value = "bn",
+        value_name = "bn|gn:G|ln|brn|ghost:G|noisy-bn|none"
+    )]
     norm: String,
 }
 
@@ -396,9 +416,9 @@ struct ReproduceArgs {
     lr: f64,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
-    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G or none
-    /// (default: bn, the paper's batch normalization).
-    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|none", conflicts_with_all = ["resume", "report_only"])]
+    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G, noisy-bn
+    /// or none (default: bn, the paper's batch normalization).
+    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|noisy-bn|none", conflicts_with_all = ["resume", "report_only"])]
     norm: Option<String>,
     #[command(flatten)]
     study: StudyDirArgs,
@@ -433,9 +453,9 @@ struct InceptionArgs {
     members: Option<i64>,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
-    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G or none
-    /// (default: bn, the paper's batch normalization).
-    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|none", conflicts_with_all = ["resume", "report_only"])]
+    /// Replace every BatchNorm of the BN networks: gn:G, ln, brn[:RMAX:DMAX], ghost:G, noisy-bn
+    /// or none (default: bn, the paper's batch normalization).
+    #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|noisy-bn|none", conflicts_with_all = ["resume", "report_only"])]
     norm: Option<String>,
     #[command(flatten)]
     study: StudyDirArgs,
@@ -459,6 +479,28 @@ struct NormalizersArgs {
     /// Training examples every run sees (default 120,000; --quick 6,000).
     #[arg(long, conflicts_with_all = ["resume", "report_only"])]
     examples: Option<i64>,
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
+    seed: u64,
+    #[command(flatten)]
+    study: StudyDirArgs,
+}
+
+#[derive(Args)]
+struct IcsStudyArgs {
+    /// Fashion-MNIST directory (default: $BNLAB_DATA/fashion-mnist, else
+    /// /usr/share/datasets/fashion-mnist; never downloaded).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// MNIST directory (default: $BNLAB_DATA/mnist, else ./data/mnist; downloaded there with
+    /// checksums when missing).
+    #[arg(long, value_name = "DIR")]
+    mnist: Option<PathBuf>,
+    /// The whole path in a minute or two: 200 steps of the VGG net, 2,000 of the MLP.
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
+    quick: bool,
+    /// The study's folder: its progress, then its report.
+    #[arg(long, default_value = "runs/ics", value_name = "DIR")]
+    out: PathBuf,
     #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
     seed: u64,
     #[command(flatten)]
@@ -624,6 +666,12 @@ fn main() -> ExitCode {
         Command::Reproduce {
             study: StudyCommand::Inception(a),
         } => reproduce_inception(a, &stop),
+        Command::Reproduce {
+            study: StudyCommand::Ics(a),
+        } => reproduce_ics(a, &stop),
+        Command::Reproduce {
+            study: StudyCommand::PreciseBn(a),
+        } => reproduce_precise_bn(a, &stop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1500,6 +1548,142 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
     Ok(())
 }
 
+fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    use bnlab::experiments::ics::{self, IcsSetup};
+    let make_setup = || -> Result<IcsSetup> {
+        let mut setup = if a.quick {
+            IcsSetup::quick()
+        } else {
+            IcsSetup::default()
+        };
+        setup.seed = a.seed;
+        setup.validate()?;
+        Ok(setup)
+    };
+    let write = |dir: &Path, setup: &IcsSetup, results: &[Option<ics::RunResult>]| {
+        report::write_ics_report(
+            dir,
+            &report::IcsReport {
+                setup,
+                jobs: &setup.jobs(),
+                results,
+            },
+        )
+    };
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "ics")?;
+        let setup: IcsSetup = study.setup()?;
+        let results = ics::finished_results(&setup, &study)?;
+        let missing = results.iter().filter(|r| r.is_none()).count();
+        write(dir, &setup, &results)?;
+        eprintln!(
+            "wrote the report of {} finished runs ({missing} missing) to {}",
+            results.len() - missing,
+            dir.display()
+        );
+        return Ok(());
+    }
+    if a.study.resume.is_none() {
+        make_setup()?;
+    }
+    let study = open_or_create_study(
+        "ics",
+        &a.study,
+        &a.out,
+        || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
+        a.data.as_deref(),
+        stop,
+    )?;
+    let setup: IcsSetup = study.setup()?;
+    let (fashion, mnist) = discard_if_fresh(&a.study, &study, {
+        let needs = |d: &str| setup.nets.iter().any(|n| n.dataset == d);
+        let fashion = if needs("fashion-mnist") {
+            Some(data::fashion_mnist(
+                study_data(&study, a.data.as_deref()).as_deref(),
+            ))
+            .transpose()
+        } else {
+            Ok(None)
+        };
+        fashion.and_then(|f| {
+            let m = if needs("mnist") {
+                Some(data::mnist(a.mnist.as_deref(), true)).transpose()?
+            } else {
+                None
+            };
+            Ok((f, m))
+        })
+    })?;
+    let splits: Vec<&data::Split> = setup
+        .nets
+        .iter()
+        .map(|n| match n.dataset.as_str() {
+            "mnist" => mnist.as_ref(),
+            _ => fashion.as_ref(),
+        })
+        .map(|s| s.ok_or_else(|| Error::config("reproduce ics", "a data set was not loaded")))
+        .collect::<Result<_>>()?;
+    let out = study.dir().to_path_buf();
+    let t0 = std::time::Instant::now();
+    let on_done = |d: ics::Done<'_>| {
+        let what = match (d.result.final_test_accuracy, d.result.diverged_at) {
+            (Some(acc), _) => format!("test accuracy {:.2}%", 100.0 * acc),
+            (None, Some(step)) => format!("diverged at step {step}"),
+            (None, None) => "no evaluation".into(),
+        };
+        eprintln!(
+            "[{}/{}] {}: {what}{}",
+            d.finished,
+            d.total,
+            d.job.key,
+            if d.resumed {
+                " (finished earlier)".to_string()
+            } else {
+                format!(" ({})", fmt_duration(d.result.seconds))
+            }
+        );
+    };
+    eprintln!(
+        "reproduce ics: {} runs ({}) on {} threads; a line per finished run",
+        setup.jobs().len(),
+        setup
+            .nets
+            .iter()
+            .map(|n| format!("{} x {} steps", n.model, n.steps))
+            .collect::<Vec<_>>()
+            .join(", "),
+        setup.workers
+    );
+    let results = match ics::run_study(&setup, &splits, &study, &on_done) {
+        Err(Error::Stopped { step }) => {
+            eprintln!(
+                "stopped; the study is kept in {}. Resume it with:\n  bnlab reproduce ics --resume {}\n\
+                 report so far: bnlab reproduce ics --report-only {}",
+                out.display(),
+                cli::shell_word(&out.display().to_string()),
+                cli::shell_word(&out.display().to_string())
+            );
+            return Err(Error::Stopped { step });
+        }
+        other => other?,
+    };
+    let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
+    write(&out, &setup, &results)?;
+    let claims = report::ics_claims(&report::IcsReport {
+        setup: &setup,
+        jobs: &setup.jobs(),
+        results: &results,
+    });
+    let held = claims.iter().filter(|c| c.holds == Some(true)).count();
+    eprintln!(
+        "reproduce ics: {}; {held} of {} claims hold at this scale; wrote {}",
+        fmt_duration(t0.elapsed().as_secs_f64()),
+        claims.len(),
+        out.display()
+    );
+    Ok(())
+}
+
 /// A study's `--norm`, checked; `bn` (or none given) is the paper's batch normalization.
 fn study_norm(norm: Option<&str>) -> Result<Option<String>> {
     match norm {
@@ -1935,5 +2119,154 @@ fn check_writable(path: &Path) -> Result<()> {
             format!("{} is a directory", path.display()),
         ));
     }
+    Ok(())
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct PreciseBnArgs {
+    /// Fashion-MNIST directory (default: $BNLAB_DATA/fashion-mnist, else
+    /// /usr/share/datasets/fashion-mnist; never downloaded).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The whole path in a minute or two: 600 steps, 2,000 test images, fewer draws.
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
+    quick: bool,
+    /// The study's folder: its progress, then its report.
+    #[arg(long, default_value = "runs/precise-bn", value_name = "DIR")]
+    out: PathBuf,
+    /// Training steps of each run (default 12,000; --quick 600).
+    #[arg(long, conflicts_with_all = ["resume", "report_only"])]
+    steps: Option<i64>,
+    /// Evaluate three ways (and checkpoint) every K steps (default 300; --quick 50).
+    #[arg(long, value_name = "K", conflicts_with_all = ["resume", "report_only"])]
+    eval_every: Option<i64>,
+    /// L2 weight decay of both runs (default 5e-4).
+    #[arg(long, value_name = "X", conflicts_with_all = ["resume", "report_only"])]
+    weight_decay: Option<f32>,
+    #[arg(long, default_value_t = 1, conflicts_with_all = ["resume", "report_only"])]
+    seed: u64,
+    #[command(flatten)]
+    study: StudyDirArgs,
+    #[command(flatten)]
+    control: RunControl,
+}
+
+fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+    use bnlab::experiments::precise_bn::{self as pbn, PreciseBnSetup};
+    let mode = a.control.mode()?;
+    let make_setup = || -> Result<PreciseBnSetup> {
+        let mut setup = if a.quick {
+            PreciseBnSetup::quick()
+        } else {
+            PreciseBnSetup::default()
+        };
+        if let Some(n) = a.steps {
+            setup.steps = positive("--steps", n)?;
+        }
+        if let Some(k) = a.eval_every {
+            setup.eval_every = positive("--eval-every", k)?;
+        }
+        if let Some(w) = a.weight_decay {
+            setup.weight_decay = w;
+        }
+        setup.seed = a.seed;
+        setup.validate()?;
+        Ok(setup)
+    };
+    let write = |dir: &Path, setup: &PreciseBnSetup, results: &[Option<pbn::RunResult>]| {
+        let jobs = setup.jobs();
+        report::write_precise_bn_report(
+            dir,
+            &report::PreciseBnReport {
+                setup,
+                jobs: &jobs,
+                results,
+            },
+        )
+    };
+    if let Some(dir) = &a.study.report_only {
+        let study = Study::open(dir, "precise-bn")?;
+        let setup: PreciseBnSetup = study.setup()?;
+        let results = pbn::finished_results(&setup, &study)?;
+        let missing = results.iter().filter(|r| r.is_none()).count();
+        write(dir, &setup, &results)?;
+        eprintln!(
+            "wrote the report of {} finished runs ({missing} missing) to {}",
+            results.len() - missing,
+            dir.display()
+        );
+        return Ok(());
+    }
+    if a.study.resume.is_none() {
+        make_setup()?;
+    }
+    let study = open_or_create_study(
+        "precise-bn",
+        &a.study,
+        &a.out,
+        || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
+        a.data.as_deref(),
+        stop,
+    )?;
+    let setup: PreciseBnSetup = study.setup()?;
+    let split = discard_if_fresh(
+        &a.study,
+        &study,
+        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+    )?;
+    let out = study.dir().to_path_buf();
+    let meter = StudyMeter::new(
+        mode,
+        "reproduce precise-bn",
+        setup.lrs.len(),
+        setup.steps,
+        setup.workers,
+    );
+    let on_progress = |p: pbn::Progress<'_>| {
+        meter.update(RunUpdate {
+            slot: p.worker,
+            label: p.label,
+            step: p.step,
+            steps: p.steps,
+            loss: None,
+            accuracy: p.accuracy,
+            evaluated: p.evaluated,
+            finished: p.finished,
+        })
+    };
+    // Runs trained now report through the meter; runs read back are said once.
+    let on_done = |job: &pbn::Job, r: &pbn::RunResult, resumed: bool| {
+        if resumed {
+            meter.update(RunUpdate {
+                slot: 0,
+                label: &job.key(),
+                step: r.diverged_at.unwrap_or(setup.steps),
+                steps: setup.steps,
+                loss: None,
+                accuracy: r.population_full,
+                evaluated: false,
+                finished: true,
+            });
+            eprintln!("{} ({}): finished earlier", job.key(), job.name);
+        }
+    };
+    let t0 = Instant::now();
+    let result = pbn::run_study(&setup, &split, &study, &on_progress, &on_done);
+    meter.finish();
+    let results = match result {
+        Err(e @ Error::Stopped { .. }) => {
+            report_stopped("precise-bn", &study, &meter, stop);
+            return Err(e);
+        }
+        r => r?,
+    };
+    let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
+    write(&out, &setup, &results)?;
+    eprintln!(
+        "reproduce precise-bn: {}; wrote {}",
+        fmt_duration(t0.elapsed().as_secs_f64()),
+        display_dir(&out)
+    );
     Ok(())
 }

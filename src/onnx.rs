@@ -38,7 +38,7 @@ use crate::network::Network;
 use crate::nn::named::child_prefix;
 use crate::nn::{
     AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, GroupNorm, Layer,
-    Linear, MaxPool2d, Relu, Residual, Sequential, Sigmoid, Tanh,
+    Linear, MaxPool2d, Noise, Relu, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use std::path::Path;
@@ -421,8 +421,8 @@ impl Graph {
             "Tanh"
         } else if any.is::<Relu>() {
             "Relu"
-        } else if any.is::<Dropout>() {
-            // Inverted dropout is the identity at inference.
+        } else if any.is::<Dropout>() || any.is::<Noise>() {
+            // Inverted dropout and noisy BN's noise are the identity at inference.
             "Identity"
         } else {
             return Err(Error::config(

@@ -62,7 +62,9 @@ fn words(command: &str) -> Vec<String> {
     command
         .split_whitespace()
         .skip(1)
-        .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+        .take_while(|w| {
+            !w.starts_with('-') && w.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        })
         .map(str::to_string)
         .collect()
 }
@@ -137,6 +139,8 @@ fn readme_commands_parse_and_their_flags_are_in_the_help() {
         "reproduce mnist",
         "reproduce inception",
         "reproduce normalizers",
+        "reproduce ics",
+        "reproduce precise-bn",
     ]
     .iter()
     .map(|c| help(&c.split(' ').map(str::to_string).collect::<Vec<_>>()))
@@ -166,6 +170,7 @@ fn every_command_describes_itself_with_an_example() {
         "reproduce",
         "reproduce mnist",
         "reproduce inception",
+        "reproduce precise-bn",
     ] {
         let w: Vec<String> = c.split(' ').map(str::to_string).collect();
         let h = help(&w);
@@ -208,4 +213,8 @@ fn the_flag_reader_reads_flags() {
         ["reproduce", "mnist"]
     );
     assert_eq!(words("bnlab models [show NAME]"), ["models"]);
+    assert_eq!(
+        words("bnlab reproduce precise-bn --quick"),
+        ["reproduce", "precise-bn"]
+    );
 }

@@ -264,6 +264,7 @@ fn normalizer_steps_do_not_allocate() {
     for (norm, order, freeze) in [
         ("ghost:8", Order::Shuffle, None),
         ("brn", Order::Shuffle, None),
+        ("noisy-bn", Order::Shuffle, None),
         ("bn", Order::Grouped { classes: 2 }, None),
         ("bn", Order::Shuffle, Some(bnlab::train::FreezeBn::Running)),
     ] {
@@ -308,8 +309,56 @@ fn normalizer_steps_do_not_allocate() {
     }
 }
 
+/// The second EMA of `reproduce precise-bn` (`EmaStats::update` after every step) allocates
+/// nothing either.
+fn second_ema_steps_do_not_allocate() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = common::Lcg(11);
+    let n = 200;
+    let pixels = rng.vec_f32(n * 144, 0.5, 0.5);
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let data = bnlab::data::Dataset::new(bnlab::data::Pixels::F32(pixels), labels, [1, 12, 12], 10)
+        .unwrap();
+    let spec = bnlab::model::preset("vgg-mini-bn").unwrap();
+    let input = bnlab::model::resolve_input(&spec, Some(&[1, 12, 12])).unwrap();
+    let mut net = Network::build(&spec, &input, 3, 32, 1).unwrap();
+    let cfg = TrainConfig {
+        steps: 60,
+        batch_size: 32,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        schedule: Schedule::Constant,
+        seed: 3,
+        order: Order::Shuffle,
+        eval_every: 0,
+        threads: 1,
+        augment: bnlab::train::Augment::None,
+        bn: Default::default(),
+    };
+    let mut ema = bnlab::experiments::precise_bn::EmaStats::new(&mut net, 0.01).unwrap();
+    let mut t = Trainer::new(cfg, data.len(), data.features());
+    for _ in 0..3 {
+        t.step(&mut net, &data).unwrap();
+        ema.update(&mut net, 32);
+    }
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        t.step(&mut net, &data).unwrap();
+        ema.update(&mut net, 32);
+    }
+    ema.swap(&mut net);
+    ema.swap(&mut net);
+    let after = ALLOCATIONS.load(Ordering::SeqCst);
+    assert_eq!(after - before, 0, "allocations in steps with a second EMA");
+}
+
 fn main() {
-    let checks: [(&str, fn()); 5] = [
+    let checks: [(&str, fn()); 6] = [
+        (
+            "second_ema_steps_do_not_allocate",
+            second_ema_steps_do_not_allocate,
+        ),
         (
             "normalizer_steps_do_not_allocate",
             normalizer_steps_do_not_allocate,

@@ -266,7 +266,7 @@ fn every_bn_preset_takes_every_norm() {
         };
         let mut base = Network::build(&spec, &input, 1, 4, 1).unwrap();
         let base_names = names(&mut base);
-        for norm in ["bn", "gn:4", "ln", "brn", "ghost:2", "none"] {
+        for norm in ["bn", "gn:4", "ln", "brn", "ghost:2", "noisy-bn", "none"] {
             let choice = NormChoice::parse(norm).unwrap();
             let s = model::apply_norm(&spec, choice).unwrap();
             let mut net = Network::build(&s, &input, 1, 4, 1)
@@ -275,7 +275,7 @@ fn every_bn_preset_takes_every_norm() {
             let loss = net.forward_backward(&x, &[0, 1, 2, 3], 4).unwrap();
             assert!(loss.is_finite(), "{name} --norm {norm}: loss {loss}");
             let got = names(&mut net);
-            let keeps_stats = matches!(norm, "bn" | "brn" | "ghost:2");
+            let keeps_stats = matches!(norm, "bn" | "brn" | "ghost:2" | "noisy-bn");
             assert_eq!(
                 got.iter().any(|n| n.ends_with("running_mean")),
                 keeps_stats,

@@ -7,7 +7,7 @@ use super::spec::{module_path, BiasInit, Child, Init, ModelSpec, Node, WeightIni
 use crate::kernels::batch_norm::RunningAverage;
 use crate::nn::{
     AvgPool2d, BatchNorm, Concat, Conv2d, Dropout, Flatten, GlobalAvgPool, GroupNorm, Layer,
-    Linear, MaxPool2d, Relu, Renorm, Residual, Sequential, Sigmoid, Tanh,
+    Linear, MaxPool2d, Noise, Relu, Renorm, Residual, Sequential, Sigmoid, Tanh,
 };
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -171,6 +171,7 @@ fn kind_name(node: &Node) -> &'static str {
         Node::AvgPool2d { .. } => "AvgPool2d",
         Node::GlobalAvgPool => "GlobalAvgPool",
         Node::Flatten => "Flatten",
+        Node::Noise(_) => "Noise",
         Node::Concat { .. } => "Concat",
         Node::Residual { .. } => "Residual",
     }
@@ -451,6 +452,8 @@ impl Builder<'_> {
                 0,
                 0,
             ),
+            // Seeded after every weight is drawn (see `build`), like Dropout.
+            Node::Noise(spec) => (Box::new(Noise::new(size, *spec, 0)), input.to_vec(), 0, 0),
             Node::MaxPool2d {
                 kernel_size,
                 stride,

@@ -21,15 +21,21 @@ pub enum NormChoice {
     Ghost(usize),
     /// No normalization (`none`): each BatchNorm removed, the layer before it given a bias.
     None,
+    /// "Noisy BN" (`noisy-bn`, Santurkar et al. 2018): each BatchNorm followed by
+    /// [`crate::nn::Noise`] with their distributions; the same state (and names) as BN, and the
+    /// same network at inference.
+    NoisyBn,
 }
 
 impl NormChoice {
-    /// Parse `bn`, `gn:G`, `ln`, `brn[:RMAX:DMAX]`, `ghost:G` or `none`.
+    /// Parse `bn`, `gn:G`, `ln`, `brn[:RMAX:DMAX]`, `ghost:G`, `noisy-bn` or `none`.
     pub fn parse(s: &str) -> Result<NormChoice> {
         let bad = |why: &str| {
             Error::config(
                 "--norm",
-                format!("'{s}': {why} (expected bn, gn:G, ln, brn[:RMAX:DMAX], ghost:G or none)"),
+                format!(
+                    "'{s}': {why} (expected bn, gn:G, ln, brn[:RMAX:DMAX], ghost:G, noisy-bn or none)"
+                ),
             )
         };
         let count = |v: &str, what: &str| -> Result<usize> {
@@ -43,6 +49,7 @@ impl NormChoice {
             ["bn"] => Ok(NormChoice::Bn),
             ["ln"] => Ok(NormChoice::Ln),
             ["none"] => Ok(NormChoice::None),
+            ["noisy-bn"] => Ok(NormChoice::NoisyBn),
             ["gn", g] => Ok(NormChoice::Gn(count(g, "the group count")?)),
             ["ghost", g] => Ok(NormChoice::Ghost(count(g, "the ghost batch size")?)),
             ["brn"] => Ok(NormChoice::Brn(RenormSpec {
@@ -65,7 +72,7 @@ impl NormChoice {
     }
 
     /// The short name used in reports and results.json: `bn`, `gn`, `ln`, `brn`, `ghost`,
-    /// `none`.
+    /// `noisy-bn`, `none`.
     pub fn key(&self) -> &'static str {
         match self {
             NormChoice::Bn => "bn",
@@ -74,6 +81,7 @@ impl NormChoice {
             NormChoice::Brn(_) => "brn",
             NormChoice::Ghost(_) => "ghost",
             NormChoice::None => "none",
+            NormChoice::NoisyBn => "noisy-bn",
         }
     }
 
@@ -111,9 +119,12 @@ pub fn apply_norm(spec: &ModelSpec, choice: NormChoice) -> Result<ModelSpec> {
     }
     let mut out = spec.clone();
     out.layers = replace(&spec.layers, choice)?;
-    // Batch renorm and ghost BN keep BN's state and its name: their checkpoints are BN
-    // checkpoints, loadable either way.
-    if !matches!(choice, NormChoice::Brn(_) | NormChoice::Ghost(_)) {
+    // Batch renorm, ghost BN and noisy BN keep BN's state and its name: their checkpoints are
+    // BN checkpoints, loadable either way.
+    if !matches!(
+        choice,
+        NormChoice::Brn(_) | NormChoice::Ghost(_) | NormChoice::NoisyBn
+    ) {
         out.name = format!("{}-{}", spec.name, choice.flag().replace(':', ""));
     }
     Ok(out)
@@ -176,6 +187,20 @@ fn replace_node(node: &Node, choice: NormChoice) -> Result<Node> {
                 eps: *eps,
                 affine: *affine,
             },
+            // The BatchNorm and its noise under the BatchNorm's name: `Some("")` adds no
+            // naming level, so the state keeps BN's names.
+            NormChoice::NoisyBn => Node::Sequential {
+                layers: vec![
+                    Child {
+                        name: Some(String::new()),
+                        node: node.clone(),
+                    },
+                    Child {
+                        name: Some(String::new()),
+                        node: Node::Noise(crate::nn::NoiseSpec::default()),
+                    },
+                ],
+            },
             NormChoice::Bn | NormChoice::None => node.clone(),
         },
         Node::Sequential { layers } => Node::Sequential {
@@ -214,6 +239,7 @@ mod tests {
         assert_eq!(NormChoice::parse("ln").unwrap(), NormChoice::Ln);
         assert_eq!(NormChoice::parse("ghost:8").unwrap(), NormChoice::Ghost(8));
         assert_eq!(NormChoice::parse("none").unwrap(), NormChoice::None);
+        assert_eq!(NormChoice::parse("noisy-bn").unwrap(), NormChoice::NoisyBn);
         assert_eq!(
             NormChoice::parse("brn").unwrap(),
             NormChoice::Brn(RenormSpec {

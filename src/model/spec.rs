@@ -168,6 +168,10 @@ pub enum Node {
         /// The probability of dropping a value (default 0.5).
         p: f64,
     },
+    /// "Noisy BN"'s noise (Santurkar et al. 2018, see [`crate::nn::noise`]): in training,
+    /// `s * a + m` with a shift and a scale drawn per step and per value; the identity at
+    /// inference. Any shape.
+    Noise(crate::nn::NoiseSpec),
     /// `nn.MaxPool2d` on `[C, H, W]`.
     MaxPool2d {
         /// Window height and width.
@@ -413,6 +417,7 @@ pub const LAYER_KINDS: &[&str] = &[
     "Sigmoid",
     "Tanh",
     "Dropout",
+    "Noise",
     "MaxPool2d",
     "AvgPool2d",
     "GlobalAvgPool",
@@ -690,6 +695,14 @@ fn child_json(c: &Child) -> Value {
         }
         Node::GlobalAvgPool => put("type", "GlobalAvgPool".into()),
         Node::Flatten => put("type", "Flatten".into()),
+        Node::Noise(n) => {
+            put("type", "Noise".into());
+            put("mean_range", n.mean_range.into());
+            put("mean_jitter", n.mean_jitter.into());
+            put("scale_low", n.scale_low.into());
+            put("scale_high", n.scale_high.into());
+            put("scale_std", n.scale_std.into());
+        }
         Node::Concat { branches } => {
             put("type", "Concat".into());
             put("branches", children_json(branches));
@@ -981,6 +994,20 @@ fn parse_child(v: &Value, json: &str, prefix: &str, index: usize, source: &str) 
         }
         "GlobalAvgPool" => Node::GlobalAvgPool,
         "Flatten" => Node::Flatten,
+        "Noise" => {
+            let d = crate::nn::NoiseSpec::default();
+            let spec = crate::nn::NoiseSpec {
+                mean_range: o.f64_or("mean_range", d.mean_range)?,
+                mean_jitter: o.f64_or("mean_jitter", d.mean_jitter)?,
+                scale_low: o.f64_or("scale_low", d.scale_low)?,
+                scale_high: o.f64_or("scale_high", d.scale_high)?,
+                scale_std: o.f64_or("scale_std", d.scale_std)?,
+            };
+            if let Some(why) = spec.problem() {
+                return Err(o.err(why));
+            }
+            Node::Noise(spec)
+        }
         "Concat" => {
             let branches = match o.get("branches") {
                 Some(b) => parse_children(b, &format!("{json}.branches"), &module, source)?,

@@ -366,6 +366,59 @@ pub fn line_chart(
     series: &[(String, Vec<(f64, f64)>)],
     y_range: Option<(f64, f64)>,
 ) -> Result<()> {
+    let panel = chart_panel(
+        path_without_ext,
+        &Chart {
+            title,
+            x_label,
+            y_label,
+            series,
+            y_range,
+        },
+    )?;
+    Figure {
+        size: (900, 560),
+        panels: vec![panel],
+    }
+    .write(path_without_ext)
+}
+
+/// One panel of [`line_charts`]: the arguments of [`line_chart`].
+pub struct Chart<'a> {
+    /// The panel's title.
+    pub title: &'a str,
+    /// The x axis's label.
+    pub x_label: &'a str,
+    /// The y axis's label.
+    pub y_label: &'a str,
+    /// (legend label, points) per line.
+    pub series: &'a [(String, Vec<(f64, f64)>)],
+    /// The y range; `None`: fitted to the data.
+    pub y_range: Option<(f64, f64)>,
+}
+
+/// Line charts side by side (each as [`line_chart`], 750x560 pixels a panel) in one figure,
+/// `<path>.svg` and `<path>.png`.
+pub fn line_charts(path_without_ext: &Path, charts: &[Chart<'_>]) -> Result<()> {
+    let panels = charts
+        .iter()
+        .map(|c| chart_panel(path_without_ext, c))
+        .collect::<Result<Vec<_>>>()?;
+    Figure {
+        size: (750 * panels.len().max(1) as u32, 560),
+        panels,
+    }
+    .write(path_without_ext)
+}
+
+fn chart_panel(path_without_ext: &Path, chart: &Chart<'_>) -> Result<Panel> {
+    let Chart {
+        title,
+        x_label,
+        y_label,
+        series,
+        y_range,
+    } = *chart;
     let bad = |msg: String| Error::Report {
         path: with_ext(path_without_ext, "svg"),
         msg,
@@ -399,7 +452,7 @@ pub fn line_chart(
         }
     };
     let (y0, y1) = y_range;
-    let panel = Panel {
+    Ok(Panel {
         title: title.into(),
         x_label: x_label.into(),
         y_label: y_label.into(),
@@ -422,10 +475,104 @@ pub fn line_chart(
             .collect(),
         bands: Vec::new(),
         legend: SeriesLabelPosition::LowerRight,
-    };
+    })
+}
+
+/// One panel of [`panels_figure`]: lines (legend label, points), and optionally the band
+/// between the first and the last line in the middle line's colour (percentiles). Colours come
+/// from the palette by `colors` (one index per line; the line's own index without it).
+pub struct PanelSpec {
+    /// Caption.
+    pub title: String,
+    /// The x axis's name (its labels are step counts).
+    pub x_label: String,
+    /// The y axis's name.
+    pub y_label: String,
+    /// (legend label, points); non-finite points are skipped.
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+    /// Palette index per line.
+    pub colors: Option<Vec<usize>>,
+    /// Fill between the first and the last line (three percentile lines).
+    pub band: bool,
+    /// The y range; fitted to the data with a small margin when `None`.
+    pub y_range: Option<(f64, f64)>,
+}
+
+/// Writes panels side by side as `<path>.svg` and `<path>.png`, `width` pixels per panel.
+pub fn panels_figure(path_without_ext: &Path, panels: &[PanelSpec], width: u32) -> Result<()> {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let built = panels
+        .iter()
+        .map(|ps| {
+            let pts = || ps.series.iter().flat_map(|(_, p)| p.iter()).filter(finite);
+            let x_min = pts().map(|p| p.0).fold(0.0, f64::min);
+            let x_max = pts().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+            let x_range = if x_max > x_min {
+                (x_min, x_max)
+            } else {
+                (x_min, x_min + 1.0)
+            };
+            let y_range = ps.y_range.unwrap_or_else(|| {
+                let lo = pts().map(|p| p.1).fold(f64::INFINITY, f64::min);
+                let hi = pts().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+                if !lo.is_finite() {
+                    (0.0, 1.0)
+                } else if hi > lo {
+                    (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+                } else {
+                    (lo - 0.5, lo + 0.5)
+                }
+            });
+            let (y0, y1) = y_range;
+            let color = |i: usize| {
+                let k = ps
+                    .colors
+                    .as_ref()
+                    .and_then(|c| c.get(i).copied())
+                    .unwrap_or(i);
+                PALETTE[k % PALETTE.len()]
+            };
+            let clean = |p: &[(f64, f64)]| -> Vec<(f64, f64)> {
+                p.iter()
+                    .filter(finite)
+                    .map(|&(x, y)| (x, y.clamp(y0, y1)))
+                    .collect()
+            };
+            let n = ps.series.len();
+            let bands = if ps.band && n >= 3 {
+                vec![Band {
+                    color: color(n / 2),
+                    lower: clean(&ps.series[n - 1].1),
+                    upper: clean(&ps.series[0].1),
+                }]
+            } else {
+                Vec::new()
+            };
+            Panel {
+                title: ps.title.clone(),
+                x_label: ps.x_label.clone(),
+                y_label: ps.y_label.clone(),
+                x_range,
+                y_range,
+                series: ps
+                    .series
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (label, p))| Series {
+                        label: label.clone(),
+                        color: color(i),
+                        width: if ps.band && i != n / 2 { 1.2 } else { 2.2 },
+                        points: clean(p),
+                    })
+                    .collect(),
+                bands,
+                legend: SeriesLabelPosition::UpperRight,
+            }
+        })
+        .collect::<Vec<_>>();
     Figure {
-        size: (900, 560),
-        panels: vec![panel],
+        size: (width * built.len().max(1) as u32, 480),
+        panels: built,
     }
     .write(path_without_ext)
 }

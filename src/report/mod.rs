@@ -23,10 +23,12 @@
 
 #[cfg(feature = "plots")]
 mod figure;
+mod ics;
 mod inception;
 mod normalizers;
 #[cfg(feature = "plots")]
 mod png;
+mod precise_bn;
 mod summary;
 
 use std::fmt::Write as _;
@@ -35,7 +37,8 @@ use std::path::Path;
 use crate::{Error, Result};
 
 #[cfg(feature = "plots")]
-pub use figure::line_chart;
+pub use figure::{line_chart, line_charts, panels_figure, Chart, PanelSpec};
+pub use ics::{ics_claims, write_ics_report, IcsReport};
 pub use inception::{
     write_inception_report, AccuracyPoint, EnsembleResult, InceptionReport, InceptionVariant,
     SetupRow, SweepRun,
@@ -43,6 +46,7 @@ pub use inception::{
 pub use normalizers::{
     claims as normalizer_claims, write_normalizers_report, Claim, NormalizersReport,
 };
+pub use precise_bn::{write_precise_bn_report, PreciseBnReport};
 
 /// One evaluation during training. (JSON writes NaN as `null`; reading takes `null` back as
 /// NaN, so a curve survives a study's result file.)
@@ -71,6 +75,17 @@ pub struct CurvePoint {
 pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     use serde::Deserialize;
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A list of f64 that serde_json wrote with `null`s (NaN or infinite) read back with NaNs.
+pub fn nans_from_nulls<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<f64>, D::Error> {
+    use serde::Deserialize;
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
 }
 
 /// The measurements of one trained net.
