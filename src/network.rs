@@ -95,8 +95,22 @@ impl Network {
     /// again): training steps take this rank's slice of every batch and sum the gradients over
     /// the ranks (`train::Trainer::step`), evaluation and Algorithm 2 are sharded, and every
     /// BatchNorm synchronizes as `dist.bn_sync` says. Errors for layers without a
-    /// data-parallel form (ghost BN, batch renormalization).
+    /// data-parallel form (ghost BN, batch renormalization, dropout, noisy BN).
     pub fn set_dist(&mut self, dist: Option<Dist>) -> Result<()> {
+        let mut generators = 0;
+        self.body.for_each_rng(&mut |_| generators += 1);
+        if dist.is_some() && generators > 0 {
+            // Each rank would draw for its own slice: the generators would part ways between
+            // the ranks (and from one process), and a resumed run would not continue them.
+            return Err(Error::config(
+                "--model",
+                format!(
+                    "{} has layers with random draws (dropout, noisy BN), which a data-parallel \
+                     run does not support yet",
+                    self.spec.name
+                ),
+            ));
+        }
         let mut err = None;
         self.body.for_each_batch_norm(&mut |bn| {
             if let Err(e) = bn.set_sync(dist.clone()) {

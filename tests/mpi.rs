@@ -579,6 +579,33 @@ fn divergence_stops_every_rank_at_the_same_step() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Networks without a data-parallel form are refused with a message, on every rank, without
+/// a hang: dropout (its generator would part ways between the ranks) and ghost BN.
+#[test]
+fn unsupported_networks_are_refused() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
+    let d = data.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--model", "inception-mini-bn-dropout"], "random draws"),
+        (vec!["--model", "vgg-mini-bn", "--norm", "ghost:8"], "ghost"),
+    ] {
+        let mut a = vec!["train", "--data", d, "--steps", "2", "--progress", "plain"];
+        a.extend(args);
+        let start = Instant::now();
+        let o = mpirun(2, &a).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains(needle), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(60), "no hang");
+    }
+}
+
 /// Without the feature, a process started by a launcher as one of several refuses to train
 /// alone (each rank would train its own copy).
 #[test]
