@@ -261,8 +261,10 @@ struct TrainArgs {
     /// momentum in the model file (0.1 unless it says otherwise).
     #[arg(long, value_name = "X|cumulative")]
     bn_momentum: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
+    /// available to the process, shared among the ranks of this host under mpirun).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Input normalization per channel: none, auto (the training set's mean and standard
     /// deviation), or MEAN,STD[;MEAN,STD...]; recorded in the checkpoints, so eval, fold and
     /// export apply the same.
@@ -312,8 +314,10 @@ struct EvalArgs {
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
+    /// available to the process, shared among the ranks of this host under mpirun).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -376,8 +380,10 @@ struct BenchArgs {
     steps: i64,
     #[arg(long, default_value_t = 60)]
     batch_size: i64,
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
+    /// available to the process, shared among the ranks of this host under mpirun).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     #[command(flatten)]
     sync: SyncArgs,
     #[arg(long)]
@@ -560,8 +566,10 @@ struct GradArgs {
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
+    /// available to the process, shared among the ranks of this host under mpirun).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 /// What `ics` and `landscape` measure on: a checkpoint and one mini-batch.
@@ -586,9 +594,10 @@ struct ProbeArgs {
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
-    /// Most threads a kernel may use (1 or 2).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
+    /// available to the process, shared among the ranks of this host under mpirun).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -803,7 +812,7 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
                 seed: a.seed,
                 order: Order::parse(&a.order)?,
                 eval_every: non_negative("--eval-every", a.eval_every)?,
-                threads: threads_used(a.threads),
+                threads: threads_used(a.threads)?,
                 augment: bnlab::train::Augment::parse(&a.augment)?,
                 bn: BnTraining {
                     freeze,
@@ -1064,15 +1073,46 @@ fn population_batch_size(flag: Option<i64>, net: &Network) -> Result<usize> {
 
 /// The thread count the kernels will use for `asked`: today at most 2 (one helper thread),
 /// said on stderr when fewer than asked.
-fn threads_used(asked: usize) -> usize {
-    let used = asked.min(bnlab::kernels::MAX_THREADS);
-    if used < asked {
+/// The kernels' thread count: `--threads N` if given, else `$BNLAB_THREADS`, else every core
+/// available to the process (divided among the MPI ranks of this host when run under
+/// mpirun); at most what the kernels use today (`kernels::MAX_THREADS`). Results do not depend
+/// on it.
+fn threads_used(asked: Option<usize>) -> Result<usize> {
+    let (n, explicit) = match asked {
+        Some(n) => (n, "--threads"),
+        None => match std::env::var("BNLAB_THREADS") {
+            Ok(v) if !v.trim().is_empty() => (
+                v.trim().parse::<usize>().map_err(|_| {
+                    Error::config("$BNLAB_THREADS", format!("'{v}' is not a whole number"))
+                })?,
+                "$BNLAB_THREADS",
+            ),
+            _ => (default_threads(), ""),
+        },
+    };
+    if n == 0 {
+        return Err(Error::config(explicit, "must be at least 1"));
+    }
+    let used = n.min(bnlab::kernels::MAX_THREADS);
+    if used < n && !explicit.is_empty() {
         eprintln!(
-            "note: --threads {asked}: bnlab's kernels use at most {} threads today; running on {used}",
+            "note: {explicit} {n}: bnlab's kernels use at most {} threads today; running on {used}",
             bnlab::kernels::MAX_THREADS
         );
     }
-    used
+    Ok(used)
+}
+
+/// Every core available to this process, shared among the MPI ranks on this host (Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_SIZE`, or `MPI_LOCALNRANKS` of MPICH); at least 1.
+fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local_ranks = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(1);
+    (cores / local_ranks).max(1)
 }
 
 fn fold_cmd(a: FoldArgs) -> Result<()> {
@@ -1120,12 +1160,9 @@ fn export_cmd(a: ExportArgs) -> Result<()> {
 fn eval(a: EvalArgs) -> Result<()> {
     let spec = a.norm.model(&a.model)?;
     let stats = parse_bn_stats(&a.bn_stats)?;
-    if a.threads == 0 {
-        return Err(Error::config("--threads", "must be at least 1"));
-    }
     let batch = 500;
     let mut split = load_data(&a.data, Some(&spec))?;
-    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads)?)?;
     checkpoint::load(&mut net, &a.weights)?;
     split.set_normalization(net.normalization.clone())?;
     let mut pop_batches = 0;
@@ -1173,7 +1210,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         seed: 1,
         order: Order::Shuffle,
         eval_every: 0,
-        threads: threads_used(a.threads),
+        threads: threads_used(a.threads)?,
         augment: bnlab::train::Augment::None,
         bn: Default::default(),
     };
@@ -1247,6 +1284,15 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         config.threads
     );
     if a.json {
+        // The products' arithmetic: 2 FLOP per multiply-add, forward and the two backward
+        // products (input and weight gradients); BN, activations and pools are not counted.
+        let macs: u64 = model::build(&net.spec, &net.input_shape, 0, false)?
+            .summary
+            .iter()
+            .filter(|r| r.depth == 0)
+            .map(|r| r.macs)
+            .sum();
+        let flop_per_step = 6.0 * macs as f64 * config.batch_size as f64;
         let j = serde_json::json!({
             "model": net.name(),
             "batch_size": config.batch_size,
@@ -1256,6 +1302,8 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             "threads": config.threads,
             "seconds": secs,
             "steps_per_s": rate,
+            "flop_per_step": flop_per_step,
+            "gflops": flop_per_step * rate / 1e9,
         });
         println!("{j}");
     }
@@ -1962,12 +2010,9 @@ fn grad_cmd(a: GradArgs) -> Result<()> {
             format!("{} (must be >= 0)", a.offset),
         ));
     }
-    if a.threads == 0 {
-        return Err(Error::config("--threads", "must be at least 1"));
-    }
     check_writable(&a.save)?;
     let mut split = load_data(&a.data, Some(&spec))?;
-    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads)?)?;
     checkpoint::load(&mut net, &a.weights)?;
     split.set_normalization(net.normalization.clone())?;
     let (loss, grads) = bnlab::train::gradients(&mut net, &split.train, a.offset as usize, batch)?;
@@ -2019,11 +2064,8 @@ fn probe_setup(a: &ProbeArgs) -> Result<(Network, Split, usize, usize)> {
             format!("{} (must be >= 0)", a.offset),
         ));
     }
-    if a.threads == 0 {
-        return Err(Error::config("--threads", "must be at least 1"));
-    }
     let mut split = load_data(&a.data, Some(&spec))?;
-    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads))?;
+    let mut net = network_for(&spec, &split, 0, batch, threads_used(a.threads)?)?;
     checkpoint::load(&mut net, &a.weights)?;
     split.set_normalization(net.normalization.clone())?;
     Ok((net, split, a.offset as usize, batch))

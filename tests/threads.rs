@@ -1,0 +1,156 @@
+//! The thread count: every core by default (`--threads N`, else `$BNLAB_THREADS`, else the
+//! cores available), and the same weights bit for bit whatever it is, through the command line.
+
+mod common;
+
+use bnlab::checkpoint::{Loaded, TensorFile};
+use std::path::Path;
+use std::process::Command;
+
+fn bnlab(args: &[&str], threads_env: Option<&str>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bnlab"));
+    c.args(args)
+        .env_remove("BNLAB_DATA")
+        .env_remove("OMPI_COMM_WORLD_LOCAL_SIZE")
+        .env_remove("MPI_LOCALNRANKS");
+    match threads_env {
+        Some(v) => c.env("BNLAB_THREADS", v),
+        None => c.env_remove("BNLAB_THREADS"),
+    };
+    c.output().expect("bnlab runs")
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u32>)> {
+    TensorFile::read(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .filter_map(|(name, (_, t))| match t {
+            Loaded::F32(v) => Some((name, v.iter().map(|x| x.to_bits()).collect())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A convolutional BN net trained 1, 2, 3 and 8 threads wide, by flag and by environment, and
+/// by default: the same bits. The default uses every core (up to the kernels' 2).
+#[test]
+fn any_thread_count_trains_the_same_bits() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::synthetic_mnist(&data, 256, 64);
+    let d = data.to_str().unwrap();
+    let train = |name: &str, extra: &[&str], env: Option<&str>| {
+        let out = t.path().join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            "inception-mini-bn",
+            "--data",
+            d,
+            "--steps",
+            "6",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--eval-every",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ];
+        args.extend_from_slice(extra);
+        let o = bnlab(&args, env);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        tensors(&out.join("final.safetensors"))
+    };
+    let one = train("one", &["--threads", "1"], None);
+    assert!(!one.is_empty());
+    for (name, extra, env) in [
+        ("default", &[][..], None),
+        ("two", &["--threads", "2"][..], None),
+        ("three", &["--threads", "3"][..], None),
+        ("eight", &["--threads", "8"][..], None),
+        ("env2", &[][..], Some("2")),
+        ("env1", &[][..], Some("1")),
+    ] {
+        assert!(
+            train(name, extra, env) == one,
+            "{name}: other bits than one thread"
+        );
+    }
+}
+
+/// `bench --json` says how many threads it used, its rate and its arithmetic rate; the default
+/// is every core (up to the kernels' 2); bad values are refused with the setting named.
+#[test]
+fn bench_reports_threads_and_rates() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::synthetic_mnist(&data, 128, 16);
+    let d = data.to_str().unwrap();
+    let bench = |extra: &[&str], env: Option<&str>| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--steps",
+            "20",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = bnlab(&args, env);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let j = bench(&[], None);
+    assert_eq!(j["threads"], cores.min(bnlab::kernels::MAX_THREADS), "{j}");
+    // 784*100 + 100*100 + 100*100 + 100*10 multiply-adds, 6 FLOP each (forward and the two
+    // backward products), 60 examples.
+    let flop = 6.0 * (78_400.0 + 10_000.0 + 10_000.0 + 1_000.0) * 60.0;
+    assert_eq!(j["flop_per_step"], flop, "{j}");
+    let (rate, gflops) = (
+        j["steps_per_s"].as_f64().unwrap(),
+        j["gflops"].as_f64().unwrap(),
+    );
+    assert!(rate > 0.0 && (gflops - flop * rate / 1e9).abs() < 1e-9 * gflops.max(1.0));
+    assert_eq!(bench(&["--threads", "1"], None)["threads"], 1);
+    assert_eq!(bench(&[], Some("1"))["threads"], 1);
+    // The flag wins over the environment.
+    assert_eq!(bench(&["--threads", "1"], Some("2"))["threads"], 1);
+    for (extra, env, needle) in [
+        (&["--threads", "0"][..], None, "--threads"),
+        (&[][..], Some("0"), "$BNLAB_THREADS"),
+        (&[][..], Some("many"), "$BNLAB_THREADS"),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--model",
+            "mlp-fig1-bn",
+            "--data",
+            d,
+            "--steps",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        let o = bnlab(&args, env);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{extra:?} {env:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
