@@ -422,6 +422,119 @@ impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
     }
 }
 
+/// A run of a study as [`run_jobs`] reports it: finished now or earlier.
+pub struct JobDone<'a, R> {
+    /// The run's index in the study's job list.
+    pub index: usize,
+    /// Its result.
+    pub result: &'a R,
+    /// Taken from an earlier invocation's folder.
+    pub resumed: bool,
+    /// Runs finished so far (this one included).
+    pub finished: usize,
+    /// Runs in the study.
+    pub total: usize,
+}
+
+/// The runs of a study, each independent, on `workers` threads: runs already finished in
+/// `study` (by key, `keys[i]`) are read back; the others are taken in `order` (indices into
+/// `keys`), run by `run(i)` and kept in the study (`Study::finish`). A stop request ends the
+/// runs in training after their current step (their checkpoints written by `run`) and starts
+/// no new one; the result is then `Error::Stopped`. The first error other than a stop ends the
+/// study. Results in job order. `what` names the study in errors.
+pub fn run_jobs<R>(
+    study: &Study,
+    what: &str,
+    keys: &[String],
+    order: &[usize],
+    workers: usize,
+    run: &(dyn Fn(usize) -> Result<R> + Sync),
+    on_done: &(dyn Fn(JobDone<'_, R>) + Sync),
+) -> Result<Vec<R>>
+where
+    R: Serialize + DeserializeOwned + Send,
+{
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let total = keys.len();
+    let finished = AtomicUsize::new(0);
+    let mut results: Vec<Option<R>> = (0..total).map(|_| None).collect();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(r) = study.result::<R>(key)? {
+            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+            on_done(JobDone {
+                index: i,
+                result: &r,
+                resumed: true,
+                finished: n,
+                total,
+            });
+            results[i] = Some(r);
+        }
+    }
+    let todo: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| i < total && results[i].is_none())
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: std::sync::Mutex<Vec<Option<Result<R>>>> =
+        std::sync::Mutex::new((0..total).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(todo.len()) {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) || study.stop.requested() {
+                    break;
+                }
+                let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                let r = run(i).and_then(|r| study.finish(&keys[i], &r).map(|()| r));
+                match &r {
+                    Ok(res) => {
+                        let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+                        on_done(JobDone {
+                            index: i,
+                            result: res,
+                            resumed: false,
+                            finished: n,
+                            total,
+                        });
+                    }
+                    Err(_) => failed.store(true, Ordering::Relaxed),
+                }
+                if let Ok(mut v) = slots.lock() {
+                    v[i] = Some(r);
+                }
+            });
+        }
+    });
+    let slots = slots
+        .into_inner()
+        .map_err(|_| Error::config(what, "a training thread panicked"))?;
+    let mut stopped = None;
+    for (i, slot) in slots.into_iter().enumerate() {
+        match slot {
+            Some(Ok(r)) => results[i] = Some(r),
+            Some(Err(Error::Stopped { step })) => stopped = Some(step),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    if study.stop.requested() && results.iter().any(Option::is_none) {
+        return Err(Error::Stopped {
+            step: stopped.unwrap_or(0),
+        });
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.ok_or_else(|| Error::config(what, format!("run {} did not report", keys[i])))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,8 +37,6 @@ use crate::probe;
 use crate::study::{Study as StudyDir, Tracked};
 use crate::train::{percentile, Evaluator, Observer, Order, TrainConfig, Trainer};
 use crate::{Error, Result};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// The three ways each network is trained, in report order: their `--norm` values.
@@ -388,92 +386,30 @@ pub fn run_study(
         ));
     }
     let jobs = setup.jobs();
-    let stop = study.stop();
-    let finished = AtomicUsize::new(0);
-    let mut results: Vec<Option<RunResult>> = vec![None; jobs.len()];
-    for (i, job) in jobs.iter().enumerate() {
-        if let Some(r) = study.result::<RunResult>(&job.key)? {
-            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-            on_done(Done {
-                job,
-                result: &r,
-                resumed: true,
-                finished: n,
-                total: jobs.len(),
-            });
-            results[i] = Some(r);
-        }
-    }
+    let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
     // The longest runs first, so that the two workers end together.
-    let mut todo: Vec<usize> = (0..jobs.len()).filter(|&i| results[i].is_none()).collect();
-    todo.sort_by_key(|&i| {
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| {
         let n = &setup.nets[jobs[i].net];
         std::cmp::Reverse(n.steps * n.batch_size * if n.dataset == "mnist" { 1 } else { 20 })
     });
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let slots: Mutex<Vec<Option<Result<RunResult>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..setup.workers.min(todo.len()) {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) || stop.requested() {
-                    break;
-                }
-                let Some(&i) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                let job = &jobs[i];
-                let r = run_job(setup, job, data[job.net], study)
-                    .and_then(|r| study.finish(&job.key, &r).map(|()| r));
-                match &r {
-                    Ok(res) => {
-                        let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-                        on_done(Done {
-                            job,
-                            result: res,
-                            resumed: false,
-                            finished: n,
-                            total: jobs.len(),
-                        });
-                    }
-                    Err(_) => failed.store(true, Ordering::Relaxed),
-                }
-                if let Ok(mut v) = slots.lock() {
-                    v[i] = Some(r);
-                }
-            });
-        }
-    });
-    let slots = slots
-        .into_inner()
-        .map_err(|_| Error::config("reproduce ics", "a training thread panicked"))?;
-    let mut stopped = None;
-    for (i, slot) in slots.into_iter().enumerate() {
-        match slot {
-            Some(Ok(r)) => results[i] = Some(r),
-            Some(Err(Error::Stopped { step })) => stopped = Some(step),
-            Some(Err(e)) => return Err(e),
-            None => {}
-        }
-    }
-    if stop.requested() && results.iter().any(Option::is_none) {
-        return Err(Error::Stopped {
-            step: stopped.unwrap_or(0),
-        });
-    }
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.ok_or_else(|| {
-                Error::config(
-                    "reproduce ics",
-                    format!("run {} did not report", jobs[i].key),
-                )
+    crate::study::run_jobs(
+        study,
+        "reproduce ics",
+        &keys,
+        &order,
+        setup.workers,
+        &|i| run_job(setup, &jobs[i], data[jobs[i].net], study),
+        &|d| {
+            on_done(Done {
+                job: &jobs[d.index],
+                result: d.result,
+                resumed: d.resumed,
+                finished: d.finished,
+                total: d.total,
             })
-        })
-        .collect()
+        },
+    )
 }
 
 /// The runs already finished, in `setup.jobs()` order; `None` for the others (`--report-only`).
