@@ -1071,12 +1071,10 @@ fn population_batch_size(flag: Option<i64>, net: &Network) -> Result<usize> {
     Ok(b)
 }
 
-/// The thread count the kernels will use for `asked`: today at most 2 (one helper thread),
-/// said on stderr when fewer than asked.
 /// The kernels' thread count: `--threads N` if given, else `$BNLAB_THREADS`, else every core
 /// available to the process (divided among the MPI ranks of this host when run under
-/// mpirun); at most what the kernels use today (`kernels::MAX_THREADS`). Results do not depend
-/// on it.
+/// mpirun); at most `kernels::MAX_THREADS` (said on stderr when fewer than asked). Results do
+/// not depend on it.
 fn threads_used(asked: Option<usize>) -> Result<usize> {
     let (n, explicit) = match asked {
         Some(n) => (n, "--threads"),
@@ -1096,7 +1094,7 @@ fn threads_used(asked: Option<usize>) -> Result<usize> {
     let used = n.min(bnlab::kernels::MAX_THREADS);
     if used < n && !explicit.is_empty() {
         eprintln!(
-            "note: {explicit} {n}: bnlab's kernels use at most {} threads today; running on {used}",
+            "note: {explicit} {n}: bnlab's kernels use at most {} threads; running on {used}",
             bnlab::kernels::MAX_THREADS
         );
     }

@@ -25,6 +25,7 @@
 //! precision when the mean is large against the spread (mean 1e4, std 1e-2), and even a
 //! two-pass f32 sum drifts over the 25,088 values of a convolutional feature map.
 
+use super::{par_ranges, Disjoint};
 use crate::{Error, Result};
 
 /// Shape of a batch as seen by the kernels: `n` examples, `c` features, `s` positions each.
@@ -71,16 +72,23 @@ pub fn batch_stats(
         return Err(Error::BatchTooSmall { m });
     }
     debug_assert!(x.len() >= d.len() && mean.len() >= d.c && var.len() >= d.c);
-    // Each feature's statistics are its own: two threads take half the features each.
-    let h = d.c / 2;
-    let (ma, mb) = mean[..d.c].split_at_mut(h);
-    let (la, lb) = mean_lo[..d.c].split_at_mut(h);
-    let (va, vb) = var[..d.c].split_at_mut(h);
-    super::join(
-        threads,
-        || stats_features(x, d, 0, ma, la, va),
-        || stats_features(x, d, h, mb, lb, vb),
+    // Each feature's statistics are its own: the threads take blocks of features.
+    let (ms, ls, vs) = (
+        Disjoint::new(&mut mean[..d.c]),
+        Disjoint::new(&mut mean_lo[..d.c]),
+        Disjoint::new(&mut var[..d.c]),
     );
+    par_ranges(threads, d.c, 1, |r| {
+        // SAFETY: the feature blocks are disjoint.
+        let (m, l, v) = unsafe {
+            (
+                ms.range(r.clone()),
+                ls.range(r.clone()),
+                vs.range(r.clone()),
+            )
+        };
+        stats_features(x, d, r.start, m, l, v);
+    });
     Ok(())
 }
 
@@ -285,25 +293,17 @@ pub fn normalize(
         }
         return;
     }
-    // Examples are independent here: two threads take half the batch each.
-    let half = d.n / 2;
+    // Examples are independent here: the threads take blocks of the batch.
     let sz = d.c * d.s;
-    let (xa, xb) = x[..d.len()].split_at(half * sz);
-    let (ya, yb) = y[..d.len()].split_at_mut(half * sz);
-    let (ha, hb) = match xhat {
-        Some(h) => {
-            let (a, b) = h[..d.len()].split_at_mut(half * sz);
-            (Some(a), Some(b))
-        }
-        None => (None, None),
-    };
-    let (da, db) = (Dims { n: half, ..d }, Dims { n: d.n - half, ..d });
+    let ys = Disjoint::new(&mut y[..d.len()]);
+    let hs = xhat.map(|h| Disjoint::new(&mut h[..d.len()]));
     let p = (mean, mean_lo, inv_std, gamma, beta);
-    super::join(
-        threads,
-        || normalize_maps(xa, da, p, ya, ha),
-        || normalize_maps(xb, db, p, yb, hb),
-    );
+    par_ranges(threads, d.n, 1, |r| {
+        let v = r.start * sz..r.end * sz;
+        // SAFETY: the example blocks are disjoint.
+        let (yr, hr) = unsafe { (ys.range(v.clone()), hs.as_ref().map(|h| h.range(v.clone()))) };
+        normalize_maps(&x[v], Dims { n: r.len(), ..d }, p, yr, hr);
+    });
 }
 
 type NormParams<'a> = (
@@ -408,15 +408,16 @@ fn grad_sums(
         }
         return;
     }
-    // Per feature, so two threads take half the features each.
-    let h = d.c / 2;
-    let (da, db) = sum_dy[..d.c].split_at_mut(h);
-    let (ha, hb) = sum_dy_xhat[..d.c].split_at_mut(h);
-    super::join(
-        threads,
-        || grad_sums_features(dy, xhat, inv_std, d, 0, da, ha),
-        || grad_sums_features(dy, xhat, inv_std, d, h, db, hb),
+    // Per feature, so the threads take blocks of features.
+    let (ds, hs) = (
+        Disjoint::new(&mut sum_dy[..d.c]),
+        Disjoint::new(&mut sum_dy_xhat[..d.c]),
     );
+    par_ranges(threads, d.c, 1, |r| {
+        // SAFETY: the feature blocks are disjoint.
+        let (a, b) = unsafe { (ds.range(r.clone()), hs.range(r.clone())) };
+        grad_sums_features(dy, xhat, inv_std, d, r.start, a, b);
+    });
 }
 
 /// `grad_sums` (convolutional layout) for the features `c0 .. c0 + sum_dy.len()`.
@@ -539,39 +540,32 @@ pub fn backward_dx(
         }
         return;
     }
-    // Examples are independent here: two threads take half the batch each.
-    let half = d.n / 2;
+    // Examples are independent here: the threads take blocks of the batch.
     let sz = c * d.s;
-    let (dxa, dxb) = dx[..d.len()].split_at_mut(half * sz);
-    let (dya, dyb) = dy[..d.len()].split_at(half * sz);
-    let (da, db) = (Dims { n: half, ..d }, Dims { n: d.n - half, ..d });
+    let dxs = Disjoint::new(&mut dx[..d.len()]);
     let sums = (&*sum_dy, &*sum_dy_xhat);
-    let (xh_a, xh_b) = match xhat {
-        Xhat::Stored(h) => {
-            let (a, b) = h[..d.len()].split_at(half * sz);
-            (Xhat::Stored(a), Xhat::Stored(b))
-        }
-        Xhat::FromInput { x, mean, mean_lo } => {
-            let (a, b) = x[..d.len()].split_at(half * sz);
-            (
-                Xhat::FromInput {
-                    x: a,
-                    mean,
-                    mean_lo,
-                },
-                Xhat::FromInput {
-                    x: b,
-                    mean,
-                    mean_lo,
-                },
-            )
-        }
-    };
-    super::join(
-        threads,
-        || dx_maps(dya, xh_a, inv_std, gamma, da, sums, dxa),
-        || dx_maps(dyb, xh_b, inv_std, gamma, db, sums, dxb),
-    );
+    par_ranges(threads, d.n, 1, |r| {
+        let v = r.start * sz..r.end * sz;
+        let xh = match xhat {
+            Xhat::Stored(h) => Xhat::Stored(&h[v.clone()]),
+            Xhat::FromInput { x, mean, mean_lo } => Xhat::FromInput {
+                x: &x[v.clone()],
+                mean,
+                mean_lo,
+            },
+        };
+        // SAFETY: the example blocks are disjoint.
+        let dxr = unsafe { dxs.range(v.clone()) };
+        dx_maps(
+            &dy[v],
+            xh,
+            inv_std,
+            gamma,
+            Dims { n: r.len(), ..d },
+            sums,
+            dxr,
+        );
+    });
 }
 
 crate::simd_kernel! {

@@ -26,10 +26,12 @@
 //! the mean travels as two f32s (`mean + mean_lo`), so `(x - mean) - mean_lo` stays exact when
 //! the mean is large against the spread (mean 1e4, standard deviation 1e-2).
 //!
-//! Threads: examples are independent, so the batch is split into the same two halves
-//! (`[0, n/2)` and `[n/2, n)`) whatever the thread count; dgamma and dbeta are summed per half in
-//! f64 and the halves added in a fixed order, so 1 and 2 threads give the same bits.
+//! Threads: examples are independent, so the forward pass splits the batch into one block per
+//! thread. The backward pass splits it into the same two halves (`[0, n/2)` and `[n/2, n)`)
+//! whatever the thread count: dgamma and dbeta are summed per half in f64 and the halves added
+//! in a fixed order, so any thread count gives the same bits.
 
+use super::Disjoint;
 use crate::{Error, Result};
 
 /// Shape of a batch for group normalization.
@@ -182,19 +184,23 @@ pub fn forward(
         (Some(g), Some(b)) => Some((&g[..d.c], &b[..d.c])),
         _ => None,
     };
-    let half = d.n / 2;
+    // Examples are independent: the threads take blocks of the batch.
     let (sz, gs) = (d.c * d.s, d.groups);
-    let (xa, xb) = x[..d.len()].split_at(half * sz);
-    let (ya, yb) = y[..d.len()].split_at_mut(half * sz);
-    let (ma, mb) = mean[..d.stats_len()].split_at_mut(half * gs);
-    let (la, lb) = mean_lo[..d.stats_len()].split_at_mut(half * gs);
-    let (ia, ib) = inv_std[..d.stats_len()].split_at_mut(half * gs);
-    let (da, db) = (d.with_n(half), d.with_n(d.n - half));
-    super::join(
-        threads,
-        || forward_examples(xa, da, eps, affine, ya, (ma, la, ia)),
-        || forward_examples(xb, db, eps, affine, yb, (mb, lb, ib)),
-    );
+    let ys = Disjoint::new(&mut y[..d.len()]);
+    let ms = Disjoint::new(&mut mean[..d.stats_len()]);
+    let ls = Disjoint::new(&mut mean_lo[..d.stats_len()]);
+    let is = Disjoint::new(&mut inv_std[..d.stats_len()]);
+    super::par_ranges(threads, d.n, 1, |r| {
+        let (v, g) = (r.start * sz..r.end * sz, r.start * gs..r.end * gs);
+        // SAFETY: the example blocks are disjoint.
+        let (yr, st) = unsafe {
+            (
+                ys.range(v.clone()),
+                (ms.range(g.clone()), ls.range(g.clone()), is.range(g)),
+            )
+        };
+        forward_examples(&x[v], d.with_n(r.len()), eps, affine, yr, st);
+    });
     Ok(())
 }
 
@@ -202,7 +208,7 @@ type Affine<'a> = Option<(&'a [f32], &'a [f32])>;
 type StatsMut<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32]);
 
 crate::simd_kernel! {
-    /// `forward` for the examples of one half.
+    /// `forward` for a block of examples.
     fn forward_examples(x: &[f32], d: Dims, eps: f32, affine: Affine<'_>, y: &mut [f32], stats: StatsMut<'_>) {
         let (mean, mean_lo, inv_std) = stats;
         let (cg, s, len) = (d.cg(), d.s, d.group_len());

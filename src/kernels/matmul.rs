@@ -19,7 +19,8 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 17;
 
 /// `c (m x n) = [c +] op(a) * op(b)`, all row-major. `accumulate` adds to `c` instead of
 /// overwriting it. With `threads > 1` and a large enough product, the rows of `c` are split in
-/// two halves computed on the two threads of `team::join`.
+/// blocks computed on up to `threads` threads (`team::par_for`); the results do not depend on
+/// the split.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     c: &mut [f32],
@@ -31,6 +32,25 @@ pub fn matmul(
     trans: Trans,
     accumulate: bool,
     threads: usize,
+) {
+    matmul_as(c, a, b, m, k, n, trans, accumulate, threads, m);
+}
+
+/// `matmul` on the kernel that a product of `path_rows` rows (and the same `k` and `n`) would
+/// use: for computing a block of rows of a larger product, elsewhere, with the same arithmetic
+/// as the whole product (the conv layers' weight gradients split by rows over threads).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_as(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans: Trans,
+    accumulate: bool,
+    threads: usize,
+    path_rows: usize,
 ) {
     assert!(c.len() >= m * n, "matmul: c too small");
     assert!(a.len() >= m * k, "matmul: a too small");
@@ -59,18 +79,69 @@ pub fn matmul(
         b_rs,
         b_cs,
     };
-    if threads > 1 && m >= 8 && m * n * k >= PARALLEL_MIN_FLOPS {
-        // Halves on a multiple of the 4-row tile, so that neither half ends in slow 1-row tiles.
-        let h = (m / 2 + 2) / 4 * 4;
-        let (c_top, c_bottom) = c[..m * n].split_at_mut(h * n);
-        let a_bottom = &a[h * a_rs..];
-        super::join(
-            threads,
-            || block(c_top, a, b, h, k, n, ab, accumulate),
-            || block(c_bottom, a_bottom, b, m - h, k, n, ab, accumulate),
-        );
+    let path = Path::of(path_rows, k, n, ab);
+    // Row blocks on multiples of the 4-row tile (so that no block ends in slow 1-row tiles),
+    // each at least half the parallel threshold: every kernel computes a row of `c` the same
+    // way in any block, so the split never changes the results.
+    let flops = m * n * k;
+    let blocks = if flops >= PARALLEL_MIN_FLOPS {
+        threads
+            .min(m / 4)
+            .min(flops / (PARALLEL_MIN_FLOPS / 2))
+            .max(1)
     } else {
-        block(c, a, b, m, k, n, ab, accumulate);
+        1
+    };
+    if blocks > 1 {
+        let tiles = m / 4;
+        let rows = |i: usize| {
+            let t = super::part(tiles, blocks, i);
+            let end = if i + 1 == blocks { m } else { t.end * 4 };
+            t.start * 4..end
+        };
+        let cs = super::Disjoint::new(&mut c[..m * n]);
+        super::par_for(threads, blocks, |i| {
+            let r = rows(i);
+            // SAFETY: the row blocks are disjoint.
+            let cb = unsafe { cs.range(r.start * n..r.end * n) };
+            block(
+                cb,
+                &a[r.start * a_rs..],
+                b,
+                r.len(),
+                k,
+                n,
+                ab,
+                accumulate,
+                path,
+            );
+        });
+    } else {
+        block(c, a, b, m, k, n, ab, accumulate, path);
+    }
+}
+
+/// Which kernel a product runs on, chosen from the whole product's shape (never a block's),
+/// so that splitting it over threads keeps each element's arithmetic.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// `small_gemm`: ours, register tiles, allocation-free.
+    Small,
+    /// `dot_gemm`: dot products of contiguous rows (`Trans::B`).
+    Dot,
+    /// The `gemm` crate (large products).
+    Gemm,
+}
+
+impl Path {
+    fn of(m: usize, k: usize, n: usize, s: Strides) -> Path {
+        if m * n * k <= SMALL_MAX_FLOPS && s.b_cs == 1 {
+            Path::Small
+        } else if s.a_cs == 1 && s.b_rs == 1 {
+            Path::Dot
+        } else {
+            Path::Gemm
+        }
     }
 }
 
@@ -97,6 +168,7 @@ fn block(
     n: usize,
     s: Strides,
     accumulate: bool,
+    path: Path,
 ) {
     // The last element each operand reaches must lie inside its slice.
     assert!(
@@ -108,14 +180,17 @@ fn block(
         "matmul: b too small"
     );
     assert!(m * n <= c.len(), "matmul: c too small");
-    if m * n * k <= SMALL_MAX_FLOPS && s.b_cs == 1 {
-        small_gemm(c, a, s.a_rs, s.a_cs, b, s.b_rs, m, k, n, accumulate);
-        return;
-    }
-    if s.a_cs == 1 && s.b_rs == 1 {
-        // Trans::B: rows of a against rows of b, both contiguous in k.
-        dot_gemm(c, a, s.a_rs, b, s.b_cs, m, k, n, accumulate);
-        return;
+    match path {
+        Path::Small => {
+            small_gemm(c, a, s.a_rs, s.a_cs, b, s.b_rs, m, k, n, accumulate);
+            return;
+        }
+        Path::Dot => {
+            // Trans::B: rows of a against rows of b, both contiguous in k.
+            dot_gemm(c, a, s.a_rs, b, s.b_cs, m, k, n, accumulate);
+            return;
+        }
+        Path::Gemm => {}
     }
     // SAFETY: the asserts above keep every index gemm touches inside the slices; c does not
     // alias a or b (distinct borrows).
@@ -449,6 +524,52 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Every path (ours, the dot products, the `gemm` crate for large products) gives the same
+    /// bits on 1, 2, 3, 5 and 8 threads: a row block computes its rows as the whole product
+    /// does.
+    #[test]
+    fn any_thread_count_gives_the_same_bits() {
+        if cfg!(miri) {
+            return;
+        }
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for &(m, k, n) in &[
+            (64, 576, 196),
+            (61, 784, 100),
+            (300, 200, 150),
+            (37, 1000, 9),
+        ] {
+            for trans in [Trans::No, Trans::A, Trans::B] {
+                let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+                let s = Strides {
+                    a_rs: if trans == Trans::A { 1 } else { k },
+                    a_cs: if trans == Trans::A { m } else { 1 },
+                    b_rs: if trans == Trans::B { 1 } else { n },
+                    b_cs: if trans == Trans::B { k } else { 1 },
+                };
+                let path = Path::of(m, k, n, s);
+                let mut one = c0.clone();
+                matmul(&mut one, &a, &b, m, k, n, trans, true, 1);
+                for threads in [2, 3, 5, 8] {
+                    let mut c = c0.clone();
+                    matmul(&mut c, &a, &b, m, k, n, trans, true, threads);
+                    assert!(
+                        c.iter().zip(&one).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{m}x{k}x{n} {trans:?} ({path:?}) on {threads} threads"
+                    );
                 }
             }
         }

@@ -46,8 +46,4 @@ pub mod matmul;
 pub mod sparse;
 pub mod team;
 
-pub use team::join;
-
-/// The most threads a kernel splits its work over today (the caller's thread and one helper,
-/// see `team`); a larger thread count runs on this many.
-pub const MAX_THREADS: usize = 2;
+pub use team::{join, par_for, par_ranges, part, pieces, Disjoint, MAX_THREADS};

@@ -2,7 +2,7 @@
 
 use super::{check_forward, Ctx, Layer};
 use crate::kernels::activation as k;
-use crate::kernels::join;
+use crate::kernels::{par_ranges, Disjoint};
 use crate::Result;
 
 /// An elementwise nonlinearity, by its forward and backward kernels.
@@ -95,10 +95,11 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
         } else {
             1
         };
-        let h = len / 2;
-        let (xa, xb) = x[..len].split_at(h);
-        let (ya, yb) = y[..len].split_at_mut(h);
-        join(threads, || F::forward(xa, ya), || F::forward(xb, yb));
+        let ys = Disjoint::new(&mut y[..len]);
+        par_ranges(threads, len, PARALLEL_MIN_LEN / 2, |r| {
+            // SAFETY: the ranges are disjoint.
+            F::forward(&x[r.clone()], unsafe { ys.range(r) })
+        });
         Ok(())
     }
     fn backward(
@@ -117,15 +118,11 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
             } else {
                 1
             };
-            let h = len / 2;
-            let (ya, yb) = y[..len].split_at(h);
-            let (da, db) = dy[..len].split_at(h);
-            let (xa, xb) = dx[..len].split_at_mut(h);
-            join(
-                threads,
-                || F::backward(ya, da, xa),
-                || F::backward(yb, db, xb),
-            );
+            let dxs = Disjoint::new(&mut dx[..len]);
+            par_ranges(threads, len, PARALLEL_MIN_LEN / 2, |r| {
+                // SAFETY: the ranges are disjoint.
+                F::backward(&y[r.clone()], &dy[r.clone()], unsafe { dxs.range(r) })
+            });
         }
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {

@@ -18,13 +18,17 @@
 //! phases (even/odd rows x even/odd columns, each `oh x ow`); every kernel tap then reads one
 //! phase shifted by 0 or 1 row and column, as one flat masked run like the same-size 3x3 path.
 //!
-//! Threads: the batch is always cut into the same two halves, each with its own workspace and
-//! partial weight gradient; with two threads the halves run at once. The two partial sums are
-//! added at the end in the same order either way, so results do not depend on the thread count.
+//! Threads: the forward pass and the input gradient cut the batch into one block of examples
+//! per thread, each with its own workspace (an example's output depends on it alone). The
+//! weight gradient is summed over the same two halves of the batch whatever the thread count,
+//! each half's examples in order; with more than two threads each half's sum is further split
+//! by rows (blocks of input channels, lowered on their own), which leaves every element's
+//! chain of multiply-adds as it is. The two partial sums are added at the end in the same
+//! order, so results do not depend on the thread count.
 
 use super::{check_forward, Ctx, Layer, TensorMut};
-use crate::kernels::join;
-use crate::kernels::matmul::{matmul, Trans};
+use crate::kernels::matmul::{matmul, matmul_as, Trans};
+use crate::kernels::{par_for, part, pieces, Disjoint};
 use crate::{Error, Result};
 
 /// Output length along one axis: `floor((len + 2p - k) / s) + 1`, as PyTorch (no ceil mode).
@@ -512,7 +516,7 @@ crate::simd_kernel! {
     }
 }
 
-/// Forward for the examples of one half-batch.
+/// Forward for a block of examples.
 #[allow(clippy::too_many_arguments)]
 fn forward_half(
     g: Geom,
@@ -558,80 +562,95 @@ fn forward_half(
 /// need a few rows to be efficient.
 const DOT_MAX_CKK: usize = 16;
 
-/// Backward for the examples of one half-batch: `dwt` gets their weight gradient, transposed
-/// (`[in*k*k, out]`, overwritten), `dx` (if wanted) their input gradients.
+/// The weight gradient of the examples in `x` (one half of the batch), rows `rows` of it
+/// only (the input channels `chans`): `dwt` gets those rows of the transposed gradient
+/// (`[in*k*k, out]`, overwritten), summed over the examples in order.
 ///
 /// Why transposed: `dW^T += cols_i x dy_i^T` has the long, contiguous `cols` rows as the left
 /// operand, and measured a third faster than `dW += dy_i x cols_i^T` (4.4 against 6.4 ms for a
 /// batch of 32 at 32 -> 32 channels, 28x28, 3x3). `dy_i^T` is copied out first (it is small:
 /// `out x oh*ow`), so that every product has a row-major right operand and runs on our own
-/// allocation-free `small_gemm` rather than the `gemm` crate.
+/// allocation-free `small_gemm` rather than the `gemm` crate. The products run on the kernel
+/// the whole gradient's shape calls for (`matmul_as`), so a block of rows gets the bits the
+/// whole would.
 #[allow(clippy::too_many_arguments)]
-fn backward_half(
+fn backward_weights(
     g: Geom,
     out_ch: usize,
-    weight: &[f32],
     x: &[f32],
     dy: &[f32],
-    mut dx: Option<&mut [f32]>,
-    cols: &mut [f32],
+    chans: std::ops::Range<usize>,
+    ws: &mut [f32],
     dwt: &mut [f32],
-    threads: usize,
 ) {
-    let (isz, ohw, ckk) = (g.c * g.h * g.w, g.oh * g.ow, g.ckk());
+    let (isz, hw, ohw, ckk) = (g.c * g.h * g.w, g.h * g.w, g.oh * g.ow, g.ckk());
     let osz = out_ch * ohw;
     let m = x.len() / isz;
     if m == 0 {
         dwt.fill(0.0);
         return;
     }
-    // The workspace holds the patches and, after them, dy_i transposed: `[oh*ow, out]`, the
-    // right operand of the weight-gradient product in row-major form.
-    let patches = if g.pointwise() { 0 } else { ckk * ohw };
-    let (cols, dyt) = cols.split_at_mut(patches);
+    let gb = Geom {
+        c: chans.len(),
+        ..g
+    };
+    let rows = gb.ckk();
+    // The workspace holds the patches of the channel block and, after them, dy_i transposed:
+    // `[oh*ow, out]`, the right operand of the product in row-major form.
+    let patches = if g.pointwise() { 0 } else { rows * ohw };
+    let (cols, dyt) = ws.split_at_mut(patches);
     let dyt = &mut dyt[..ohw * out_ch];
     for i in 0..m {
-        let xi = &x[i * isz..][..isz];
+        let xi = &x[i * isz + chans.start * hw..][..chans.len() * hw];
         let dyi = &dy[i * osz..][..osz];
         if ckk >= DOT_MAX_CKK {
             transpose(dyi, out_ch, ohw, dyt);
         }
-        if g.pointwise() {
-            // dW^T [in, out] (+)= x_i [in, hw] x dy_i^T
-            if ckk < DOT_MAX_CKK {
-                matmul(dwt, xi, dyi, ckk, ohw, out_ch, Trans::B, i > 0, threads);
-            } else {
-                matmul(dwt, xi, dyt, ckk, ohw, out_ch, Trans::No, i > 0, threads);
-            }
-            if let Some(dx) = dx.as_deref_mut() {
-                let dxi = &mut dx[i * isz..][..isz];
-                matmul(dxi, weight, dyi, ckk, out_ch, ohw, Trans::A, false, threads);
-            }
+        let a: &[f32] = if g.pointwise() {
+            xi
         } else {
             // The patches are lowered again rather than kept from the forward pass: cheap next
             // to the products, and the workspace stays one example large.
-            im2col(g, xi, cols);
-            if ckk < DOT_MAX_CKK {
-                // Few, long rows (the stem: 9 x 784): dot products of cols and dy rows.
-                matmul(dwt, cols, dyi, ckk, ohw, out_ch, Trans::B, i > 0, threads);
-            } else {
-                matmul(dwt, cols, dyt, ckk, ohw, out_ch, Trans::No, i > 0, threads);
-            }
-            if let Some(dx) = dx.as_deref_mut() {
-                // cols is free once dW has it: reuse it for dcols.
-                matmul(
-                    cols,
-                    weight,
-                    dyi,
-                    ckk,
-                    out_ch,
-                    ohw,
-                    Trans::A,
-                    false,
-                    threads,
-                );
-                col2im(g, cols, &mut dx[i * isz..][..isz]);
-            }
+            im2col(gb, xi, cols);
+            cols
+        };
+        if ckk < DOT_MAX_CKK {
+            // Few, long rows (the stem: 9 x 784): dot products of cols and dy rows.
+            matmul_as(dwt, a, dyi, rows, ohw, out_ch, Trans::B, i > 0, 1, ckk);
+        } else {
+            matmul_as(dwt, a, dyt, rows, ohw, out_ch, Trans::No, i > 0, 1, ckk);
+        }
+    }
+}
+
+/// The input gradients of the examples in `dy` into `dx`: `dcols = W^T dy_i`, then `col2im`.
+fn backward_input(
+    g: Geom,
+    out_ch: usize,
+    weight: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    cols: &mut [f32],
+    threads: usize,
+) {
+    let (isz, ohw, ckk) = (g.c * g.h * g.w, g.oh * g.ow, g.ckk());
+    let osz = out_ch * ohw;
+    for (dyi, dxi) in dy.chunks_exact(osz).zip(dx.chunks_exact_mut(isz)) {
+        if g.pointwise() {
+            matmul(dxi, weight, dyi, ckk, out_ch, ohw, Trans::A, false, threads);
+        } else {
+            matmul(
+                cols,
+                weight,
+                dyi,
+                ckk,
+                out_ch,
+                ohw,
+                Trans::A,
+                false,
+                threads,
+            );
+            col2im(g, cols, dxi);
         }
     }
 }
@@ -680,8 +699,9 @@ pub struct Conv2d {
     grad_bias: Option<Vec<f32>>,
     /// Each half-batch's partial weight gradient, transposed (`[in*k*k, out]`).
     grad_wt: [Vec<f32>; 2],
-    /// One `im2col` workspace per half-batch (empty for the pointwise case).
-    cols: [Vec<f32>; 2],
+    /// One workspace (patches, then one example's dy transposed) per piece of a parallel
+    /// pass, grown to the most pieces a pass has used.
+    cols: Vec<Vec<f32>>,
 }
 
 impl Conv2d {
@@ -731,7 +751,7 @@ impl Conv2d {
             grad_weight: vec![0.0; wlen],
             grad_bias: bias.then(|| vec![0.0; out_ch]),
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
-            cols: [Vec::new(), Vec::new()],
+            cols: Vec::new(),
         })
     }
 
@@ -749,6 +769,14 @@ impl Conv2d {
     /// bias.
     pub fn grad_bias(&self) -> Option<&[f32]> {
         self.grad_bias.as_deref()
+    }
+
+    /// At least `pieces` workspaces, each sized by `reserve`.
+    fn workspaces(&mut self, pieces: usize) {
+        if self.cols.len() < pieces {
+            self.cols.resize_with(pieces, Vec::new);
+        }
+        self.reserve(0);
     }
 
     fn geom(&self) -> Geom {
@@ -782,7 +810,7 @@ impl Layer for Conv2d {
         } else {
             g.ckk() * g.oh * g.ow
         };
-        // Patches, then dy of one example transposed (see `backward_half`).
+        // Patches, then dy of one example transposed (see `backward_weights`).
         let len = patches + g.oh * g.ow * self.out_ch;
         for c in &mut self.cols {
             if c.len() < len {
@@ -793,23 +821,25 @@ impl Layer for Conv2d {
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         check_forward(self, x, y, n)?;
-        self.reserve(n);
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
+        let p = pieces(ctx.threads, n, 1);
+        self.workspaces(p);
         let (w, bias) = (&self.weight[..], self.bias.as_deref());
-        let h = n / 2;
-        let (xa, xb) = x[..n * isz].split_at(h * isz);
-        let (ya, yb) = y[..n * osz].split_at_mut(h * osz);
-        let [ca, cb] = &mut self.cols;
-        if n >= 2 {
-            join(
-                ctx.threads,
-                || forward_half(g, out_ch, w, bias, xa, ya, ca, 1),
-                || forward_half(g, out_ch, w, bias, xb, yb, cb, 1),
-            );
-        } else {
-            // One example: let the product split its rows instead.
-            forward_half(g, out_ch, w, bias, &x[..n * isz], y, ca, ctx.threads);
+        if p == 1 {
+            // One piece (one thread, or one example): let the products split their rows.
+            let cols = &mut self.cols[0];
+            forward_half(g, out_ch, w, bias, &x[..n * isz], y, cols, ctx.threads);
+            return Ok(());
         }
+        let ys = Disjoint::new(&mut y[..n * osz]);
+        let ws = Disjoint::new(&mut self.cols[..p]);
+        par_for(ctx.threads, p, |t| {
+            let r = part(n, p, t);
+            // SAFETY: piece t alone has examples r and workspace t.
+            let (yr, cols) = unsafe { (ys.range(r.start * osz..r.end * osz), ws.range(t..t + 1)) };
+            let xr = &x[r.start * isz..r.end * isz];
+            forward_half(g, out_ch, w, bias, xr, yr, &mut cols[0], 1);
+        });
         Ok(())
     }
 
@@ -822,28 +852,54 @@ impl Layer for Conv2d {
         dx: Option<&mut [f32]>,
         n: usize,
     ) {
-        self.reserve(n);
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
+        let ckk = g.ckk();
+        // The weight gradient: two halves of the batch, each split by input channels into
+        // `blocks` row blocks when there are threads for more than two pieces.
+        let blocks = ctx.threads.div_ceil(2).min(g.c).max(1);
+        let p = pieces(ctx.threads, n, 1);
+        self.workspaces((2 * blocks).max(p));
         let w = &self.weight[..];
         let h = n / 2;
-        let (xa, xb) = x[..n * isz].split_at(h * isz);
-        let (dya, dyb) = dy[..n * osz].split_at(h * osz);
-        let (dxa, dxb) = match dx {
-            Some(d) => {
-                let (a, b) = d[..n * isz].split_at_mut(h * isz);
-                (Some(a), Some(b))
+        let halves = [0..h, h..n];
+        {
+            let [gwa, gwb] = &mut self.grad_wt;
+            let gws = [Disjoint::new(&mut gwa[..]), Disjoint::new(&mut gwb[..])];
+            let ws = Disjoint::new(&mut self.cols[..2 * blocks]);
+            let kk = g.k * g.k;
+            par_for(ctx.threads, 2 * blocks, |t| {
+                let (half, b) = (t / blocks, t % blocks);
+                let chans = part(g.c, blocks, b);
+                let e = &halves[half];
+                let rows = chans.start * kk * out_ch..chans.end * kk * out_ch;
+                // SAFETY: piece t alone has workspace t and these rows of its half's gradient.
+                let (cols, dwt) = unsafe { (ws.range(t..t + 1), gws[half].range(rows)) };
+                let (xe, dye) = (
+                    &x[e.start * isz..e.end * isz],
+                    &dy[e.start * osz..e.end * osz],
+                );
+                backward_weights(g, out_ch, xe, dye, chans, &mut cols[0], dwt);
+            });
+        }
+        if let Some(dx) = dx {
+            if p == 1 {
+                let cols = &mut self.cols[0];
+                backward_input(g, out_ch, w, &dy[..n * osz], dx, cols, ctx.threads);
+            } else {
+                let dxs = Disjoint::new(&mut dx[..n * isz]);
+                let ws = Disjoint::new(&mut self.cols[..p]);
+                par_for(ctx.threads, p, |t| {
+                    let r = part(n, p, t);
+                    // SAFETY: piece t alone has examples r and workspace t.
+                    let (dxr, cols) =
+                        unsafe { (dxs.range(r.start * isz..r.end * isz), ws.range(t..t + 1)) };
+                    let dyr = &dy[r.start * osz..r.end * osz];
+                    backward_input(g, out_ch, w, dyr, dxr, &mut cols[0], 1);
+                });
             }
-            None => (None, None),
-        };
-        let [ca, cb] = &mut self.cols;
-        let [gwa, gwb] = &mut self.grad_wt;
-        let inner = if n >= 2 { 1 } else { ctx.threads };
-        join(
-            if n >= 2 { ctx.threads } else { 1 },
-            || backward_half(g, out_ch, w, xa, dya, dxa, ca, gwa, inner),
-            || backward_half(g, out_ch, w, xb, dyb, dxb, cb, gwb, inner),
-        );
-        add_transposed(gwa, gwb, g.ckk(), out_ch, &mut self.grad_weight);
+        }
+        let [gwa, gwb] = &self.grad_wt;
+        add_transposed(gwa, gwb, ckk, out_ch, &mut self.grad_weight);
         if let Some(gb) = &mut self.grad_bias {
             let ohw = g.oh * g.ow;
             for (o, gbo) in gb.iter_mut().enumerate() {

@@ -105,16 +105,16 @@ impl TensorMut<'_> {
     }
 }
 
-/// The two batch halves the convolutional layers split their work into, examples `[0, n/2)`
-/// and `[n/2, n)` of a buffer holding `size` values per example: the same split whatever the
-/// thread count, so results do not depend on it.
-pub(crate) fn halves<T>(v: &[T], n: usize, size: usize) -> (&[T], &[T]) {
-    v[..n * size].split_at(n / 2 * size)
+/// The values of the examples `r` in a buffer holding `size` values per example.
+pub(crate) fn span(r: &std::ops::Range<usize>, size: usize) -> std::ops::Range<usize> {
+    r.start * size..r.end * size
 }
 
-/// `halves` of a buffer the layer writes.
-pub(crate) fn halves_mut<T>(v: &mut [T], n: usize, size: usize) -> (&mut [T], &mut [T]) {
-    v[..n * size].split_at_mut(n / 2 * size)
+/// `f(examples)` for contiguous ranges of the batch `0..n`, one per thread (up to
+/// `threads`): for layers whose outputs for an example depend on that example alone, so that
+/// any split gives the same results.
+pub(crate) fn par_batch<F: Fn(std::ops::Range<usize>) + Sync>(threads: usize, n: usize, f: F) {
+    crate::kernels::par_ranges(threads, n, 1, f);
 }
 
 /// `Error::Shape` unless `x` holds `n` examples of `layer.in_size()` values and `y` has room for

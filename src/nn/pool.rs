@@ -4,8 +4,8 @@
 //! channel alone and behave the same in every mode.
 
 use super::conv::{checked_product, out_len, shape_error, valid_range};
-use super::{backward_nothing, check_forward, halves, halves_mut, Ctx, Layer};
-use crate::kernels::join;
+use super::{backward_nothing, check_forward, par_batch, span, Ctx, Layer};
+use crate::kernels::Disjoint;
 use crate::{Error, Result};
 
 /// Window geometry shared by the two windowed pools.
@@ -372,14 +372,15 @@ impl Layer for MaxPool2d {
         self.reserve(n);
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let (xa, xb) = halves(x, n, isz);
-        let (ya, yb) = halves_mut(y, n, osz);
-        let (aa, ab) = halves_mut(&mut self.argmax, n, osz);
-        join(
-            ctx.threads,
-            || max_forward(g, xa, ya, aa),
-            || max_forward(g, xb, yb, ab),
-        );
+        let ys = Disjoint::new(&mut y[..n * osz]);
+        let am = Disjoint::new(&mut self.argmax[..n * osz]);
+        par_batch(ctx.threads, n, |r| {
+            let (i, o) = (span(&r, isz), span(&r, osz));
+            // SAFETY: the example ranges are disjoint.
+            max_forward(g, &x[i], unsafe { ys.range(o.clone()) }, unsafe {
+                am.range(o)
+            })
+        });
         self.last_n = n;
         Ok(())
     }
@@ -399,14 +400,13 @@ impl Layer for MaxPool2d {
         let Some(dx) = dx else { return };
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let (dxa, dxb) = halves_mut(dx, n, isz);
-        let (dya, dyb) = halves(dy, n, osz);
-        let (aa, ab) = halves(&self.argmax, n, osz);
-        join(
-            ctx.threads,
-            || max_backward(g, dya, aa, dxa),
-            || max_backward(g, dyb, ab, dxb),
-        );
+        let dxs = Disjoint::new(&mut dx[..n * isz]);
+        let am = &self.argmax;
+        par_batch(ctx.threads, n, |r| {
+            let (i, o) = (span(&r, isz), span(&r, osz));
+            // SAFETY: the example ranges are disjoint.
+            max_backward(g, &dy[o.clone()], &am[o], unsafe { dxs.range(i) })
+        });
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -472,14 +472,13 @@ impl Layer for AvgPool2d {
         check_forward(self, x, y, n)?;
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let (xa, xb) = halves(x, n, isz);
-        let (ya, yb) = halves_mut(y, n, osz);
+        let ys = Disjoint::new(&mut y[..n * osz]);
         let inc = self.count_include_pad;
-        join(
-            ctx.threads,
-            || avg_forward(g, inc, xa, ya),
-            || avg_forward(g, inc, xb, yb),
-        );
+        par_batch(ctx.threads, n, |r| {
+            let (i, o) = (span(&r, isz), span(&r, osz));
+            // SAFETY: the example ranges are disjoint.
+            avg_forward(g, inc, &x[i], unsafe { ys.range(o) })
+        });
         Ok(())
     }
 
@@ -495,14 +494,13 @@ impl Layer for AvgPool2d {
         let Some(dx) = dx else { return };
         let g = self.win;
         let (isz, osz) = (g.in_size(), g.out_size());
-        let (dxa, dxb) = halves_mut(dx, n, isz);
-        let (dya, dyb) = halves(dy, n, osz);
+        let dxs = Disjoint::new(&mut dx[..n * isz]);
         let inc = self.count_include_pad;
-        join(
-            ctx.threads,
-            || avg_backward(g, inc, dya, dxa),
-            || avg_backward(g, inc, dyb, dxb),
-        );
+        par_batch(ctx.threads, n, |r| {
+            let (i, o) = (span(&r, isz), span(&r, osz));
+            // SAFETY: the example ranges are disjoint.
+            avg_backward(g, inc, &dy[o], unsafe { dxs.range(i) })
+        });
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {

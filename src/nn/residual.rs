@@ -28,11 +28,10 @@
 
 use super::named::{check_names, child_prefix};
 use super::{
-    backward_nothing, check_forward, halves, halves_mut, BatchNorm, Ctx, Layer, Sequential,
-    TensorMut,
+    backward_nothing, check_forward, par_batch, span, BatchNorm, Ctx, Layer, Sequential, TensorMut,
 };
 use crate::kernels::activation as k;
-use crate::kernels::join;
+use crate::kernels::Disjoint;
 use crate::{Error, Result};
 
 /// Below this many values the elementwise steps stay on one thread.
@@ -237,14 +236,18 @@ impl Layer for Residual {
         } else {
             1
         };
-        let (ma, mb) = halves(&self.main_out, n, o);
-        let (oa, ob) = halves(other, n, o);
-        let (ya, yb) = halves_mut(y, n, o);
-        if self.relu {
-            join(threads, || add_relu(ma, oa, ya), || add_relu(mb, ob, yb));
-        } else {
-            join(threads, || add(ma, oa, ya), || add(mb, ob, yb));
-        }
+        let (main, relu) = (&self.main_out, self.relu);
+        let ys = Disjoint::new(&mut y[..len]);
+        par_batch(threads, n, |r| {
+            let r = span(&r, o);
+            // SAFETY: the example ranges are disjoint.
+            let yr = unsafe { ys.range(r.clone()) };
+            if relu {
+                add_relu(&main[r.clone()], &other[r], yr);
+            } else {
+                add(&main[r.clone()], &other[r], yr);
+            }
+        });
         self.last_n = n;
         Ok(())
     }
@@ -269,14 +272,12 @@ impl Layer for Residual {
             1
         };
         let g: &[f32] = if self.relu {
-            let (ya, yb) = halves(y, n, o);
-            let (da, db) = halves(dy, n, o);
-            let (ga, gb) = halves_mut(&mut self.grad_sum, n, o);
-            join(
-                threads,
-                || k::relu_backward(ya, da, ga),
-                || k::relu_backward(yb, db, gb),
-            );
+            let gs = Disjoint::new(&mut self.grad_sum[..len]);
+            par_batch(threads, n, |r| {
+                let r = span(&r, o);
+                // SAFETY: the example ranges are disjoint.
+                k::relu_backward(&y[r.clone()], &dy[r.clone()], unsafe { gs.range(r) });
+            });
             &self.grad_sum[..len]
         } else {
             &dy[..len]
@@ -301,9 +302,12 @@ impl Layer for Residual {
             None => Some(g),
         };
         if let (Some(d), Some(s)) = (dx, short_dx) {
-            let (da, db) = halves_mut(d, n, i);
-            let (sa, sb) = halves(s, n, i);
-            join(threads, || add_assign(da, sa), || add_assign(db, sb));
+            let ds = Disjoint::new(&mut d[..n * i]);
+            par_batch(threads, n, |r| {
+                let r = span(&r, i);
+                // SAFETY: the example ranges are disjoint.
+                add_assign(unsafe { ds.range(r.clone()) }, &s[r]);
+            });
         }
     }
 
