@@ -1,5 +1,5 @@
 //! The training step allocates nothing: every buffer is sized once per network. Checked with a
-//! counting global allocator over many steps after a warm-up, on one and two threads.
+//! counting global allocator over many steps after a warm-up, on one, two and three threads.
 
 mod common;
 
@@ -57,7 +57,7 @@ fn assert_steps_allocate_nothing(
     // The inception-mini presets take 28x28 grey images: MNIST's shape.
     let data = load_mnist_dir(&dir).unwrap();
     for &preset in presets {
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             let cfg = TrainConfig {
                 steps: warmup + steps,
                 batch_size: batch,
@@ -161,7 +161,7 @@ fn residual_steps_do_not_allocate() {
     let dy = rng.vec_f32(n * 10, 1.0, 0.0);
     let mut y = vec![0f32; n * 10];
     let mut dx = vec![0f32; x.len()];
-    for threads in [1, 2] {
+    for threads in [1, 2, 3] {
         let ctx = Ctx {
             mode: Mode::Train,
             threads,
@@ -218,7 +218,7 @@ fn group_norm_steps_do_not_allocate() {
     let dy = rng.vec_f32(n * 10, 1.0, 0.0);
     let mut y = vec![0f32; n * 10];
     let mut dx = vec![0f32; x.len()];
-    for threads in [1, 2] {
+    for threads in [1, 2, 3] {
         for mode in [Mode::Train, Mode::Eval] {
             let ctx = Ctx { mode, threads };
             let mut step = |net: &mut Sequential| {
@@ -268,7 +268,7 @@ fn normalizer_steps_do_not_allocate() {
         ("bn", Order::Grouped { classes: 2 }, None),
         ("bn", Order::Shuffle, Some(bnlab::train::FreezeBn::Running)),
     ] {
-        for threads in [1, 2] {
+        for threads in [1, 2, 3] {
             let spec =
                 bnlab::model::apply_norm(&base, bnlab::model::NormChoice::parse(norm).unwrap())
                     .unwrap();
