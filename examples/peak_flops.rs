@@ -109,7 +109,14 @@ fn timed(threads: usize, f: fn() -> f32) -> f64 {
 }
 
 /// GFLOP/s of `ITERS` x `chains` x `lanes` FMAs per thread.
-fn peak(name: &str, lanes: usize, chains: usize, threads: usize, reps: usize, f: fn() -> f32) -> f64 {
+fn peak(
+    name: &str,
+    lanes: usize,
+    chains: usize,
+    threads: usize,
+    reps: usize,
+    f: fn() -> f32,
+) -> f64 {
     let flops = 2.0 * (ITERS as f64) * (chains * lanes * threads) as f64;
     let g = median((0..reps).map(|_| flops / timed(threads, f) / 1e9).collect());
     println!(
@@ -120,8 +127,12 @@ fn peak(name: &str, lanes: usize, chains: usize, threads: usize, reps: usize, f:
 }
 
 fn matmul_rate(m: usize, k: usize, n: usize, trans: Trans, threads: usize, reps: usize) -> f64 {
-    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect();
-    let b: Vec<f32> = (0..k * n).map(|i| ((i * 31 % 977) as f32 - 488.0) / 500.0).collect();
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
+        .collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 31 % 977) as f32 - 488.0) / 500.0)
+        .collect();
     let mut c = vec![0f32; m * n];
     let flop = 2.0 * (m * k * n) as f64;
     // Enough calls per timed run to last about 50 ms.
@@ -187,7 +198,12 @@ fn main() {
             // SAFETY: AVX-512 F was detected.
             let f: fn() -> f32 = || unsafe { x86::fma_avx512() };
             for t in [1, cores] {
-                rows.push(("avx512", 16, t, peak("avx512", 16, CHAINS_AVX512, t, reps, f)));
+                rows.push((
+                    "avx512",
+                    16,
+                    t,
+                    peak("avx512", 16, CHAINS_AVX512, t, reps, f),
+                ));
             }
         }
         for (name, lanes, t, g) in rows {

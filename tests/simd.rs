@@ -145,7 +145,10 @@ fn layer_bits(make: &dyn Fn() -> Box<dyn Layer>, n: usize, seed: u64) -> Vec<Vec
 fn layers_are_the_same(cases: Vec<(&str, Box<dyn Fn() -> Box<dyn Layer>>, usize)>) {
     for (i, (name, make, n)) in cases.iter().enumerate() {
         let got = layer_bits(make.as_ref(), *n, 0xbeef + i as u64);
-        assert!(got.iter().any(|v| v.iter().any(|&b| b != 0)), "{name}: all zero");
+        assert!(
+            got.iter().any(|v| v.iter().any(|&b| b != 0)),
+            "{name}: all zero"
+        );
         same_at_every_level(name, || layer_bits(make.as_ref(), *n, 0xbeef + i as u64));
     }
 }
@@ -187,7 +190,9 @@ fn activations_are_the_same_at_every_level() {
     ]);
     // The kernels themselves, on values spanning the saturated ranges.
     let x: Vec<f32> = (0..1001).map(|i| (i as f32 - 500.0) / 20.0).collect();
-    let dy: Vec<f32> = (0..1001).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+    let dy: Vec<f32> = (0..1001)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
     same_at_every_level("activation kernels", || {
         let mut y = vec![0f32; x.len()];
         let mut dx = vec![0f32; x.len()];
@@ -378,7 +383,10 @@ fn bench_reports_the_level_and_refuses_bad_values() {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "{env:?}: {err}");
         let out = String::from_utf8_lossy(&o.stdout);
-        (serde_json::from_str(out.lines().last().unwrap()).unwrap(), err)
+        (
+            serde_json::from_str(out.lines().last().unwrap()).unwrap(),
+            err,
+        )
     };
     let (j, _) = bench(None);
     assert_eq!(

@@ -90,9 +90,9 @@ pub fn detected() -> Level {
 pub fn requested() -> Result<Option<Level>, String> {
     match std::env::var(ENV) {
         Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => Level::parse(&v).map(Some).ok_or_else(|| {
-            format!("'{v}' is not one of baseline, avx2, avx512")
-        }),
+        Ok(v) => Level::parse(&v)
+            .map(Some)
+            .ok_or_else(|| format!("'{v}' is not one of baseline, avx2, avx512")),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => {
             Err("not one of baseline, avx2, avx512".to_string())
@@ -104,9 +104,7 @@ pub fn requested() -> Result<Option<Level>, String> {
 fn clamp(want: Level, why: &str) -> Level {
     let best = detected();
     if want > best {
-        eprintln!(
-            "warning: {why} asks for {want}, which this CPU lacks; the kernels use {best}"
-        );
+        eprintln!("warning: {why} asks for {want}, which this CPU lacks; the kernels use {best}");
         best
     } else {
         want
@@ -178,7 +176,10 @@ mod tests {
     fn names_round_trip_and_bad_names_are_refused() {
         for l in Level::ALL {
             assert_eq!(Level::parse(l.name()), Some(l));
-            assert_eq!(Level::parse(&format!(" {} ", l.name().to_uppercase())), Some(l));
+            assert_eq!(
+                Level::parse(&format!(" {} ", l.name().to_uppercase())),
+                Some(l)
+            );
         }
         assert_eq!(Level::parse("avx"), None);
         assert_eq!(Level::parse("sse9"), None);
