@@ -142,7 +142,10 @@ fn layer_bits(make: &dyn Fn() -> Box<dyn Layer>, n: usize, seed: u64) -> Vec<Vec
     out
 }
 
-fn layers_are_the_same(cases: Vec<(&str, Box<dyn Fn() -> Box<dyn Layer>>, usize)>) {
+/// A layer to test: its name, how to make it, the batch size.
+type Case<'a> = (&'a str, Box<dyn Fn() -> Box<dyn Layer>>, usize);
+
+fn layers_are_the_same(cases: Vec<Case>) {
     for (i, (name, make, n)) in cases.iter().enumerate() {
         let got = layer_bits(make.as_ref(), *n, 0xbeef + i as u64);
         assert!(
