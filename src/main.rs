@@ -1213,6 +1213,10 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         bn: Default::default(),
     };
     config.validate(spec.has_batch_norm())?;
+    // A bad $BNLAB_SIMD is an error here (elsewhere a warning): a benchmark must run on the
+    // level it was asked for.
+    bnlab::kernels::simd::requested().map_err(|e| Error::config("$BNLAB_SIMD", e))?;
+    let simd = bnlab::kernels::simd::level();
     let split = load_data(&a.data, Some(&spec))?;
     config.validate_for_data(split.train.len())?;
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
@@ -1298,6 +1302,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             "processes": ranks.size(),
             "bn_sync": (ranks.size() > 1).then(|| bn_sync.name()),
             "threads": config.threads,
+            "simd": simd.name(),
             "seconds": secs,
             "steps_per_s": rate,
             "flop_per_step": flop_per_step,

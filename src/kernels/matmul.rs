@@ -260,13 +260,14 @@ unsafe fn tile<const R: usize, const W: usize>(
     }
 }
 
-/// All column tiles of the rows `r0..r0+R`: 16 wide, then one 8-wide tile. When `c` is
+/// All column tiles of the rows `r0..r0+R`: `WIDE` wide (16, or 32 under AVX-512, see
+/// `small_gemm`), then one 16-wide tile if `WIDE` is 32, then one 8-wide tile. When `c` is
 /// overwritten (not accumulated) the last tile may overlap the one before it: the overlapped
 /// columns are recomputed with the same operations in the same order, so they get the same
 /// values, and no slow scalar tail remains.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_tiles<const R: usize>(
+unsafe fn row_tiles<const R: usize, const WIDE: usize>(
     c: &mut [f32],
     a: &[f32],
     a_rs: usize,
@@ -279,7 +280,11 @@ unsafe fn row_tiles<const R: usize>(
     accumulate: bool,
 ) {
     let mut c0 = 0;
-    while c0 + 16 <= n {
+    while c0 + WIDE <= n {
+        tile::<R, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        c0 += WIDE;
+    }
+    if WIDE > 16 && c0 + 16 <= n {
         tile::<R, 16>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
         c0 += 16;
     }
@@ -294,13 +299,93 @@ unsafe fn row_tiles<const R: usize>(
     }
 }
 
+/// `small_gemm` with tiles `WIDE` columns wide.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn small_gemm_tiled<const WIDE: usize>(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "small_gemm: a too small"
+    );
+    assert!((k - 1) * b_rs + n <= b.len(), "small_gemm: b too small");
+    assert!(m * n <= c.len(), "small_gemm: c too small");
+    let mut r0 = 0;
+    // SAFETY: the asserts above bound every index the tiles read.
+    unsafe {
+        while r0 + 4 <= m {
+            row_tiles::<4, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            r0 += 4;
+        }
+        if r0 + 2 <= m {
+            row_tiles::<2, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            r0 += 2;
+        }
+        if r0 < m {
+            row_tiles::<1, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+        }
+    }
+}
+
+/// `c (m x n) = [c +] a * b` for small matrices, register-tiled (4 rows x 16 columns of `c` at
+/// a time, 4 x 32 under AVX-512: eight accumulator registers either way, enough to hide the FMA
+/// latency); `a` has strides (`a_rs`, `a_cs`), `b` is row-major with row stride `b_rs`.
+/// Allocates nothing. Each element of `c` is one fused multiply-add chain over k in order,
+/// whatever the tiling and the SIMD level (on CPUs without FMA, `mul_add` is a correctly
+/// rounded library call: slower, same values).
+#[allow(clippy::too_many_arguments)]
+fn small_gemm(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512(
+            c: &mut [f32],
+            a: &[f32],
+            a_rs: usize,
+            a_cs: usize,
+            b: &[f32],
+            b_rs: usize,
+            m: usize,
+            k: usize,
+            n: usize,
+            accumulate: bool,
+        ) {
+            small_gemm_tiled::<32>(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate)
+        }
+        // SAFETY: `simd::level` returns `Avx512` only when the CPU has these features.
+        return unsafe { avx512(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate) };
+    }
+    small_gemm16(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate)
+}
+
 crate::simd_kernel! {
-    /// `c (m x n) = [c +] a * b` for small matrices, register-tiled (4 rows x 16 columns of `c`
-    /// at a time); `a` has strides (`a_rs`, `a_cs`), `b` is row-major with row stride `b_rs`.
-    /// Allocates nothing. Each element of `c` is one fused multiply-add chain over k in order,
-    /// whatever the tiling (on CPUs without FMA, `mul_add` is a correctly rounded library call:
-    /// slower, same values).
-    fn small_gemm(
+    /// `small_gemm` with 16-wide tiles, at the AVX2 and baseline levels.
+    fn small_gemm16(
         c: &mut [f32],
         a: &[f32],
         a_rs: usize,
@@ -312,27 +397,7 @@ crate::simd_kernel! {
         n: usize,
         accumulate: bool,
     ) {
-        if m == 0 || n == 0 || k == 0 {
-            return;
-        }
-        assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "small_gemm: a too small");
-        assert!((k - 1) * b_rs + n <= b.len(), "small_gemm: b too small");
-        assert!(m * n <= c.len(), "small_gemm: c too small");
-        let mut r0 = 0;
-        // SAFETY: the asserts above bound every index the tiles read.
-        unsafe {
-            while r0 + 4 <= m {
-                row_tiles::<4>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
-                r0 += 4;
-            }
-            if r0 + 2 <= m {
-                row_tiles::<2>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
-                r0 += 2;
-            }
-            if r0 < m {
-                row_tiles::<1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
-            }
-        }
+        small_gemm_tiled::<16>(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate)
     }
 }
 

@@ -3,10 +3,12 @@
 //! Each kernel that matters numerically has a slow, obviously-correct twin in f64 (`reference`
 //! submodules) that the tests compare against.
 
-/// Define a kernel function compiled twice: for AVX2 and FMA, chosen at run time when the CPU
-/// has them (so the binary stays portable), and for the baseline target. Loops inside vectorize
-/// eight lanes wide on the first. Results are identical either way: Rust never contracts
-/// `a * b + c` into an FMA on its own.
+/// Define a kernel function compiled three times: for AVX-512 (F, VL, BW, DQ, with AVX2 and
+/// FMA), for AVX2 and FMA, and for the baseline target, dispatching on
+/// [`simd::level`](crate::kernels::simd::level) (chosen
+/// once at run time from what the CPU has and `BNLAB_SIMD`, so the binary stays portable).
+/// Loops inside vectorize sixteen or eight lanes wide on the first two. Results are identical
+/// at every level: Rust never contracts `a * b + c` into an FMA on its own.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! simd_kernel {
@@ -22,14 +24,23 @@ macro_rules! simd_kernel {
             fn imp($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments, clippy::unused_unit)]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments, clippy::unused_unit)]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     imp($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU features `avx2` is compiled for were just detected.
-                    return unsafe { avx2($($arg),*) };
+                match $crate::kernels::simd::level() {
+                    // SAFETY: `simd::level` never returns a level whose CPU features were not
+                    // detected.
+                    $crate::kernels::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::kernels::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::kernels::simd::Level::Baseline => {}
                 }
             }
             imp($($arg),*)
@@ -43,6 +54,7 @@ pub mod activation;
 pub mod batch_norm;
 pub mod group_norm;
 pub mod matmul;
+pub mod simd;
 pub mod sparse;
 pub mod team;
 
