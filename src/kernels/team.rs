@@ -35,7 +35,7 @@ use std::thread::Thread;
 pub const MAX_THREADS: usize = 256;
 
 /// Spin iterations a worker waits for the next region before it parks (when not oversubscribed).
-const SPINS: u32 = 20_000;
+const SPINS: u32 = if cfg!(miri) { 50 } else { 20_000 };
 
 /// `state` packs the region's epoch (high 32 bits) and the next unclaimed piece (low 32 bits).
 const NEXT_MASK: u64 = (1 << 32) - 1;
@@ -335,7 +335,8 @@ mod tests {
     fn both_sides_run_and_borrow() {
         let mut left = vec![0u64; 1000];
         let mut right = vec![0u64; 1000];
-        for round in 0..2000u64 {
+        let rounds = if cfg!(miri) { 20 } else { 2000u64 };
+        for round in 0..rounds {
             let (a, b) = join(
                 2,
                 || {
@@ -349,7 +350,7 @@ mod tests {
             );
             assert_eq!(a * 2, b);
         }
-        assert_eq!(left[5], (0..2000).sum::<u64>());
+        assert_eq!(left[5], (0..rounds).sum::<u64>());
     }
 
     #[test]
@@ -366,16 +367,22 @@ mod tests {
 
     #[test]
     fn every_piece_runs_once_on_any_thread_count() {
+        // Under Miri (CI checks the team for data races and undefined behaviour) fewer rounds.
+        let (counts, rounds): (&[usize], usize) = if cfg!(miri) {
+            (&[0, 1, 3, 9], 3)
+        } else {
+            (&[0, 1, 2, 7, 64, 1000], 20)
+        };
         for threads in [1, 2, 3, 5, 8, 17] {
-            for tasks in [0, 1, 2, 7, 64, 1000] {
+            for &tasks in counts {
                 let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
-                for _ in 0..20 {
+                for _ in 0..rounds {
                     par_for(threads, tasks, |i| {
                         hits[i].fetch_add(1, Ordering::Relaxed);
                     });
                 }
                 assert!(
-                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 20),
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == rounds),
                     "{threads} threads, {tasks} tasks"
                 );
             }
@@ -385,10 +392,11 @@ mod tests {
     #[test]
     fn nested_and_concurrent_regions_run_serially_and_correctly() {
         let total = AtomicUsize::new(0);
+        let rounds = if cfg!(miri) { 5 } else { 200 };
         std::thread::scope(|s| {
             for _ in 0..3 {
                 s.spawn(|| {
-                    for _ in 0..200 {
+                    for _ in 0..rounds {
                         par_for(4, 6, |_| {
                             par_for(4, 5, |j| {
                                 total.fetch_add(j + 1, Ordering::Relaxed);
@@ -398,7 +406,7 @@ mod tests {
                 });
             }
         });
-        assert_eq!(total.load(Ordering::Relaxed), 3 * 200 * 6 * 15);
+        assert_eq!(total.load(Ordering::Relaxed), 3 * rounds * 6 * 15);
     }
 
     #[test]
