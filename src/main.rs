@@ -668,8 +668,12 @@ fn main() -> ExitCode {
         } => reproduce_mnist(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Normalizers(a),
-        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks)
-            .and_then(|go| go.then(|| reproduce_normalizers(a, &stop)).unwrap_or(Ok(()))),
+        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks).and_then(
+            |go| {
+                go.then(|| reproduce_normalizers(a, &stop))
+                    .unwrap_or(Ok(()))
+            },
+        ),
         Command::Reproduce {
             study: StudyCommand::Inception(a),
         } => single_process_study("inception", a.study.report_only.is_some(), &ranks)
@@ -1422,7 +1426,8 @@ fn open_or_create_study_on(
         Some(setup) => {
             // Rank 0 writes the study; the others open it once it is there.
             let made = if ranks.lead() {
-                Study::create_with(out, name, setup, data.map(absolute), Some((p, sync))).map(|_| ())
+                Study::create_with(out, name, setup, data.map(absolute), Some((p, sync)))
+                    .map(|_| ())
             } else {
                 Ok(())
             };
@@ -1439,9 +1444,7 @@ fn open_or_create_study_on(
             finished_runs(&study)
         );
     }
-    Ok(study
-        .with_stop(stop.clone())
-        .with_dist(ranks.dist(sync)))
+    Ok(study.with_stop(stop.clone()).with_dist(ranks.dist(sync)))
 }
 
 /// Under mpirun with more than one process, the studies that do not run data-parallel: a
