@@ -911,3 +911,60 @@ fn reproduce_refuses_what_is_not_data_parallel() {
         assert!(start.elapsed() < Duration::from_secs(60), "no hang");
     }
 }
+
+/// `reproduce mnist --bn-sync local` on 2 processes equals a one-process study with
+/// `--norm ghost:30` (each process normalizes its slice of 30): the batch is split over the
+/// processes, not trained whole on each.
+#[test]
+fn reproduce_mnist_local_sync_is_ghost_batch_norm_of_the_slice() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two, plain) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("plain"),
+    );
+    let mut a1 = mnist_study_args(data, &one, "200", "100");
+    a1.extend(["--norm".to_string(), "ghost:30".to_string()]);
+    run_ok(single(&strs(&a1)));
+    run_ok(single(&strs(&mnist_study_args(data, &plain, "200", "100"))));
+    let mut a2 = mnist_study_args(data, &two, "200", "100");
+    a2.extend(["--bn-sync".to_string(), "local".to_string()]);
+    run_ok(mpirun(2, &strs(&a2)));
+    let runs = |d: &Path| study_runs(d).remove(1).1;
+    let (ghost, local, bn) = (runs(&one), runs(&two), runs(&plain));
+    for (pa, pb) in ghost["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(local["curve"].as_array().unwrap())
+    {
+        let at = |k: &str| format!("step {} {k}", pa["step"]);
+        near(
+            &at("test_accuracy"),
+            &pa["test_accuracy"],
+            &pb["test_accuracy"],
+            2e-4,
+        );
+        near(
+            &at("train_loss"),
+            &pa["train_loss"],
+            &pb["train_loss"],
+            1e-4,
+        );
+    }
+    // ... and not BN over the whole batch.
+    let last = |r: &serde_json::Value| r["curve"][2]["train_loss"].as_f64().unwrap();
+    assert!(
+        (last(&bn) - last(&local)).abs() > 1e-3,
+        "local sync trained like whole-batch BN: {} against {}",
+        last(&bn),
+        last(&local)
+    );
+}
