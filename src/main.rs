@@ -668,24 +668,24 @@ fn main() -> ExitCode {
         } => reproduce_mnist(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Normalizers(a),
-        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks).and_then(
-            |go| {
-                go.then(|| reproduce_normalizers(a, &stop))
-                    .unwrap_or(Ok(()))
-            },
-        ),
+        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks, || {
+            reproduce_normalizers(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::Inception(a),
-        } => single_process_study("inception", a.study.report_only.is_some(), &ranks)
-            .and_then(|go| go.then(|| reproduce_inception(a, &stop)).unwrap_or(Ok(()))),
+        } => single_process_study("inception", a.study.report_only.is_some(), &ranks, || {
+            reproduce_inception(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::Ics(a),
-        } => single_process_study("ics", a.study.report_only.is_some(), &ranks)
-            .and_then(|go| go.then(|| reproduce_ics(a, &stop)).unwrap_or(Ok(()))),
+        } => single_process_study("ics", a.study.report_only.is_some(), &ranks, || {
+            reproduce_ics(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::PreciseBn(a),
-        } => single_process_study("precise-bn", a.study.report_only.is_some(), &ranks)
-            .and_then(|go| go.then(|| reproduce_precise_bn(a, &stop)).unwrap_or(Ok(()))),
+        } => single_process_study("precise-bn", a.study.report_only.is_some(), &ranks, || {
+            reproduce_precise_bn(a, &stop)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1447,16 +1447,21 @@ fn open_or_create_study_on(
     Ok(study.with_stop(stop.clone()).with_dist(ranks.dist(sync)))
 }
 
-/// Under mpirun with more than one process, the studies that do not run data-parallel: a
-/// report (`--report-only`) is written by rank 0 alone (`Ok(false)` on the others: nothing to
-/// do); anything else is refused up front, on every rank, naming what stands in the way.
-/// `Ok(true)`: run the study as usual (one process).
-fn single_process_study(name: &str, report_only: bool, ranks: &Ranks) -> Result<bool> {
-    if ranks.size() == 1 {
-        return Ok(true);
+/// `run` a study that does not run data-parallel: as usual in one process; under mpirun with
+/// more than one, a report (`--report-only`) is written by rank 0 alone (the others do
+/// nothing), and anything else is refused up front, on every rank, naming what stands in the
+/// way.
+fn single_process_study(
+    name: &str,
+    report_only: bool,
+    ranks: &Ranks,
+    run: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if ranks.size() == 1 || (report_only && ranks.lead()) {
+        return run();
     }
     if report_only {
-        return Ok(ranks.lead());
+        return Ok(());
     }
     let why = match name {
         "normalizers" => {
