@@ -102,6 +102,10 @@ enum Command {
     /// resumes it (`--resume DIR`); `--report-only DIR` writes the report of a study stopped
     /// halfway, marking the missing runs.
     ///
+    /// Under `mpirun -n P`, `reproduce mnist` trains each of its runs data-parallel on the P
+    /// processes (one run at a time; rank 0 writes the study); the other studies run in one
+    /// process and are refused under mpirun, saying why.
+    ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     Reproduce {
         #[command(subcommand)]
@@ -115,6 +119,10 @@ enum StudyCommand {
     /// with BN, trained side by side (about 20 s on 2 cores).
     ///
     /// Writes results.json, timings.json, metrics.csv, summary.md and fig1.svg/png into --out.
+    ///
+    /// Under `mpirun -n P` (the `mpi` feature) each run trains data-parallel on the P
+    /// processes, one run after the other, with `--bn-sync` (default global: the same study
+    /// up to rounding); rank 0 alone prints and writes; the study resumes only on P processes.
     ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     /// (stopped? bnlab reproduce mnist --resume runs/mnist)
