@@ -691,9 +691,7 @@ fn main() -> ExitCode {
         }),
         Command::Reproduce {
             study: StudyCommand::PreciseBn(a),
-        } => single_process_study("precise-bn", a.study.report_only.is_some(), &ranks, || {
-            reproduce_precise_bn(a, &stop)
-        }),
+        } => reproduce_precise_bn(a, &stop, &ranks),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1481,20 +1479,17 @@ fn single_process_study(
              the learning-rate sweep) draw random masks, which a data-parallel run does not \
              support yet"
         }
-        "ics" => {
+        _ => {
             "its noisy-BN runs (--norm noisy-bn) draw random noise, which a data-parallel run \
              does not support yet"
-        }
-        _ => {
-            "its PreciseBN measurements (population statistics of random training subsets, a \
-             second EMA beside the network) are not written for data-parallel evaluation yet"
         }
     };
     ranks.agree(Err(Error::config(
         "mpirun",
         format!(
             "reproduce {name} does not run data-parallel: {why}; run it in one process, \
-             without mpirun (`bnlab reproduce {name} ...`); `reproduce mnist` runs under mpirun"
+             without mpirun (`bnlab reproduce {name} ...`); `reproduce mnist` and `reproduce \
+             precise-bn` run under mpirun"
         ),
     )))
 }
@@ -2389,9 +2384,9 @@ struct PreciseBnArgs {
     control: RunControl,
 }
 
-fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     use bnlab::experiments::precise_bn::{self as pbn, PreciseBnSetup};
-    let mode = a.control.mode()?;
+    let mode = ranks.agree(a.control.mode())?;
     let make_setup = || -> Result<PreciseBnSetup> {
         let mut setup = if a.quick {
             PreciseBnSetup::quick()
@@ -2423,6 +2418,10 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         )
     };
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "precise-bn")?;
         let setup: PreciseBnSetup = study.setup()?;
         let results = pbn::finished_results(&setup, &study)?;
@@ -2436,23 +2435,34 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         return Ok(());
     }
     if a.study.resume.is_none() {
-        make_setup()?;
+        ranks.agree(make_setup())?;
     }
-    let study = open_or_create_study(
+    // Under mpirun: global BN sync (the second EMA follows the global batch's statistics).
+    let study = open_or_create_study_on(
         "precise-bn",
         &a.study,
         &a.out,
         || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
         a.data.as_deref(),
         stop,
+        ranks,
+        None,
+        &|setup, dist| {
+            let setup: PreciseBnSetup = serde_json::from_value(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?;
+            pbn::check_data_parallel(&setup, dist)
+        },
     )?;
-    let setup: PreciseBnSetup = study.setup()?;
+    let setup: PreciseBnSetup = ranks.agree(study.setup())?;
     let split = discard_if_fresh(
         &a.study,
         &study,
-        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+        ranks.agree(data::fashion_mnist(
+            study_data(&study, a.data.as_deref()).as_deref(),
+        )),
     )?;
     let out = study.dir().to_path_buf();
+    let lead = ranks.lead();
     let meter = StudyMeter::new(
         mode,
         "reproduce precise-bn",
@@ -2461,6 +2471,9 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         setup.workers,
     );
     let on_progress = |p: pbn::Progress<'_>| {
+        if !lead {
+            return;
+        }
         meter.update(RunUpdate {
             slot: p.worker,
             label: p.label,
@@ -2474,7 +2487,7 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
     };
     // Runs trained now report through the meter; runs read back are said once.
     let on_done = |job: &pbn::Job, r: &pbn::RunResult, resumed: bool| {
-        if resumed {
+        if resumed && lead {
             meter.update(RunUpdate {
                 slot: 0,
                 label: &job.key(),
@@ -2490,14 +2503,21 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
     };
     let t0 = Instant::now();
     let result = pbn::run_study(&setup, &split, &study, &on_progress, &on_done);
-    meter.finish();
+    if lead {
+        meter.finish();
+    }
     let results = match result {
         Err(e @ Error::Stopped { .. }) => {
-            report_stopped("precise-bn", &study, &meter, stop, "");
+            if lead {
+                report_stopped("precise-bn", &study, &meter, stop, &ranks.launcher());
+            }
             return Err(e);
         }
         r => r?,
     };
+    if !lead {
+        return Ok(());
+    }
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
     write(&out, &setup, &results)?;
     eprintln!(
