@@ -102,9 +102,9 @@ enum Command {
     /// resumes it (`--resume DIR`); `--report-only DIR` writes the report of a study stopped
     /// halfway, marking the missing runs.
     ///
-    /// Under `mpirun -n P`, `reproduce mnist` trains each of its runs data-parallel on the P
-    /// processes (one run at a time; rank 0 writes the study); the other studies run in one
-    /// process and are refused under mpirun, saying why.
+    /// Under `mpirun -n P`, `reproduce mnist` and `reproduce precise-bn` train each of their
+    /// runs data-parallel on the P processes (one run at a time; rank 0 writes the study); the
+    /// other studies run in one process and are refused under mpirun, saying why.
     ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     Reproduce {
@@ -150,6 +150,9 @@ enum StudyCommand {
     /// Wu & Johnson 2021: EMA against population statistics (PreciseBN) at inference, over
     /// the training of vgg-mini-bn at a normal and a high learning rate, and how many samples
     /// the population statistics need.
+    ///
+    /// Under `mpirun -n P` each run trains data-parallel on the P processes (global BN sync),
+    /// one run after the other; rank 0 alone prints and writes.
     ///
     /// Example: bnlab reproduce precise-bn --quick --out runs/precise-bn-quick
     /// (stopped? bnlab reproduce precise-bn --resume runs/precise-bn-quick)

@@ -18,7 +18,9 @@
 //! and from the whole training set, and evaluates each.
 //!
 //! The runs go through `study::Study` like every `reproduce`: checkpoints (with the second
-//! EMA's buffers and the curve so far), `--resume`, `--report-only`.
+//! EMA's buffers and the curve so far), `--resume`, `--report-only`. In a data-parallel study
+//! (`Study::with_dist`, global BN sync) the runs go one after the other on every rank, and
+//! every Algorithm 2 pass takes each rank's slice of its batches.
 
 use crate::data::{Dataset, Split};
 use crate::dist::{BnSync, Dist};
