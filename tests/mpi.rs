@@ -10,8 +10,9 @@
 //!   process count is refused;
 //! - `reproduce mnist` on 2 processes equals the one-process study (up to rounding), stopped
 //!   by SIGTERM it resumes under mpirun bit-identical to a study left alone, and another
-//!   process count is refused; what cannot train data-parallel (ghost BN, batch renorm, the
-//!   normalizers, inception and ics studies) is refused up front with one message.
+//!   process count is refused; `reproduce precise-bn` on 2 processes equals one; what cannot
+//!   train data-parallel (ghost BN, batch renorm, the normalizers, inception and ics studies)
+//!   is refused up front with one message.
 //!
 //! Each test skips with a `SKIPPED:` line when the binary was built without the feature or
 //! mpirun is missing, and fails instead under `BNLAB_REQUIRE_MPI=1` (set by .ci/run when it
