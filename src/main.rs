@@ -102,6 +102,10 @@ enum Command {
     /// resumes it (`--resume DIR`); `--report-only DIR` writes the report of a study stopped
     /// halfway, marking the missing runs.
     ///
+    /// Under `mpirun -n P`, `reproduce mnist` and `reproduce precise-bn` train each of their
+    /// runs data-parallel on the P processes (one run at a time; rank 0 writes the study); the
+    /// other studies run in one process and are refused under mpirun, saying why.
+    ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     Reproduce {
         #[command(subcommand)]
@@ -115,6 +119,10 @@ enum StudyCommand {
     /// with BN, trained side by side (about 20 s on 2 cores).
     ///
     /// Writes results.json, timings.json, metrics.csv, summary.md and fig1.svg/png into --out.
+    ///
+    /// Under `mpirun -n P` (the `mpi` feature) each run trains data-parallel on the P
+    /// processes, one run after the other, with `--bn-sync` (default global: the same study
+    /// up to rounding); rank 0 alone prints and writes; the study resumes only on P processes.
     ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     /// (stopped? bnlab reproduce mnist --resume runs/mnist)
@@ -142,6 +150,9 @@ enum StudyCommand {
     /// Wu & Johnson 2021: EMA against population statistics (PreciseBN) at inference, over
     /// the training of vgg-mini-bn at a normal and a high learning rate, and how many samples
     /// the population statistics need.
+    ///
+    /// Under `mpirun -n P` each run trains data-parallel on the P processes (global BN sync),
+    /// one run after the other; rank 0 alone prints and writes.
     ///
     /// Example: bnlab reproduce precise-bn --quick --out runs/precise-bn-quick
     /// (stopped? bnlab reproduce precise-bn --resume runs/precise-bn-quick)
@@ -426,6 +437,11 @@ struct ReproduceArgs {
     /// or none (default: bn, the paper's batch normalization).
     #[arg(long, value_name = "bn|gn:G|ln|brn|ghost:G|noisy-bn|none", conflicts_with_all = ["resume", "report_only"])]
     norm: Option<String>,
+    /// Under mpirun -n P: global (default: every BatchNorm's statistics over the whole batch,
+    /// reduced over the P processes, the same training as one process) or local (each process
+    /// normalizes its own slice). Ignored in one process; a resumed study keeps its own.
+    #[arg(long, value_name = "global|local", conflicts_with = "report_only")]
+    bn_sync: Option<String>,
     #[command(flatten)]
     study: StudyDirArgs,
     #[command(flatten)]
@@ -647,14 +663,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if ranks.size() > 1 && matches!(cli.command, Command::Reproduce { .. }) {
-        eprintln!(
-            "error: the reproduce studies run in one process; under mpirun, train data-parallel \
-             with `bnlab train` (see README, \"Data-parallel training\")"
-        );
-        ranks.abort(2);
-        return ExitCode::FAILURE;
-    }
     let result = match cli.command {
         Command::Train(a) => train(*a, &stop, &ranks),
         Command::Eval(a) => eval(a),
@@ -668,24 +676,32 @@ fn main() -> ExitCode {
         Command::Landscape(a) => landscape_cmd(a),
         Command::Reproduce {
             study: StudyCommand::Mnist(a),
-        } => reproduce_mnist(a, &stop),
+        } => reproduce_mnist(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Normalizers(a),
-        } => reproduce_normalizers(a, &stop),
+        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks, || {
+            reproduce_normalizers(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::Inception(a),
-        } => reproduce_inception(a, &stop),
+        } => single_process_study("inception", a.study.report_only.is_some(), &ranks, || {
+            reproduce_inception(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::Ics(a),
-        } => reproduce_ics(a, &stop),
+        } => single_process_study("ics", a.study.report_only.is_some(), &ranks, || {
+            reproduce_ics(a, &stop)
+        }),
         Command::Reproduce {
             study: StudyCommand::PreciseBn(a),
-        } => reproduce_precise_bn(a, &stop),
+        } => reproduce_precise_bn(a, &stop, &ranks),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The command has said where it stopped and how to resume.
         Err(Error::Stopped { .. }) => ExitCode::from(cli::stopped_status(&stop)),
+        // Agreed over the ranks and said once already (`Ranks::agree`).
+        Err(_) if ranks.reported() => ExitCode::FAILURE,
         Err(e) if ranks.size() == 1 => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -1325,6 +1341,7 @@ fn open_or_create_study(
     let study = match &dirs.resume {
         Some(dir) => {
             let study = Study::open(dir, name)?;
+            check_study_ranks(name, &study, 1)?;
             eprintln!(
                 "resuming the {name} study in {} ({} of its runs finished)",
                 dir.display(),
@@ -1337,10 +1354,156 @@ fn open_or_create_study(
     Ok(study.with_stop(stop.clone()))
 }
 
+/// A study resumes only on as many processes as it started with (a data-parallel study's
+/// runs continue bit-identically only with the same reductions).
+fn check_study_ranks(name: &str, study: &Study, p: usize) -> Result<()> {
+    let started_on = study.manifest().ranks.unwrap_or(1);
+    if started_on != p {
+        return Err(Error::config(
+            "--resume",
+            format!(
+                "the {name} study in {} was run on {started_on} process(es), this is {p}: \
+                 resume it with {}bnlab reproduce {name} --resume {}",
+                study.dir().display(),
+                if started_on > 1 {
+                    format!("mpirun -n {started_on} ")
+                } else {
+                    String::new()
+                },
+                shell_word(&study.dir().display().to_string())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// [`open_or_create_study`] on `ranks`; with more than one, a data-parallel study: every rank
+/// checks the directory (and `check`s the settings: can every run train data-parallel?)
+/// before rank 0 writes `study.json` (recording P and the BN sync), the others open it after,
+/// and a failure on any rank is agreed (`Ranks::agree`). `bn_sync`: the flag, if given.
+#[allow(clippy::too_many_arguments)]
+fn open_or_create_study_on(
+    name: &str,
+    dirs: &StudyDirArgs,
+    out: &Path,
+    setup: impl FnOnce() -> Result<serde_json::Value>,
+    data: Option<&Path>,
+    stop: &bnlab::stop::Stop,
+    ranks: &Ranks,
+    bn_sync: Option<&str>,
+    check: &dyn Fn(&serde_json::Value, &bnlab::dist::Dist) -> Result<()>,
+) -> Result<Study> {
+    let flag = bn_sync.map(BnSync::parse).transpose();
+    if ranks.size() == 1 {
+        flag?;
+        return open_or_create_study(name, dirs, out, setup, data, stop);
+    }
+    let p = ranks.size();
+    // What every rank checks before anything is written.
+    let checked = (|| -> Result<(Option<serde_json::Value>, BnSync)> {
+        let flag = flag?;
+        match &dirs.resume {
+            Some(dir) => {
+                let study = Study::open(dir, name)?;
+                check_study_ranks(name, &study, p)?;
+                let sync = study.manifest().bn_sync.unwrap_or(BnSync::Global);
+                if let Some(f) = flag.filter(|&f| f != sync) {
+                    return Err(Error::config(
+                        "--bn-sync",
+                        format!(
+                            "{} (the study in {} runs with --bn-sync {}; leave the flag out to \
+                             resume it)",
+                            f.name(),
+                            dir.display(),
+                            sync.name()
+                        ),
+                    ));
+                }
+                let dist = ranks.dist(sync).expect("more than one rank");
+                check(&study.manifest().setup, &dist)?;
+                Ok((None, sync))
+            }
+            None => {
+                let sync = flag.unwrap_or(BnSync::Global);
+                let setup = setup()?;
+                let dist = ranks.dist(sync).expect("more than one rank");
+                check(&setup, &dist)?;
+                Study::check_new(out, name)?;
+                Ok((Some(setup), sync))
+            }
+        }
+    })();
+    let (setup, sync) = ranks.agree(checked)?;
+    let dir = match setup {
+        Some(setup) => {
+            // Rank 0 writes the study; the others open it once it is there.
+            let made = if ranks.lead() {
+                Study::create_with(out, name, setup, data.map(absolute), Some((p, sync)))
+                    .map(|_| ())
+            } else {
+                Ok(())
+            };
+            ranks.agree(made)?;
+            out.to_path_buf()
+        }
+        None => dirs.resume.clone().expect("resuming"),
+    };
+    let study = ranks.agree(Study::open(&dir, name))?;
+    if ranks.lead() && dirs.resume.is_some() {
+        eprintln!(
+            "resuming the {name} study in {} on {p} processes ({} of its runs finished)",
+            dir.display(),
+            finished_runs(&study)
+        );
+    }
+    Ok(study.with_stop(stop.clone()).with_dist(ranks.dist(sync)))
+}
+
+/// `run` a study that does not run data-parallel: as usual in one process; under mpirun with
+/// more than one, a report (`--report-only`) is written by rank 0 alone (the others do
+/// nothing), and anything else is refused up front, on every rank, naming what stands in the
+/// way.
+fn single_process_study(
+    name: &str,
+    report_only: bool,
+    ranks: &Ranks,
+    run: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if ranks.size() == 1 || (report_only && ranks.lead()) {
+        return run();
+    }
+    if report_only {
+        return Ok(());
+    }
+    let why = match name {
+        "normalizers" => {
+            "its batch-renormalization runs (--norm brn) have no data-parallel form yet, and its \
+             batches of 2 would leave BN one example per process"
+        }
+        "inception" => {
+            "its dropout networks (Inception, BN-Baseline, Inception-x5, Inception-Sigmoid and \
+             the learning-rate sweep) draw random masks, which a data-parallel run does not \
+             support yet"
+        }
+        _ => {
+            "its noisy-BN runs (--norm noisy-bn) draw random noise, which a data-parallel run \
+             does not support yet"
+        }
+    };
+    ranks.agree(Err(Error::config(
+        "mpirun",
+        format!(
+            "reproduce {name} does not run data-parallel: {why}; run it in one process, \
+             without mpirun (`bnlab reproduce {name} ...`); `reproduce mnist` and `reproduce \
+             precise-bn` run under mpirun"
+        ),
+    )))
+}
+
 /// A new study whose data cannot be loaded is removed again, so that the same command with
 /// the data fixed starts it (rather than asking for --resume).
 fn discard_if_fresh<T>(dirs: &StudyDirArgs, study: &Study, r: Result<T>) -> Result<T> {
-    if r.is_err() && dirs.resume.is_none() {
+    if r.is_err() && dirs.resume.is_none() && study.writes() {
         let _ = std::fs::remove_file(study.dir().join(bnlab::study::STUDY_FILE));
         let _ = std::fs::remove_dir(study.dir().join(bnlab::study::RUNS_DIR));
     }
@@ -1358,13 +1521,20 @@ fn finished_runs(study: &Study) -> usize {
         .unwrap_or(0)
 }
 
-/// Say where a stopped study stands and the command that continues it.
-fn report_stopped(name: &str, study: &Study, meter: &StudyMeter, stop: &bnlab::stop::Stop) {
+/// Say where a stopped study stands and the command that continues it (`launcher`: `mpirun
+/// -n P ` for a data-parallel study, else empty).
+fn report_stopped(
+    name: &str,
+    study: &Study,
+    meter: &StudyMeter,
+    stop: &bnlab::stop::Stop,
+    launcher: &str,
+) {
     let (done, total) = meter.runs();
     let dir = shell_word(&study.dir().display().to_string());
     eprintln!(
         "stopped ({}): {done} of {total} runs finished; the study's progress (results, and \
-         checkpoints of the runs in progress) is in {}\nresume with: bnlab reproduce {name} --resume {dir}\n\
+         checkpoints of the runs in progress) is in {}\nresume with: {launcher}bnlab reproduce {name} --resume {dir}\n\
          report so far: bnlab reproduce {name} --report-only {dir}",
         stop_signal_name(stop),
         study.dir().join(bnlab::study::RUNS_DIR).display(),
@@ -1377,9 +1547,13 @@ fn study_data(study: &Study, flag: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| study.manifest().data.clone())
 }
 
-fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
-    let mode = a.control.mode()?;
+fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
+    let mode = ranks.agree(a.control.mode())?;
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "mnist")?;
         let setup: MnistSetup = study.setup()?;
         let (report, missing) = mnist::partial_report(&setup, &study)?;
@@ -1425,25 +1599,37 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         })
     };
     if a.study.resume.is_none() {
-        make_setup()?;
+        ranks.agree(make_setup())?;
     }
-    let study = open_or_create_study(
+    let study = open_or_create_study_on(
         "mnist",
         &a.study,
         &a.out,
         || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
         a.data.data.as_deref(),
         stop,
+        ranks,
+        a.bn_sync.as_deref(),
+        &|setup, dist| {
+            let setup: MnistSetup = serde_json::from_value(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?;
+            mnist::check_data_parallel(&setup, dist)
+        },
     )?;
-    let setup: MnistSetup = study.setup()?;
+    let setup: MnistSetup = ranks.agree(study.setup())?;
     let data = DataArgs {
         data: study_data(&study, a.data.data.as_deref()),
         ..a.data.clone()
     };
-    let split = discard_if_fresh(&a.study, &study, load_data(&data, None))?;
+    let split = discard_if_fresh(&a.study, &study, ranks.agree(load_data(&data, None)))?;
     let out = study.dir().to_path_buf();
+    let lead = ranks.lead();
     let meter = StudyMeter::new(mode, "reproduce mnist", 2, setup.steps, 2);
     let on_progress = |p: Progress<'_>| {
+        if !lead {
+            // Progress on rank 0 alone (every rank computes the same).
+            return;
+        }
         meter.update(RunUpdate {
             slot: mnist::VARIANTS
                 .iter()
@@ -1460,14 +1646,21 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     };
     let t = Instant::now();
     let result = mnist::reproduce(&setup, &split, &study, &on_progress);
-    meter.finish();
+    if lead {
+        meter.finish();
+    }
     let result = match result {
         Err(e @ Error::Stopped { .. }) => {
-            report_stopped("mnist", &study, &meter, stop);
+            if lead {
+                report_stopped("mnist", &study, &meter, stop, &ranks.launcher());
+            }
             return Err(e);
         }
         r => r?,
     };
+    if !lead {
+        return Ok(());
+    }
     let wall = t.elapsed().as_secs_f64();
     report::write_mnist_report(&out, &result)?;
     for v in &result.variants {
@@ -1854,7 +2047,7 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
     meter.finish();
     let result = match result {
         Err(e @ Error::Stopped { .. }) => {
-            report_stopped("inception", &study, &meter, stop);
+            report_stopped("inception", &study, &meter, stop, "");
             return Err(e);
         }
         r => r?,
@@ -2197,9 +2390,9 @@ struct PreciseBnArgs {
     control: RunControl,
 }
 
-fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     use bnlab::experiments::precise_bn::{self as pbn, PreciseBnSetup};
-    let mode = a.control.mode()?;
+    let mode = ranks.agree(a.control.mode())?;
     let make_setup = || -> Result<PreciseBnSetup> {
         let mut setup = if a.quick {
             PreciseBnSetup::quick()
@@ -2231,6 +2424,10 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         )
     };
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "precise-bn")?;
         let setup: PreciseBnSetup = study.setup()?;
         let results = pbn::finished_results(&setup, &study)?;
@@ -2244,23 +2441,34 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         return Ok(());
     }
     if a.study.resume.is_none() {
-        make_setup()?;
+        ranks.agree(make_setup())?;
     }
-    let study = open_or_create_study(
+    // Under mpirun: global BN sync (the second EMA follows the global batch's statistics).
+    let study = open_or_create_study_on(
         "precise-bn",
         &a.study,
         &a.out,
         || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
         a.data.as_deref(),
         stop,
+        ranks,
+        None,
+        &|setup, dist| {
+            let setup: PreciseBnSetup = serde_json::from_value(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?;
+            pbn::check_data_parallel(&setup, dist)
+        },
     )?;
-    let setup: PreciseBnSetup = study.setup()?;
+    let setup: PreciseBnSetup = ranks.agree(study.setup())?;
     let split = discard_if_fresh(
         &a.study,
         &study,
-        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+        ranks.agree(data::fashion_mnist(
+            study_data(&study, a.data.as_deref()).as_deref(),
+        )),
     )?;
     let out = study.dir().to_path_buf();
+    let lead = ranks.lead();
     let meter = StudyMeter::new(
         mode,
         "reproduce precise-bn",
@@ -2269,6 +2477,9 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
         setup.workers,
     );
     let on_progress = |p: pbn::Progress<'_>| {
+        if !lead {
+            return;
+        }
         meter.update(RunUpdate {
             slot: p.worker,
             label: p.label,
@@ -2282,7 +2493,7 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
     };
     // Runs trained now report through the meter; runs read back are said once.
     let on_done = |job: &pbn::Job, r: &pbn::RunResult, resumed: bool| {
-        if resumed {
+        if resumed && lead {
             meter.update(RunUpdate {
                 slot: 0,
                 label: &job.key(),
@@ -2298,14 +2509,21 @@ fn reproduce_precise_bn(a: PreciseBnArgs, stop: &bnlab::stop::Stop) -> Result<()
     };
     let t0 = Instant::now();
     let result = pbn::run_study(&setup, &split, &study, &on_progress, &on_done);
-    meter.finish();
+    if lead {
+        meter.finish();
+    }
     let results = match result {
         Err(e @ Error::Stopped { .. }) => {
-            report_stopped("precise-bn", &study, &meter, stop);
+            if lead {
+                report_stopped("precise-bn", &study, &meter, stop, &ranks.launcher());
+            }
             return Err(e);
         }
         r => r?,
     };
+    if !lead {
+        return Ok(());
+    }
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
     write(&out, &setup, &results)?;
     eprintln!(

@@ -458,6 +458,7 @@ impl Run {
             dir: self.dir.as_deref().filter(|_| self.writes),
             spec: &self.spec,
             stop: &self.stop,
+            agreed_stop: None,
         };
         train_loop(
             &mut self.net,
@@ -523,6 +524,8 @@ struct RunObserver<'a> {
     dir: Option<&'a Path>,
     spec: &'a RunSpec,
     stop: &'a Stop,
+    /// In a data-parallel run: the stop decision agreed over the ranks after the last step.
+    agreed_stop: Option<bool>,
 }
 
 impl Observer for RunObserver<'_> {
@@ -554,12 +557,14 @@ impl Observer for RunObserver<'_> {
             if reason != 0 && !self.stop.requested() {
                 self.stop.request(reason as usize);
             }
+            // A signal landing on one rank after this agreement waits for the next step's.
+            self.agreed_stop = Some(reason != 0);
         }
         (self.on_event)(Event::Step { step, loss });
         let every = self.spec.checkpoint_every;
         let now = (every > 0 && step.is_multiple_of(every))
             || step == self.spec.config.steps
-            || self.stop.requested();
+            || self.stop_requested();
         if let (Some(dir), true) = (self.dir, now) {
             let path = write_state(dir, self.spec, net, trainer, self.metrics, since)?;
             (self.on_event)(Event::Checkpoint { step, path: &path });
@@ -568,6 +573,6 @@ impl Observer for RunObserver<'_> {
     }
 
     fn stop_requested(&self) -> bool {
-        self.stop.requested()
+        self.agreed_stop.unwrap_or_else(|| self.stop.requested())
     }
 }

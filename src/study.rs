@@ -34,6 +34,7 @@
 
 use crate::checkpoint::{self, TensorFile};
 use crate::data::Dataset;
+use crate::dist::{BnSync, Dist};
 use crate::fsutil::write_atomic;
 use crate::network::Network;
 use crate::run::{restore_training, training_entries, TrainingState};
@@ -67,6 +68,14 @@ pub struct Manifest {
     pub setup: serde_json::Value,
     /// The data given when the study started (absolute), if any.
     pub data: Option<PathBuf>,
+    /// The processes of a data-parallel study (`mpirun -n P`, P > 1); `None` for one. A
+    /// study resumes only with as many (its runs' checkpoints continue bit-identically only
+    /// with the same reductions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
+    /// `--bn-sync` of a data-parallel study.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_sync: Option<BnSync>,
 }
 
 /// A study directory (see the module doc).
@@ -74,6 +83,8 @@ pub struct Study {
     dir: PathBuf,
     manifest: Manifest,
     stop: Stop,
+    /// The data-parallel run every run of the study is a replica in (`with_dist`), if any.
+    dist: Option<Dist>,
 }
 
 /// The per-run data a study follows beside the training state, saved in every checkpoint and
@@ -119,7 +130,13 @@ impl Study {
         setup: serde_json::Value,
         data: Option<PathBuf>,
     ) -> Result<Study> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Study::create_with(dir, study, setup, data, None)
+    }
+
+    /// Refuse `dir` for a new study when it already holds one, saying how to continue it
+    /// (what [`Study::create`] checks first; the ranks of a data-parallel study other than
+    /// rank 0 check it without creating anything).
+    pub fn check_new(dir: &Path, study: &str) -> Result<()> {
         if dir.join(STUDY_FILE).exists() {
             return Err(Error::config(
                 "--out",
@@ -129,11 +146,27 @@ impl Study {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// [`Study::create`], recording a data-parallel study's process count and `--bn-sync`
+    /// (`ranks`: P > 1 and the sync; `None` for one process).
+    pub fn create_with(
+        dir: &Path,
+        study: &str,
+        setup: serde_json::Value,
+        data: Option<PathBuf>,
+        ranks: Option<(usize, BnSync)>,
+    ) -> Result<Study> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Study::check_new(dir, study)?;
         let manifest = Manifest {
             version: VERSION,
             study: study.to_string(),
             setup,
             data,
+            ranks: ranks.map(|r| r.0),
+            bn_sync: ranks.map(|r| r.1),
         };
         let runs = dir.join(RUNS_DIR);
         std::fs::create_dir_all(&runs).map_err(|e| Error::io(&runs, e))?;
@@ -144,6 +177,7 @@ impl Study {
             dir: dir.to_path_buf(),
             manifest,
             stop: Stop::new(),
+            dist: None,
         })
     }
 
@@ -182,6 +216,7 @@ impl Study {
             dir: dir.to_path_buf(),
             manifest,
             stop: Stop::new(),
+            dist: None,
         })
     }
 
@@ -194,6 +229,43 @@ impl Study {
     /// The stop request every run of the study honours.
     pub fn stop(&self) -> &Stop {
         &self.stop
+    }
+
+    /// Make every run of the study one replica of the data-parallel run `dist` (`None`, or a
+    /// collective of one rank: a study of its own). The study's runs then go one at a time,
+    /// every rank taking part in each, in the same order; a stop is agreed over the ranks
+    /// (the first step after which any rank has seen one); and only rank 0 writes the study's
+    /// files (every rank computes the same state). The study directory must be visible to
+    /// every rank (every rank reads finished results and checkpoints when resuming).
+    pub fn with_dist(mut self, dist: Option<Dist>) -> Self {
+        self.dist = dist.filter(|d| d.comm.size() > 1);
+        self
+    }
+
+    /// The data-parallel run of more than one rank the study's networks join
+    /// (`Network::set_dist`), if any.
+    pub fn dist(&self) -> Option<&Dist> {
+        self.dist.as_ref()
+    }
+
+    /// True when this process writes the study's files: always, except on the ranks of a
+    /// data-parallel study other than rank 0.
+    pub fn writes(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.comm.rank() == 0)
+    }
+
+    /// In a data-parallel study, agree over the ranks on whether to stop (any rank asked: then
+    /// every rank's `stop` is requested); returns the agreed answer. In one process, the
+    /// stop's own state. Every rank must call it at the same point.
+    pub fn agree_stop(&self) -> bool {
+        if let Some(d) = &self.dist {
+            let reason = d.comm.max_u64(self.stop.reason() as u64);
+            if reason != 0 && !self.stop.requested() {
+                self.stop.request(reason as usize);
+            }
+            return reason != 0;
+        }
+        self.stop.requested()
     }
 
     /// The study directory.
@@ -253,6 +325,9 @@ impl Study {
     /// Record run `label` as finished with `result` (atomically), then drop its checkpoint.
     /// Floats survive exactly (serde_json writes the shortest form that reads back the same).
     pub fn finish<T: Serialize>(&self, label: &str, result: &T) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let d = self.ensure_run_dir(label)?;
         let path = d.join(RESULT_FILE);
         let text = serde_json::to_string(result)
@@ -268,6 +343,9 @@ impl Study {
     /// Keep a large array of run `label` (`runs/KEY/NAME.f32`, little-endian), written before
     /// [`Study::finish`].
     pub fn save_floats(&self, label: &str, name: &str, values: &[f32]) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let d = self.ensure_run_dir(label)?;
         write_atomic(
             &d.join(format!("{}.f32", run_key(name))),
@@ -303,6 +381,9 @@ impl Study {
         loss: &LossSince,
         tracked: &T,
     ) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let d = self.ensure_run_dir(label)?;
         let path = d.join(CHECKPOINT_FILE);
         let (entries, training) = training_entries(net, trainer, loss);
@@ -377,6 +458,7 @@ impl Study {
             every: checkpoint_every,
             steps,
             tracked,
+            agreed_stop: None,
         };
         train_loop(net, trainer, data, steps, eval_every, loss, &mut observer)
     }
@@ -389,6 +471,9 @@ struct Checkpointing<'a, T: Tracked + ?Sized> {
     every: usize,
     steps: usize,
     tracked: &'a mut T,
+    /// In a data-parallel run: the stop decision agreed over the ranks after the last step
+    /// (a signal landing on one rank after the agreement waits for the next step's).
+    agreed_stop: Option<bool>,
 }
 
 impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
@@ -407,9 +492,18 @@ impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
         self.tracked
             .after_step(net, trainer, loss, since, evaluated)?;
         let step = trainer.step;
+        let stop = if net.dist().is_some() {
+            // Ranks see a signal at different steps: they stop together, after the first
+            // step after which any of them has seen one.
+            let s = self.study.agree_stop();
+            self.agreed_stop = Some(s);
+            s
+        } else {
+            self.study.stop.requested()
+        };
         // The last step needs no checkpoint: the run's result follows at once.
-        let due = step < self.steps
-            && ((self.every > 0 && step.is_multiple_of(self.every)) || self.study.stop.requested());
+        let due =
+            step < self.steps && ((self.every > 0 && step.is_multiple_of(self.every)) || stop);
         if due {
             self.study
                 .save_checkpoint(self.label, net, trainer, since, &*self.tracked)?;
@@ -418,7 +512,9 @@ impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
     }
 
     fn stop_requested(&self) -> bool {
-        self.study.stop.requested() || self.tracked.stop_requested()
+        self.agreed_stop
+            .unwrap_or_else(|| self.study.stop.requested())
+            || self.tracked.stop_requested()
     }
 }
 
@@ -476,6 +572,33 @@ where
         .copied()
         .filter(|&i| i < total && results[i].is_none())
         .collect();
+    if study.dist().is_some() {
+        // A data-parallel study: one run at a time on this thread (the one that calls MPI),
+        // every rank the same run, the stop agreed before each.
+        for &i in &todo {
+            if study.agree_stop() {
+                break;
+            }
+            match run(i).and_then(|r| study.finish(&keys[i], &r).map(|()| r)) {
+                Ok(res) => {
+                    let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+                    on_done(JobDone {
+                        index: i,
+                        result: &res,
+                        resumed: false,
+                        finished: n,
+                        total,
+                    });
+                    results[i] = Some(res);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if results.iter().any(Option::is_none) {
+            return Err(Error::Stopped { step: 0 });
+        }
+        return Ok(results.into_iter().flatten().collect());
+    }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let slots: std::sync::Mutex<Vec<Option<Result<R>>>> =

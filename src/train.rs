@@ -484,8 +484,8 @@ impl Evaluator {
 
     /// Test accuracy and mean loss over `data` (the first `limit` examples if given), in
     /// inference mode, recording the probe's values if asked. In a data-parallel run each rank
-    /// evaluates a contiguous shard and the counts and losses are summed over the ranks (no
-    /// probe there).
+    /// evaluates a contiguous shard and the counts and losses are summed over the ranks (the
+    /// probe's values gathered, every rank getting all of them in example order).
     pub fn evaluate(
         &mut self,
         net: &mut Network,
@@ -504,17 +504,11 @@ impl Evaluator {
         }
         let dist = net.dist().cloned();
         let shard = match &dist {
-            Some(_) if probe.is_some() => {
-                return Err(Error::config(
-                    "probe",
-                    "a probe is not supported in a data-parallel evaluation",
-                ));
-            }
             Some(d) => crate::dist::slice_of(total, d.comm.size(), d.comm.rank()),
             None => 0..total,
         };
         let mut loss_sum = 0.0;
-        self.for_each_batch_in(net, data, shard, &mut |net, _, n, labels| {
+        self.for_each_batch_in(net, data, shard.clone(), &mut |net, _, n, labels| {
             let logits = net.last_logits(n);
             for (row, &label) in logits.chunks_exact(k).zip(labels) {
                 if argmax(row) == label {
@@ -536,6 +530,14 @@ impl Evaluator {
             d.comm.sum_f64(&mut sums);
             ev.correct = sums[0] as usize;
             loss_sum = sums[1];
+            if probe.is_some() {
+                // Gather the shards' values in example order: each rank puts its own at its
+                // shard's place among zeros and the ranks sum (adding zeros is exact).
+                let mut all = vec![0.0f32; total];
+                all[shard].copy_from_slice(&ev.probe);
+                d.comm.sum_f32(&mut all);
+                ev.probe = all;
+            }
         }
         ev.loss = loss_sum / total.max(1) as f64;
         Ok(ev)

@@ -7,7 +7,12 @@
 //! - a 2-process run with one rank SIGKILLed, or mpirun sent SIGTERM, and resumed ends
 //!   bit-identical to one left alone;
 //! - a divergence stops every rank at the same step with one message; resuming with another
-//!   process count is refused.
+//!   process count is refused;
+//! - `reproduce mnist` on 2 processes equals the one-process study (up to rounding), stopped
+//!   by SIGTERM it resumes under mpirun bit-identical to a study left alone, and another
+//!   process count is refused; `reproduce precise-bn` on 2 processes equals one; what cannot
+//!   train data-parallel (ghost BN, batch renorm, the normalizers, inception and ics studies)
+//!   is refused up front with one message.
 //!
 //! Each test skips with a `SKIPPED:` line when the binary was built without the feature or
 //! mpirun is missing, and fails instead under `BNLAB_REQUIRE_MPI=1` (set by .ci/run when it
@@ -621,4 +626,451 @@ fn without_the_feature_mpirun_is_an_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("--features mpi"), "{err}");
+}
+
+/// The runs of an mnist study in `dir`: each variant's `result.json`, parsed, in name order.
+fn study_runs(dir: &Path) -> Vec<(String, serde_json::Value)> {
+    ["mlp-fig1", "mlp-fig1-bn"]
+        .iter()
+        .map(|v| {
+            let p = dir.join("runs").join(v).join("result.json");
+            let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            (v.to_string(), serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+/// `reproduce mnist` arguments: `steps` steps, an evaluation (and checkpoint) every `every`.
+fn mnist_study_args(data: &str, out: &Path, steps: &str, every: &str) -> Vec<String> {
+    [
+        "reproduce",
+        "mnist",
+        "--data",
+        data,
+        "--steps",
+        steps,
+        "--eval-every",
+        every,
+        "--progress",
+        "plain",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `|a - b| <= tol * max(1, |a|)` for two JSON numbers (null: both null).
+fn near(what: &str, a: &serde_json::Value, b: &serde_json::Value, tol: f64) {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => assert!(
+            (x - y).abs() <= tol * x.abs().max(1.0),
+            "{what}: {x} against {y} (tolerance {tol:e})"
+        ),
+        _ => assert_eq!(a, b, "{what}"),
+    }
+}
+
+/// `mpirun -n 2 bnlab reproduce mnist` (global BN sync): the runs go one after the other on
+/// both processes, rank 0 alone reports and writes, and every result equals a one-process
+/// study's up to the order of the additions: at every evaluation the test accuracy within 2
+/// images of 10,000, the probe's percentiles and the training loss within 1e-4 (relative),
+/// and the final accuracies (running and Algorithm 2's population statistics) within 2 images.
+#[test]
+fn reproduce_mnist_on_two_processes_equals_one() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(single(&strs(&mnist_study_args(data, &one, "300", "100"))));
+    let o = run_ok(mpirun(
+        2,
+        &strs(&mnist_study_args(data, &two, "300", "100")),
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("reproduce mnist: ").count(), 1, "{err}");
+    assert_eq!(err.matches("mlp-fig1-bn: done").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("mlp-fig1-bn: final test accuracy").count(),
+        1,
+        "{err}"
+    );
+    // The study records its process count and BN sync; the one-process study records none.
+    let manifest = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("study.json")).unwrap()).unwrap()
+    };
+    assert_eq!(manifest(&two)["ranks"], 2);
+    assert_eq!(manifest(&two)["bn_sync"], "global");
+    assert!(manifest(&one).get("ranks").is_none());
+    for f in ["results.json", "summary.md", "metrics.csv"] {
+        assert!(two.join(f).is_file(), "{f} written");
+    }
+    for ((name, a), (_, b)) in study_runs(&one).iter().zip(&study_runs(&two)) {
+        let (ca, cb) = (
+            a["curve"].as_array().unwrap(),
+            b["curve"].as_array().unwrap(),
+        );
+        assert_eq!(ca.len(), 4, "{name}: evaluations at 0, 100, 200, 300");
+        assert_eq!(ca.len(), cb.len());
+        for (pa, pb) in ca.iter().zip(cb) {
+            assert_eq!(pa["step"], pb["step"]);
+            let at = |k: &str| format!("{name} step {} {k}", pa["step"]);
+            near(
+                &at("test_accuracy"),
+                &pa["test_accuracy"],
+                &pb["test_accuracy"],
+                2e-4,
+            );
+            for k in ["p15", "p50", "p85", "train_loss"] {
+                near(&at(k), &pa[k], &pb[k], 1e-4);
+            }
+        }
+        for k in ["final_running", "final_population"] {
+            near(&format!("{name} {k}"), &a[k], &b[k], 2e-4);
+        }
+        println!(
+            "{name}: final accuracy {} (one process) and {} (two)",
+            a["final_running"], b["final_running"]
+        );
+    }
+    // Learning happened (the comparison is not between two untrained nets).
+    let bn = &study_runs(&two)[1].1;
+    assert!(bn["final_running"].as_f64().unwrap() > 0.8, "{bn}");
+}
+
+/// A study on 2 processes stopped by SIGTERM to mpirun (the ranks agree on the step, rank 0
+/// writes the checkpoint and prints the command that resumes, naming mpirun) resumes under
+/// mpirun with results bit-identical to a study left alone (the training times apart); it
+/// cannot resume on another process count, nor a one-process study under mpirun.
+#[test]
+fn reproduce_mnist_stopped_under_mpirun_resumes() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (alone, stopped) = (tmp.path().join("alone"), tmp.path().join("stopped"));
+    // 2,000 steps each (several seconds on 2 processes), a checkpoint every 100.
+    run_ok(mpirun(
+        2,
+        &strs(&mnist_study_args(data, &alone, "2000", "100")),
+    ));
+
+    let checkpoint = stopped.join("runs/mlp-fig1/checkpoint.safetensors");
+    let mut job = mpirun(2, &strs(&mnist_study_args(data, &stopped, "2000", "100")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !checkpoint.is_file() {
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the study ended before its first checkpoint"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint in 2 min"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Command::new("kill")
+        .args(["-TERM", &job.id().to_string()])
+        .status()
+        .unwrap();
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(err.matches("stopped (SIGTERM)").count(), 1, "{err}");
+    assert!(
+        err.contains("resume with: mpirun -n 2 bnlab reproduce mnist --resume"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !stopped.join("runs/mlp-fig1-bn/result.json").is_file(),
+        "the stop landed before the end"
+    );
+
+    // Another process count is refused, naming the command.
+    let resume = |extra: &[&str]| {
+        let mut v = vec!["reproduce", "mnist", "--resume", stopped.to_str().unwrap()];
+        v.extend_from_slice(&["--data", data, "--progress", "plain"]);
+        v.extend_from_slice(extra);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let o = single(&strs(&resume(&[]))).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("was run on 2 process(es), this is 1")
+            && err.contains("mpirun -n 2 bnlab reproduce mnist --resume"),
+        "{err}"
+    );
+    // A different --bn-sync is refused too.
+    let start = Instant::now();
+    let o = mpirun(2, &strs(&resume(&["--bn-sync", "local"])))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(
+        err.matches("runs with --bn-sync global").count(),
+        1,
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(60), "no hang");
+
+    let o = run_ok(mpirun(2, &strs(&resume(&[]))));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("resuming the mnist study").count(), 1, "{err}");
+    let strip = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("train_seconds");
+        v
+    };
+    for ((name, a), (_, b)) in study_runs(&alone).into_iter().zip(study_runs(&stopped)) {
+        assert_eq!(strip(a), strip(b), "{name}: the resumed study differs");
+    }
+
+    // A one-process study does not continue under mpirun.
+    let solo = tmp.path().join("solo");
+    run_ok(single(&strs(&mnist_study_args(data, &solo, "20", "10"))));
+    let o = mpirun(
+        2,
+        &[
+            "reproduce",
+            "mnist",
+            "--resume",
+            solo.to_str().unwrap(),
+            "--data",
+            data,
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(
+        err.matches("was run on 1 process(es), this is 2").count(),
+        1,
+        "one message: {err}"
+    );
+}
+
+/// Under mpirun, what cannot train data-parallel is refused before anything is trained or
+/// written, with one message naming it and a failure status, without a hang: an mnist study
+/// with ghost BN or batch renormalization, and the studies whose runs have no data-parallel
+/// form (normalizers: batch renorm; inception: dropout; ics: noisy BN).
+#[test]
+fn reproduce_refuses_what_is_not_data_parallel() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("s");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["mnist", "--norm", "ghost:6", "--out", o],
+            "ghost batch normalization",
+        ),
+        (
+            vec!["mnist", "--norm", "brn", "--out", o],
+            "batch renormalization",
+        ),
+        (
+            vec!["normalizers", "--quick", "--out", o],
+            "batch-renormalization runs",
+        ),
+        (vec!["inception", "--quick", "--out", o], "dropout networks"),
+        (vec!["ics", "--quick", "--out", o], "noisy-BN runs"),
+    ];
+    for (args, needle) in cases {
+        let mut a = vec!["reproduce"];
+        a.extend(args);
+        let start = Instant::now();
+        let r = mpirun(2, &a).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{a:?}: {err}");
+        assert_eq!(err.matches(needle).count(), 1, "{a:?}: one message: {err}");
+        assert!(err.contains("without mpirun"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.join("study.json").exists(), "{a:?}: nothing written");
+        assert!(start.elapsed() < Duration::from_secs(60), "no hang");
+    }
+}
+
+/// `reproduce mnist --bn-sync local` on 2 processes equals a one-process study with
+/// `--norm ghost:30` (each process normalizes its slice of 30): the batch is split over the
+/// processes, not trained whole on each.
+#[test]
+fn reproduce_mnist_local_sync_is_ghost_batch_norm_of_the_slice() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::mnist_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two, plain) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("plain"),
+    );
+    let mut a1 = mnist_study_args(data, &one, "200", "100");
+    a1.extend(["--norm".to_string(), "ghost:30".to_string()]);
+    run_ok(single(&strs(&a1)));
+    run_ok(single(&strs(&mnist_study_args(data, &plain, "200", "100"))));
+    let mut a2 = mnist_study_args(data, &two, "200", "100");
+    a2.extend(["--bn-sync".to_string(), "local".to_string()]);
+    run_ok(mpirun(2, &strs(&a2)));
+    let runs = |d: &Path| study_runs(d).remove(1).1;
+    let (ghost, local, bn) = (runs(&one), runs(&two), runs(&plain));
+    for (pa, pb) in ghost["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(local["curve"].as_array().unwrap())
+    {
+        let at = |k: &str| format!("step {} {k}", pa["step"]);
+        near(
+            &at("test_accuracy"),
+            &pa["test_accuracy"],
+            &pb["test_accuracy"],
+            2e-4,
+        );
+        near(
+            &at("train_loss"),
+            &pa["train_loss"],
+            &pb["train_loss"],
+            1e-4,
+        );
+    }
+    // ... and not BN over the whole batch.
+    let last = |r: &serde_json::Value| r["curve"][2]["train_loss"].as_f64().unwrap();
+    assert!(
+        (last(&bn) - last(&local)).abs() > 1e-3,
+        "local sync trained like whole-batch BN: {} against {}",
+        last(&bn),
+        last(&local)
+    );
+}
+
+/// `mpirun -n 2 bnlab reproduce precise-bn` (global BN sync): training, the second EMA,
+/// Algorithm 2 on the first examples, on the whole training set and on random samples, all
+/// sharded over the processes, give the one-process study's results up to the order of the
+/// additions (every accuracy within 2 of the 2,000 test images, losses within 1e-4). Eight
+/// steps: vgg-mini-bn's early training amplifies rounding differences quickly (`train` itself,
+/// lr 0.05 and momentum 0.9: 1.7e-7 relative L2 on bn1.bias after 6 steps, 1e-2 after 50), and
+/// the comparison is of the measurements, not of a chaotic trajectory.
+#[test]
+fn reproduce_precise_bn_on_two_processes_equals_one() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "reproduce",
+            "precise-bn",
+            "--quick",
+            "--steps",
+            "8",
+            "--eval-every",
+            "4",
+            "--data",
+            data,
+            "--progress",
+            "plain",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(single(&strs(&args(&one))));
+    let o = run_ok(mpirun(2, &strs(&args(&two))));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("reproduce precise-bn: ").count(), 1, "{err}");
+    let runs = |d: &Path| -> Vec<serde_json::Value> {
+        let mut v: Vec<_> = std::fs::read_dir(d.join("runs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("result.json"))
+            .collect();
+        v.sort();
+        v.iter()
+            .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+            .collect()
+    };
+    let (a, b) = (runs(&one), runs(&two));
+    assert_eq!(a.len(), 2, "two runs");
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f64;
+    for (ra, rb) in a.iter().zip(&b) {
+        assert_eq!(ra["diverged_at"], rb["diverged_at"]);
+        let (ca, cb) = (
+            ra["curve"].as_array().unwrap(),
+            rb["curve"].as_array().unwrap(),
+        );
+        assert_eq!(ca.len(), cb.len());
+        for (pa, pb) in ca.iter().zip(cb) {
+            let at = |k: &str| format!("lr {} step {} {k}", ra["lr"], pa["step"]);
+            for k in ["ema", "ema_slow", "population"] {
+                near(&at(k), &pa[k], &pb[k], 1e-3);
+                worst = worst.max((pa[k].as_f64().unwrap() - pb[k].as_f64().unwrap()).abs());
+            }
+            near(
+                &at("train_loss"),
+                &pa["train_loss"],
+                &pb["train_loss"],
+                1e-4,
+            );
+        }
+        near(
+            "population_full",
+            &ra["population_full"],
+            &rb["population_full"],
+            1e-3,
+        );
+        let (sa, sb) = (
+            ra["samples"].as_array().unwrap(),
+            rb["samples"].as_array().unwrap(),
+        );
+        assert_eq!(sa.len(), sb.len());
+        assert!(!sa.is_empty());
+        for (xa, xb) in sa.iter().zip(sb) {
+            assert_eq!(xa["examples"], xb["examples"]);
+            for (ya, yb) in xa["accuracies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(xb["accuracies"].as_array().unwrap())
+            {
+                near(&format!("samples of {}", xa["examples"]), ya, yb, 1e-3);
+                worst = worst.max((ya.as_f64().unwrap() - yb.as_f64().unwrap()).abs());
+            }
+        }
+    }
+    println!("precise-bn on 2 processes: largest accuracy difference {worst}");
 }

@@ -1,8 +1,10 @@
 //! The processes a command runs on: MPI's ranks when started by `mpirun -n P` (the `mpi`
-//! feature), else this process alone. Only `train` and `bench` run data-parallel.
+//! feature), else this process alone. `train`, `bench`, `reproduce mnist` and `reproduce
+//! precise-bn` run data-parallel.
 
 use bnlab::dist::{launcher_size, BnSync, Collective, Dist};
 use bnlab::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// This command's ranks.
@@ -13,6 +15,8 @@ pub struct Ranks {
     /// Keeps MPI initialized for the command's life (finalized on drop).
     #[cfg(feature = "mpi")]
     world: Option<bnlab::dist::mpi::MpiWorld>,
+    /// A failure was agreed over the ranks and reported (`agree`).
+    reported: AtomicBool,
 }
 
 impl Ranks {
@@ -22,6 +26,7 @@ impl Ranks {
             #[cfg(feature = "mpi")]
             world: None,
             comm: None,
+            reported: AtomicBool::new(false),
         }
     }
 
@@ -43,6 +48,7 @@ impl Ranks {
             Ok(Ranks {
                 world: Some(world),
                 comm,
+                reported: AtomicBool::new(false),
             })
         }
         #[cfg(not(feature = "mpi"))]
@@ -92,6 +98,56 @@ impl Ranks {
     /// must be aborted (`abort`).
     pub fn agreed(e: &Error) -> bool {
         matches!(e, Error::Diverged { .. } | Error::Stopped { .. })
+    }
+
+    /// Agree over the ranks on `r`, the outcome of a step that every rank takes at the same
+    /// point (a command's setup, before it trains): when any rank failed, every rank returns
+    /// an error, reported once (rank 0's error if it has one, else each failing rank's), and
+    /// [`Ranks::reported`] says so: the command then ends on every rank with a failure, without
+    /// a rank left waiting and without MPI_Abort. One rank: `r` itself.
+    pub fn agree<T>(&self, r: Result<T>) -> Result<T> {
+        let Some(c) = &self.comm else {
+            return r;
+        };
+        let mine = match (&r, self.lead()) {
+            (Ok(_), _) => 0,
+            (Err(_), false) => 1,
+            (Err(_), true) => 2,
+        };
+        let worst = c.max_u64(mine);
+        if worst == 0 {
+            return r;
+        }
+        self.reported.store(true, Ordering::SeqCst);
+        match r {
+            Err(e) => {
+                if self.lead() {
+                    eprintln!("error: {e}");
+                } else if worst == 1 {
+                    eprintln!("error (rank {} of {}): {e}", self.rank(), self.size());
+                }
+                Err(e)
+            }
+            Ok(_) => Err(Error::config(
+                "mpirun",
+                "another process failed (its message above)",
+            )),
+        }
+    }
+
+    /// True once `agree` has reported a failure: the command's error is said already.
+    pub fn reported(&self) -> bool {
+        self.reported.load(Ordering::SeqCst)
+    }
+
+    /// `mpirun -n P ` when there is more than one rank (to prefix the command that resumes),
+    /// else nothing.
+    pub fn launcher(&self) -> String {
+        if self.size() > 1 {
+            format!("mpirun -n {} ", self.size())
+        } else {
+            String::new()
+        }
     }
 
     /// End every rank of the job with `code` (MPI_Abort); returns with one rank.

@@ -7,6 +7,7 @@
 //! the fastest use of two cores for matrices this small and keeps every run bit-reproducible.
 
 use crate::data::Split;
+use crate::dist::Dist;
 use crate::network::Network;
 use crate::optim::Schedule;
 use crate::report::{CurvePoint, MnistReport, VariantRun};
@@ -212,6 +213,7 @@ pub fn run_variant(
         bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
+    join(&mut net, setup, study.dist())?;
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let evaluator = Evaluator::new(setup.eval_batch, features);
     let probe = Probe {
@@ -290,9 +292,56 @@ pub fn run_variant(
 /// The two nets of the study, in report order.
 pub const VARIANTS: [&str; 2] = ["mlp-fig1", "mlp-fig1-bn"];
 
+/// Make `net` a replica of the data-parallel run `dist` (nothing without one), refusing what
+/// that run cannot train: a normalizer without a data-parallel form (`--norm ghost:G`, `brn`,
+/// `noisy-bn`) or a batch whose slices are too small for BN.
+fn join(net: &mut Network, setup: &MnistSetup, dist: Option<&Dist>) -> Result<()> {
+    let Some(d) = dist else {
+        return Ok(());
+    };
+    let p = d.comm.size();
+    let least = if net.has_batch_norm() { 2 * p } else { p };
+    if setup.batch_size < least {
+        return Err(Error::config(
+            "reproduce mnist",
+            format!(
+                "batches of {} over {p} processes: {} needs at least {least} (at least {}                  example(s) per process); run the study without mpirun",
+                setup.batch_size,
+                net.name(),
+                least / p
+            ),
+        ));
+    }
+    net.set_dist(Some(d.clone())).map_err(|e| {
+        Error::config(
+            "reproduce mnist",
+            format!(
+                "the run {} cannot train data-parallel ({e}); run the study without mpirun",
+                net.name()
+            ),
+        )
+    })
+}
+
+/// Check, before anything is trained or written, that every run of the study can train as a
+/// replica of the data-parallel run `dist` (see [`reproduce`]): an error naming the first run
+/// that cannot.
+pub fn check_data_parallel(setup: &MnistSetup, dist: &Dist) -> Result<()> {
+    let max_batch = setup.batch_size.max(setup.eval_batch);
+    for preset in VARIANTS {
+        let mut net =
+            Network::preset_with_norm(preset, setup.norm.as_deref(), setup.seed, max_batch, 1)?;
+        join(&mut net, setup, Some(dist))?;
+        net.set_dist(None)?;
+    }
+    Ok(())
+}
+
 /// Train both networks (in parallel, one thread each) as runs of `study`, and collect the
 /// report. A stop request ends both after their current step (`Error::Stopped`), each with its
-/// checkpoint written; calling again with the study opened continues them.
+/// checkpoint written; calling again with the study opened continues them. A data-parallel
+/// study (`Study::with_dist`) trains them one after the other, each on every rank, with the
+/// global batch split over the ranks (see `dist`).
 pub fn reproduce(
     setup: &MnistSetup,
     data: &Split,
@@ -304,6 +353,21 @@ pub fn reproduce(
             "reproduce mnist",
             "steps and eval-every must be positive and the batch at least 2",
         ));
+    }
+    if study.dist().is_some() {
+        // Data-parallel: every rank trains each net in turn (each run all the ranks'), the
+        // stop agreed before each; only rank 0 writes (`Study::with_dist`).
+        let mut variants = Vec::new();
+        for v in VARIANTS {
+            if study.agree_stop() {
+                return Err(Error::Stopped { step: 0 });
+            }
+            variants.push(run_variant(v, setup, data, study, on_progress)?);
+        }
+        return Ok(MnistReport {
+            setup: setup_json(setup)?,
+            variants,
+        });
     }
     let (plain, bn) = std::thread::scope(|s| {
         let h = s.spawn(|| run_variant(VARIANTS[0], setup, data, study, on_progress));

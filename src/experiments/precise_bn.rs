@@ -18,9 +18,12 @@
 //! and from the whole training set, and evaluates each.
 //!
 //! The runs go through `study::Study` like every `reproduce`: checkpoints (with the second
-//! EMA's buffers and the curve so far), `--resume`, `--report-only`.
+//! EMA's buffers and the curve so far), `--resume`, `--report-only`. In a data-parallel study
+//! (`Study::with_dist`, global BN sync) the runs go one after the other on every rank, and
+//! every Algorithm 2 pass takes each rank's slice of its batches.
 
 use crate::data::{Dataset, Split};
+use crate::dist::{BnSync, Dist};
 use crate::kernels::batch_norm::{update_running, RunningAverage};
 use crate::model;
 use crate::network::Network;
@@ -381,10 +384,13 @@ pub fn population_of(
     let features = train.features();
     let mut x = vec![0.0; batch * features];
     let mut y = vec![0; batch];
+    // A data-parallel run: each rank its slice of every batch, as `population_statistics`
+    // (the BN layers merge the statistics over the ranks).
+    let slice = net.dist().map_or(0..batch, |d| d.slice(batch));
     net.for_each_batch_norm(&mut |bn| bn.begin_population());
     for chunk in indices.chunks_exact(batch) {
-        train.fill_batch(chunk, &mut x, &mut y);
-        net.forward(&x, batch, Mode::Population)?;
+        train.fill_batch(&chunk[slice.clone()], &mut x, &mut y);
+        net.forward(&x, slice.len(), Mode::Population)?;
     }
     net.for_each_batch_norm(&mut |bn| {
         bn.finish_population();
@@ -557,6 +563,9 @@ pub fn run_job(
     };
     config.validate(net.has_batch_norm())?;
     config.validate_for_data(data.train.len())?;
+    if let Some(d) = study.dist() {
+        join(&mut net, setup, d)?;
+    }
     let features = data.train.features();
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let mut follow = Follow {
@@ -602,7 +611,7 @@ pub fn run_job(
         for &n in &setup.sample_counts {
             let mut accuracies = Vec::with_capacity(setup.draws);
             for d in 0..setup.draws {
-                if study.stop().requested() {
+                if study.agree_stop() {
                     return Err(Error::Stopped { step: setup.steps });
                 }
                 let idx = draw_indices(setup.seed, data.train.len(), n, d);
@@ -639,6 +648,49 @@ pub fn run_job(
     })
 }
 
+/// Make `net` a replica of the data-parallel run `d`, refusing what that run cannot measure:
+/// local BN sync (the second EMA follows the global batch's statistics, which each rank must
+/// hold alike) and batches or Algorithm 2 samples too small to split.
+fn join(net: &mut Network, setup: &PreciseBnSetup, d: &Dist) -> Result<()> {
+    let p = d.comm.size();
+    let bad = |why: String| {
+        Err(Error::config(
+            "reproduce precise-bn",
+            format!("{why}; run the study without mpirun"),
+        ))
+    };
+    if d.bn_sync != BnSync::Global {
+        return bad(format!(
+            "--bn-sync {} on {p} processes: the second EMA needs global sync",
+            d.bn_sync.name()
+        ));
+    }
+    let smallest = setup
+        .sample_counts
+        .iter()
+        .map(|&n| n.min(setup.batch_size))
+        .chain([setup.batch_size])
+        .min()
+        .unwrap_or(setup.batch_size);
+    if smallest < 2 * p {
+        return bad(format!(
+            "batches of {smallest} over {p} processes: BN needs at least 2 examples per process"
+        ));
+    }
+    net.set_dist(Some(d.clone()))
+}
+
+/// Check, before anything is trained or written, that the study's runs can train and measure
+/// as replicas of the data-parallel run `d` ([`run_study`] with `Study::with_dist`).
+pub fn check_data_parallel(setup: &PreciseBnSetup, d: &Dist) -> Result<()> {
+    setup.validate()?;
+    let spec = model::preset(&setup.model)?;
+    let input = model::resolve_input(&spec, Some(&[1, 28, 28]))?;
+    let mut net = Network::build(&spec, &input, setup.seed, setup.batch_size, 1)?;
+    join(&mut net, setup, d)?;
+    net.set_dist(None)
+}
+
 /// Every run of the study, in `setup.jobs()` order, on `setup.workers` threads; finished runs
 /// are read back from `study`, started ones continue from their checkpoints. A stop request
 /// ends the runs in training after their current step and returns `Error::Stopped`.
@@ -660,6 +712,21 @@ pub fn run_study(
         }
     }
     let todo: Vec<usize> = (0..jobs.len()).filter(|&i| results[i].is_none()).collect();
+    if study.dist().is_some() {
+        // Data-parallel: one run at a time on this thread (the one that calls MPI), every
+        // rank the same run, the stop agreed before each.
+        for &i in &todo {
+            if study.agree_stop() {
+                return Err(Error::Stopped { step: 0 });
+            }
+            let job = &jobs[i];
+            let r = run_job(setup, job, data, study, 0, on_progress)?;
+            study.finish(&job.key(), &r)?;
+            on_done(job, &r, false);
+            results[i] = Some(r);
+        }
+        return Ok(results.into_iter().flatten().collect());
+    }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let slots: Mutex<Vec<Option<Result<RunResult>>>> =
