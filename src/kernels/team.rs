@@ -275,8 +275,16 @@ pub fn part(n: usize, parts: usize, i: usize) -> Range<usize> {
 /// How many pieces to cut `n` items into for `threads` threads: one per thread, but none
 /// smaller than `min_len` items (and at least one piece).
 pub fn pieces(threads: usize, n: usize, min_len: usize) -> usize {
-    threads.min(n / min_len.max(1)).max(1)
+    if threads <= 1 {
+        return 1;
+    }
+    (threads * PIECES_PER_THREAD).min(n / min_len.max(1)).max(1)
 }
+
+/// Pieces per thread in a region: more than one, so that when a worker is slow to start (its
+/// core busy elsewhere, its virtual CPU not running), the others take over its share instead of
+/// waiting for it.
+pub const PIECES_PER_THREAD: usize = 4;
 
 /// `f(range)` for each of `pieces(threads, n, min_len)` contiguous ranges of `0..n`, in
 /// parallel: for work whose outputs depend only on their own items (examples of a batch,
