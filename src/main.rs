@@ -663,6 +663,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The reproductions share every core among their runs (`$BNLAB_THREADS` to use fewer).
+    if matches!(cli.command, Command::Reproduce { .. }) {
+        match threads_used(None) {
+            Ok(n) => bnlab::study::set_cores(n),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match cli.command {
         Command::Train(a) => train(*a, &stop, &ranks),
         Command::Eval(a) => eval(a),

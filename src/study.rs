@@ -532,6 +532,29 @@ pub struct JobDone<'a, R> {
     pub total: usize,
 }
 
+/// The cores the studies share out among their runs; 0 until the command line sets it.
+static CORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Give the studies `cores` cores (the command line passes its thread count: `--threads`,
+/// `$BNLAB_THREADS` or every core). Until this is called a study runs its configured number of
+/// runs at a time (`workers`), one thread each. Results do not depend on it: runs are
+/// independent, and a network computes the same bits on any thread count.
+pub fn set_cores(cores: usize) {
+    CORES.store(cores, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How a study of `runs` runs, configured for `workers` at a time, shares the cores: (runs at a
+/// time, threads per run). With the cores set: one run per core while there are more runs than
+/// cores, else the cores split evenly among all the runs.
+pub fn share_cores(workers: usize, runs: usize) -> (usize, usize) {
+    let cores = CORES.load(std::sync::atomic::Ordering::Relaxed);
+    if cores == 0 {
+        return (workers.min(runs).max(1), 1);
+    }
+    let at_once = cores.min(runs).max(1);
+    (at_once, (cores / at_once).max(1))
+}
+
 /// The runs of a study, each independent, on `workers` threads: runs already finished in
 /// `study` (by key, `keys[i]`) are read back; the others are taken in `order` (indices into
 /// `keys`), run by `run(i)` and kept in the study (`Study::finish`). A stop request ends the

@@ -398,7 +398,7 @@ pub fn run_study(
         "reproduce ics",
         &keys,
         &order,
-        setup.workers,
+        crate::study::share_cores(setup.workers, jobs.len()).0,
         &|i| run_job(setup, &jobs[i], data[jobs[i].net], study),
         &|d| {
             on_done(Done {
@@ -542,7 +542,8 @@ pub fn run_job(setup: &IcsSetup, job: &Job, data: &Split, study: &StudyDir) -> R
     let shape = data.train.shape();
     let input = model::resolve_input(&spec, Some(&shape))?;
     let b = ns.batch_size;
-    let mut net = Network::build(&spec, &input, setup.seed, b.max(setup.eval_batch), 1)?;
+    let threads = crate::study::share_cores(setup.workers, setup.jobs().len()).1;
+    let mut net = Network::build(&spec, &input, setup.seed, b.max(setup.eval_batch), threads)?;
     let probe_layer = probe_layer(&net).ok_or_else(|| {
         Error::config(
             "reproduce ics",
@@ -569,7 +570,7 @@ pub fn run_job(setup: &IcsSetup, job: &Job, data: &Split, study: &StudyDir) -> R
         seed: setup.seed,
         order: Order::Shuffle,
         eval_every: ns.eval_every,
-        threads: 1,
+        threads,
         augment: crate::train::Augment::None,
         bn: Default::default(),
     };

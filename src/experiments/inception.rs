@@ -46,7 +46,7 @@
 //! (the first is the `BN-x30` variant itself), predicting the arithmetic mean of their softmax
 //! probabilities on the whole test set.
 //!
-//! Runs are independent, so they flow through `workers` threads (two: one per core) pulling from
+//! Runs are independent, so they flow through one worker thread per core (`study::share_cores`) pulling from
 //! one queue; each network is single-threaded, as in `experiments::mnist`: for these layer sizes
 //! that is the best use of two cores, and every run stays bit-reproducible whatever the order.
 
@@ -264,8 +264,8 @@ impl InceptionSetup {
                 "Figure 4's ensemble of BN-x30 networks (the paper's 6 differ in more than the seed)"),
             row("seed", format!("{} (initialization and batch order) for the sweep and the variants", self.seed),
                 "every variant starts from its network's initialization with that seed and sees the same batches"),
-            row("threads", format!("{} runs at a time, one thread each", self.workers),
-                "independent runs use two cores best side by side; each run is bit-reproducible"),
+            row("threads", "one run per core at a time (the cores shared among the runs when they are fewer)".to_string(),
+                "independent runs use the cores best side by side; each run gives the same bits on any thread count"),
         ]
     }
 }
@@ -536,6 +536,7 @@ fn run_job(
     data: &Split,
     study: &Study,
     worker: usize,
+    threads: usize,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Outcome> {
     let progress = |step: usize, last_accuracy: Option<f64>, evaluated: bool, finished: bool| {
@@ -565,7 +566,7 @@ fn run_job(
         setup.norm.as_deref(),
         r.seed,
         setup.batch_size.max(setup.eval_batch),
-        1,
+        threads,
     )?;
     let config = TrainConfig {
         steps: setup.steps,
@@ -577,7 +578,7 @@ fn run_job(
         seed: r.seed,
         order: Order::Shuffle,
         eval_every: setup.eval_every,
-        threads: 1,
+        threads,
         augment: crate::train::Augment::None,
         bn: Default::default(),
     };
@@ -700,7 +701,8 @@ fn run_all(
     let results: Mutex<Vec<Option<Result<Outcome>>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|s| {
-        for worker in 0..setup.workers.min(jobs.len()) {
+        let (at_once, threads) = crate::study::share_cores(setup.workers, jobs.len());
+        for worker in 0..at_once {
             let (next, failed, results) = (&next, &failed, &results);
             s.spawn(move || loop {
                 if failed.load(Ordering::Relaxed) {
@@ -713,7 +715,7 @@ fn run_all(
                     failed.store(true, Ordering::Relaxed);
                     break;
                 }
-                let r = run_job(job, setup, data, study, worker, on_progress);
+                let r = run_job(job, setup, data, study, worker, threads, on_progress);
                 if r.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }

@@ -196,8 +196,20 @@ pub fn run_variant(
     }
     let features = data.train.features();
     let max_batch = setup.batch_size.max(setup.eval_batch);
-    let mut net =
-        Network::preset_with_norm(preset, setup.norm.as_deref(), setup.seed, max_batch, 1)?;
+    // Both nets train at once, sharing the cores; data-parallel, one at a time.
+    let at_once = if study.dist().is_some() {
+        1
+    } else {
+        VARIANTS.len()
+    };
+    let threads = crate::study::share_cores(at_once, at_once).1;
+    let mut net = Network::preset_with_norm(
+        preset,
+        setup.norm.as_deref(),
+        setup.seed,
+        max_batch,
+        threads,
+    )?;
     let config = TrainConfig {
         steps: setup.steps,
         batch_size: setup.batch_size,
@@ -208,7 +220,7 @@ pub fn run_variant(
         seed: setup.seed,
         order: Order::Shuffle,
         eval_every: setup.eval_every,
-        threads: 1,
+        threads,
         augment: crate::train::Augment::None,
         bn: Default::default(),
     };

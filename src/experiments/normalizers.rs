@@ -245,7 +245,7 @@ pub fn run_study(
         "reproduce normalizers",
         &keys,
         &order,
-        setup.workers,
+        crate::study::share_cores(setup.workers, jobs.len()).0,
         &|i| run_job(setup, &jobs[i], data, study),
         &|d| {
             on_done(Done {
@@ -306,7 +306,8 @@ pub fn run_job(
     let shape = data.train.shape();
     let input = model::resolve_input(&spec, Some(&shape))?;
     let b = job.batch_size;
-    let mut net = Network::build(&spec, &input, setup.seed, b.max(setup.eval_batch), 1)?;
+    let threads = crate::study::share_cores(setup.workers, setup.jobs().len()).1;
+    let mut net = Network::build(&spec, &input, setup.seed, b.max(setup.eval_batch), threads)?;
     let steps = (setup.examples / b).max(1);
     let lr = setup.base_lr * b as f64 / setup.base_batch as f64;
     let config = TrainConfig {
@@ -327,7 +328,7 @@ pub fn run_job(
             },
         },
         eval_every: 0,
-        threads: 1,
+        threads,
         augment: crate::train::Augment::None,
         bn: Default::default(),
     };

@@ -532,12 +532,13 @@ pub fn run_job(
     let spec = model::preset(&setup.model)?;
     let shape = data.train.shape();
     let input = model::resolve_input(&spec, Some(&shape))?;
+    let threads = crate::study::share_cores(setup.workers, setup.jobs().len()).1;
     let mut net = Network::build(
         &spec,
         &input,
         setup.seed,
         setup.batch_size.max(setup.eval_batch),
-        1,
+        threads,
     )?;
     net.for_each_batch_norm(&mut |bn| {
         bn.running_average = RunningAverage::Exponential {
@@ -557,7 +558,7 @@ pub fn run_job(
         seed: setup.seed,
         order: Order::Shuffle,
         eval_every: setup.eval_every,
-        threads: 1,
+        threads,
         augment: crate::train::Augment::None,
         bn: Default::default(),
     };
@@ -732,7 +733,7 @@ pub fn run_study(
     let slots: Mutex<Vec<Option<Result<RunResult>>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|s| {
-        for worker in 0..setup.workers.min(todo.len()) {
+        for worker in 0..crate::study::share_cores(setup.workers, todo.len()).0 {
             let (next, failed, slots, todo, jobs) = (&next, &failed, &slots, &todo, &jobs);
             s.spawn(move || loop {
                 if failed.load(Ordering::Relaxed) || study.stop().requested() {
