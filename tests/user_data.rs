@@ -318,7 +318,7 @@ fn odd_sizes_get_clear_answers() {
         "--batch-size",
         "16",
         "--threads",
-        "8",
+        "300",
         "--eval-every",
         "0",
         "--save",
@@ -327,7 +327,7 @@ fn odd_sizes_get_clear_answers() {
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("--threads 8") && err.contains("running on 2"),
+        err.contains("--threads 300") && err.contains("running on 256"),
         "{err}"
     );
     let file = TensorFile::read(&w).unwrap();
