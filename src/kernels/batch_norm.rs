@@ -78,7 +78,7 @@ pub fn batch_stats(
         Disjoint::new(&mut mean_lo[..d.c]),
         Disjoint::new(&mut var[..d.c]),
     );
-    par_ranges(threads, d.c, 1, |r| {
+    par_ranges(threads, d.c, min_features(d), |r| {
         // SAFETY: the feature blocks are disjoint.
         let (m, l, v) = unsafe {
             (
@@ -90,6 +90,21 @@ pub fn batch_stats(
         stats_features(x, d, r.start, m, l, v);
     });
     Ok(())
+}
+
+/// Values a piece of parallel work should hold at least: below this, handing it to another
+/// thread costs more than it saves (the fully connected layers of the Figure 1 MLP, 60 x 100
+/// values, stay on one thread).
+const MIN_PIECE_VALUES: usize = 1 << 14;
+
+/// The fewest features per piece of a per-feature split.
+fn min_features(d: Dims) -> usize {
+    MIN_PIECE_VALUES.div_ceil(d.m().max(1))
+}
+
+/// The fewest examples per piece of a split of the batch.
+fn min_examples(d: Dims) -> usize {
+    MIN_PIECE_VALUES.div_ceil((d.c * d.s).max(1))
 }
 
 /// `batch_stats` for the features `c0 .. c0 + mean.len()`.
@@ -298,7 +313,7 @@ pub fn normalize(
     let ys = Disjoint::new(&mut y[..d.len()]);
     let hs = xhat.map(|h| Disjoint::new(&mut h[..d.len()]));
     let p = (mean, mean_lo, inv_std, gamma, beta);
-    par_ranges(threads, d.n, 1, |r| {
+    par_ranges(threads, d.n, min_examples(d), |r| {
         let v = r.start * sz..r.end * sz;
         // SAFETY: the example blocks are disjoint.
         let (yr, hr) = unsafe { (ys.range(v.clone()), hs.as_ref().map(|h| h.range(v.clone()))) };
@@ -413,7 +428,7 @@ fn grad_sums(
         Disjoint::new(&mut sum_dy[..d.c]),
         Disjoint::new(&mut sum_dy_xhat[..d.c]),
     );
-    par_ranges(threads, d.c, 1, |r| {
+    par_ranges(threads, d.c, min_features(d), |r| {
         // SAFETY: the feature blocks are disjoint.
         let (a, b) = unsafe { (ds.range(r.clone()), hs.range(r.clone())) };
         grad_sums_features(dy, xhat, inv_std, d, r.start, a, b);
@@ -544,7 +559,7 @@ pub fn backward_dx(
     let sz = c * d.s;
     let dxs = Disjoint::new(&mut dx[..d.len()]);
     let sums = (&*sum_dy, &*sum_dy_xhat);
-    par_ranges(threads, d.n, 1, |r| {
+    par_ranges(threads, d.n, min_examples(d), |r| {
         let v = r.start * sz..r.end * sz;
         let xh = match xhat {
             Xhat::Stored(h) => Xhat::Stored(&h[v.clone()]),
