@@ -3,8 +3,7 @@
 
 mod common;
 
-use bnlab::checkpoint::{Loaded, TensorFile};
-use std::path::Path;
+use bnlab::checkpoint::TensorFile;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,21 +37,6 @@ fn train_args<'a>(data: &'a str, out: &'a str, threads: &'a str) -> Vec<&'a str>
         "--out",
         out,
     ]
-}
-
-fn tensors(p: &Path) -> Vec<(String, Vec<u64>)> {
-    let f = TensorFile::read(p).unwrap();
-    f.tensors
-        .iter()
-        .map(|(k, (_, v))| {
-            let bits = match v {
-                Loaded::F32(x) => x.iter().map(|v| v.to_bits() as u64).collect(),
-                Loaded::F64(x) => x.iter().map(|v| v.to_bits()).collect(),
-                Loaded::I64(x) => x.iter().map(|&v| v as u64).collect(),
-            };
-            (k.clone(), bits)
-        })
-        .collect()
 }
 
 #[test]
@@ -111,8 +95,8 @@ fn killed_and_resumed_runs_end_bit_identical() {
             "only {kills} kills landed; the run was too quick to interrupt"
         );
         assert_eq!(
-            tensors(&alone.join("final.safetensors")),
-            tensors(&killed.join("final.safetensors")),
+            common::checkpoint_bits(&alone.join("final.safetensors")),
+            common::checkpoint_bits(&killed.join("final.safetensors")),
             "threads {threads}: resumed run differs after {kills} kills"
         );
         assert_eq!(

@@ -4,7 +4,6 @@
 
 mod common;
 
-use bnlab::checkpoint::{Loaded, TensorFile};
 use bnlab::kernels::activation;
 use bnlab::kernels::matmul::{matmul, Trans};
 use bnlab::kernels::simd::{self, Level};
@@ -13,7 +12,6 @@ use bnlab::nn::{
     Sigmoid, Tanh,
 };
 use common::Lcg;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -287,18 +285,6 @@ fn bnlab(args: &[&str], simd_env: Option<&str>) -> std::process::Output {
     c.output().expect("bnlab runs")
 }
 
-fn tensors(path: &Path) -> Vec<(String, Vec<u32>)> {
-    TensorFile::read(path)
-        .unwrap()
-        .tensors
-        .into_iter()
-        .filter_map(|(name, (_, t))| match t {
-            Loaded::F32(v) => Some((name, bits(&v))),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A few training steps of a convolutional BN net and of the sigmoid MLP with BN, at every
 /// level: the same weights bit for bit. A bad `BNLAB_SIMD` warns and trains on the default.
 #[test]
@@ -338,7 +324,7 @@ fn training_gives_the_same_weights_at_every_level() {
             );
             let err = String::from_utf8_lossy(&o.stderr).into_owned();
             assert!(o.status.success(), "{model} {name}: {err}");
-            (tensors(&out.join("final.safetensors")), err)
+            (common::checkpoint_bits(&out.join("final.safetensors")), err)
         };
         let (base, _) = train("baseline", Some("baseline"));
         assert!(!base.is_empty());

@@ -3,8 +3,6 @@
 
 mod common;
 
-use bnlab::checkpoint::{Loaded, TensorFile};
-use std::path::Path;
 use std::process::Command;
 
 fn bnlab(args: &[&str], threads_env: Option<&str>) -> std::process::Output {
@@ -18,18 +16,6 @@ fn bnlab(args: &[&str], threads_env: Option<&str>) -> std::process::Output {
         None => c.env_remove("BNLAB_THREADS"),
     };
     c.output().expect("bnlab runs")
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u32>)> {
-    TensorFile::read(path)
-        .unwrap()
-        .tensors
-        .into_iter()
-        .filter_map(|(name, (_, t))| match t {
-            Loaded::F32(v) => Some((name, v.iter().map(|x| x.to_bits()).collect())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Three BN nets, each trained 1, 2, 3 and 8 threads wide (the inception net also by
@@ -79,7 +65,7 @@ fn any_thread_count_trains_the_same_bits() {
                 "{model} {name}: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            tensors(&out.join("final.safetensors"))
+            common::checkpoint_bits(&out.join("final.safetensors"))
         };
         let one = train("one", &["--threads", "1"], None);
         assert!(!one.is_empty());

@@ -64,21 +64,7 @@ pub fn matmul_as(
         }
         return;
     }
-    // (row stride, column stride) of op(a) and op(b).
-    let (a_rs, a_cs) = match trans {
-        Trans::A => (1, m),
-        _ => (k, 1),
-    };
-    let (b_rs, b_cs) = match trans {
-        Trans::B => (1, k),
-        _ => (n, 1),
-    };
-    let ab = Strides {
-        a_rs,
-        a_cs,
-        b_rs,
-        b_cs,
-    };
+    let ab = Strides::of(trans, m, k, n);
     let path = Path::of(path_rows, k, n, ab);
     // Row blocks on multiples of the 4-row tile (so that no block ends in slow 1-row tiles),
     // each at least half the parallel threshold: every kernel computes a row of `c` the same
@@ -106,7 +92,7 @@ pub fn matmul_as(
             let cb = unsafe { cs.range(r.start * n..r.end * n) };
             block(
                 cb,
-                &a[r.start * a_rs..],
+                &a[r.start * ab.a_rs..],
                 b,
                 r.len(),
                 k,
@@ -151,6 +137,26 @@ struct Strides {
     a_cs: usize,
     b_rs: usize,
     b_cs: usize,
+}
+
+impl Strides {
+    /// (row stride, column stride) of op(a) and op(b) for an `m x k` by `k x n` product.
+    fn of(trans: Trans, m: usize, k: usize, n: usize) -> Strides {
+        let (a_rs, a_cs) = match trans {
+            Trans::A => (1, m),
+            _ => (k, 1),
+        };
+        let (b_rs, b_cs) = match trans {
+            Trans::B => (1, k),
+            _ => (n, 1),
+        };
+        Strides {
+            a_rs,
+            a_cs,
+            b_rs,
+            b_cs,
+        }
+    }
 }
 
 /// Products up to this many multiply-adds use `small_gemm` (ours, allocation-free); larger
@@ -619,13 +625,7 @@ mod tests {
                 let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
                 let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
-                let s = Strides {
-                    a_rs: if trans == Trans::A { 1 } else { k },
-                    a_cs: if trans == Trans::A { m } else { 1 },
-                    b_rs: if trans == Trans::B { 1 } else { n },
-                    b_cs: if trans == Trans::B { k } else { 1 },
-                };
-                let path = Path::of(m, k, n, s);
+                let path = Path::of(m, k, n, Strides::of(trans, m, k, n));
                 let mut one = c0.clone();
                 matmul(&mut one, &a, &b, m, k, n, trans, true, 1);
                 for threads in [2, 3, 5, 8] {

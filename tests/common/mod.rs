@@ -335,3 +335,21 @@ pub fn fails_with(args: &[&str], needles: &[&str]) {
         assert!(err.contains(n), "{args:?}: expected '{n}' in: {err}");
     }
 }
+
+/// Every tensor of a checkpoint as bit patterns (f32 and f64 bits, i64 values), with its name:
+/// for comparing checkpoints bit for bit.
+pub fn checkpoint_bits(p: &Path) -> Vec<(String, Vec<u64>)> {
+    use bnlab::checkpoint::{Loaded, TensorFile};
+    let f = TensorFile::read(p).unwrap();
+    f.tensors
+        .iter()
+        .map(|(k, (_, v))| {
+            let bits = match v {
+                Loaded::F32(x) => x.iter().map(|v| v.to_bits() as u64).collect(),
+                Loaded::F64(x) => x.iter().map(|v| v.to_bits()).collect(),
+                Loaded::I64(x) => x.iter().map(|&v| v as u64).collect(),
+            };
+            (k.clone(), bits)
+        })
+        .collect()
+}
