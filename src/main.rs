@@ -663,6 +663,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A bad $BNLAB_SIMD is an error, as a bad $BNLAB_THREADS is: a run must use the level it
+    // was asked for.
+    if let Err(e) = bnlab::kernels::simd::requested() {
+        eprintln!("error: {}", Error::config("$BNLAB_SIMD", e));
+        return ExitCode::FAILURE;
+    }
     // The reproductions share every core among their runs (`$BNLAB_THREADS` to use fewer).
     if matches!(cli.command, Command::Reproduce { .. }) {
         match threads_used(None) {
@@ -1239,9 +1245,6 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         bn: Default::default(),
     };
     config.validate(spec.has_batch_norm())?;
-    // A bad $BNLAB_SIMD is an error here (elsewhere a warning): a benchmark must run on the
-    // level it was asked for.
-    bnlab::kernels::simd::requested().map_err(|e| Error::config("$BNLAB_SIMD", e))?;
     let simd = bnlab::kernels::simd::level();
     let split = load_data(&a.data, Some(&spec))?;
     config.validate_for_data(split.train.len())?;

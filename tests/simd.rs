@@ -286,7 +286,7 @@ fn bnlab(args: &[&str], simd_env: Option<&str>) -> std::process::Output {
 }
 
 /// A few training steps of a convolutional BN net and of the sigmoid MLP with BN, at every
-/// level: the same weights bit for bit. A bad `BNLAB_SIMD` warns and trains on the default.
+/// level: the same weights bit for bit. A bad `BNLAB_SIMD` is refused with its name.
 #[test]
 fn training_gives_the_same_weights_at_every_level() {
     let t = tempfile::tempdir().unwrap();
@@ -323,6 +323,10 @@ fn training_gives_the_same_weights_at_every_level() {
                 env,
             );
             let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            if name == "bogus" {
+                assert!(!o.status.success(), "{model}: BNLAB_SIMD=sse9 was accepted");
+                return (Vec::new(), err);
+            }
             assert!(o.status.success(), "{model} {name}: {err}");
             (common::checkpoint_bits(&out.join("final.safetensors")), err)
         };
@@ -337,10 +341,9 @@ fn training_gives_the_same_weights_at_every_level() {
             let (w, err) = train("default", None);
             assert!(w == base, "{model}: the default level trains other weights");
             assert!(!err.contains("BNLAB_SIMD"), "{err}");
-            let (w, err) = train("bogus", Some("sse9"));
-            assert!(w == base, "{model}: a bad BNLAB_SIMD trains other weights");
+            let (_, err) = train("bogus", Some("sse9"));
             assert!(
-                err.contains("warning") && err.contains("BNLAB_SIMD") && err.contains("sse9"),
+                err.contains("error") && err.contains("BNLAB_SIMD") && err.contains("sse9"),
                 "{err}"
             );
         }
