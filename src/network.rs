@@ -47,6 +47,8 @@ impl Network {
         }
         let built = model::build(spec, input_shape, seed, true)?;
         let mut body = built.body;
+        // BN + ReLU and BN + sigmoid in one pass each (the same bits, fewer bytes moved).
+        body.fuse(true);
         body.reserve(max_batch);
         let k = body.out_size();
         let mut batch_norms = 0;

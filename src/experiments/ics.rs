@@ -550,6 +550,8 @@ pub fn run_job(setup: &IcsSetup, job: &Job, data: &Split, study: &StudyDir) -> R
             format!("{} has no ReLU or Sigmoid to follow the input of", ns.model),
         )
     })?;
+    // The probe reads the activation's input: that layer keeps its output.
+    net.body.keep_output(probe_layer);
     let width = net.body.output_of(probe_layer).len() / net.max_batch().max(1);
     if width == 0 || !width.is_multiple_of(ns.probe_channels) {
         return Err(Error::config(

@@ -233,6 +233,8 @@ pub fn run_variant(
             .ok_or_else(|| Error::config("--model", "Figure 1 needs a sigmoid MLP"))?,
         unit: setup.probe_unit,
     };
+    // The probe reads the sigmoid's input: that BN layer keeps its output.
+    net.body.keep_output(probe.layer);
     let mut follow = Follow {
         evaluator,
         data,

@@ -54,6 +54,70 @@ impl Dims {
     }
 }
 
+/// A nonlinearity applied to BN's output in the same pass (the BN + ReLU and BN + sigmoid
+/// fusion): `normalize` writes `act(gamma * xhat + beta)` with the arithmetic of the separate
+/// layer (`kernels::activation`), so a fused network computes the same bits as an unfused one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Act {
+    /// No activation: BN's output as it is.
+    #[default]
+    Identity,
+    /// `max(z, 0)` as `relu_forward` (0 for NaN).
+    Relu,
+    /// `1 / (1 + e^-z)` as `sigmoid_forward`.
+    Sigmoid,
+}
+
+impl Act {
+    /// `act(z)` for one value, as the separate layer's kernel computes it.
+    #[inline(always)]
+    fn apply(self, z: f32) -> f32 {
+        match self {
+            Act::Identity => z,
+            Act::Relu => {
+                if z > 0.0 {
+                    z
+                } else {
+                    0.0
+                }
+            }
+            Act::Sigmoid => 1.0 / (1.0 + super::activation::exp(-z)),
+        }
+    }
+}
+
+/// The backward pass of a BN layer fused with a ReLU, without the ReLU's output: the gradient
+/// passes where `z = xhat * gamma + beta` (recomputed exactly as the forward pass computed it)
+/// is positive, as `relu_backward` passes it where the output is positive.
+#[derive(Clone, Copy)]
+pub struct ReluMask<'a> {
+    /// The scale the forward pass used (`None`: 1).
+    pub gamma: Option<&'a [f32]>,
+    /// The shift the forward pass used (`None`: 0).
+    pub beta: Option<&'a [f32]>,
+}
+
+impl ReluMask<'_> {
+    /// Feature `ch`'s scale and shift.
+    #[inline(always)]
+    fn affine(&self, ch: usize) -> (f32, f32) {
+        match (self.gamma, self.beta) {
+            (Some(g), Some(b)) => (g[ch], b[ch]),
+            _ => (1.0, 0.0),
+        }
+    }
+}
+
+/// `dy` where `z > 0`, else 0 (`relu_backward`'s rule at the pre-activation).
+#[inline(always)]
+fn pass(z: f32, dy: f32) -> f32 {
+    if z > 0.0 {
+        dy
+    } else {
+        0.0
+    }
+}
+
 /// Mini-batch mean and biased variance of each feature (Algorithm 1, lines 1-2).
 ///
 /// The mean comes back as two f32s, `mean + mean_lo`: with a mean of 1e4 one f32 ulp is 1e-3,
@@ -203,6 +267,40 @@ crate::simd_kernel! {
     }
 }
 
+crate::simd_kernel! {
+    /// `add_dy_dyxhat` with dy masked by a fused ReLU: dy counts where
+    /// `z = xhat * ga + be > 0` (`ab = (ga, be)`).
+    fn add_dy_dyxhat_relu(
+        dy: &[f32],
+        x: &[f32],
+        stats: (f32, f32, f32),
+        ab: (f32, f32),
+        sa: &mut [f64; LANES],
+        sb: &mut [f64; LANES],
+    ) {
+        let (mu, lo, is) = stats;
+        let (ga, be) = ab;
+        let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+        let (td, tx) = (cd.remainder(), cx.remainder());
+        for (g, xv) in cd.zip(cx) {
+            let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
+            let xv: &[f32; LANES] = xv.try_into().expect("chunk of LANES");
+            for j in 0..LANES {
+                let h = (xv[j] - mu - lo) * is;
+                let g = pass(h * ga + be, g[j]);
+                sa[j] += g as f64;
+                sb[j] += g as f64 * h as f64;
+            }
+        }
+        for j in 0..td.len().min(tx.len()) {
+            let h = (tx[j] - mu - lo) * is;
+            let g = pass(h * ga + be, td[j]);
+            sa[j] += g as f64;
+            sb[j] += g as f64 * h as f64;
+        }
+    }
+}
+
 /// The lanes added pairwise, in a fixed order.
 #[inline(always)]
 fn reduce(acc: &[f64; LANES]) -> f64 {
@@ -279,6 +377,7 @@ pub fn normalize(
     beta: Option<&[f32]>,
     y: &mut [f32],
     mut xhat: Option<&mut [f32]>,
+    act: Act,
     threads: usize,
 ) {
     if d.s == 1 {
@@ -299,12 +398,19 @@ pub fn normalize(
                     }
                 }
             }
+
             if let Some(h) = xhat.as_deref_mut() {
                 let hr = &mut h[i * c..][..c];
                 for ch in 0..c {
                     hr[ch] = (xr[ch] - mean[ch] - mean_lo[ch]) * inv_std[ch];
                 }
             }
+        }
+        // The whole batch at once (it is small in this layout), vectorized.
+        match act {
+            Act::Identity => {}
+            Act::Relu => relu_in_place(&mut y[..d.len()]),
+            Act::Sigmoid => sigmoid_in_place(&mut y[..d.len()]),
         }
         return;
     }
@@ -317,7 +423,11 @@ pub fn normalize(
         let v = r.start * sz..r.end * sz;
         // SAFETY: the example blocks are disjoint.
         let (yr, hr) = unsafe { (ys.range(v.clone()), hs.as_ref().map(|h| h.range(v.clone()))) };
-        normalize_maps(&x[v], Dims { n: r.len(), ..d }, p, yr, hr);
+        match act {
+            Act::Identity => normalize_maps(&x[v], Dims { n: r.len(), ..d }, p, yr, hr),
+            Act::Relu => normalize_maps_relu(&x[v], Dims { n: r.len(), ..d }, p, yr),
+            Act::Sigmoid => normalize_maps_sigmoid(&x[v], Dims { n: r.len(), ..d }, p, yr),
+        }
     });
 }
 
@@ -360,6 +470,58 @@ crate::simd_kernel! {
     }
 }
 
+crate::simd_kernel! {
+    /// `y = relu(y)`, as `relu_forward`.
+    fn relu_in_place(y: &mut [f32]) {
+        for v in y.iter_mut() {
+            *v = Act::Relu.apply(*v);
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `y = sigmoid(y)`, as `sigmoid_forward`.
+    fn sigmoid_in_place(y: &mut [f32]) {
+        for v in y.iter_mut() {
+            *v = Act::Sigmoid.apply(*v);
+        }
+    }
+}
+
+/// `normalize_maps` followed by `act` in the same pass (no `xhat` copy: the convolutional
+/// layout recomputes it).
+#[inline(always)]
+fn normalize_maps_act(x: &[f32], d: Dims, p: NormParams<'_>, y: &mut [f32], act: Act) {
+    let (mean, mean_lo, inv_std, gamma, beta) = p;
+    for i in 0..d.n {
+        for ch in 0..d.c {
+            let off = (i * d.c + ch) * d.s;
+            let (mu, lo, is) = (mean[ch], mean_lo[ch], inv_std[ch]);
+            let (g, b) = match (gamma, beta) {
+                (Some(g), Some(b)) => (g[ch], b[ch]),
+                _ => (1.0, 0.0),
+            };
+            for (yv, &xv) in y[off..off + d.s].iter_mut().zip(&x[off..off + d.s]) {
+                *yv = act.apply((xv - mu - lo) * is * g + b);
+            }
+        }
+    }
+}
+
+crate::simd_kernel! {
+    /// `normalize_maps` and a ReLU, in one pass.
+    fn normalize_maps_relu(x: &[f32], d: Dims, p: NormParams<'_>, y: &mut [f32]) {
+        normalize_maps_act(x, d, p, y, Act::Relu)
+    }
+}
+
+crate::simd_kernel! {
+    /// `normalize_maps` and a sigmoid, in one pass.
+    fn normalize_maps_sigmoid(x: &[f32], d: Dims, p: NormParams<'_>, y: &mut [f32]) {
+        normalize_maps_act(x, d, p, y, Act::Sigmoid)
+    }
+}
+
 /// What the backward pass knows of `xhat`.
 #[derive(Clone, Copy)]
 pub enum Xhat<'a> {
@@ -399,11 +561,13 @@ impl<'a> Xhat<'a> {
 }
 
 /// Per-feature `sum dy` and `sum dy * xhat` (= dbeta and dgamma), in f64.
+#[allow(clippy::too_many_arguments)]
 fn grad_sums(
     dy: &[f32],
     xhat: Xhat<'_>,
     inv_std: &[f32],
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     sum_dy: &mut [f64],
     sum_dy_xhat: &mut [f64],
     threads: usize,
@@ -417,8 +581,15 @@ fn grad_sums(
             let dr = &dy[i * c..][..c];
             let hr = &xhat[i * c..][..c];
             for ch in 0..c {
-                sum_dy[ch] += dr[ch] as f64;
-                sum_dy_xhat[ch] += (dr[ch] * hr[ch]) as f64;
+                let g = match mask {
+                    Some(m) => {
+                        let (ga, be) = m.affine(ch);
+                        pass(hr[ch] * ga + be, dr[ch])
+                    }
+                    None => dr[ch],
+                };
+                sum_dy[ch] += g as f64;
+                sum_dy_xhat[ch] += (g * hr[ch]) as f64;
             }
         }
         return;
@@ -431,16 +602,18 @@ fn grad_sums(
     par_ranges(threads, d.c, min_features(d), |r| {
         // SAFETY: the feature blocks are disjoint.
         let (a, b) = unsafe { (ds.range(r.clone()), hs.range(r.clone())) };
-        grad_sums_features(dy, xhat, inv_std, d, r.start, a, b);
+        grad_sums_features(dy, xhat, inv_std, d, mask, r.start, a, b);
     });
 }
 
 /// `grad_sums` (convolutional layout) for the features `c0 .. c0 + sum_dy.len()`.
+#[allow(clippy::too_many_arguments)]
 fn grad_sums_features(
     dy: &[f32],
     xhat: Xhat<'_>,
     inv_std: &[f32],
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     c0: usize,
     sum_dy: &mut [f64],
     sum_dy_xhat: &mut [f64],
@@ -451,13 +624,11 @@ fn grad_sums_features(
         let (v, stats) = xhat.source(ch, inv_std);
         for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
-            add_dy_dyxhat(
-                &dy[off..off + d.s],
-                &v[off..off + d.s],
-                stats,
-                &mut sa,
-                &mut sb,
-            );
+            let (dyr, vr) = (&dy[off..off + d.s], &v[off..off + d.s]);
+            match mask {
+                Some(m) => add_dy_dyxhat_relu(dyr, vr, stats, m.affine(ch), &mut sa, &mut sb),
+                None => add_dy_dyxhat(dyr, vr, stats, &mut sa, &mut sb),
+            }
         }
         *a = reduce(&sa);
         *b = reduce(&sb);
@@ -474,13 +645,14 @@ pub fn param_grads<'a>(
     xhat: Xhat<'_>,
     inv_std: &[f32],
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &'a mut [f64],
     threads: usize,
 ) -> (&'a mut [f64], &'a mut [f64]) {
     let (sum_dy, sum_dy_xhat) = acc[..2 * d.c].split_at_mut(d.c);
-    grad_sums(dy, xhat, inv_std, d, sum_dy, sum_dy_xhat, threads);
+    grad_sums(dy, xhat, inv_std, d, mask, sum_dy, sum_dy_xhat, threads);
     if let Some(dg) = dgamma {
         for (o, &v) in dg.iter_mut().zip(sum_dy_xhat.iter()) {
             *o = v as f32;
@@ -504,15 +676,16 @@ pub fn backward_train(
     inv_std: &[f32],
     gamma: Option<&[f32]>,
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     dx: Option<&mut [f32]>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
     threads: usize,
 ) {
-    param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
+    param_grads(dy, xhat, inv_std, d, mask, dgamma, dbeta, acc, threads);
     if let Some(dx) = dx {
-        backward_dx(dy, xhat, inv_std, gamma, d, d.m(), dx, acc, threads);
+        backward_dx(dy, xhat, inv_std, gamma, d, mask, d.m(), dx, acc, threads);
     }
 }
 
@@ -527,6 +700,7 @@ pub fn backward_dx(
     inv_std: &[f32],
     gamma: Option<&[f32]>,
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     m: usize,
     dx: &mut [f32],
     acc: &mut [f64],
@@ -550,7 +724,14 @@ pub fn backward_dx(
                 let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
                 let a = sum_dy[ch] as f32;
                 let b = sum_dy_xhat[ch] as f32;
-                xr[ch] = k * (dr[ch] - a - hr[ch] * b);
+                let g = match mask {
+                    Some(m) => {
+                        let (ga, be) = m.affine(ch);
+                        pass(hr[ch] * ga + be, dr[ch])
+                    }
+                    None => dr[ch],
+                };
+                xr[ch] = k * (g - a - hr[ch] * b);
             }
         }
         return;
@@ -571,16 +752,44 @@ pub fn backward_dx(
         };
         // SAFETY: the example blocks are disjoint.
         let dxr = unsafe { dxs.range(v.clone()) };
-        dx_maps(
-            &dy[v],
-            xh,
-            inv_std,
-            gamma,
-            Dims { n: r.len(), ..d },
-            sums,
-            dxr,
-        );
+        let dn = Dims { n: r.len(), ..d };
+        match mask {
+            Some(m) => dx_maps_relu(&dy[v], xh, inv_std, gamma, dn, m, sums, dxr),
+            None => dx_maps(&dy[v], xh, inv_std, gamma, dn, sums, dxr),
+        }
     });
+}
+
+crate::simd_kernel! {
+    /// `dx_maps` with dy masked by a fused ReLU (see `ReluMask`).
+    fn dx_maps_relu(
+        dy: &[f32],
+        xhat: Xhat<'_>,
+        inv_std: &[f32],
+        gamma: Option<&[f32]>,
+        d: Dims,
+        mask: ReluMask<'_>,
+        sums: (&[f64], &[f64]),
+        dx: &mut [f32],
+    ) {
+        for i in 0..d.n {
+            for ch in 0..d.c {
+                let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
+                let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
+                let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
+                let (ga, be) = mask.affine(ch);
+                let off = (i * d.c + ch) * d.s;
+                for ((o, &g), &xv) in dx[off..off + d.s]
+                    .iter_mut()
+                    .zip(&dy[off..off + d.s])
+                    .zip(&v[off..off + d.s])
+                {
+                    let h = (xv - mu - lo) * is;
+                    *o = k * (pass(h * ga + be, g) - a - h * b);
+                }
+            }
+        }
+    }
 }
 
 crate::simd_kernel! {
@@ -623,20 +832,35 @@ pub fn backward_eval(
     inv_std: &[f32],
     gamma: Option<&[f32]>,
     d: Dims,
+    mask: Option<ReluMask<'_>>,
     dx: Option<&mut [f32]>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
     acc: &mut [f64],
     threads: usize,
 ) {
-    param_grads(dy, xhat, inv_std, d, dgamma, dbeta, acc, threads);
+    param_grads(dy, xhat, inv_std, d, mask, dgamma, dbeta, acc, threads);
     if let Some(dx) = dx {
         for i in 0..d.n {
             for ch in 0..d.c {
                 let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
                 let off = (i * d.c + ch) * d.s;
-                for (o, &g) in dx[off..off + d.s].iter_mut().zip(&dy[off..off + d.s]) {
-                    *o = g * k;
+                let (dxr, dyr) = (&mut dx[off..off + d.s], &dy[off..off + d.s]);
+                match mask {
+                    Some(m) => {
+                        let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
+                        let (ga, be) = m.affine(ch);
+                        let vr = &v[off..off + d.s];
+                        for ((o, &g), &xv) in dxr.iter_mut().zip(dyr).zip(vr) {
+                            let h = (xv - mu - lo) * is;
+                            *o = pass(h * ga + be, g) * k;
+                        }
+                    }
+                    None => {
+                        for (o, &g) in dxr.iter_mut().zip(dyr) {
+                            *o = g * k;
+                        }
+                    }
                 }
             }
         }

@@ -6,6 +6,7 @@
 
 use super::{backward_nothing, check_forward, Ctx, Layer, Mode, TensorMut};
 use crate::dist::{BnSync, Dist};
+use crate::kernels::activation;
 use crate::kernels::batch_norm::{self as k, Dims, PopulationStats, RunningAverage};
 use crate::Result;
 
@@ -71,6 +72,12 @@ pub struct BatchNorm {
     sync: Option<Dist>,
     /// The reductions' buffer, `3 * c`.
     sync_buf: Vec<f64>,
+    /// The activation fused into this layer (`set_fused_activation`): `forward` writes
+    /// `act(y)`, and `backward` takes the gradient at the activation's output.
+    act: k::Act,
+    /// The gradient at BN's own output, for the backward passes that do not apply a fused
+    /// activation's derivative inline (see `backward`).
+    gact: Vec<f32>,
     // Per-step workspace and backward cache: statistics per virtual batch, one after another.
     batch_mean: Vec<f32>,
     batch_mean_lo: Vec<f32>,
@@ -215,6 +222,8 @@ impl BatchNorm {
             frozen: false,
             sync: None,
             sync_buf: Vec::new(),
+            act: k::Act::Identity,
+            gact: Vec::new(),
             batch_mean: vec![0.0; c],
             batch_mean_lo: vec![0.0; c],
             batch_var: vec![0.0; c],
@@ -252,6 +261,19 @@ impl BatchNorm {
     pub fn batch_stats(&self) -> (&[f32], &[f32]) {
         let len = self.c * self.counts.len().max(1);
         (&self.batch_mean[..len], &self.batch_var[..len])
+    }
+
+    /// Fuse the activation that follows this layer into it (`Act::Identity`: none): `forward`
+    /// then writes `act(gamma * xhat + beta)` in the same pass, and `backward` takes the
+    /// output and gradient of the activation. The results are bit for bit those of the two
+    /// layers. A container sets this (`Sequential`) and skips the activation layer.
+    pub fn set_fused_activation(&mut self, act: k::Act) {
+        self.act = act;
+    }
+
+    /// The activation fused into this layer.
+    pub fn fused_activation(&self) -> k::Act {
+        self.act
     }
 
     /// Make this layer batch renormalization with final limits `limits` (`None`: batch
@@ -498,6 +520,187 @@ impl BatchNorm {
             self.beta_eff[k * c + ch] = (b + g * d) as f32;
         }
     }
+
+    /// BN's backward pass from the gradient `dy` at its own output, or, with `relu`, at the
+    /// output of its fused ReLU (whose derivative is then applied inline).
+    fn backward_bn(
+        &mut self,
+        ctx: Ctx,
+        x: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        n: usize,
+        relu: bool,
+    ) {
+        let mask = relu.then_some(k::ReluMask {
+            gamma: self.gamma.as_deref(),
+            beta: self.beta.as_deref(),
+        });
+        let (c, s) = (self.c, self.s);
+        let dims = self.dims(n);
+        let affine = self.gamma.is_some();
+        if !self.last_batch_stats || (self.counts.len() == 1 && self.renorm.is_none()) {
+            // One batch of statistics: the inference statistics (Eval mode, or frozen BN in
+            // training: constants) or the mini-batch's (plain batch normalization). The
+            // gradients go straight to their place.
+            let global = self
+                .synced()
+                .filter(|d| d.bn_sync == BnSync::Global && self.last_batch_stats)
+                .cloned();
+            let (dg, db) = if affine {
+                (
+                    Some(&mut self.grad_gamma[..]),
+                    Some(&mut self.grad_beta[..]),
+                )
+            } else {
+                (None, None)
+            };
+            let xhat = if s == 1 {
+                k::Xhat::Stored(&self.xhat)
+            } else if self.last_batch_stats {
+                k::Xhat::FromInput {
+                    x,
+                    mean: &self.batch_mean[..c],
+                    mean_lo: &self.batch_mean_lo[..c],
+                }
+            } else {
+                let mean = select_inference(
+                    self.inference,
+                    &self.population_mean,
+                    &self.population_var,
+                    &self.running_mean,
+                    &self.running_var,
+                )
+                .0;
+                k::Xhat::FromInput {
+                    x,
+                    mean,
+                    mean_lo: &self.zeros,
+                }
+            };
+            if let Some(d) = global {
+                // The local sums, summed over the ranks in f64, then dx from the global
+                // batch's sums and count.
+                k::param_grads(
+                    dy,
+                    xhat,
+                    &self.inv_std[..c],
+                    dims,
+                    mask,
+                    None,
+                    None,
+                    &mut self.acc,
+                    ctx.threads,
+                );
+                d.comm.sum_f64(&mut self.acc[..2 * c]);
+                // dgamma and dbeta are these global sums, rounded once as one process rounds
+                // them: rank 0 writes them, the others zeros, so the f32 gradient all-reduce
+                // adds exact zeros. (Summing per-rank f32 partials instead loses the digits
+                // that cancel between the ranks: sum dy is small against its parts.)
+                let lead = d.comm.rank() == 0;
+                let (sum_dy, sum_dy_xhat) = self.acc[..2 * c].split_at(c);
+                for (out, sums) in [(dg, sum_dy_xhat), (db, sum_dy)] {
+                    if let Some(out) = out {
+                        for (o, &v) in out.iter_mut().zip(sums) {
+                            *o = if lead { v as f32 } else { 0.0 };
+                        }
+                    }
+                }
+                if let Some(dx) = dx {
+                    k::backward_dx(
+                        dy,
+                        xhat,
+                        &self.inv_std[..c],
+                        self.gamma.as_deref(),
+                        dims,
+                        mask,
+                        self.counts[0],
+                        dx,
+                        &mut self.acc,
+                        ctx.threads,
+                    );
+                }
+                return;
+            }
+            let f = if self.last_batch_stats {
+                k::backward_train
+            } else {
+                k::backward_eval
+            };
+            f(
+                dy,
+                xhat,
+                &self.inv_std[..c],
+                self.gamma.as_deref(),
+                dims,
+                mask,
+                dx,
+                dg,
+                db,
+                &mut self.acc,
+                ctx.threads,
+            );
+            return;
+        }
+        let chunks = self.counts.len();
+        // Virtual batches and/or batch renormalization: each virtual batch is a batch norm of
+        // its own. With renormalization, r and d are constants: the layer is batch norm with
+        // scale gamma * r (which gives dx), and dgamma = r * sum(dy * xhat) + d * sum(dy).
+        let mut dx = dx;
+        let mut a = 0;
+        for k in 0..chunks {
+            let nk = self.counts[k] / s;
+            let st = k * c..(k + 1) * c;
+            let span = a * c * s..(a + nk) * c * s;
+            let xhat = if s == 1 {
+                k::Xhat::Stored(&self.xhat[span.clone()])
+            } else {
+                k::Xhat::FromInput {
+                    x: &x[span.clone()],
+                    mean: &self.batch_mean[st.clone()],
+                    mean_lo: &self.batch_mean_lo[st.clone()],
+                }
+            };
+            let gamma = match self.renorm {
+                Some(_) => Some(&self.gamma_eff[st.clone()]),
+                None => self.gamma.as_deref(),
+            };
+            k::backward_train(
+                &dy[span.clone()],
+                xhat,
+                &self.inv_std[st.clone()],
+                gamma,
+                self.dims(nk),
+                None,
+                dx.as_deref_mut().map(|d| &mut d[span]),
+                Some(&mut self.part_dgamma),
+                Some(&mut self.part_dbeta),
+                &mut self.acc,
+                ctx.threads,
+            );
+            if affine {
+                for ch in 0..c {
+                    let (sum_dy_xhat, sum_dy) = (self.part_dgamma[ch], self.part_dbeta[ch]);
+                    let dgamma = match self.renorm {
+                        Some(_) => {
+                            (self.r[k * c + ch] as f64 * sum_dy_xhat as f64
+                                + self.d[k * c + ch] as f64 * sum_dy as f64)
+                                as f32
+                        }
+                        None => sum_dy_xhat,
+                    };
+                    if k == 0 {
+                        self.grad_gamma[ch] = dgamma;
+                        self.grad_beta[ch] = sum_dy;
+                    } else {
+                        self.grad_gamma[ch] += dgamma;
+                        self.grad_beta[ch] += sum_dy;
+                    }
+                }
+            }
+            a += nk;
+        }
+    }
 }
 
 /// The one place that decides which statistics inference uses (see `inference_stats`); a free
@@ -560,6 +763,7 @@ impl Layer for BatchNorm {
                 self.beta.as_deref(),
                 y,
                 (self.s == 1).then_some(&mut self.xhat[..]),
+                self.act,
                 ctx.threads,
             );
             self.last_n = n;
@@ -611,6 +815,7 @@ impl Layer for BatchNorm {
                 } else {
                     None
                 },
+                self.act,
                 ctx.threads,
             );
         }
@@ -666,7 +871,7 @@ impl Layer for BatchNorm {
         &mut self,
         ctx: Ctx,
         x: &[f32],
-        _y: &[f32],
+        y: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
         n: usize,
@@ -674,165 +879,33 @@ impl Layer for BatchNorm {
         if n != self.last_n || n == 0 {
             return backward_nothing(self, dx, n);
         }
-        let (c, s) = (self.c, self.s);
-        let dims = self.dims(n);
-        let affine = self.gamma.is_some();
-        if !self.last_batch_stats || (self.counts.len() == 1 && self.renorm.is_none()) {
-            // One batch of statistics: the inference statistics (Eval mode, or frozen BN in
-            // training: constants) or the mini-batch's (plain batch normalization). The
-            // gradients go straight to their place.
-            let global = self
-                .synced()
-                .filter(|d| d.bn_sync == BnSync::Global && self.last_batch_stats)
-                .cloned();
-            let (dg, db) = if affine {
-                (
-                    Some(&mut self.grad_gamma[..]),
-                    Some(&mut self.grad_beta[..]),
-                )
-            } else {
-                (None, None)
-            };
-            let xhat = if s == 1 {
-                k::Xhat::Stored(&self.xhat)
-            } else if self.last_batch_stats {
-                k::Xhat::FromInput {
-                    x,
-                    mean: &self.batch_mean[..c],
-                    mean_lo: &self.batch_mean_lo[..c],
+        let one_batch = !self.last_batch_stats || (self.counts.len() == 1 && self.renorm.is_none());
+        match self.act {
+            k::Act::Identity => self.backward_bn(ctx, x, dy, dx, n, false),
+            // The ReLU's derivative inline, from the recomputed pre-activation.
+            k::Act::Relu if one_batch => self.backward_bn(ctx, x, dy, dx, n, true),
+            act => {
+                // The activation's backward pass as its own layer computes it, into a
+                // buffer, then BN's.
+                let len = n * self.c * self.s;
+                let mut g = std::mem::take(&mut self.gact);
+                if g.len() < len {
+                    g.resize(len, 0.0);
                 }
-            } else {
-                let mean = select_inference(
-                    self.inference,
-                    &self.population_mean,
-                    &self.population_var,
-                    &self.running_mean,
-                    &self.running_var,
-                )
-                .0;
-                k::Xhat::FromInput {
-                    x,
-                    mean,
-                    mean_lo: &self.zeros,
-                }
-            };
-            if let Some(d) = global {
-                // The local sums, summed over the ranks in f64, then dx from the global
-                // batch's sums and count.
-                k::param_grads(
-                    dy,
-                    xhat,
-                    &self.inv_std[..c],
-                    dims,
-                    None,
-                    None,
-                    &mut self.acc,
-                    ctx.threads,
-                );
-                d.comm.sum_f64(&mut self.acc[..2 * c]);
-                // dgamma and dbeta are these global sums, rounded once as one process rounds
-                // them: rank 0 writes them, the others zeros, so the f32 gradient all-reduce
-                // adds exact zeros. (Summing per-rank f32 partials instead loses the digits
-                // that cancel between the ranks: sum dy is small against its parts.)
-                let lead = d.comm.rank() == 0;
-                let (sum_dy, sum_dy_xhat) = self.acc[..2 * c].split_at(c);
-                for (out, sums) in [(dg, sum_dy_xhat), (db, sum_dy)] {
-                    if let Some(out) = out {
-                        for (o, &v) in out.iter_mut().zip(sums) {
-                            *o = if lead { v as f32 } else { 0.0 };
-                        }
+                let (yv, dyv) = (&y[..len], &dy[..len]);
+                let gs = crate::kernels::Disjoint::new(&mut g[..len]);
+                crate::kernels::par_ranges(ctx.threads, len, 1 << 15, |r| {
+                    // SAFETY: the ranges are disjoint.
+                    let gr = unsafe { gs.range(r.clone()) };
+                    let (yr, dyr) = (&yv[r.clone()], &dyv[r]);
+                    match act {
+                        k::Act::Sigmoid => activation::sigmoid_backward(yr, dyr, gr),
+                        _ => activation::relu_backward(yr, dyr, gr),
                     }
-                }
-                if let Some(dx) = dx {
-                    k::backward_dx(
-                        dy,
-                        xhat,
-                        &self.inv_std[..c],
-                        self.gamma.as_deref(),
-                        dims,
-                        self.counts[0],
-                        dx,
-                        &mut self.acc,
-                        ctx.threads,
-                    );
-                }
-                return;
+                });
+                self.backward_bn(ctx, x, &g[..len], dx, n, false);
+                self.gact = g;
             }
-            let f = if self.last_batch_stats {
-                k::backward_train
-            } else {
-                k::backward_eval
-            };
-            f(
-                dy,
-                xhat,
-                &self.inv_std[..c],
-                self.gamma.as_deref(),
-                dims,
-                dx,
-                dg,
-                db,
-                &mut self.acc,
-                ctx.threads,
-            );
-            return;
-        }
-        let chunks = self.counts.len();
-        // Virtual batches and/or batch renormalization: each virtual batch is a batch norm of
-        // its own. With renormalization, r and d are constants: the layer is batch norm with
-        // scale gamma * r (which gives dx), and dgamma = r * sum(dy * xhat) + d * sum(dy).
-        let mut dx = dx;
-        let mut a = 0;
-        for k in 0..chunks {
-            let nk = self.counts[k] / s;
-            let st = k * c..(k + 1) * c;
-            let span = a * c * s..(a + nk) * c * s;
-            let xhat = if s == 1 {
-                k::Xhat::Stored(&self.xhat[span.clone()])
-            } else {
-                k::Xhat::FromInput {
-                    x: &x[span.clone()],
-                    mean: &self.batch_mean[st.clone()],
-                    mean_lo: &self.batch_mean_lo[st.clone()],
-                }
-            };
-            let gamma = match self.renorm {
-                Some(_) => Some(&self.gamma_eff[st.clone()]),
-                None => self.gamma.as_deref(),
-            };
-            k::backward_train(
-                &dy[span.clone()],
-                xhat,
-                &self.inv_std[st.clone()],
-                gamma,
-                self.dims(nk),
-                dx.as_deref_mut().map(|d| &mut d[span]),
-                Some(&mut self.part_dgamma),
-                Some(&mut self.part_dbeta),
-                &mut self.acc,
-                ctx.threads,
-            );
-            if affine {
-                for ch in 0..c {
-                    let (sum_dy_xhat, sum_dy) = (self.part_dgamma[ch], self.part_dbeta[ch]);
-                    let dgamma = match self.renorm {
-                        Some(_) => {
-                            (self.r[k * c + ch] as f64 * sum_dy_xhat as f64
-                                + self.d[k * c + ch] as f64 * sum_dy as f64)
-                                as f32
-                        }
-                        None => sum_dy_xhat,
-                    };
-                    if k == 0 {
-                        self.grad_gamma[ch] = dgamma;
-                        self.grad_beta[ch] = sum_dy;
-                    } else {
-                        self.grad_gamma[ch] += dgamma;
-                        self.grad_beta[ch] += sum_dy;
-                    }
-                }
-            }
-            a += nk;
         }
     }
 

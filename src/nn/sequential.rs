@@ -3,8 +3,10 @@
 //! owns the intermediate activations and their gradients, sized by `reserve` or by the first
 //! forward pass of a larger batch.
 
+use super::activation::{Relu, Sigmoid};
 use super::named::child_prefix;
 use super::{backward_nothing, check_forward, BatchNorm, Ctx, Layer, TensorMut};
+use crate::kernels::batch_norm::Act;
 use crate::Result;
 
 /// Layers applied one after the other, PyTorch's `nn.Sequential` (see the module doc).
@@ -24,6 +26,22 @@ pub struct Sequential {
     max_batch: usize,
     /// The batch size of the last successful forward pass (0: none).
     last_n: usize,
+    /// fused[i]: layer i is a BatchNorm that applies layer i + 1 (a ReLU or sigmoid) itself
+    /// (see `fuse`), writing straight into layer i + 1's output; layer i + 1 is skipped.
+    /// Empty: nothing fused.
+    fused: Vec<bool>,
+}
+
+/// Fuse every BatchNorm followed by a ReLU or sigmoid in `layer` and the containers inside it
+/// (`on`), or undo every fusion (`!on`). See [`Sequential::fuse`].
+pub fn fuse_activations(layer: &mut dyn Layer, on: bool) {
+    if let Some(seq) = layer.as_any_mut().downcast_mut::<Sequential>() {
+        seq.fuse(on);
+        return;
+    }
+    for child in layer.children() {
+        fuse_activations(child, on);
+    }
 }
 
 impl Sequential {
@@ -37,7 +55,62 @@ impl Sequential {
             grads: Vec::new(),
             max_batch: 0,
             last_n: 0,
+            fused: Vec::new(),
         }
+    }
+
+    /// Fuse (`on`) each BatchNorm followed by a ReLU or sigmoid into one pass (the BN + ReLU
+    /// and BN + sigmoid fusion): the BN layer applies the activation as it normalizes and
+    /// takes the activation's derivative in its backward pass, and the activation layer is
+    /// skipped. The network computes the same bits either way; the fused one moves fewer
+    /// bytes. Applies to the containers inside too. `!on` undoes it everywhere.
+    ///
+    /// The output of a fused BN layer (the activation's input) is not kept: see
+    /// [`Sequential::keep_output`].
+    pub fn fuse(&mut self, on: bool) {
+        let l = self.layers.len();
+        self.fused = vec![false; l];
+        for i in 0..l {
+            let act = match self.layers.get_mut(i + 1) {
+                Some(next) if on => {
+                    let next = next.as_any_mut();
+                    if next.is::<Relu>() {
+                        Act::Relu
+                    } else if next.is::<Sigmoid>() {
+                        Act::Sigmoid
+                    } else {
+                        Act::Identity
+                    }
+                }
+                _ => Act::Identity,
+            };
+            if let Some(bn) = self.layers[i].as_any_mut().downcast_mut::<BatchNorm>() {
+                bn.set_fused_activation(act);
+                self.fused[i] = act != Act::Identity;
+            }
+        }
+        for layer in &mut self.layers {
+            fuse_activations(layer.as_mut(), on);
+        }
+        // A forward pass made before now was made with the other arrangement.
+        self.last_n = 0;
+    }
+
+    /// Keep the output of layer `i` (undo its fusion with the activation after it, if any),
+    /// for code that reads it with [`Sequential::output_of`] (probes).
+    pub fn keep_output(&mut self, i: usize) {
+        if self.is_fused(i) {
+            self.fused[i] = false;
+            if let Some(bn) = self.layers[i].as_any_mut().downcast_mut::<BatchNorm>() {
+                bn.set_fused_activation(Act::Identity);
+            }
+            self.last_n = 0;
+        }
+    }
+
+    /// Layer `i` applies layer `i + 1` itself.
+    fn is_fused(&self, i: usize) -> bool {
+        self.fused.get(i).copied().unwrap_or(false)
     }
 
     /// The largest batch the buffers are sized for (by `reserve` or a forward pass).
@@ -48,7 +121,15 @@ impl Sequential {
     /// The output of layer `i` from the last forward pass (`i` below the last layer), as
     /// `n x out_size` values at the start of a buffer of `max_batch() x out_size`; empty when
     /// there is none (`i` not below the last layer, or no buffers yet).
+    ///
+    /// Panics if layer `i` is fused with the activation after it (its output is never
+    /// written): call [`Sequential::keep_output`] first.
     pub fn output_of(&self, i: usize) -> &[f32] {
+        assert!(
+            !self.is_fused(i),
+            "Sequential::output_of({i}): layer {i} is fused with the activation after it; \
+             call keep_output({i}) before the forward pass"
+        );
         self.acts.get(i).map_or(&[], |a| &a[..])
     }
 
@@ -100,8 +181,15 @@ impl Layer for Sequential {
             self.reserve(n);
         }
         let l = self.layers.len();
+        let mut y = Some(y);
         for i in 0..l {
-            let (before, after) = self.acts.split_at_mut(i);
+            if i > 0 && self.is_fused(i - 1) {
+                // Applied by layer i - 1.
+                continue;
+            }
+            // A fused layer writes where the activation after it would.
+            let o = if self.is_fused(i) { i + 1 } else { i };
+            let (before, after) = self.acts.split_at_mut(o);
             // Exactly the previous child's output: a child that takes more (a broken chain)
             // gets `Error::Shape`, not the stale rest of the buffer.
             let input: &[f32] = if i == 0 {
@@ -109,7 +197,11 @@ impl Layer for Sequential {
             } else {
                 &before[i - 1][..n * self.layers[i - 1].out_size()]
             };
-            let output: &mut [f32] = if i == l - 1 { y } else { &mut after[0] };
+            let output: &mut [f32] = if o == l - 1 {
+                y.take().expect("the last layer runs once")
+            } else {
+                &mut after[0]
+            };
             self.layers[i].forward(ctx, input, output, n)?;
         }
         self.last_n = n;
@@ -131,10 +223,16 @@ impl Layer for Sequential {
         let l = self.layers.len();
         let mut dx = dx;
         for i in (0..l).rev() {
+            if i > 0 && self.is_fused(i - 1) {
+                // Differentiated by layer i - 1.
+                continue;
+            }
+            // A fused layer gets the output and gradient of the activation after it.
+            let o = if self.is_fused(i) { i + 1 } else { i };
             let input: &[f32] = if i == 0 { x } else { &self.acts[i - 1] };
-            let output: &[f32] = if i == l - 1 { y } else { &self.acts[i] };
+            let output: &[f32] = if o == l - 1 { y } else { &self.acts[o] };
             let (gb, ga) = self.grads.split_at_mut(i);
-            let grad_out: &[f32] = if i == l - 1 { dy } else { &ga[0] };
+            let grad_out: &[f32] = if o == l - 1 { dy } else { &ga[o - i] };
             let grad_in: Option<&mut [f32]> = if i == 0 {
                 dx.take()
             } else {
