@@ -6,7 +6,7 @@
 use bnlab::model::{self, NormChoice};
 use bnlab::network::Network;
 use bnlab::nn::sequential::fuse_activations;
-use bnlab::nn::{Ctx, Layer, Mode};
+use bnlab::nn::{Ctx, Layer, Mode, Tanh};
 
 /// Deterministic values in about [-1.5, 1.5] (not all positive, so the ReLUs cut).
 fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -186,4 +186,30 @@ fn keep_output_restores_a_fused_layers_output() {
     assert_eq!(&a[..n * 100], &b[..n * 100]);
     // The other BN layers stay fused.
     assert!(before >= 2, "{before}");
+}
+
+/// A fused network whose layers are replaced afterwards (as a library user may: the layers are
+/// public) runs every layer it has: a BN whose activation was swapped for another stops
+/// applying the old one.
+#[test]
+fn replacing_a_fused_activation_undoes_the_fusion() {
+    let n = 6;
+    let mut fused = build("mlp-fig1-bn", "bn", None, n, 1);
+    let mut plain = build("mlp-fig1-bn", "bn", None, n, 1);
+    fuse_activations(&mut plain.body, false);
+    for net in [&mut fused, &mut plain] {
+        // Layers: Linear, BN, Sigmoid, ...: the first sigmoid is layer 2.
+        assert_eq!(net.body.layers[2].describe(), "Sigmoid()");
+        net.body.layers[2] = Box::new(Tanh::new(100));
+    }
+    let x = values(n * 784, 4);
+    for mode in [Mode::Train, Mode::Eval] {
+        let a = fused.forward(&x, n, mode).unwrap().to_vec();
+        let b = plain.forward(&x, n, mode).unwrap().to_vec();
+        assert_eq!(a, b, "{mode:?}");
+    }
+    assert!(
+        fused_layers(&mut fused) >= 1,
+        "the other BN layers stay fused"
+    );
 }

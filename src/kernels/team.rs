@@ -61,6 +61,11 @@ struct Team {
     /// True when more threads were asked for than the machine has: park, never spin.
     oversubscribed: AtomicBool,
     cores: usize,
+    /// The CPUs this process may run on, when each thread of the team is to be held on its
+    /// own (see `pinning`); empty otherwise.
+    pin: Vec<usize>,
+    /// The caller's CPU has been set (the first region with workers).
+    caller_pinned: AtomicBool,
 }
 
 // SAFETY: `job` is written only by the caller holding `busy`, while the region is closed (no
@@ -82,7 +87,53 @@ fn team() -> &'static Team {
         workers: (0..MAX_THREADS - 1).map(|_| OnceLock::new()).collect(),
         oversubscribed: AtomicBool::new(false),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        pin: pinning(),
+        caller_pinned: AtomicBool::new(false),
     })
+}
+
+/// The CPUs to hold the team's threads on, one each (the caller on the first, worker `id` on
+/// the `id + 1`-th), when `$BNLAB_PIN` is `1`; empty (no pinning) otherwise.
+fn pinning() -> Vec<usize> {
+    if std::env::var("BNLAB_PIN").as_deref() != Ok("1") {
+        return Vec::new();
+    }
+    affinity::allowed()
+}
+
+#[cfg(all(target_os = "linux", not(miri)))]
+mod affinity {
+    /// The CPUs this thread may run on.
+    pub fn allowed() -> Vec<usize> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; the call writes at most its size.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Vec::new();
+            }
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect()
+        }
+    }
+
+    /// Hold the calling thread on `cpu` (best effort: an error leaves it where it was).
+    pub fn pin(cpu: usize) {
+        // SAFETY: as above; the set names one CPU below CPU_SETSIZE.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", not(miri))))]
+mod affinity {
+    pub fn allowed() -> Vec<usize> {
+        Vec::new()
+    }
+    pub fn pin(_cpu: usize) {}
 }
 
 impl Team {
@@ -132,6 +183,9 @@ impl Team {
     }
 
     fn worker_loop(&self, id: usize) {
+        if !self.pin.is_empty() {
+            affinity::pin(self.pin[(id + 1) % self.pin.len()]);
+        }
         let mut seen = self.state.load(Ordering::Acquire) >> 32;
         loop {
             let mut waited = 0u32;
@@ -178,6 +232,9 @@ pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
     let helpers = threads.min(tasks).min(MAX_THREADS) - 1;
     for id in 0..helpers {
         team.spawn(id);
+    }
+    if !team.pin.is_empty() && !team.caller_pinned.swap(true, Ordering::Relaxed) {
+        affinity::pin(team.pin[0]);
     }
     team.oversubscribed
         .store(threads > team.cores, Ordering::Relaxed);

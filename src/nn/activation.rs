@@ -13,12 +13,16 @@ pub trait Nonlinearity: Send + 'static {
     fn forward(x: &[f32], y: &mut [f32]);
     /// dx from the saved output y and the output gradient dy.
     fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]);
+    /// The same function as a BatchNorm applies it fused (`None`: it cannot).
+    const FUSED: Option<crate::kernels::batch_norm::Act> = None;
 }
 
 /// The logistic sigmoid, `1 / (1 + exp(-x))`; derivative `y (1 - y)`.
 pub struct SigmoidFn;
 impl Nonlinearity for SigmoidFn {
     const NAME: &'static str = "Sigmoid()";
+    const FUSED: Option<crate::kernels::batch_norm::Act> =
+        Some(crate::kernels::batch_norm::Act::Sigmoid);
     fn forward(x: &[f32], y: &mut [f32]) {
         k::sigmoid_forward(x, y)
     }
@@ -31,6 +35,8 @@ impl Nonlinearity for SigmoidFn {
 pub struct ReluFn;
 impl Nonlinearity for ReluFn {
     const NAME: &'static str = "ReLU()";
+    const FUSED: Option<crate::kernels::batch_norm::Act> =
+        Some(crate::kernels::batch_norm::Act::Relu);
     fn forward(x: &[f32], y: &mut [f32]) {
         k::relu_forward(x, y)
     }
@@ -80,6 +86,9 @@ impl<F: Nonlinearity> Elementwise<F> {
 }
 
 impl<F: Nonlinearity> Layer for Elementwise<F> {
+    fn as_activation(&self) -> Option<crate::kernels::batch_norm::Act> {
+        F::FUSED
+    }
     fn in_size(&self) -> usize {
         self.size
     }

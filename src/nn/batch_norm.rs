@@ -72,7 +72,7 @@ pub struct BatchNorm {
     sync: Option<Dist>,
     /// The reductions' buffer, `3 * c`.
     sync_buf: Vec<f64>,
-    /// The activation fused into this layer (`set_fused_activation`): `forward` writes
+    /// The activation fused into this layer (`fuse_activation`): `forward` writes
     /// `act(y)`, and `backward` takes the gradient at the activation's output.
     act: k::Act,
     /// The gradient at BN's own output, for the backward passes that do not apply a fused
@@ -261,19 +261,6 @@ impl BatchNorm {
     pub fn batch_stats(&self) -> (&[f32], &[f32]) {
         let len = self.c * self.counts.len().max(1);
         (&self.batch_mean[..len], &self.batch_var[..len])
-    }
-
-    /// Fuse the activation that follows this layer into it (`Act::Identity`: none): `forward`
-    /// then writes `act(gamma * xhat + beta)` in the same pass, and `backward` takes the
-    /// output and gradient of the activation. The results are bit for bit those of the two
-    /// layers. A container sets this (`Sequential`) and skips the activation layer.
-    pub fn set_fused_activation(&mut self, act: k::Act) {
-        self.act = act;
-    }
-
-    /// The activation fused into this layer.
-    pub fn fused_activation(&self) -> k::Act {
-        self.act
     }
 
     /// Make this layer batch renormalization with final limits `limits` (`None`: batch
@@ -950,6 +937,19 @@ impl Layer for BatchNorm {
 
     fn for_each_batch_norm(&mut self, f: &mut dyn FnMut(&mut BatchNorm)) {
         f(self)
+    }
+
+    /// `forward` writes `act(gamma * xhat + beta)` in one pass and `backward` takes the
+    /// activation's output and gradient: bit for bit the two layers. The container skips the
+    /// activation layer (`Sequential::fuse`).
+    fn fuse_activation(&mut self, act: k::Act) -> bool {
+        self.act = act;
+        self.last_n = 0;
+        true
+    }
+
+    fn fused_activation(&self) -> k::Act {
+        self.act
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {

@@ -59,6 +59,7 @@ pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
 pub use residual::Residual;
 pub use sequential::Sequential;
 
+use crate::kernels::batch_norm::Act;
 use crate::{Error, Result};
 
 /// What a forward pass is for.
@@ -216,6 +217,22 @@ pub trait Layer: Send {
     }
     /// A short description for summaries, e.g. `Linear(784, 100)`.
     fn describe(&self) -> String;
+    /// The activation this layer applies to its own output in the same pass (a BatchNorm
+    /// fused with the ReLU or sigmoid after it, see `Sequential::fuse`); `Identity` for none.
+    fn fused_activation(&self) -> Act {
+        Act::Identity
+    }
+    /// Apply `act` to this layer's output in the same pass (`Identity`: stop), taking the
+    /// activation's output and gradient in `backward`. False (and nothing changes) for the
+    /// layers that cannot: all but BatchNorm.
+    fn fuse_activation(&mut self, act: Act) -> bool {
+        act == Act::Identity
+    }
+    /// The activation this layer is, when another layer can apply it in its own pass (ReLU,
+    /// sigmoid); `None` for other layers.
+    fn as_activation(&self) -> Option<Act> {
+        None
+    }
     /// The layers inside a container, in forward order (a residual block: the main branch,
     /// then the shortcut); empty for a leaf. Lets fold and export walk any tree.
     fn children(&mut self) -> Vec<&mut dyn Layer> {

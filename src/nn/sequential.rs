@@ -3,7 +3,6 @@
 //! owns the intermediate activations and their gradients, sized by `reserve` or by the first
 //! forward pass of a larger batch.
 
-use super::activation::{Relu, Sigmoid};
 use super::named::child_prefix;
 use super::{backward_nothing, check_forward, BatchNorm, Ctx, Layer, TensorMut};
 use crate::kernels::batch_norm::Act;
@@ -26,10 +25,6 @@ pub struct Sequential {
     max_batch: usize,
     /// The batch size of the last successful forward pass (0: none).
     last_n: usize,
-    /// fused[i]: layer i is a BatchNorm that applies layer i + 1 (a ReLU or sigmoid) itself
-    /// (see `fuse`), writing straight into layer i + 1's output; layer i + 1 is skipped.
-    /// Empty: nothing fused.
-    fused: Vec<bool>,
 }
 
 /// Fuse every BatchNorm followed by a ReLU or sigmoid in `layer` and the containers inside it
@@ -55,7 +50,6 @@ impl Sequential {
             grads: Vec::new(),
             max_batch: 0,
             last_n: 0,
-            fused: Vec::new(),
         }
     }
 
@@ -68,26 +62,12 @@ impl Sequential {
     /// The output of a fused BN layer (the activation's input) is not kept: see
     /// [`Sequential::keep_output`].
     pub fn fuse(&mut self, on: bool) {
-        let l = self.layers.len();
-        self.fused = vec![false; l];
-        for i in 0..l {
-            let act = match self.layers.get_mut(i + 1) {
-                Some(next) if on => {
-                    let next = next.as_any_mut();
-                    if next.is::<Relu>() {
-                        Act::Relu
-                    } else if next.is::<Sigmoid>() {
-                        Act::Sigmoid
-                    } else {
-                        Act::Identity
-                    }
-                }
+        for i in 0..self.layers.len() {
+            let act = match self.layers.get(i + 1) {
+                Some(next) if on => next.as_activation().unwrap_or(Act::Identity),
                 _ => Act::Identity,
             };
-            if let Some(bn) = self.layers[i].as_any_mut().downcast_mut::<BatchNorm>() {
-                bn.set_fused_activation(act);
-                self.fused[i] = act != Act::Identity;
-            }
+            self.layers[i].fuse_activation(act);
         }
         for layer in &mut self.layers {
             fuse_activations(layer.as_mut(), on);
@@ -100,17 +80,27 @@ impl Sequential {
     /// for code that reads it with [`Sequential::output_of`] (probes).
     pub fn keep_output(&mut self, i: usize) {
         if self.is_fused(i) {
-            self.fused[i] = false;
-            if let Some(bn) = self.layers[i].as_any_mut().downcast_mut::<BatchNorm>() {
-                bn.set_fused_activation(Act::Identity);
-            }
+            self.layers[i].fuse_activation(Act::Identity);
             self.last_n = 0;
         }
     }
 
-    /// Layer `i` applies layer `i + 1` itself.
+    /// Layer `i` applies layer `i + 1` itself (kept true by `check_fusion`).
     fn is_fused(&self, i: usize) -> bool {
-        self.fused.get(i).copied().unwrap_or(false)
+        i + 1 < self.layers.len() && self.layers[i].fused_activation() != Act::Identity
+    }
+
+    /// Undo the fusion of a layer whose next layer is not the activation it applies (the
+    /// layers were replaced or rearranged since `fuse`), so that every layer runs.
+    fn check_fusion(&mut self) {
+        for i in 0..self.layers.len() {
+            let act = self.layers[i].fused_activation();
+            if act != Act::Identity
+                && self.layers.get(i + 1).and_then(|l| l.as_activation()) != Some(act)
+            {
+                self.layers[i].fuse_activation(Act::Identity);
+            }
+        }
     }
 
     /// The largest batch the buffers are sized for (by `reserve` or a forward pass).
@@ -180,6 +170,7 @@ impl Layer for Sequential {
         if !self.sized_for(n) {
             self.reserve(n);
         }
+        self.check_fusion();
         let l = self.layers.len();
         let mut y = Some(y);
         for i in 0..l {
