@@ -237,9 +237,45 @@ crate::simd_kernel! {
     }
 }
 
+/// `sa += g` and `sb += g * xhat` (the product in f64) over one run, with
+/// `xhat = (x - mu - lo) * is` computed as the forward pass did, and `g` dy, or with a fused
+/// ReLU (`relu = Some((gamma, beta))`) dy where `xhat * gamma + beta > 0`, else 0.
+#[inline(always)]
+fn dy_dyxhat_run(
+    dy: &[f32],
+    x: &[f32],
+    stats: (f32, f32, f32),
+    relu: Option<(f32, f32)>,
+    sa: &mut [f64; LANES],
+    sb: &mut [f64; LANES],
+) {
+    let (mu, lo, is) = stats;
+    let g_of = |h: f32, g: f32| match relu {
+        Some((ga, be)) => pass(h * ga + be, g),
+        None => g,
+    };
+    let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (td, tx) = (cd.remainder(), cx.remainder());
+    for (g, xv) in cd.zip(cx) {
+        let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
+        let xv: &[f32; LANES] = xv.try_into().expect("chunk of LANES");
+        for j in 0..LANES {
+            let h = (xv[j] - mu - lo) * is;
+            let g = g_of(h, g[j]);
+            sa[j] += g as f64;
+            sb[j] += g as f64 * h as f64;
+        }
+    }
+    for j in 0..td.len().min(tx.len()) {
+        let h = (tx[j] - mu - lo) * is;
+        let g = g_of(h, td[j]);
+        sa[j] += g as f64;
+        sb[j] += g as f64 * h as f64;
+    }
+}
+
 crate::simd_kernel! {
-    /// `sa += dy` and `sb += dy * xhat` (the product in f64), as `add_f64`, with
-    /// `xhat = (x - mu - lo) * is` computed as the forward pass did.
+    /// `sa += dy` and `sb += dy * xhat` (see `dy_dyxhat_run`).
     fn add_dy_dyxhat(
         dy: &[f32],
         x: &[f32],
@@ -247,29 +283,12 @@ crate::simd_kernel! {
         sa: &mut [f64; LANES],
         sb: &mut [f64; LANES],
     ) {
-        let (mu, lo, is) = stats;
-        let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
-        let (td, tx) = (cd.remainder(), cx.remainder());
-        for (g, xv) in cd.zip(cx) {
-            let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
-            let xv: &[f32; LANES] = xv.try_into().expect("chunk of LANES");
-            for j in 0..LANES {
-                let h = (xv[j] - mu - lo) * is;
-                sa[j] += g[j] as f64;
-                sb[j] += g[j] as f64 * h as f64;
-            }
-        }
-        for j in 0..td.len().min(tx.len()) {
-            let h = (tx[j] - mu - lo) * is;
-            sa[j] += td[j] as f64;
-            sb[j] += td[j] as f64 * h as f64;
-        }
+        dy_dyxhat_run(dy, x, stats, None, sa, sb)
     }
 }
 
 crate::simd_kernel! {
-    /// `add_dy_dyxhat` with dy masked by a fused ReLU: dy counts where
-    /// `z = xhat * ga + be > 0` (`ab = (ga, be)`).
+    /// `add_dy_dyxhat` with dy masked by a fused ReLU of scale and shift `ab`.
     fn add_dy_dyxhat_relu(
         dy: &[f32],
         x: &[f32],
@@ -278,26 +297,7 @@ crate::simd_kernel! {
         sa: &mut [f64; LANES],
         sb: &mut [f64; LANES],
     ) {
-        let (mu, lo, is) = stats;
-        let (ga, be) = ab;
-        let (cd, cx) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
-        let (td, tx) = (cd.remainder(), cx.remainder());
-        for (g, xv) in cd.zip(cx) {
-            let g: &[f32; LANES] = g.try_into().expect("chunk of LANES");
-            let xv: &[f32; LANES] = xv.try_into().expect("chunk of LANES");
-            for j in 0..LANES {
-                let h = (xv[j] - mu - lo) * is;
-                let g = pass(h * ga + be, g[j]);
-                sa[j] += g as f64;
-                sb[j] += g as f64 * h as f64;
-            }
-        }
-        for j in 0..td.len().min(tx.len()) {
-            let h = (tx[j] - mu - lo) * is;
-            let g = pass(h * ga + be, td[j]);
-            sa[j] += g as f64;
-            sb[j] += g as f64 * h as f64;
-        }
+        dy_dyxhat_run(dy, x, stats, Some(ab), sa, sb)
     }
 }
 
@@ -760,8 +760,60 @@ pub fn backward_dx(
     });
 }
 
+/// The fused dx of `backward_train` in the convolutional layout, given the per-feature means
+/// of dy and dy * xhat; with a fused ReLU (`mask`), dy where its input was positive.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_maps_run(
+    dy: &[f32],
+    xhat: Xhat<'_>,
+    inv_std: &[f32],
+    gamma: Option<&[f32]>,
+    d: Dims,
+    mask: Option<ReluMask<'_>>,
+    sums: (&[f64], &[f64]),
+    dx: &mut [f32],
+) {
+    for i in 0..d.n {
+        for ch in 0..d.c {
+            let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
+            let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
+            let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
+            let relu = mask.map(|m| m.affine(ch));
+            let off = (i * d.c + ch) * d.s;
+            for ((o, &g), &xv) in dx[off..off + d.s]
+                .iter_mut()
+                .zip(&dy[off..off + d.s])
+                .zip(&v[off..off + d.s])
+            {
+                let h = (xv - mu - lo) * is;
+                let g = match relu {
+                    Some((ga, be)) => pass(h * ga + be, g),
+                    None => g,
+                };
+                *o = k * (g - a - h * b);
+            }
+        }
+    }
+}
+
 crate::simd_kernel! {
-    /// `dx_maps` with dy masked by a fused ReLU (see `ReluMask`).
+    /// `dx_maps_run` without an activation.
+    fn dx_maps(
+        dy: &[f32],
+        xhat: Xhat<'_>,
+        inv_std: &[f32],
+        gamma: Option<&[f32]>,
+        d: Dims,
+        sums: (&[f64], &[f64]),
+        dx: &mut [f32],
+    ) {
+        dx_maps_run(dy, xhat, inv_std, gamma, d, None, sums, dx)
+    }
+}
+
+crate::simd_kernel! {
+    /// `dx_maps_run` with a fused ReLU.
     fn dx_maps_relu(
         dy: &[f32],
         xhat: Xhat<'_>,
@@ -772,54 +824,7 @@ crate::simd_kernel! {
         sums: (&[f64], &[f64]),
         dx: &mut [f32],
     ) {
-        for i in 0..d.n {
-            for ch in 0..d.c {
-                let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
-                let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
-                let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
-                let (ga, be) = mask.affine(ch);
-                let off = (i * d.c + ch) * d.s;
-                for ((o, &g), &xv) in dx[off..off + d.s]
-                    .iter_mut()
-                    .zip(&dy[off..off + d.s])
-                    .zip(&v[off..off + d.s])
-                {
-                    let h = (xv - mu - lo) * is;
-                    *o = k * (pass(h * ga + be, g) - a - h * b);
-                }
-            }
-        }
-    }
-}
-
-crate::simd_kernel! {
-    /// The fused dx of `backward_train` in the convolutional layout, given the per-feature
-    /// means of dy and dy * xhat.
-    fn dx_maps(
-        dy: &[f32],
-        xhat: Xhat<'_>,
-        inv_std: &[f32],
-        gamma: Option<&[f32]>,
-        d: Dims,
-        sums: (&[f64], &[f64]),
-        dx: &mut [f32],
-    ) {
-        for i in 0..d.n {
-            for ch in 0..d.c {
-                let k = gamma.map_or(1.0, |g| g[ch]) * inv_std[ch];
-                let (a, b) = (sums.0[ch] as f32, sums.1[ch] as f32);
-                let (v, (mu, lo, is)) = xhat.source(ch, inv_std);
-                let off = (i * d.c + ch) * d.s;
-                for ((o, &g), &xv) in dx[off..off + d.s]
-                    .iter_mut()
-                    .zip(&dy[off..off + d.s])
-                    .zip(&v[off..off + d.s])
-                {
-                    let h = (xv - mu - lo) * is;
-                    *o = k * (g - a - h * b);
-                }
-            }
-        }
+        dx_maps_run(dy, xhat, inv_std, gamma, d, Some(mask), sums, dx)
     }
 }
 
