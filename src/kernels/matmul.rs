@@ -159,6 +159,12 @@ impl Strides {
     }
 }
 
+/// True when `matmul` (and `matmul_as` with `path_rows = m`) runs an `m x k` by `k x n`
+/// product (`trans`) on `small_gemm`: then `small_gemm_rows` gives it the same bits.
+pub(crate) fn runs_small(m: usize, k: usize, n: usize, trans: Trans) -> bool {
+    Path::of(m, k, n, Strides::of(trans, m, k, n)) == Path::Small
+}
+
 /// Products up to this many multiply-adds use `small_gemm` (ours, allocation-free); larger
 /// ones the `gemm` crate, which is faster on big matrices but allocates a little per call.
 const SMALL_MAX_FLOPS: usize = 1 << 22;
@@ -229,13 +235,13 @@ fn block(
 /// in registers while k runs. The caller has checked every index against the slices.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const W: usize>(
+unsafe fn tile<const R: usize, const W: usize, AR: Rows, BR: Rows>(
     c: &mut [f32],
     a: &[f32],
-    a_rs: usize,
+    a_rs: AR,
     a_cs: usize,
     b: &[f32],
-    b_rs: usize,
+    b_rs: BR,
     k: usize,
     n: usize,
     r0: usize,
@@ -253,9 +259,9 @@ unsafe fn tile<const R: usize, const W: usize>(
         // SAFETY: `small_gemm` asserted that rows r0..r0+R of a, and columns c0..c0+W of every
         // row of b, lie inside the slices.
         let bv: [f32; W] =
-            unsafe { std::ptr::read_unaligned(bp.add(p * b_rs + c0) as *const [f32; W]) };
+            unsafe { std::ptr::read_unaligned(bp.add(b_rs.at(p) + c0) as *const [f32; W]) };
         for (r, row) in acc.iter_mut().enumerate() {
-            let av = unsafe { *ap.add((r0 + r) * a_rs + p * a_cs) };
+            let av = unsafe { *ap.add(a_rs.at(r0 + r) + p * a_cs) };
             for j in 0..W {
                 row[j] = av.mul_add(bv[j], row[j]);
             }
@@ -273,13 +279,13 @@ unsafe fn tile<const R: usize, const W: usize>(
 /// values, and no slow scalar tail remains.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_tiles<const R: usize, const WIDE: usize>(
+unsafe fn row_tiles<const R: usize, const WIDE: usize, AR: Rows, BR: Rows>(
     c: &mut [f32],
     a: &[f32],
-    a_rs: usize,
+    a_rs: AR,
     a_cs: usize,
     b: &[f32],
-    b_rs: usize,
+    b_rs: BR,
     k: usize,
     n: usize,
     r0: usize,
@@ -287,34 +293,131 @@ unsafe fn row_tiles<const R: usize, const WIDE: usize>(
 ) {
     let mut c0 = 0;
     while c0 + WIDE <= n {
-        tile::<R, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        tile::<R, WIDE, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
         c0 += WIDE;
     }
     if WIDE > 16 && c0 + 16 <= n {
-        tile::<R, 16>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        tile::<R, 16, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
         c0 += 16;
     }
     if c0 < n && n >= 8 && (!accumulate || c0 + 8 <= n) {
         let start = c0.min(n - 8);
-        tile::<R, 8>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, start, accumulate);
+        tile::<R, 8, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, start, accumulate);
         c0 = start + 8;
     }
     while c0 < n {
-        tile::<R, 1>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
+        tile::<R, 1, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, c0, accumulate);
         c0 += 1;
     }
+}
+
+/// Where each row of an operand of `small_gemm` starts: a fixed stride, or a table (rows that
+/// are overlapping windows of one buffer, as the convolutions' shifted copies of their input).
+pub(crate) trait Rows: Copy {
+    /// The offset of row `i`.
+    fn at(self, i: usize) -> usize;
+    /// The largest offset of rows `0..rows` (`rows > 0`): for the bounds checks.
+    fn last(self, rows: usize) -> usize;
+}
+
+/// Row `i` at `i * stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Stride(pub usize);
+
+impl Rows for Stride {
+    #[inline(always)]
+    fn at(self, i: usize) -> usize {
+        i * self.0
+    }
+    fn last(self, rows: usize) -> usize {
+        (rows - 1) * self.0
+    }
+}
+
+/// Row `i` at `table[i]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Table<'a>(pub &'a [usize]);
+
+impl Rows for Table<'_> {
+    #[inline(always)]
+    fn at(self, i: usize) -> usize {
+        self.0[i]
+    }
+    fn last(self, rows: usize) -> usize {
+        self.0[..rows].iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// `c (m x n) = [c +] a * b` as `small_gemm` (the same operations for every element, so the
+/// same bits as the product of the rows copied out into a matrix), with the rows of `a` or `b`
+/// where the given `Rows` say; `a`'s columns are contiguous. For the convolutions, whose
+/// lowered input would repeat each value 9 times: their rows are windows of 3 shifted copies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn small_gemm_rows<AR: Rows, BR: Rows>(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: AR,
+    b: &[f32],
+    b_rs: BR,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::Level;
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512<AR: Rows, BR: Rows>(
+            c: &mut [f32],
+            a: &[f32],
+            a_rs: AR,
+            b: &[f32],
+            b_rs: BR,
+            m: usize,
+            k: usize,
+            n: usize,
+            accumulate: bool,
+        ) {
+            small_gemm_tiled::<32, AR, BR>(c, a, a_rs, 1, b, b_rs, m, k, n, accumulate)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2<AR: Rows, BR: Rows>(
+            c: &mut [f32],
+            a: &[f32],
+            a_rs: AR,
+            b: &[f32],
+            b_rs: BR,
+            m: usize,
+            k: usize,
+            n: usize,
+            accumulate: bool,
+        ) {
+            small_gemm_tiled::<16, AR, BR>(c, a, a_rs, 1, b, b_rs, m, k, n, accumulate)
+        }
+        match super::simd::level() {
+            // SAFETY: `simd::level` returns a level only when the CPU has its features.
+            Level::Avx512 => return unsafe { avx512(c, a, a_rs, b, b_rs, m, k, n, accumulate) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(c, a, a_rs, b, b_rs, m, k, n, accumulate) },
+            Level::Baseline => {}
+        }
+    }
+    small_gemm_tiled::<16, AR, BR>(c, a, a_rs, 1, b, b_rs, m, k, n, accumulate)
 }
 
 /// `small_gemm` with tiles `WIDE` columns wide.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn small_gemm_tiled<const WIDE: usize>(
+fn small_gemm_tiled<const WIDE: usize, AR: Rows, BR: Rows>(
     c: &mut [f32],
     a: &[f32],
-    a_rs: usize,
+    a_rs: AR,
     a_cs: usize,
     b: &[f32],
-    b_rs: usize,
+    b_rs: BR,
     m: usize,
     k: usize,
     n: usize,
@@ -324,24 +427,24 @@ fn small_gemm_tiled<const WIDE: usize>(
         return;
     }
     assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        a_rs.last(m) + (k - 1) * a_cs < a.len(),
         "small_gemm: a too small"
     );
-    assert!((k - 1) * b_rs + n <= b.len(), "small_gemm: b too small");
+    assert!(b_rs.last(k) + n <= b.len(), "small_gemm: b too small");
     assert!(m * n <= c.len(), "small_gemm: c too small");
     let mut r0 = 0;
     // SAFETY: the asserts above bound every index the tiles read.
     unsafe {
         while r0 + 4 <= m {
-            row_tiles::<4, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            row_tiles::<4, WIDE, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
             r0 += 4;
         }
         if r0 + 2 <= m {
-            row_tiles::<2, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            row_tiles::<2, WIDE, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
             r0 += 2;
         }
         if r0 < m {
-            row_tiles::<1, WIDE>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
+            row_tiles::<1, WIDE, AR, BR>(c, a, a_rs, a_cs, b, b_rs, k, n, r0, accumulate);
         }
     }
 }
@@ -381,7 +484,18 @@ fn small_gemm(
             n: usize,
             accumulate: bool,
         ) {
-            small_gemm_tiled::<32>(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate)
+            small_gemm_tiled::<32, Stride, Stride>(
+                c,
+                a,
+                Stride(a_rs),
+                a_cs,
+                b,
+                Stride(b_rs),
+                m,
+                k,
+                n,
+                accumulate,
+            )
         }
         // SAFETY: `simd::level` returns `Avx512` only when the CPU has these features.
         return unsafe { avx512(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate) };
@@ -403,7 +517,18 @@ crate::simd_kernel! {
         n: usize,
         accumulate: bool,
     ) {
-        small_gemm_tiled::<16>(c, a, a_rs, a_cs, b, b_rs, m, k, n, accumulate)
+        small_gemm_tiled::<16, Stride, Stride>(
+            c,
+            a,
+            Stride(a_rs),
+            a_cs,
+            b,
+            Stride(b_rs),
+            m,
+            k,
+            n,
+            accumulate,
+        )
     }
 }
 

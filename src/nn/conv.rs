@@ -27,7 +27,9 @@
 //! order, so results do not depend on the thread count.
 
 use super::{check_forward, Ctx, Layer, TensorMut};
-use crate::kernels::matmul::{matmul, matmul_as, Trans};
+use crate::kernels::matmul::{
+    matmul, matmul_as, runs_small, small_gemm_rows, Stride, Table, Trans,
+};
 use crate::kernels::{par_for, part, pieces, Disjoint};
 use crate::{Error, Result};
 
@@ -196,6 +198,51 @@ crate::simd_kernel! {
             }
         }
     }
+}
+
+crate::simd_kernel! {
+    /// The 3x3, stride 1, padding 1 lowering without its 9-fold copy: per channel, three
+    /// copies of the plane shifted by `kj - 1` columns (the entries shifted in from outside
+    /// the row zero), each with a zero row above and below: `[c, 3, h + 2, w]`. Row
+    /// `(c, ki, kj)` of `im2col_same3`'s matrix is the window of copy `(c, kj)` starting at
+    /// row `ki` (`shift3_rows`), with the same values.
+    fn shift3(g: Geom, x: &[f32], out: &mut [f32]) {
+        let (h, w) = (g.h, g.w);
+        let plane = (h + 2) * w;
+        for c in 0..g.c {
+            let xc = &x[c * h * w..][..h * w];
+            for kj in 0..3 {
+                let o = &mut out[(c * 3 + kj) * plane..][..plane];
+                o[..w].fill(0.0);
+                o[(h + 1) * w..].fill(0.0);
+                for (row, src) in o[w..(h + 1) * w].chunks_exact_mut(w).zip(xc.chunks_exact(w)) {
+                    match kj {
+                        0 => {
+                            row[0] = 0.0;
+                            row[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => row.copy_from_slice(src),
+                        _ => {
+                            row[..w - 1].copy_from_slice(&src[1..]);
+                            row[w - 1] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where each row `(c, ki, kj)` of the 3x3 lowering starts in `shift3`'s buffer (`c` rows of
+/// 9): copy `(c, kj)`, row `ki`.
+fn shift3_rows(c: usize, h: usize, w: usize) -> Vec<usize> {
+    let plane = (h + 2) * w;
+    (0..c * 9)
+        .map(|r| {
+            let (ch, ki, kj) = (r / 9, r % 9 / 3, r % 3);
+            (ch * 3 + kj) * plane + ki * w
+        })
+        .collect()
 }
 
 /// For tap `(ki, kj)` of the flat 3x3 paths, output pixel `o` reads input `o + off - w - 1`
@@ -526,23 +573,34 @@ fn forward_half(
     x: &[f32],
     y: &mut [f32],
     cols: &mut [f32],
+    shifted: &[usize],
     threads: usize,
 ) {
     let (isz, ohw) = (g.c * g.h * g.w, g.oh * g.ow);
     let osz = out_ch * ohw;
+    let ckk = g.ckk();
+    // The 3x3 same-size maps without the 9-fold copy, when the product runs on our kernel
+    // anyway (then the bits are those of the lowered matrix) on this one thread.
+    let shift = !shifted.is_empty() && threads == 1 && runs_small(out_ch, ckk, ohw, Trans::No);
     for (xi, yi) in x.chunks_exact(isz).zip(y.chunks_exact_mut(osz)) {
+        if let Some(bias) = bias {
+            for (row, &bv) in yi.chunks_exact_mut(ohw).zip(bias) {
+                row.fill(bv);
+            }
+        }
+        if shift {
+            shift3(g, xi, cols);
+            let (a, b) = (Stride(ckk), Table(shifted));
+            small_gemm_rows(yi, weight, a, cols, b, out_ch, ckk, ohw, bias.is_some());
+            continue;
+        }
         let b: &[f32] = if g.pointwise() {
             xi
         } else {
             im2col(g, xi, cols);
             cols
         };
-        // The bias goes in first and the product accumulates onto it: one pass over y.
-        if let Some(bias) = bias {
-            for (row, &bv) in yi.chunks_exact_mut(ohw).zip(bias) {
-                row.fill(bv);
-            }
-        }
+        // The bias went in first and the product accumulates onto it: one pass over y.
         matmul(
             yi,
             weight,
@@ -582,6 +640,7 @@ fn backward_weights(
     chans: std::ops::Range<usize>,
     ws: &mut [f32],
     dwt: &mut [f32],
+    shifted: &[usize],
 ) {
     let (isz, hw, ohw, ckk) = (g.c * g.h * g.w, g.h * g.w, g.oh * g.ow, g.ckk());
     let osz = out_ch * ohw;
@@ -600,11 +659,20 @@ fn backward_weights(
     let patches = if g.pointwise() { 0 } else { rows * ohw };
     let (cols, dyt) = ws.split_at_mut(patches);
     let dyt = &mut dyt[..ohw * out_ch];
+    // As in `forward_half`: the channel block's rows are the first of the layer's table.
+    let shift =
+        !shifted.is_empty() && ckk >= DOT_MAX_CKK && runs_small(ckk, ohw, out_ch, Trans::No);
     for i in 0..m {
         let xi = &x[i * isz + chans.start * hw..][..chans.len() * hw];
         let dyi = &dy[i * osz..][..osz];
         if ckk >= DOT_MAX_CKK {
             transpose(dyi, out_ch, ohw, dyt);
+        }
+        if shift {
+            shift3(gb, xi, cols);
+            let (a, b) = (Table(&shifted[..rows]), Stride(out_ch));
+            small_gemm_rows(dwt, cols, a, dyt, b, rows, ohw, out_ch, i > 0);
+            continue;
         }
         let a: &[f32] = if g.pointwise() {
             xi
@@ -702,6 +770,9 @@ pub struct Conv2d {
     /// One workspace (patches, then one example's dy transposed) per piece of a parallel
     /// pass, grown to the most pieces a pass has used.
     cols: Vec<Vec<f32>>,
+    /// For 3x3 same-size maps: where each row of the lowering starts in `shift3`'s buffer
+    /// (empty for other geometries).
+    shifted: Vec<usize>,
 }
 
 impl Conv2d {
@@ -752,7 +823,9 @@ impl Conv2d {
             grad_bias: bias.then(|| vec![0.0; out_ch]),
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: Vec::new(),
-        })
+            shifted: Vec::new(),
+        }
+        .with_shift_rows())
     }
 
     /// Set the weight from PyTorch's `[out, in, k, k]` layout (the storage layout too).
@@ -769,6 +842,15 @@ impl Conv2d {
     /// bias.
     pub fn grad_bias(&self) -> Option<&[f32]> {
         self.grad_bias.as_deref()
+    }
+
+    /// The table of `shift3`'s rows, for the geometries that use it.
+    fn with_shift_rows(mut self) -> Self {
+        let g = self.geom();
+        if g.same3() {
+            self.shifted = shift3_rows(g.c, g.h, g.w);
+        }
+        self
     }
 
     /// At least `pieces` workspaces, each sized by `reserve`.
@@ -828,17 +910,29 @@ impl Layer for Conv2d {
         if p == 1 {
             // One piece (one thread, or one example): let the products split their rows.
             let cols = &mut self.cols[0];
-            forward_half(g, out_ch, w, bias, &x[..n * isz], y, cols, ctx.threads);
+            let shifted = &self.shifted;
+            forward_half(
+                g,
+                out_ch,
+                w,
+                bias,
+                &x[..n * isz],
+                y,
+                cols,
+                shifted,
+                ctx.threads,
+            );
             return Ok(());
         }
         let ys = Disjoint::new(&mut y[..n * osz]);
         let ws = Disjoint::new(&mut self.cols[..p]);
+        let shifted = &self.shifted;
         par_for(ctx.threads, p, |t| {
             let r = part(n, p, t);
             // SAFETY: piece t alone has examples r and workspace t.
             let (yr, cols) = unsafe { (ys.range(r.start * osz..r.end * osz), ws.range(t..t + 1)) };
             let xr = &x[r.start * isz..r.end * isz];
-            forward_half(g, out_ch, w, bias, xr, yr, &mut cols[0], 1);
+            forward_half(g, out_ch, w, bias, xr, yr, &mut cols[0], shifted, 1);
         });
         Ok(())
     }
@@ -866,6 +960,7 @@ impl Layer for Conv2d {
             let [gwa, gwb] = &mut self.grad_wt;
             let gws = [Disjoint::new(&mut gwa[..]), Disjoint::new(&mut gwb[..])];
             let ws = Disjoint::new(&mut self.cols[..2 * blocks]);
+            let shifted = &self.shifted;
             let kk = g.k * g.k;
             par_for(ctx.threads, 2 * blocks, |t| {
                 let (half, b) = (t / blocks, t % blocks);
@@ -878,7 +973,7 @@ impl Layer for Conv2d {
                     &x[e.start * isz..e.end * isz],
                     &dy[e.start * osz..e.end * osz],
                 );
-                backward_weights(g, out_ch, xe, dye, chans, &mut cols[0], dwt);
+                backward_weights(g, out_ch, xe, dye, chans, &mut cols[0], dwt, shifted);
             });
         }
         if let Some(dx) = dx {
@@ -960,5 +1055,85 @@ impl Layer for Conv2d {
             s += ", bias=False";
         }
         s + &format!(") on {}x{}", self.in_h, self.in_w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The 3x3 same-size products from `shift3`'s windows give the bits of the lowered matrix
+    /// (`im2col_same3`): forward (with and without bias, accumulating onto it) and the weight
+    /// gradient of a channel block, on maps from 2x2 to 28x28.
+    #[test]
+    fn shifted_windows_give_the_lowered_bits() {
+        for (c, h, w, out_ch) in [
+            (1, 2, 2, 3),
+            (2, 5, 7, 4),
+            (16, 7, 7, 8),
+            (3, 28, 28, 16),
+            (24, 14, 14, 32),
+        ] {
+            let g = Geom {
+                c,
+                h,
+                w,
+                k: 3,
+                s: 1,
+                p: 1,
+                oh: h,
+                ow: w,
+            };
+            assert!(g.same3());
+            let (hw, ckk) = (h * w, g.ckk());
+            let n = 3;
+            let x = values(n * c * hw, 1);
+            let weight = values(out_ch * ckk, 2);
+            let bias = values(out_ch, 3);
+            let table = shift3_rows(c, h, w);
+            let ws_len = ckk * hw + hw * out_ch;
+            for b in [None, Some(&bias[..])] {
+                let mut y = [vec![0f32; n * out_ch * hw], vec![0f32; n * out_ch * hw]];
+                for (yv, t) in y.iter_mut().zip([&[][..], &table[..]]) {
+                    let mut ws = vec![0f32; ws_len];
+                    forward_half(g, out_ch, &weight, b, &x, yv, &mut ws, t, 1);
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&y[0]),
+                    bits(&y[1]),
+                    "forward {c}x{h}x{w} -> {out_ch}, bias {}",
+                    b.is_some()
+                );
+            }
+            let dy = values(n * out_ch * hw, 4);
+            let chans = c / 3..c;
+            let rows = chans.len() * 9;
+            let mut dwt = [vec![0f32; rows * out_ch], vec![0f32; rows * out_ch]];
+            for (d, t) in dwt.iter_mut().zip([&[][..], &table[..]]) {
+                let mut ws = vec![0f32; ws_len];
+                backward_weights(g, out_ch, &x, &dy, chans.clone(), &mut ws, d, t);
+            }
+            assert!(
+                dwt[0]
+                    .iter()
+                    .zip(&dwt[1])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "weight gradient {c}x{h}x{w}"
+            );
+            assert!(dwt[0].iter().any(|&v| v != 0.0));
+        }
     }
 }
