@@ -890,7 +890,8 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     run.stop = stop.clone();
     if ranks.size() > 1 {
         let bn_sync = run.spec.bn_sync.unwrap_or(BnSync::Global);
-        join_ranks(&mut run.net, ranks, bn_sync, &run.spec.config)?;
+        // The same check on every rank: said once, every rank ending normally.
+        ranks.agree(join_ranks(&mut run.net, ranks, bn_sync, &run.spec.config))?;
         run.writes = lead;
         // No rank starts (and rank 0 writes its first state) before every rank has checked
         // the run directory.
@@ -1009,7 +1010,8 @@ fn join_ranks(net: &mut Network, ranks: &Ranks, bn_sync: BnSync, c: &TrainConfig
             ),
         ));
     }
-    net.set_dist(ranks.dist(bn_sync))
+    net.set_dist(ranks.dist(bn_sync))?;
+    net.check_split(c.batch_size)
 }
 
 /// "SIGINT" / "SIGTERM": what asked the run to stop.
@@ -1251,7 +1253,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
     let bn_sync = BnSync::parse(&a.sync.bn_sync)?;
     if ranks.size() > 1 {
-        join_ranks(&mut net, ranks, bn_sync, &config)?;
+        ranks.agree(join_ranks(&mut net, ranks, bn_sync, &config))?;
     }
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);

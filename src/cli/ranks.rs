@@ -79,10 +79,9 @@ impl Ranks {
 
     /// A network's place in the run, when there is more than one rank.
     pub fn dist(&self, bn_sync: BnSync) -> Option<Dist> {
-        self.comm.as_ref().map(|comm| Dist {
-            comm: Arc::clone(comm),
-            bn_sync,
-        })
+        self.comm
+            .as_ref()
+            .map(|comm| Dist::new(Arc::clone(comm), bn_sync))
     }
 
     /// Wait for every rank (nothing with one).
