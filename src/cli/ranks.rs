@@ -1,6 +1,6 @@
 //! The processes a command runs on: MPI's ranks when started by `mpirun -n P` (the `mpi`
-//! feature), else this process alone. `train`, `bench`, `reproduce mnist` and `reproduce
-//! precise-bn` run data-parallel.
+//! feature), else this process alone. `train`, `bench` and every `reproduce` study run
+//! data-parallel.
 
 use bnlab::dist::{launcher_size, BnSync, Collective, Dist};
 use bnlab::{Error, Result};
