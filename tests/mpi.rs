@@ -8,11 +8,16 @@
 //!   bit-identical to one left alone;
 //! - a divergence stops every rank at the same step with one message; resuming with another
 //!   process count is refused;
+//! - dropout (an MLP at batch 61, inception-mini-bn-dropout), batch renorm and noisy BN with
+//!   global sync, and ghost BN whose ghost batches fall on the slices, each equal one process
+//!   within 1e-5; a dropout + noisy-BN run stopped by SIGTERM resumes bit-identical;
 //! - `reproduce mnist` on 2 processes equals the one-process study (up to rounding), stopped
 //!   by SIGTERM it resumes under mpirun bit-identical to a study left alone, and another
-//!   process count is refused; `reproduce precise-bn` on 2 processes equals one; what cannot
-//!   train data-parallel (ghost BN, batch renorm, the normalizers, inception and ics studies)
-//!   is refused up front with one message.
+//!   process count is refused; `reproduce precise-bn` on 2 processes equals one; `reproduce
+//!   inception` runs on 2 processes and rank 0 writes it; `reproduce normalizers` skips, and
+//!   says so, the BN runs whose batch leaves one example per process; what cannot train
+//!   data-parallel (ghost batches straddling the processes) is refused up front with one
+//!   message.
 //!
 //! Each test skips with a `SKIPPED:` line when the binary was built without the feature or
 //! mpirun is missing, and fails instead under `BNLAB_REQUIRE_MPI=1` (set by .ci/run when it
