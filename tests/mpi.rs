@@ -13,7 +13,8 @@
 //!   within 1e-5; a dropout + noisy-BN run stopped by SIGTERM resumes bit-identical;
 //! - `reproduce mnist` on 2 processes equals the one-process study (up to rounding), stopped
 //!   by SIGTERM it resumes under mpirun bit-identical to a study left alone, and another
-//!   process count is refused; `reproduce precise-bn` on 2 processes equals one; `reproduce
+//!   process count is refused; `reproduce precise-bn` on 2 processes equals one, and stopped
+//!   and resumed under mpirun equals a study left alone; `reproduce
 //!   inception` runs on 2 processes and rank 0 writes it; `reproduce normalizers` skips, and
 //!   says so, the BN runs whose batch leaves one example per process; what cannot train
 //!   data-parallel (ghost batches straddling the processes) is refused up front with one
@@ -1133,6 +1134,117 @@ fn reproduce_mnist_stopped_under_mpirun_resumes() {
         1,
         "one message: {err}"
     );
+}
+
+/// `reproduce precise-bn` stopped by SIGTERM to mpirun after its first run's first checkpoint
+/// and resumed under mpirun: every run's result equals an uninterrupted 2-process study's, bit
+/// for bit (wall-clock seconds aside). 100 steps, a checkpoint every 25.
+#[test]
+fn reproduce_precise_bn_stopped_under_mpirun_resumes() {
+    if !mpi_available() {
+        return;
+    }
+    let Some(data) = common::fashion_or_skip() else {
+        return;
+    };
+    let data = data.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "reproduce",
+            "precise-bn",
+            "--quick",
+            "--steps",
+            "100",
+            "--eval-every",
+            "25",
+            "--data",
+            data,
+            "--progress",
+            "plain",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (alone, stopped) = (tmp.path().join("alone"), tmp.path().join("stopped"));
+    run_ok(mpirun(2, &strs(&args(&alone))));
+    let runs = |d: &Path| -> Vec<(String, serde_json::Value)> {
+        let mut v: Vec<_> = std::fs::read_dir(d.join("runs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v.iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p.join("result.json"))
+                    .unwrap_or_else(|e| panic!("{p:?}: {e}"));
+                let mut r: serde_json::Value = serde_json::from_str(&text).unwrap();
+                r.as_object_mut().unwrap().remove("seconds");
+                (p.file_name().unwrap().to_string_lossy().into_owned(), r)
+            })
+            .collect()
+    };
+    let first = runs(&alone)[0].0.clone();
+    let checkpoint = stopped
+        .join("runs")
+        .join(&first)
+        .join("checkpoint.safetensors");
+    let mut job = mpirun(2, &strs(&args(&stopped)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !checkpoint.is_file() {
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the study ended before its first checkpoint"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint in 2 min"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Command::new("kill")
+        .args(["-TERM", &job.id().to_string()])
+        .status()
+        .unwrap();
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "stopped before the end: {err}");
+    assert_eq!(err.matches("stopped (SIGTERM)").count(), 1, "{err}");
+    assert!(
+        err.contains("resume with: mpirun -n 2 bnlab reproduce precise-bn --resume"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let o = run_ok(mpirun(
+        2,
+        &[
+            "reproduce",
+            "precise-bn",
+            "--resume",
+            stopped.to_str().unwrap(),
+            "--data",
+            data,
+            "--progress",
+            "plain",
+        ],
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        err.matches("resuming the precise-bn study").count(),
+        1,
+        "{err}"
+    );
+    let (a, b) = (runs(&alone), runs(&stopped));
+    assert_eq!(a.len(), 2, "two runs");
+    assert_eq!(a, b, "the resumed study differs from the uninterrupted one");
 }
 
 /// Under mpirun, what cannot train data-parallel is refused before anything is trained or
