@@ -15,6 +15,7 @@
 pub mod mpi;
 
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The collective operations of a data-parallel step. Every rank calls them in the same order
@@ -74,13 +75,19 @@ impl BnSync {
     }
 }
 
-/// A network's place in a data-parallel run: the collective and how BN synchronizes.
+/// A network's place in a data-parallel run: the collective, how BN synchronizes, and the
+/// global batch of the pass in progress.
 #[derive(Clone)]
 pub struct Dist {
     /// The ranks' collective operations.
     pub comm: Arc<dyn Collective>,
     /// How BatchNorm statistics are computed.
     pub bn_sync: BnSync,
+    /// The global batch of the pass in progress, shared by the network and its layers (the
+    /// clones of one `Dist`): `Network` sets it before every pass (`set_batch`), and the
+    /// layers that draw random numbers (dropout, noisy BN) or split the batch (ghost BN) read
+    /// their rank's place in it (`pass`). 0: not set.
+    batch: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Dist {
@@ -96,9 +103,33 @@ impl std::fmt::Debug for Dist {
 }
 
 impl Dist {
+    /// `comm`'s ranks with BN synchronized as `bn_sync`.
+    pub fn new(comm: Arc<dyn Collective>, bn_sync: BnSync) -> Dist {
+        Dist {
+            comm,
+            bn_sync,
+            batch: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     /// This rank's examples of a batch of `batch`: see [`slice_of`].
     pub fn slice(&self, batch: usize) -> std::ops::Range<usize> {
         slice_of(batch, self.comm.size(), self.comm.rank())
+    }
+
+    /// Say that the next passes are over this rank's slice of a global batch of `batch`
+    /// examples (0: over a batch of this rank's own, such as an evaluation shard's).
+    pub fn set_batch(&self, batch: usize) {
+        self.batch.store(batch, Ordering::Relaxed);
+    }
+
+    /// For a pass over `n` examples on this rank: the global batch and this rank's slice of
+    /// it, when a global batch was set (`set_batch`) and its slice holds `n` examples; `None`
+    /// otherwise (the pass's batch is this rank's own).
+    pub fn pass(&self, n: usize) -> Option<(usize, std::ops::Range<usize>)> {
+        let b = self.batch.load(Ordering::Relaxed);
+        let s = self.slice(b);
+        (b > 0 && s.len() == n).then_some((b, s))
     }
 }
 

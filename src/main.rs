@@ -102,9 +102,10 @@ enum Command {
     /// resumes it (`--resume DIR`); `--report-only DIR` writes the report of a study stopped
     /// halfway, marking the missing runs.
     ///
-    /// Under `mpirun -n P`, `reproduce mnist` and `reproduce precise-bn` train each of their
-    /// runs data-parallel on the P processes (one run at a time; rank 0 writes the study); the
-    /// other studies run in one process and are refused under mpirun, saying why.
+    /// Under `mpirun -n P` every study trains each of its runs data-parallel on the P
+    /// processes (one run at a time; rank 0 writes the study; it resumes only on P processes).
+    /// A normalizers run whose batch leaves BN fewer than 2 examples per process is skipped,
+    /// and the report says so.
     ///
     /// Example: bnlab reproduce mnist --data ../shared/datasets/mnist --out runs/mnist
     Reproduce {
@@ -130,11 +131,18 @@ enum StudyCommand {
     /// Where BN breaks (small and non-i.i.d. batches) and the normalizers that answer it:
     /// BN, batch renorm, group norm, layer norm and none on vgg-mini-bn with Fashion-MNIST.
     ///
+    /// Under `mpirun -n P` each run trains data-parallel (global BN sync), one after the
+    /// other; the BN and batch-renorm runs whose batch leaves fewer than 2 examples per process
+    /// (batch 2 on 2 processes) are skipped, with the reason in results.json and summary.md.
+    ///
     /// Example: bnlab reproduce normalizers --quick --out runs/normalizers-quick
     Normalizers(NormalizersArgs),
     /// Section 4.2, Figures 2-4: inception-mini on Fashion-MNIST with and without BN, at the
     /// baseline's best learning rate (from a sweep) and 5x / 30x it, and a BN-x30 ensemble
     /// (17 runs, about 23 minutes on 2 cores; --quick: under a minute).
+    ///
+    /// Under `mpirun -n P` each run trains data-parallel (global BN sync; dropout draws the
+    /// global batch's mask on every process), one after the other; rank 0 alone writes.
     ///
     /// Example: bnlab reproduce inception --quick --out runs/inception-quick
     /// (stopped? bnlab reproduce inception --resume runs/inception-quick)
@@ -143,6 +151,10 @@ enum StudyCommand {
     /// MNIST, each without BN, with BN and with noisy BN; test accuracy, the stability of a
     /// layer's inputs, internal covariate shift and the loss landscape over training, and
     /// their claims checked.
+    ///
+    /// Under `mpirun -n P` each run trains data-parallel (global BN sync; noisy BN draws the
+    /// global batch's noise on every process), one after the other; the measurements (ICS,
+    /// the landscape) run whole on every process.
     ///
     /// Example: bnlab reproduce ics --quick --out runs/ics-quick
     /// (stopped? bnlab reproduce ics --resume runs/ics-quick)
@@ -695,19 +707,13 @@ fn main() -> ExitCode {
         } => reproduce_mnist(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Normalizers(a),
-        } => single_process_study("normalizers", a.study.report_only.is_some(), &ranks, || {
-            reproduce_normalizers(a, &stop)
-        }),
+        } => reproduce_normalizers(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Inception(a),
-        } => single_process_study("inception", a.study.report_only.is_some(), &ranks, || {
-            reproduce_inception(a, &stop)
-        }),
+        } => reproduce_inception(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::Ics(a),
-        } => single_process_study("ics", a.study.report_only.is_some(), &ranks, || {
-            reproduce_ics(a, &stop)
-        }),
+        } => reproduce_ics(a, &stop, &ranks),
         Command::Reproduce {
             study: StudyCommand::PreciseBn(a),
         } => reproduce_precise_bn(a, &stop, &ranks),
@@ -890,7 +896,8 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     run.stop = stop.clone();
     if ranks.size() > 1 {
         let bn_sync = run.spec.bn_sync.unwrap_or(BnSync::Global);
-        join_ranks(&mut run.net, ranks, bn_sync, &run.spec.config)?;
+        // The same check on every rank: said once, every rank ending normally.
+        ranks.agree(join_ranks(&mut run.net, ranks, bn_sync, &run.spec.config))?;
         run.writes = lead;
         // No rank starts (and rank 0 writes its first state) before every rank has checked
         // the run directory.
@@ -1009,7 +1016,8 @@ fn join_ranks(net: &mut Network, ranks: &Ranks, bn_sync: BnSync, c: &TrainConfig
             ),
         ));
     }
-    net.set_dist(ranks.dist(bn_sync))
+    net.set_dist(ranks.dist(bn_sync))?;
+    net.check_split(c.batch_size)
 }
 
 /// "SIGINT" / "SIGTERM": what asked the run to stop.
@@ -1251,7 +1259,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
     let bn_sync = BnSync::parse(&a.sync.bn_sync)?;
     if ranks.size() > 1 {
-        join_ranks(&mut net, ranks, bn_sync, &config)?;
+        ranks.agree(join_ranks(&mut net, ranks, bn_sync, &config))?;
     }
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
     let warmup = (steps / 10).clamp(1, 200);
@@ -1472,47 +1480,6 @@ fn open_or_create_study_on(
     Ok(study.with_stop(stop.clone()).with_dist(ranks.dist(sync)))
 }
 
-/// `run` a study that does not run data-parallel: as usual in one process; under mpirun with
-/// more than one, a report (`--report-only`) is written by rank 0 alone (the others do
-/// nothing), and anything else is refused up front, on every rank, naming what stands in the
-/// way.
-fn single_process_study(
-    name: &str,
-    report_only: bool,
-    ranks: &Ranks,
-    run: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    if ranks.size() == 1 || (report_only && ranks.lead()) {
-        return run();
-    }
-    if report_only {
-        return Ok(());
-    }
-    let why = match name {
-        "normalizers" => {
-            "its batch-renormalization runs (--norm brn) have no data-parallel form yet, and its \
-             batches of 2 would leave BN one example per process"
-        }
-        "inception" => {
-            "its dropout networks (Inception, BN-Baseline, Inception-x5, Inception-Sigmoid and \
-             the learning-rate sweep) draw random masks, which a data-parallel run does not \
-             support yet"
-        }
-        _ => {
-            "its noisy-BN runs (--norm noisy-bn) draw random noise, which a data-parallel run \
-             does not support yet"
-        }
-    };
-    ranks.agree(Err(Error::config(
-        "mpirun",
-        format!(
-            "reproduce {name} does not run data-parallel: {why}; run it in one process, \
-             without mpirun (`bnlab reproduce {name} ...`); `reproduce mnist` and `reproduce \
-             precise-bn` run under mpirun"
-        ),
-    )))
-}
-
 /// A new study whose data cannot be loaded is removed again, so that the same command with
 /// the data fixed starts it (rather than asking for --resume).
 fn discard_if_fresh<T>(dirs: &StudyDirArgs, study: &Study, r: Result<T>) -> Result<T> {
@@ -1693,7 +1660,11 @@ fn reproduce_mnist(a: ReproduceArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) ->
     Ok(())
 }
 
-fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+fn reproduce_normalizers(
+    a: NormalizersArgs,
+    stop: &bnlab::stop::Stop,
+    ranks: &Ranks,
+) -> Result<()> {
     use bnlab::experiments::normalizers::{self as norms, NormalizersSetup};
     let make_setup = || -> Result<NormalizersSetup> {
         let mut setup = if a.quick {
@@ -1719,6 +1690,10 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
         )
     };
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "normalizers")?;
         let setup: NormalizersSetup = study.setup()?;
         let results = norms::finished_results(&setup, &study)?;
@@ -1732,26 +1707,42 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
         return Ok(());
     }
     if a.study.resume.is_none() {
-        make_setup()?;
+        ranks.agree(make_setup())?;
     }
-    let study = open_or_create_study(
+    let study = open_or_create_study_on(
         "normalizers",
         &a.study,
         &a.out,
         || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
         a.data.as_deref(),
         stop,
+        ranks,
+        None,
+        // Runs whose batch cannot be split are skipped and reported as such (see
+        // `normalizers::data_parallel_skip`), not refused.
+        &|setup, _| {
+            serde_json::from_value::<NormalizersSetup>(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?
+                .validate()
+        },
     )?;
-    let setup: NormalizersSetup = study.setup()?;
+    let setup: NormalizersSetup = ranks.agree(study.setup())?;
     let split = discard_if_fresh(
         &a.study,
         &study,
-        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+        ranks.agree(data::fashion_mnist(
+            study_data(&study, a.data.as_deref()).as_deref(),
+        )),
     )?;
     let out = study.dir().to_path_buf();
+    let lead = ranks.lead();
     let t0 = std::time::Instant::now();
     let done_before = std::sync::atomic::AtomicUsize::new(0);
     let on_done = |d: norms::Done<'_>| {
+        if !lead {
+            // Progress on rank 0 alone (every rank computes the same).
+            return;
+        }
         if d.resumed {
             done_before.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1765,9 +1756,10 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
         } else {
             String::new()
         };
-        let what = match d.result.test_accuracy {
-            Some(acc) => format!("test accuracy {:.2}%", 100.0 * acc),
-            None => format!(
+        let what = match (&d.result.skipped, d.result.test_accuracy) {
+            (Some(why), _) => why.clone(),
+            (None, Some(acc)) => format!("test accuracy {:.2}%", 100.0 * acc),
+            (None, None) => format!(
                 "diverged at step {}",
                 d.result.diverged_at.unwrap_or_default()
             ),
@@ -1786,15 +1778,21 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
     };
     let results = match norms::run_study(&setup, &split, &study, &on_done) {
         Err(Error::Stopped { step }) => {
-            eprintln!(
-                "stopped; the study is kept in {}. Resume it with:\n  bnlab reproduce normalizers --resume {}",
-                out.display(),
-                cli::shell_word(&out.display().to_string())
-            );
+            if lead {
+                eprintln!(
+                    "stopped; the study is kept in {}. Resume it with:\n  {}bnlab reproduce normalizers --resume {}",
+                    out.display(),
+                    ranks.launcher(),
+                    cli::shell_word(&out.display().to_string())
+                );
+            }
             return Err(Error::Stopped { step });
         }
         other => other?,
     };
+    if !lead {
+        return Ok(());
+    }
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
     write(&out, &setup, &results)?;
     eprintln!(
@@ -1805,7 +1803,7 @@ fn reproduce_normalizers(a: NormalizersArgs, stop: &bnlab::stop::Stop) -> Result
     Ok(())
 }
 
-fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
+fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     use bnlab::experiments::ics::{self, IcsSetup};
     let make_setup = || -> Result<IcsSetup> {
         let mut setup = if a.quick {
@@ -1828,6 +1826,10 @@ fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         )
     };
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "ics")?;
         let setup: IcsSetup = study.setup()?;
         let results = ics::finished_results(&setup, &study)?;
@@ -1841,18 +1843,26 @@ fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
         return Ok(());
     }
     if a.study.resume.is_none() {
-        make_setup()?;
+        ranks.agree(make_setup())?;
     }
-    let study = open_or_create_study(
+    let study = open_or_create_study_on(
         "ics",
         &a.study,
         &a.out,
         || serde_json::to_value(make_setup()?).map_err(|e| Error::config("setup", e.to_string())),
         a.data.as_deref(),
         stop,
+        ranks,
+        None,
+        &|setup, dist| {
+            let setup: IcsSetup = serde_json::from_value(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?;
+            ics::check_data_parallel(&setup, dist)
+        },
     )?;
-    let setup: IcsSetup = study.setup()?;
-    let (fashion, mnist) = discard_if_fresh(&a.study, &study, {
+    let setup: IcsSetup = ranks.agree(study.setup())?;
+    let lead = ranks.lead();
+    let loaded = {
         let needs = |d: &str| setup.nets.iter().any(|n| n.dataset == d);
         let fashion = if needs("fashion-mnist") {
             Some(data::fashion_mnist(
@@ -1870,7 +1880,8 @@ fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
             };
             Ok((f, m))
         })
-    })?;
+    };
+    let (fashion, mnist) = discard_if_fresh(&a.study, &study, ranks.agree(loaded))?;
     let splits: Vec<&data::Split> = setup
         .nets
         .iter()
@@ -1883,6 +1894,10 @@ fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
     let out = study.dir().to_path_buf();
     let t0 = std::time::Instant::now();
     let on_done = |d: ics::Done<'_>| {
+        if !lead {
+            // Progress on rank 0 alone (every rank computes the same).
+            return;
+        }
         let what = match (d.result.final_test_accuracy, d.result.diverged_at) {
             (Some(acc), _) => format!("test accuracy {:.2}%", 100.0 * acc),
             (None, Some(step)) => format!("diverged at step {step}"),
@@ -1900,30 +1915,45 @@ fn reproduce_ics(a: IcsStudyArgs, stop: &bnlab::stop::Stop) -> Result<()> {
             }
         );
     };
-    eprintln!(
-        "reproduce ics: {} runs ({}) on {} threads; a line per finished run",
-        setup.jobs().len(),
-        setup
-            .nets
-            .iter()
-            .map(|n| format!("{} x {} steps", n.model, n.steps))
-            .collect::<Vec<_>>()
-            .join(", "),
-        setup.workers
-    );
+    if lead {
+        eprintln!(
+            "reproduce ics: {} runs ({}) {}; a line per finished run",
+            setup.jobs().len(),
+            setup
+                .nets
+                .iter()
+                .map(|n| format!("{} x {} steps", n.model, n.steps))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if ranks.size() > 1 {
+                format!(
+                    "one at a time, each data-parallel on {} processes",
+                    ranks.size()
+                )
+            } else {
+                format!("on {} threads", setup.workers)
+            }
+        );
+    }
     let results = match ics::run_study(&setup, &splits, &study, &on_done) {
         Err(Error::Stopped { step }) => {
-            eprintln!(
-                "stopped; the study is kept in {}. Resume it with:\n  bnlab reproduce ics --resume {}\n\
-                 report so far: bnlab reproduce ics --report-only {}",
-                out.display(),
-                cli::shell_word(&out.display().to_string()),
-                cli::shell_word(&out.display().to_string())
-            );
+            if lead {
+                eprintln!(
+                    "stopped; the study is kept in {}. Resume it with:\n  {}bnlab reproduce ics --resume {}\n\
+                     report so far: bnlab reproduce ics --report-only {}",
+                    out.display(),
+                    ranks.launcher(),
+                    cli::shell_word(&out.display().to_string()),
+                    cli::shell_word(&out.display().to_string())
+                );
+            }
             return Err(Error::Stopped { step });
         }
         other => other?,
     };
+    if !lead {
+        return Ok(());
+    }
     let results: Vec<Option<_>> = results.into_iter().map(Some).collect();
     write(&out, &setup, &results)?;
     let claims = report::ics_claims(&report::IcsReport {
@@ -1992,9 +2022,13 @@ fn inception_setup(a: &InceptionArgs) -> Result<InceptionSetup> {
     Ok(setup)
 }
 
-fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()> {
-    let mode = a.control.mode()?;
+fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
+    let mode = ranks.agree(a.control.mode())?;
     if let Some(dir) = &a.study.report_only {
+        if !ranks.lead() {
+            // Rank 0 alone writes the report of a study kept on disk.
+            return Ok(());
+        }
         let study = Study::open(dir, "inception")?;
         let setup: InceptionSetup = study.setup()?;
         let split = data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref())?;
@@ -2015,9 +2049,9 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
         return Ok(());
     }
     if a.study.resume.is_none() {
-        inception_setup(&a)?;
+        ranks.agree(inception_setup(&a))?;
     }
-    let study = open_or_create_study(
+    let study = open_or_create_study_on(
         "inception",
         &a.study,
         &a.out,
@@ -2027,14 +2061,24 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
         },
         a.data.as_deref(),
         stop,
+        ranks,
+        None,
+        &|setup, dist| {
+            let setup: InceptionSetup = serde_json::from_value(setup.clone())
+                .map_err(|e| Error::config("setup", e.to_string()))?;
+            inception::check_data_parallel(&setup, dist)
+        },
     )?;
-    let setup: InceptionSetup = study.setup()?;
+    let setup: InceptionSetup = ranks.agree(study.setup())?;
     let split = discard_if_fresh(
         &a.study,
         &study,
-        data::fashion_mnist(study_data(&study, a.data.as_deref()).as_deref()),
+        ranks.agree(data::fashion_mnist(
+            study_data(&study, a.data.as_deref()).as_deref(),
+        )),
     )?;
     let out = study.dir().to_path_buf();
+    let lead = ranks.lead();
     let runs = setup.job_count();
     let meter = StudyMeter::new(
         mode,
@@ -2044,6 +2088,10 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
         setup.workers,
     );
     let on_progress = |p: inception::Progress<'_>| {
+        if !lead {
+            // Progress on rank 0 alone (every rank computes the same).
+            return;
+        }
         meter.update(RunUpdate {
             slot: p.worker,
             label: p.label,
@@ -2057,14 +2105,21 @@ fn reproduce_inception(a: InceptionArgs, stop: &bnlab::stop::Stop) -> Result<()>
     };
     let t = Instant::now();
     let result = inception::reproduce(&setup, &split, &study, &on_progress);
-    meter.finish();
+    if lead {
+        meter.finish();
+    }
     let result = match result {
         Err(e @ Error::Stopped { .. }) => {
-            report_stopped("inception", &study, &meter, stop, "");
+            if lead {
+                report_stopped("inception", &study, &meter, stop, &ranks.launcher());
+            }
             return Err(e);
         }
         r => r?,
     };
+    if !lead {
+        return Ok(());
+    }
     report::write_inception_report(&out, &result)?;
     eprintln!("lr0 = {} (best of the no-BN sweep)", result.lr0);
     for v in &result.variants {

@@ -4,7 +4,9 @@
 use crate::dist::Dist;
 use crate::kernels::activation::{softmax_cross_entropy, softmax_cross_entropy_of};
 use crate::model::{self, ModelSpec};
-use crate::nn::{BatchNorm, Ctx, InferenceStats, Layer, Mode, Sequential, TensorMut};
+use crate::nn::{
+    BatchNorm, Ctx, Dropout, InferenceStats, Layer, Mode, Noise, Sequential, TensorMut,
+};
 use crate::{Error, Result};
 
 /// A network ready to train and evaluate: the layers of a model file, softmax cross-entropy on
@@ -95,20 +97,32 @@ impl Network {
 
     /// Make this network one replica of a data-parallel run (`None`: a network of its own
     /// again): training steps take this rank's slice of every batch and sum the gradients over
-    /// the ranks (`train::Trainer::step`), evaluation and Algorithm 2 are sharded, and every
-    /// BatchNorm synchronizes as `dist.bn_sync` says. Errors for layers without a
-    /// data-parallel form (ghost BN, batch renormalization, dropout, noisy BN).
+    /// the ranks (`train::Trainer::step`), evaluation and Algorithm 2 are sharded, every
+    /// BatchNorm synchronizes as `dist.bn_sync` says, and dropout and noisy BN draw for the
+    /// whole global batch and keep this rank's slice. Errors for a layer with a random
+    /// generator that has no data-parallel form (none today).
     pub fn set_dist(&mut self, dist: Option<Dist>) -> Result<()> {
         let mut generators = 0;
         self.body.for_each_rng(&mut |_| generators += 1);
-        if dist.is_some() && generators > 0 {
+        let mut replicas = 0;
+        for_each_leaf(&mut self.body, &mut |layer| {
+            let any = layer.as_any_mut();
+            if let Some(d) = any.downcast_mut::<Dropout>() {
+                d.set_dist(dist.clone());
+                replicas += 1;
+            } else if let Some(n) = any.downcast_mut::<Noise>() {
+                n.set_dist(dist.clone());
+                replicas += 1;
+            }
+        });
+        if dist.is_some() && generators > replicas {
             // Each rank would draw for its own slice: the generators would part ways between
             // the ranks (and from one process), and a resumed run would not continue them.
+            self.set_dist(None)?;
             return Err(Error::config(
                 "--model",
                 format!(
-                    "{} has layers with random draws (dropout, noisy BN), which a data-parallel \
-                     run does not support yet",
+                    "{} has layers with random draws that a data-parallel run does not support",
                     self.spec.name
                 ),
             ));
@@ -120,13 +134,39 @@ impl Network {
             }
         });
         if let Some(e) = err {
-            self.body.for_each_batch_norm(&mut |bn| {
-                let _ = bn.set_sync(None);
-            });
+            self.set_dist(None)?;
             return Err(e);
         }
         self.dist = dist;
         Ok(())
+    }
+
+    /// Check that training batches of `batch` examples split over the run's ranks in a way
+    /// every layer can follow (ghost batches must not straddle two ranks, see
+    /// `BatchNorm::check_split`); Ok without a data-parallel run.
+    pub fn check_split(&mut self, batch: usize) -> Result<()> {
+        let Some(p) = self.dist().map(|d| d.comm.size()) else {
+            return Ok(());
+        };
+        let mut err = None;
+        self.body.for_each_batch_norm(&mut |bn| {
+            if let Err(e) = bn.check_split(batch, p) {
+                err.get_or_insert(e);
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Tell the layers of a data-parallel run that the next pass is over `n` examples of a
+    /// global batch of `batch` (`n == batch` in one process, or for a batch of this rank's own).
+    fn set_global_batch(&self, n: usize, batch: usize) {
+        if let Some(d) = self.dist() {
+            d.set_batch(if batch == n && d.slice(batch).len() != n {
+                0
+            } else {
+                batch
+            });
+        }
     }
 
     /// The data-parallel run of more than one rank this network is part of, if any.
@@ -191,7 +231,16 @@ impl Network {
     /// `Error::BatchTooSmall` for a BN network in `Mode::Train` or `Mode::Population` with
     /// statistics over fewer than 2 values (a batch of one).
     pub fn forward(&mut self, x: &[f32], n: usize, mode: Mode) -> Result<&[f32]> {
+        self.forward_of(x, n, n, mode)
+    }
+
+    /// [`Network::forward`] of `n` examples that are this rank's slice of a global batch of
+    /// `batch` (`batch == n`: a batch of this rank's own, such as an evaluation shard's), so
+    /// that BN merges the global batch's statistics (or normalizes the global batch's ghost
+    /// batches) in `Mode::Population`. Without a data-parallel run, `forward`.
+    pub fn forward_of(&mut self, x: &[f32], n: usize, batch: usize, mode: Mode) -> Result<&[f32]> {
         self.check_batch(x, n)?;
+        self.set_global_batch(n, batch);
         let ctx = self.ctx(mode);
         self.body.forward(ctx, x, &mut self.logits, n)?;
         Ok(&self.logits[..n * self.body.out_size()])
@@ -236,6 +285,7 @@ impl Network {
                 "label {l} for a network of {k} classes"
             )));
         }
+        self.set_global_batch(n, batch);
         self.body.forward(ctx, x, &mut self.logits, n)?;
         let loss =
             softmax_cross_entropy_of(&self.logits, labels, n, k, Some(&mut self.dlogits), batch);
@@ -294,5 +344,16 @@ impl Network {
             }
         });
         ok
+    }
+}
+
+/// `f` on every leaf layer of `layer`'s tree (the layers without children), in forward order.
+fn for_each_leaf(layer: &mut dyn Layer, f: &mut dyn FnMut(&mut dyn Layer)) {
+    if layer.children().is_empty() {
+        f(layer);
+    } else {
+        for child in layer.children() {
+            for_each_leaf(child, f);
+        }
     }
 }

@@ -461,7 +461,7 @@ impl Evaluator {
     }
 
     /// `for_each_batch` over the examples `range`.
-    fn for_each_batch_in(
+    pub fn for_each_batch_in(
         &mut self,
         net: &mut Network,
         data: &Dataset,
@@ -485,7 +485,9 @@ impl Evaluator {
     /// Test accuracy and mean loss over `data` (the first `limit` examples if given), in
     /// inference mode, recording the probe's values if asked. In a data-parallel run each rank
     /// evaluates a contiguous shard and the counts and losses are summed over the ranks (the
-    /// probe's values gathered, every rank getting all of them in example order).
+    /// probe's values gathered, every rank getting all of them in example order); with batch
+    /// statistics (`with_batch_statistics`) the shards are whole batches, each normalized on
+    /// its own rank by its own statistics, so that the batches are one process's.
     pub fn evaluate(
         &mut self,
         net: &mut Network,
@@ -504,6 +506,13 @@ impl Evaluator {
         }
         let dist = net.dist().cloned();
         let shard = match &dist {
+            // With batch statistics, whole batches per rank: the batches one process
+            // normalizes, each on one rank (the last one, shorter, on the last rank).
+            Some(d) if self.mode == Mode::Population => {
+                let b = self.batch.min(net.max_batch()).max(1);
+                let s = crate::dist::slice_of(total.div_ceil(b), d.comm.size(), d.comm.rank());
+                (s.start * b).min(total)..(s.end * b).min(total)
+            }
             Some(d) => crate::dist::slice_of(total, d.comm.size(), d.comm.rank()),
             None => 0..total,
         };
@@ -876,7 +885,7 @@ pub fn population_statistics(
             *ix = b * batch + slice.start + j;
         }
         train.fill_batch(&indices, &mut x, &mut y);
-        net.forward(&x, slice.len(), Mode::Population)?;
+        net.forward_of(&x, slice.len(), batch, Mode::Population)?;
     }
     let mut missing = 0;
     net.for_each_batch_norm(&mut |bn| {

@@ -1,6 +1,6 @@
 //! The processes a command runs on: MPI's ranks when started by `mpirun -n P` (the `mpi`
-//! feature), else this process alone. `train`, `bench`, `reproduce mnist` and `reproduce
-//! precise-bn` run data-parallel.
+//! feature), else this process alone. `train`, `bench` and every `reproduce` study run
+//! data-parallel.
 
 use bnlab::dist::{launcher_size, BnSync, Collective, Dist};
 use bnlab::{Error, Result};
@@ -79,10 +79,9 @@ impl Ranks {
 
     /// A network's place in the run, when there is more than one rank.
     pub fn dist(&self, bn_sync: BnSync) -> Option<Dist> {
-        self.comm.as_ref().map(|comm| Dist {
-            comm: Arc::clone(comm),
-            bn_sync,
-        })
+        self.comm
+            .as_ref()
+            .map(|comm| Dist::new(Arc::clone(comm), bn_sync))
     }
 
     /// Wait for every rank (nothing with one).

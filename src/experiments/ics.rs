@@ -366,6 +366,44 @@ pub struct Done<'a> {
     pub total: usize,
 }
 
+/// Make `net` a replica of the data-parallel run `d` for batches of `batch`, refusing slices
+/// that would leave BN fewer than 2 examples per process. The training steps and evaluations
+/// run data-parallel; the measurements (ICS, the landscape) run whole on every rank, as one
+/// process runs them.
+fn join(net: &mut Network, batch: usize, d: &crate::dist::Dist) -> Result<()> {
+    let p = d.comm.size();
+    let least = if net.has_batch_norm() { 2 * p } else { p };
+    if batch < least {
+        return Err(Error::config(
+            "reproduce ics",
+            format!(
+                "batches of {batch} over {p} processes: {} needs at least {least}; run the \
+                 study on fewer processes or without mpirun",
+                net.name()
+            ),
+        ));
+    }
+    net.set_dist(Some(d.clone()))?;
+    net.check_split(batch)
+}
+
+/// Check, before anything is trained or written, that every run of the study can train as a
+/// replica of the data-parallel run `d`: an error naming the first that cannot.
+pub fn check_data_parallel(setup: &IcsSetup, d: &crate::dist::Dist) -> Result<()> {
+    setup.validate()?;
+    for job in setup.jobs() {
+        let ns = &setup.nets[job.net];
+        let spec = model::apply_norm(&model::preset(&ns.model)?, NormChoice::parse(&job.norm)?)?;
+        // Both data sets hold 28 x 28 images (the MLP's input is fixed, 784).
+        let input = model::resolve_input(&spec, None)
+            .or_else(|_| model::resolve_input(&spec, Some(&[1, 28, 28])))?;
+        let mut net = Network::build(&spec, &input, setup.seed, ns.batch_size, 1)?;
+        join(&mut net, ns.batch_size, d)?;
+        net.set_dist(None)?;
+    }
+    Ok(())
+}
+
 /// Training steps between a run's checkpoints.
 pub const CHECKPOINT_EVERY: usize = 500;
 
@@ -452,10 +490,21 @@ impl Follow<'_> {
         let width = out.len() / net.max_batch().max(1);
         let positions = width / self.setup.probe_channels;
         let c = self.setup.probe_channel;
+        let b = self.setup.batch_size;
+        // A data-parallel run holds this rank's slice of the batch: the slices' values are
+        // gathered (each at its place among zeros, summed over the ranks; adding zeros is
+        // exact), so every rank has the whole batch's, as one process does.
+        let dist = net.dist().cloned();
+        let rows = dist.as_ref().map_or(0..b, |d| d.slice(b));
         self.scratch.clear();
-        for i in 0..self.setup.batch_size {
+        self.scratch.resize(rows.start * positions, 0.0);
+        for i in 0..rows.len() {
             let base = i * width + c * positions;
             self.scratch.extend_from_slice(&out[base..base + positions]);
+        }
+        if let Some(d) = dist {
+            self.scratch.resize(b * positions, 0.0);
+            d.comm.sum_f32(&mut self.scratch);
         }
         let p = |v: &mut [f32], q| percentile(v, q);
         self.result.inputs.push(InputPoint {
@@ -577,6 +626,9 @@ pub fn run_job(setup: &IcsSetup, job: &Job, data: &Split, study: &StudyDir) -> R
         bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
+    if let Some(d) = study.dist() {
+        join(&mut net, b, d)?;
+    }
     let features = data.train.features();
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let layers = probe::weight_layers(&mut net);

@@ -46,11 +46,17 @@
 //! (the first is the `BN-x30` variant itself), predicting the arithmetic mean of their softmax
 //! probabilities on the whole test set.
 //!
+//! Under `mpirun -n P` (`Study::with_dist`) the runs go one at a time, each trained
+//! data-parallel on every rank (dropout draws the global batch's mask on every rank and keeps
+//! the rank's slice, so a run equals one process's up to rounding); evaluations are sharded
+//! over the ranks, and rank 0 alone writes.
+//!
 //! Runs are independent, so they flow through one worker thread per core (`study::share_cores`) pulling from
 //! one queue; each network is single-threaded, as in `experiments::mnist`: for these layer sizes
 //! that is the best use of two cores, and every run stays bit-reproducible whatever the order.
 
 use crate::data::{Dataset, Split};
+use crate::dist::Dist;
 use crate::network::Network;
 use crate::optim::Schedule;
 use crate::report::{
@@ -419,14 +425,19 @@ pub fn accuracy_of(probabilities: &[f32], labels: &[u8], classes: usize) -> f64 
 }
 
 /// Softmax probabilities of every example of `data` in inference mode, `len x classes`.
+/// In a data-parallel run each rank computes a contiguous shard, and the shards are gathered.
 fn probabilities(net: &mut Network, data: &Dataset, batch: usize) -> Result<Vec<f32>> {
     let batch = batch.min(net.max_batch()).max(1);
     let k = net.classes();
+    let dist = net.dist().cloned();
+    let shard = dist.as_ref().map_or(0..data.len(), |d| d.slice(data.len()));
     let mut out = Vec::with_capacity(data.len() * k);
-    Evaluator::new(batch, data.features()).for_each_batch(
+    // The shards before this rank's: zeros, filled in by the gathering sum.
+    out.resize(shard.start * k, 0.0);
+    Evaluator::new(batch, data.features()).for_each_batch_in(
         net,
         data,
-        None,
+        shard.clone(),
         &mut |net, _, n, _| {
             for row in net.last_logits(n).chunks_exact(k) {
                 let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -436,6 +447,12 @@ fn probabilities(net: &mut Network, data: &Dataset, batch: usize) -> Result<Vec<
             Ok(())
         },
     )?;
+    if let Some(d) = dist {
+        // Each rank's shard at its place among zeros, summed over the ranks (adding zeros
+        // is exact): every rank gets all of them in example order.
+        out.resize(data.len() * k, 0.0);
+        d.comm.sum_f32(&mut out);
+    }
     Ok(out)
 }
 
@@ -583,6 +600,9 @@ fn run_job(
         bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
+    if let Some(d) = study.dist() {
+        join(&mut net, setup, d)?;
+    }
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let evaluator = Evaluator::new(setup.eval_batch, features);
     let subset = Some(setup.eval_subset);
@@ -685,6 +705,54 @@ fn run_job(
     Ok(outcome)
 }
 
+/// Make `net` a replica of the data-parallel run `d`, refusing a batch whose slices would
+/// leave BN fewer than 2 examples per process, or ghost batches that would straddle two.
+fn join(net: &mut Network, setup: &InceptionSetup, d: &Dist) -> Result<()> {
+    let p = d.comm.size();
+    let least = if net.has_batch_norm() { 2 * p } else { p };
+    if setup.batch_size < least {
+        return Err(Error::config(
+            "reproduce inception",
+            format!(
+                "batches of {} over {p} processes: {} needs at least {least} (at least {} \
+                 example(s) per process); run the study on fewer processes or without mpirun",
+                setup.batch_size,
+                net.name(),
+                least / p
+            ),
+        ));
+    }
+    net.set_dist(Some(d.clone()))
+        .and_then(|()| net.check_split(setup.batch_size))
+        .map_err(|e| {
+            Error::config(
+                "reproduce inception",
+                format!(
+                    "the run {} cannot train data-parallel ({e}); run the study without mpirun",
+                    net.name()
+                ),
+            )
+        })
+}
+
+/// Check, before anything is trained or written, that every network of the study can train
+/// as a replica of the data-parallel run `d`: an error naming the first that cannot.
+pub fn check_data_parallel(setup: &InceptionSetup, d: &Dist) -> Result<()> {
+    setup.validate()?;
+    for (_, preset, _, _) in RECIPES {
+        let mut net = Network::preset_with_norm(
+            preset,
+            setup.norm.as_deref(),
+            setup.seed,
+            setup.batch_size.max(setup.eval_batch),
+            1,
+        )?;
+        join(&mut net, setup, d)?;
+        net.set_dist(None)?;
+    }
+    Ok(())
+}
+
 /// Runs `jobs` on `setup.workers` threads pulling from one queue; results in job order. The
 /// first error stops the queue (runs in progress finish) and is returned; a stop request ends
 /// the runs in progress after their current step (each writing its checkpoint) and returns
@@ -696,6 +764,19 @@ fn run_all(
     study: &Study,
     on_progress: &(dyn Fn(Progress<'_>) + Sync),
 ) -> Result<Vec<Outcome>> {
+    if study.dist().is_some() {
+        // Data-parallel: one run at a time on this thread (the one that calls MPI), every
+        // rank the same run, the stop agreed before each.
+        let threads = crate::study::share_cores(1, 1).1;
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if study.agree_stop() {
+                return Err(Error::Stopped { step: 0 });
+            }
+            out.push(run_job(job, setup, data, study, 0, threads, on_progress)?);
+        }
+        return Ok(out);
+    }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<Option<Result<Outcome>>>> =

@@ -307,8 +307,8 @@ pub fn run_variant(
 pub const VARIANTS: [&str; 2] = ["mlp-fig1", "mlp-fig1-bn"];
 
 /// Make `net` a replica of the data-parallel run `dist` (nothing without one), refusing what
-/// that run cannot train: a normalizer without a data-parallel form (`--norm ghost:G`, `brn`,
-/// `noisy-bn`) or a batch whose slices are too small for BN.
+/// that run cannot train: ghost batches that would straddle two processes (`--norm ghost:G`
+/// with slices that are not multiples of G) or a batch whose slices are too small for BN.
 fn join(net: &mut Network, setup: &MnistSetup, dist: Option<&Dist>) -> Result<()> {
     let Some(d) = dist else {
         return Ok(());
@@ -326,15 +326,17 @@ fn join(net: &mut Network, setup: &MnistSetup, dist: Option<&Dist>) -> Result<()
             ),
         ));
     }
-    net.set_dist(Some(d.clone())).map_err(|e| {
-        Error::config(
-            "reproduce mnist",
-            format!(
-                "the run {} cannot train data-parallel ({e}); run the study without mpirun",
-                net.name()
-            ),
-        )
-    })
+    net.set_dist(Some(d.clone()))
+        .and_then(|()| net.check_split(setup.batch_size))
+        .map_err(|e| {
+            Error::config(
+                "reproduce mnist",
+                format!(
+                    "the run {} cannot train data-parallel ({e}); run the study without mpirun",
+                    net.name()
+                ),
+            )
+        })
 }
 
 /// Check, before anything is trained or written, that every run of the study can train as a

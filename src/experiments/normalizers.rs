@@ -18,6 +18,13 @@
 //! about ten minutes on two cores, and the channel counts divide by the 4 groups of GN.
 //! A narrower ResNet-20 would be closer to Wu & He's ResNet-50, at several times the cost.
 //!
+//! Under `mpirun -n P` (`Study::with_dist`) the runs go one at a time, each trained
+//! data-parallel on every rank with global BN sync (batch renorm's r and d from the merged
+//! statistics). A run whose batch cannot be split is not trained, and says so: BN and batch
+//! renorm need at least 2 examples per process (batches of 2 on 2 processes would leave one),
+//! and every normalizer at least one. Such a run is recorded as skipped, with the reason, in
+//! results.json and in summary.md's table (`RunResult::skipped`).
+//!
 //! Every run is independent: they flow through `workers` threads, each network single-threaded
 //! and bit-reproducible. The study keeps its progress through `study::Study` like every
 //! `reproduce`: finished runs' results and the checkpoints of runs in training, so a stopped
@@ -206,6 +213,28 @@ pub struct RunResult {
     pub lr: f64,
     /// Wall-clock seconds of training and evaluation (kept out of results.json).
     pub seconds: f64,
+    /// Why the run was not trained: a data-parallel study whose batch cannot be split for
+    /// this normalizer (see the module doc). `None` for every run of a one-process study.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// Why a run of `net` on batches of `batch` cannot train on `p` processes, if it cannot: BN
+/// (and batch renorm) needs at least 2 examples per process, every network at least one.
+pub fn data_parallel_skip(net: &Network, batch: usize, p: usize) -> Option<String> {
+    let per = if net.has_batch_norm() { 2 } else { 1 };
+    (batch < per * p).then(|| {
+        format!(
+            "skipped: batches of {batch} over {p} processes leave {} example(s) per process, \
+             and {} needs at least {per} (run the study without mpirun for this run)",
+            batch / p,
+            if per == 2 {
+                "batch normalization"
+            } else {
+                "a data-parallel run"
+            }
+        )
+    })
 }
 
 /// A finished or resumed run, for progress.
@@ -333,6 +362,21 @@ pub fn run_job(
         bn: Default::default(),
     };
     config.validate(net.has_batch_norm())?;
+    if let Some(d) = study.dist() {
+        if let Some(why) = data_parallel_skip(&net, b, d.comm.size()) {
+            return Ok(RunResult {
+                test_accuracy: None,
+                test_accuracy_batch_stats: None,
+                diverged_at: None,
+                steps,
+                lr,
+                seconds: 0.0,
+                skipped: Some(why),
+            });
+        }
+        net.set_dist(Some(d.clone()))?;
+        net.check_split(b)?;
+    }
     let features = data.train.features();
     let mut trainer = Trainer::new(config, data.train.len(), features);
     let key = job.key();
@@ -378,6 +422,7 @@ pub fn run_job(
         steps,
         lr,
         seconds: t0.elapsed().as_secs_f64(),
+        skipped: None,
     })
 }
 

@@ -390,7 +390,7 @@ pub fn population_of(
     net.for_each_batch_norm(&mut |bn| bn.begin_population());
     for chunk in indices.chunks_exact(batch) {
         train.fill_batch(&chunk[slice.clone()], &mut x, &mut y);
-        net.forward(&x, slice.len(), Mode::Population)?;
+        net.forward_of(&x, slice.len(), batch, Mode::Population)?;
     }
     net.for_each_batch_norm(&mut |bn| {
         bn.finish_population();

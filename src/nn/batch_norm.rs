@@ -72,6 +72,12 @@ pub struct BatchNorm {
     sync: Option<Dist>,
     /// The reductions' buffer, `3 * c`.
     sync_buf: Vec<f64>,
+    /// The last batch-statistics pass merged its statistics over the ranks (`BnSync::Global`
+    /// on a rank's slice of a global batch): its backward pass reduces too.
+    last_merged: bool,
+    /// Algorithm 2's passes added each rank's own virtual batches (local sync, or ghost
+    /// batches): `finish_population` sums them over the ranks.
+    population_summed: bool,
     /// The activation fused into this layer (`fuse_activation`): `forward` writes
     /// `act(y)`, and `backward` takes the gradient at the activation's output.
     act: k::Act,
@@ -222,6 +228,8 @@ impl BatchNorm {
             frozen: false,
             sync: None,
             sync_buf: Vec::new(),
+            last_merged: false,
+            population_summed: false,
             act: k::Act::Identity,
             gact: Vec::new(),
             batch_mean: vec![0.0; c],
@@ -286,16 +294,10 @@ impl BatchNorm {
         self.renorm_now
     }
 
-    /// Join a data-parallel run (`None`: leave it). Ghost batches and batch renormalization
-    /// have no data-parallel form here: refused.
+    /// Join a data-parallel run (`None`: leave it). Batch renormalization with global sync
+    /// computes r and d from the global batch's statistics; ghost batches are the global
+    /// batch's, each rank normalizing its own (see [`BatchNorm::check_split`]).
     pub fn set_sync(&mut self, sync: Option<Dist>) -> Result<()> {
-        if sync.is_some() && (self.ghost.is_some() || self.renorm.is_some()) {
-            return Err(crate::Error::config(
-                "--norm",
-                "ghost batch normalization and batch renormalization are not supported in a \
-                 data-parallel run (--bn-sync local is ghost BN with the slice as virtual batch)",
-            ));
-        }
         self.sync_buf = vec![0.0; if sync.is_some() { 3 * self.c } else { 0 }];
         self.sync = sync;
         Ok(())
@@ -332,17 +334,51 @@ impl BatchNorm {
         k::inv_std(&self.batch_var[..c], self.eps, &mut self.inv_std[..c]);
     }
 
-    /// `BnSync::Local` over more than one rank: the running statistics follow the
-    /// count-weighted average over the ranks of each slice's mean and unbiased variance (as
-    /// ghost BN's do over its virtual batches), the same on every rank.
+    /// Ghost batches in a data-parallel run: the virtual batches are those of the global
+    /// batch of `batch` examples split over `p` ranks, so every rank's slice must start on a
+    /// virtual batch's boundary (each rank then normalizes its own virtual batches, and no
+    /// statistics cross the ranks). Ok without ghost batches, or when the whole batch is one
+    /// virtual batch (plain BN, synchronized as `--bn-sync` says).
+    pub fn check_split(&self, batch: usize, p: usize) -> Result<()> {
+        let Some(g) = self.ghost.filter(|_| self.virtual_batches(batch) > 1) else {
+            return Ok(());
+        };
+        if (0..p).all(|r| crate::dist::slice_of(batch, p, r).start.is_multiple_of(g)) {
+            return Ok(());
+        }
+        let sizes: Vec<String> = (0..p)
+            .map(|r| crate::dist::slice_of(batch, p, r).len().to_string())
+            .collect();
+        Err(crate::Error::config(
+            "--norm",
+            format!(
+                "ghost:{g} with batches of {batch} over {p} processes: the processes' slices \
+                 ({} examples) do not start on ghost-batch boundaries, so a ghost batch would \
+                 straddle two processes; use a batch whose every process's slice is a multiple \
+                 of {g} (e.g. {}), or run without mpirun",
+                sizes.join(", "),
+                g * p
+            ),
+        ))
+    }
+
+    /// Each rank normalized its own virtual batches (`BnSync::Local`'s slice, or ghost
+    /// batches): the running statistics follow the count-weighted average over every rank's
+    /// virtual batches of their means and unbiased variances (as ghost BN's do in one
+    /// process), the same on every rank.
     fn update_running_local(&mut self, dist: &Dist) {
         let c = self.c;
-        let m = self.counts[0] as f64;
-        let unbias = m / (m - 1.0);
         let buf = &mut self.sync_buf[..3 * c];
-        for ch in 0..c {
-            buf[ch] = m * self.batch_mean[ch] as f64;
-            buf[c + ch] = m * unbias * self.batch_var[ch] as f64;
+        buf[..2 * c + 1].fill(0.0);
+        let mut m = 0.0;
+        for (k, &mk) in self.counts.iter().enumerate() {
+            let mk = mk as f64;
+            let unbias = mk / (mk - 1.0);
+            for ch in 0..c {
+                buf[ch] += mk * self.batch_mean[k * c + ch] as f64;
+                buf[c + ch] += mk * unbias * self.batch_var[k * c + ch] as f64;
+            }
+            m += mk;
         }
         buf[2 * c] = m;
         dist.comm.sum_f64(&mut buf[..2 * c + 1]);
@@ -385,6 +421,7 @@ impl BatchNorm {
     /// Start Algorithm 2: the following `Mode::Population` passes accumulate batch statistics.
     pub fn begin_population(&mut self) {
         self.population = Some(PopulationStats::new(self.c));
+        self.population_summed = false;
     }
 
     /// End Algorithm 2: fix `E[x]` and `Var[x]`. Returns the number of batches averaged.
@@ -393,8 +430,9 @@ impl BatchNorm {
             return 0;
         };
         if let Some(d) = self.synced() {
-            // Global: every rank added the same merged statistics. Local: each its own slices'.
-            if d.bn_sync == BnSync::Local {
+            // Merged (global sync): every rank added the same statistics. Local sync, or ghost
+            // batches: each rank its own virtual batches'.
+            if self.population_summed {
                 p.sum_over(&|buf| d.comm.sum_f64(buf));
             }
         }
@@ -526,14 +564,13 @@ impl BatchNorm {
         let (c, s) = (self.c, self.s);
         let dims = self.dims(n);
         let affine = self.gamma.is_some();
-        if !self.last_batch_stats || (self.counts.len() == 1 && self.renorm.is_none()) {
+        let merged = self.last_merged && self.last_batch_stats;
+        if !self.last_batch_stats || (self.counts.len() == 1 && (self.renorm.is_none() || merged)) {
             // One batch of statistics: the inference statistics (Eval mode, or frozen BN in
-            // training: constants) or the mini-batch's (plain batch normalization). The
-            // gradients go straight to their place.
-            let global = self
-                .synced()
-                .filter(|d| d.bn_sync == BnSync::Global && self.last_batch_stats)
-                .cloned();
+            // training: constants) or the mini-batch's (plain batch normalization, or batch
+            // renormalization over the ranks' merged batch). The gradients go straight to
+            // their place.
+            let global = self.synced().filter(|_| merged).cloned();
             let (dg, db) = if affine {
                 (
                     Some(&mut self.grad_gamma[..]),
@@ -586,19 +623,36 @@ impl BatchNorm {
                 // that cancel between the ranks: sum dy is small against its parts.)
                 let lead = d.comm.rank() == 0;
                 let (sum_dy, sum_dy_xhat) = self.acc[..2 * c].split_at(c);
-                for (out, sums) in [(dg, sum_dy_xhat), (db, sum_dy)] {
-                    if let Some(out) = out {
-                        for (o, &v) in out.iter_mut().zip(sums) {
-                            *o = if lead { v as f32 } else { 0.0 };
-                        }
+                // Batch renormalization: r and d (the same on every rank, from the merged
+                // statistics) are constants, dgamma = r sum(dy xhat) + d sum(dy), and dx is
+                // batch norm's with the scale gamma * r.
+                let renorm = self.renorm.map(|_| (&self.r[..c], &self.d[..c]));
+                if let Some(out) = dg {
+                    for (ch, o) in out.iter_mut().enumerate() {
+                        let v = match renorm {
+                            Some((r, d)) => {
+                                r[ch] as f64 * sum_dy_xhat[ch] + d[ch] as f64 * sum_dy[ch]
+                            }
+                            None => sum_dy_xhat[ch],
+                        };
+                        *o = if lead { v as f32 } else { 0.0 };
                     }
                 }
+                if let Some(out) = db {
+                    for (o, &v) in out.iter_mut().zip(sum_dy) {
+                        *o = if lead { v as f32 } else { 0.0 };
+                    }
+                }
+                let gamma = match self.renorm {
+                    Some(_) => Some(&self.gamma_eff[..c]),
+                    None => self.gamma.as_deref(),
+                };
                 if let Some(dx) = dx {
                     k::backward_dx(
                         dy,
                         xhat,
                         &self.inv_std[..c],
-                        self.gamma.as_deref(),
+                        gamma,
                         dims,
                         mask,
                         self.counts[0],
@@ -722,6 +776,7 @@ impl Layer for BatchNorm {
 
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         self.last_n = 0;
+        self.last_merged = false;
         check_forward(self, x, y, n)?;
         self.reserve(n);
         self.last_mode = ctx.mode;
@@ -757,6 +812,17 @@ impl Layer for BatchNorm {
             return Ok(());
         }
         let (c, s) = (self.c, self.s);
+        // A data-parallel pass over this rank's slice of a global batch: the statistics are
+        // merged over the ranks (global sync of one batch), or each rank normalizes its own
+        // virtual batches (local sync: the slice; ghost BN: the global batch's ghost batches
+        // in this slice) and only the running statistics are reduced.
+        let mut merge = false;
+        let mut own = None;
+        if let Some((d, (batch, _))) = self.synced().and_then(|d| Some((d, d.pass(n)?))) {
+            self.check_split(batch, d.comm.size())?;
+            merge = d.bn_sync == BnSync::Global && self.virtual_batches(batch) == 1;
+            own = (!merge).then(|| d.clone());
+        }
         let chunks = self.virtual_batches(n);
         let g = match self.ghost {
             Some(g) if chunks > 1 => g,
@@ -769,9 +835,10 @@ impl Layer for BatchNorm {
             self.training_stats(x, k, a, nk, ctx.threads)?;
             self.counts.push(nk * s);
         }
-        if self.synced().is_some_and(|d| d.bn_sync == BnSync::Global) {
+        if merge {
             self.merge_global_stats();
         }
+        self.last_merged = merge;
         for k in 0..chunks {
             let a = k * g;
             let nk = g.min(n - a);
@@ -809,11 +876,7 @@ impl Layer for BatchNorm {
         match ctx.mode {
             Mode::Train => {
                 self.num_batches_tracked += 1;
-                let local = self
-                    .synced()
-                    .filter(|d| d.bn_sync == BnSync::Local)
-                    .cloned();
-                if let Some(d) = local {
+                if let Some(d) = own {
                     self.update_running_local(&d);
                 } else if chunks == 1 {
                     k::update_running(
@@ -839,6 +902,7 @@ impl Layer for BatchNorm {
             }
             Mode::Population => {
                 if let Some(p) = &mut self.population {
+                    self.population_summed |= own.is_some();
                     for (k, &m) in self.counts.iter().enumerate() {
                         p.add_batch(
                             &self.batch_mean[k * c..(k + 1) * c],

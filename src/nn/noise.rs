@@ -9,8 +9,13 @@
 //! `s * a + m`. The defaults are Santurkar et al.'s: 0.5, 1 to 1.25, 0.1, 0.1. The gradient is
 //! `dx = s * dy` (the noise is not a parameter). At inference and in Algorithm 2's pass the layer
 //! is the identity.
+//!
+//! In a data-parallel run (`set_dist`) every rank draws the noise of the whole global batch
+//! (up to the end of its slice) from the same stream and keeps its slice's values, as dropout
+//! does: P ranks add exactly the noise one process adds, and the generators stay identical.
 
 use super::{backward_nothing, check_forward, Ctx, Layer, Mode};
+use crate::dist::Dist;
 use crate::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -85,6 +90,8 @@ pub struct Noise {
     last_train: bool,
     /// The batch size of the last successful forward pass (0: none).
     last_n: usize,
+    /// The data-parallel run this layer is a replica in (`set_dist`), if any.
+    dist: Option<Dist>,
 }
 
 impl Noise {
@@ -98,7 +105,14 @@ impl Noise {
             last_draw: (0.0, 1.0),
             last_train: false,
             last_n: 0,
+            dist: None,
         }
+    }
+
+    /// Make this layer one replica of a data-parallel run (`None`: a layer of its own): see
+    /// the module doc.
+    pub fn set_dist(&mut self, dist: Option<Dist>) {
+        self.dist = dist;
     }
 
     /// `(mu_t, sigma_t)` of the last training-mode forward pass.
@@ -135,6 +149,7 @@ impl Layer for Noise {
             y[..len].copy_from_slice(&x[..len]);
             return Ok(());
         }
+        let (before, _) = super::dropout::draws_around(self.dist.as_ref(), n);
         self.reserve(n);
         let sp = self.spec;
         let mu = Self::uniform(&mut self.rng, -sp.mean_range, sp.mean_range);
@@ -147,15 +162,22 @@ impl Layer for Noise {
         let (lo, width) = ((mu - sp.mean_jitter) as f32, (2.0 * sp.mean_jitter) as f32);
         let (sigma, sd) = (sigma as f32, sp.scale_std as f32);
         let (x, y, scale) = (&x[..len], &mut y[..len], &mut self.scale[..len]);
+        // Value `i` of the global batch is this pass's `i - first` (the values before `first`,
+        // the other ranks', are drawn and dropped; one process: `first = 0`).
+        let first = before * self.size;
+        let end = first + len;
         let mut i = 0;
-        while i < len {
+        while i < end {
             let (z0, z1) = fast.normal_pair();
             for z in [z0, z1] {
-                if i < len {
+                if i < end {
                     let m = lo + width * fast.unit();
-                    let s = sigma + sd * z;
-                    scale[i] = s;
-                    y[i] = s * x[i] + m;
+                    if i >= first {
+                        let j = i - first;
+                        let s = sigma + sd * z;
+                        scale[j] = s;
+                        y[j] = s * x[j] + m;
+                    }
                     i += 1;
                 }
             }

@@ -92,14 +92,18 @@ fn results_json(report: &NormalizersReport<'_>, claims: &[Claim]) -> serde_json:
             .iter()
             .map(|&b| {
                 let r = report.find(Study::BatchSize, &norm_key(n), b);
-                serde_json::json!({
+                let mut o = serde_json::json!({
                     "batch_size": b,
                     "test_accuracy": r.and_then(|r| r.test_accuracy),
                     "diverged_at": r.and_then(|r| r.diverged_at),
                     "lr": r.map(|r| r.lr),
                     "steps": r.map(|r| r.steps),
                     "missing": r.is_none(),
-                })
+                });
+                if let Some(why) = r.and_then(|r| r.skipped.as_ref()) {
+                    o["skipped"] = why.clone().into();
+                }
+                o
             })
             .collect();
         batch.insert(norm_key(n), rows.into());
@@ -112,6 +116,9 @@ fn results_json(report: &NormalizersReport<'_>, claims: &[Claim]) -> serde_json:
             "diverged_at": r.and_then(|r| r.diverged_at),
             "missing": r.is_none(),
         });
+        if let Some(why) = r.and_then(|r| r.skipped.as_ref()) {
+            o["skipped"] = why.clone().into();
+        }
         if let Some(a) = r.and_then(|r| r.test_accuracy_batch_stats) {
             o["test_accuracy_batch_stats"] = a.into();
         }
@@ -395,11 +402,31 @@ fn summary_md(report: &NormalizersReport<'_>, claims: &[Claim]) -> String {
                     diverged_at: Some(step),
                     ..
                 }) => format!("diverged at step {step}"),
+                Some(RunResult {
+                    skipped: Some(_), ..
+                }) => "skipped¹".to_string(),
                 other => err_pct(other.and_then(|r| r.test_accuracy)),
             };
             let _ = write!(md, " {cell} |");
         }
         let _ = writeln!(md);
+    }
+    // A data-parallel study's runs whose batch could not be split: said, with the reason.
+    let skipped: Vec<String> = report
+        .jobs
+        .iter()
+        .zip(report.results)
+        .filter_map(|(j, r)| {
+            let why = r.as_ref()?.skipped.as_ref()?;
+            Some(format!("`{}` ({why})", j.key()))
+        })
+        .collect();
+    if !skipped.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n¹ Not trained in this data-parallel study: {}.",
+            skipped.join("; ")
+        );
     }
     let paper = |name: &str, v: &[f64]| {
         let mut row = format!("| paper: {name}, ResNet-50 on ImageNet |");
