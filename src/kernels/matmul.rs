@@ -726,6 +726,71 @@ mod tests {
     }
 
     /// Every path (ours, the dot products, the `gemm` crate for large products) gives the same
+    /// Rows given by a table (overlapping windows of one buffer, either operand) give the bits
+    /// of `matmul` on the matrix those rows make, overwriting and accumulating, with tiles of
+    /// every width (n from 1 to 70) and row tiles of 4, 2 and 1.
+    #[test]
+    fn row_tables_give_the_bits_of_the_copied_matrix() {
+        let mut seed = 11u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let sizes: &[(usize, usize, usize)] = if cfg!(miri) {
+            &[(7, 5, 37), (3, 4, 9)]
+        } else {
+            &[(7, 5, 37), (3, 4, 9), (16, 27, 70), (5, 9, 1), (33, 18, 64)]
+        };
+        for &(m, k, n) in sizes {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+            // b's rows as windows of a buffer: row p starts at 3 p (overlapping when n > 3).
+            let bbuf: Vec<f32> = (0..3 * k + n).map(|_| rnd()).collect();
+            let boff: Vec<usize> = (0..k).map(|p| 3 * p).collect();
+            let bmat: Vec<f32> = boff.iter().flat_map(|&o| bbuf[o..o + n].to_vec()).collect();
+            // a's rows as windows: row r starts at 2 r.
+            let abuf: Vec<f32> = (0..2 * m + k).map(|_| rnd()).collect();
+            let aoff: Vec<usize> = (0..m).map(|r| 2 * r).collect();
+            let amat: Vec<f32> = aoff.iter().flat_map(|&o| abuf[o..o + k].to_vec()).collect();
+            for accumulate in [false, true] {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let mut want = c0.clone();
+                matmul(&mut want, &a, &bmat, m, k, n, Trans::No, accumulate, 1);
+                let mut got = c0.clone();
+                small_gemm_rows(
+                    &mut got,
+                    &a,
+                    Stride(k),
+                    &bbuf,
+                    Table(&boff),
+                    m,
+                    k,
+                    n,
+                    accumulate,
+                );
+                assert_eq!(bits(&got), bits(&want), "b table {m}x{k}x{n} {accumulate}");
+                let mut want = c0.clone();
+                matmul(&mut want, &amat, &b, m, k, n, Trans::No, accumulate, 1);
+                let mut got = c0.clone();
+                small_gemm_rows(
+                    &mut got,
+                    &abuf,
+                    Table(&aoff),
+                    &b,
+                    Stride(n),
+                    m,
+                    k,
+                    n,
+                    accumulate,
+                );
+                assert_eq!(bits(&got), bits(&want), "a table {m}x{k}x{n} {accumulate}");
+            }
+        }
+    }
+
     /// bits on 1, 2, 3, 5 and 8 threads: a row block computes its rows as the whole product
     /// does.
     #[test]

@@ -12,7 +12,8 @@
 //! every branch, so its gradient is the sum).
 
 use super::named::{check_names, child_prefix};
-use super::{backward_nothing, check_forward, BatchNorm, Ctx, Layer, TensorMut};
+use super::{backward_nothing, check_forward, par_batch, span, BatchNorm, Ctx, Layer, TensorMut};
+use crate::kernels::{par_ranges, Disjoint};
 use crate::{Error, Result};
 
 /// Branches on the same input, outputs joined on channels (see the module doc).
@@ -135,12 +136,17 @@ impl Layer for Concat {
         for (branch, out) in self.branches.iter_mut().zip(&mut self.outs) {
             let ob = branch.out_size();
             branch.forward(ctx, x, out, n)?;
-            for (dst, src) in y[..n * total]
-                .chunks_exact_mut(total)
-                .zip(out[..n * ob].chunks_exact(ob))
-            {
-                dst[offset..offset + ob].copy_from_slice(src);
-            }
+            let ys = Disjoint::new(&mut y[..n * total]);
+            par_batch(ctx.threads, n, |r| {
+                // SAFETY: the example blocks are disjoint.
+                let yr = unsafe { ys.range(span(&r, total)) };
+                for (dst, src) in yr
+                    .chunks_exact_mut(total)
+                    .zip(out[span(&r, ob)].chunks_exact(ob))
+                {
+                    dst[offset..offset + ob].copy_from_slice(src);
+                }
+            });
             offset += ob;
         }
         self.last_n = n;
@@ -170,12 +176,17 @@ impl Layer for Concat {
             .enumerate();
         for (b, ((branch, out), grad)) in parts {
             let ob = branch.out_size();
-            for (dst, src) in grad[..n * ob]
-                .chunks_exact_mut(ob)
-                .zip(dy[..n * total].chunks_exact(total))
-            {
-                dst.copy_from_slice(&src[offset..offset + ob]);
-            }
+            let gs = Disjoint::new(&mut grad[..n * ob]);
+            par_batch(ctx.threads, n, |r| {
+                // SAFETY: the example blocks are disjoint.
+                let gr = unsafe { gs.range(span(&r, ob)) };
+                for (dst, src) in gr
+                    .chunks_exact_mut(ob)
+                    .zip(dy[span(&r, total)].chunks_exact(total))
+                {
+                    dst.copy_from_slice(&src[offset..offset + ob]);
+                }
+            });
             offset += ob;
             let grad_in: Option<&mut [f32]> = match dx.as_deref_mut() {
                 None => None,
@@ -185,9 +196,13 @@ impl Layer for Concat {
             branch.backward(ctx, x, &out[..n * ob], &grad[..n * ob], grad_in, n);
             if b > 0 {
                 if let Some(d) = dx.as_deref_mut() {
-                    for (a, &v) in d.iter_mut().zip(&self.dx_branch[..n * isz]) {
-                        *a += v;
-                    }
+                    // Each element adds the branches in order, however the range is split.
+                    let (ds, add) = (Disjoint::new(d), &self.dx_branch[..n * isz]);
+                    par_ranges(ctx.threads, n * isz, 1 << 15, |r| {
+                        // SAFETY: the ranges are disjoint.
+                        let dr = unsafe { ds.range(r.clone()) };
+                        crate::nn::residual::add_assign(dr, &add[r]);
+                    });
                 }
             }
         }

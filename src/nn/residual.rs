@@ -171,7 +171,7 @@ crate::simd_kernel! {
 
 crate::simd_kernel! {
     /// `y += a`.
-    fn add_assign(y: &mut [f32], a: &[f32]) {
+    pub(crate) fn add_assign(y: &mut [f32], a: &[f32]) {
         for (o, &v) in y.iter_mut().zip(a) {
             *o += v;
         }
