@@ -681,6 +681,10 @@ fn main() -> ExitCode {
         eprintln!("error: {}", Error::config("$BNLAB_SIMD", e));
         return ExitCode::FAILURE;
     }
+    if let Err(e) = bnlab::kernels::team::pin_requested() {
+        eprintln!("error: {}", Error::config("$BNLAB_PIN", e));
+        return ExitCode::FAILURE;
+    }
     // The reproductions share every core among their runs (`$BNLAB_THREADS` to use fewer).
     if matches!(cli.command, Command::Reproduce { .. }) {
         match threads_used(None) {

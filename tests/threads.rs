@@ -159,3 +159,56 @@ fn bench_reports_threads_and_rates() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `$BNLAB_PIN` (the thread-pinning diagnostic): 1 and 0 run, with the same bits; anything else
+/// is refused with the variable named.
+#[test]
+fn pin_setting_is_checked_and_keeps_the_bits() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    common::synthetic_mnist(&data, 128, 16);
+    let d = data.to_str().unwrap();
+    let run = |pin: &str, name: &str| {
+        let out = t.path().join(name);
+        let o = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+            .args([
+                "train",
+                "--model",
+                "mlp-fig1-bn",
+                "--data",
+                d,
+                "--steps",
+                "4",
+                "--batch-size",
+                "20",
+                "--threads",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+                "--progress",
+                "plain",
+            ])
+            .env("BNLAB_PIN", pin)
+            .env_remove("BNLAB_DATA")
+            .output()
+            .unwrap();
+        (o, out.join("final.safetensors"))
+    };
+    let (o1, f1) = run("1", "pinned");
+    assert!(
+        o1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o1.stderr)
+    );
+    let (o0, f0) = run("0", "free");
+    assert!(
+        o0.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o0.stderr)
+    );
+    assert!(common::checkpoint_bits(&f1) == common::checkpoint_bits(&f0));
+    let (bad, _) = run("yes", "bad");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("$BNLAB_PIN"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -92,10 +92,23 @@ fn team() -> &'static Team {
     })
 }
 
+/// Whether `$BNLAB_PIN` asks to hold each thread of the team on its own CPU (a diagnostic,
+/// see BENCHMARKS.md): `1` yes; unset, empty or `0` no; anything else an error naming the
+/// accepted values (the command line refuses to start with it).
+pub fn pin_requested() -> Result<bool, String> {
+    match std::env::var("BNLAB_PIN") {
+        Err(std::env::VarError::NotPresent) => Ok(false),
+        Ok(v) if v.trim().is_empty() || v.trim() == "0" => Ok(false),
+        Ok(v) if v.trim() == "1" => Ok(true),
+        Ok(v) => Err(format!("'{v}' (expected 1 to pin the threads, or 0)")),
+        Err(_) => Err("not valid Unicode (expected 1 or 0)".to_string()),
+    }
+}
+
 /// The CPUs to hold the team's threads on, one each (the caller on the first, worker `id` on
 /// the `id + 1`-th), when `$BNLAB_PIN` is `1`; empty (no pinning) otherwise.
 fn pinning() -> Vec<usize> {
-    if std::env::var("BNLAB_PIN").as_deref() != Ok("1") {
+    if pin_requested() != Ok(true) {
         return Vec::new();
     }
     affinity::allowed()
