@@ -681,6 +681,37 @@ where
         .collect()
 }
 
+/// Make `net` a replica of the data-parallel run `d` for a study's batches of `batch` (the
+/// `command` names the study in errors): refuses slices that would leave BN fewer than 2
+/// examples per process (1 for other networks), and layers that cannot train data-parallel on
+/// this split (ghost batches straddling two processes).
+pub(crate) fn join_replica(net: &mut Network, batch: usize, d: &Dist, command: &str) -> Result<()> {
+    let p = d.comm.size();
+    let least = if net.has_batch_norm() { 2 * p } else { p };
+    if batch < least {
+        return Err(Error::config(
+            command,
+            format!(
+                "batches of {batch} over {p} processes: {} needs at least {least} (at least {} \
+                 example(s) per process); run the study on fewer processes or without mpirun",
+                net.name(),
+                least / p
+            ),
+        ));
+    }
+    net.set_dist(Some(d.clone()))
+        .and_then(|()| net.check_split(batch))
+        .map_err(|e| {
+            Error::config(
+                command,
+                format!(
+                    "the run {} cannot train data-parallel ({e}); run the study without mpirun",
+                    net.name()
+                ),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -371,20 +371,7 @@ pub struct Done<'a> {
 /// run data-parallel; the measurements (ICS, the landscape) run whole on every rank, as one
 /// process runs them.
 fn join(net: &mut Network, batch: usize, d: &crate::dist::Dist) -> Result<()> {
-    let p = d.comm.size();
-    let least = if net.has_batch_norm() { 2 * p } else { p };
-    if batch < least {
-        return Err(Error::config(
-            "reproduce ics",
-            format!(
-                "batches of {batch} over {p} processes: {} needs at least {least}; run the \
-                 study on fewer processes or without mpirun",
-                net.name()
-            ),
-        ));
-    }
-    net.set_dist(Some(d.clone()))?;
-    net.check_split(batch)
+    crate::study::join_replica(net, batch, d, "reproduce ics")
 }
 
 /// Check, before anything is trained or written, that every run of the study can train as a

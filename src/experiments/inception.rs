@@ -708,31 +708,7 @@ fn run_job(
 /// Make `net` a replica of the data-parallel run `d`, refusing a batch whose slices would
 /// leave BN fewer than 2 examples per process, or ghost batches that would straddle two.
 fn join(net: &mut Network, setup: &InceptionSetup, d: &Dist) -> Result<()> {
-    let p = d.comm.size();
-    let least = if net.has_batch_norm() { 2 * p } else { p };
-    if setup.batch_size < least {
-        return Err(Error::config(
-            "reproduce inception",
-            format!(
-                "batches of {} over {p} processes: {} needs at least {least} (at least {} \
-                 example(s) per process); run the study on fewer processes or without mpirun",
-                setup.batch_size,
-                net.name(),
-                least / p
-            ),
-        ));
-    }
-    net.set_dist(Some(d.clone()))
-        .and_then(|()| net.check_split(setup.batch_size))
-        .map_err(|e| {
-            Error::config(
-                "reproduce inception",
-                format!(
-                    "the run {} cannot train data-parallel ({e}); run the study without mpirun",
-                    net.name()
-                ),
-            )
-        })
+    crate::study::join_replica(net, setup.batch_size, d, "reproduce inception")
 }
 
 /// Check, before anything is trained or written, that every network of the study can train

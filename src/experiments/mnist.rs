@@ -310,33 +310,10 @@ pub const VARIANTS: [&str; 2] = ["mlp-fig1", "mlp-fig1-bn"];
 /// that run cannot train: ghost batches that would straddle two processes (`--norm ghost:G`
 /// with slices that are not multiples of G) or a batch whose slices are too small for BN.
 fn join(net: &mut Network, setup: &MnistSetup, dist: Option<&Dist>) -> Result<()> {
-    let Some(d) = dist else {
-        return Ok(());
-    };
-    let p = d.comm.size();
-    let least = if net.has_batch_norm() { 2 * p } else { p };
-    if setup.batch_size < least {
-        return Err(Error::config(
-            "reproduce mnist",
-            format!(
-                "batches of {} over {p} processes: {} needs at least {least} (at least {}                  example(s) per process); run the study without mpirun",
-                setup.batch_size,
-                net.name(),
-                least / p
-            ),
-        ));
+    match dist {
+        Some(d) => crate::study::join_replica(net, setup.batch_size, d, "reproduce mnist"),
+        None => Ok(()),
     }
-    net.set_dist(Some(d.clone()))
-        .and_then(|()| net.check_split(setup.batch_size))
-        .map_err(|e| {
-            Error::config(
-                "reproduce mnist",
-                format!(
-                    "the run {} cannot train data-parallel ({e}); run the study without mpirun",
-                    net.name()
-                ),
-            )
-        })
 }
 
 /// Check, before anything is trained or written, that every run of the study can train as a
