@@ -59,3 +59,68 @@ pub mod sparse;
 pub mod team;
 
 pub use team::{join, par_for, par_ranges, part, pieces, Disjoint, MAX_THREADS};
+
+/// The sum of each run as f64, the values added one at a time in order starting from -0.0:
+/// exactly what `run.iter().map(|&v| v as f64).sum::<f64>()` computes. Runs are taken four at
+/// a time, so that four independent chains of adds hide the add latency (one chain waits
+/// about three cycles per value). `out[i]` gets the sum of `runs[i * len..][..len]`.
+#[allow(clippy::needless_range_loop)]
+pub fn ordered_sums_f64(runs: &[f32], len: usize, out: &mut [f64]) {
+    let count = out.len();
+    debug_assert!(runs.len() >= count * len);
+    let mut i = 0;
+    while i + 4 <= count {
+        let r: [&[f32]; 4] = std::array::from_fn(|k| &runs[(i + k) * len..][..len]);
+        let mut s = [-0.0f64; 4];
+        for p in 0..len {
+            for k in 0..4 {
+                s[k] += r[k][p] as f64;
+            }
+        }
+        out[i..i + 4].copy_from_slice(&s);
+        i += 4;
+    }
+    for (k, o) in out.iter_mut().enumerate().skip(i) {
+        *o = runs[k * len..][..len]
+            .iter()
+            .fold(-0.0f64, |a, &v| a + v as f64);
+    }
+}
+
+#[cfg(test)]
+mod ordered_sums_tests {
+    /// The same bits as `Iterator::sum`, for counts that do and do not fill groups of four,
+    /// with values whose sum depends on the order (large and small magnitudes), and all
+    /// negative zeros (whose sum keeps its sign only from a -0.0 start).
+    #[test]
+    fn the_bits_of_iterator_sum() {
+        for count in [1usize, 3, 4, 5, 9] {
+            for len in [1usize, 7, 49, 196] {
+                let runs: Vec<f32> = (0..count * len)
+                    .map(|i| {
+                        let v = ((i * 7919) % 1013) as f32 - 506.0;
+                        if i % 5 == 0 {
+                            v * 1.0e7
+                        } else {
+                            v * 1.0e-3
+                        }
+                    })
+                    .collect();
+                let mut out = vec![0.0; count];
+                super::ordered_sums_f64(&runs, len, &mut out);
+                for (k, &o) in out.iter().enumerate() {
+                    let want: f64 = runs[k * len..][..len].iter().map(|&v| v as f64).sum();
+                    assert_eq!(
+                        o.to_bits(),
+                        want.to_bits(),
+                        "count {count} len {len} run {k}"
+                    );
+                }
+            }
+        }
+        let zeros = vec![-0.0f32; 5 * 3];
+        let mut out = vec![0.0; 5];
+        super::ordered_sums_f64(&zeros, 3, &mut out);
+        assert!(out.iter().all(|v| v.to_bits() == (-0.0f64).to_bits()));
+    }
+}

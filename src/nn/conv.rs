@@ -30,7 +30,7 @@ use super::{check_forward, Ctx, Layer, TensorMut};
 use crate::kernels::matmul::{
     matmul, matmul_as, runs_small, small_gemm_rows, Stride, Table, Trans,
 };
-use crate::kernels::{par_for, part, pieces, Disjoint};
+use crate::kernels::{ordered_sums_f64, par_for, par_ranges, part, pieces, Disjoint};
 use crate::{Error, Result};
 
 /// Output length along one axis: `floor((len + 2p - k) / s) + 1`, as PyTorch (no ceil mode).
@@ -208,23 +208,29 @@ crate::simd_kernel! {
     /// row `ki` (`shift3_rows`), with the same values.
     fn shift3(g: Geom, x: &[f32], out: &mut [f32]) {
         let (h, w) = (g.h, g.w);
+        let hw = h * w;
         let plane = (h + 2) * w;
         for c in 0..g.c {
-            let xc = &x[c * h * w..][..h * w];
+            let xc = &x[c * hw..][..hw];
             for kj in 0..3 {
                 let o = &mut out[(c * 3 + kj) * plane..][..plane];
                 o[..w].fill(0.0);
                 o[(h + 1) * w..].fill(0.0);
-                for (row, src) in o[w..(h + 1) * w].chunks_exact_mut(w).zip(xc.chunks_exact(w)) {
-                    match kj {
-                        0 => {
-                            row[0] = 0.0;
-                            row[1..].copy_from_slice(&src[..w - 1]);
+                // The plane as one flat run shifted by `kj - 1`, then the entries that came
+                // from the neighbouring row zeroed: one long copy instead of one per row.
+                let body = &mut o[w..(h + 1) * w];
+                match kj {
+                    0 => {
+                        body[1..].copy_from_slice(&xc[..hw - 1]);
+                        for v in body.iter_mut().step_by(w) {
+                            *v = 0.0;
                         }
-                        1 => row.copy_from_slice(src),
-                        _ => {
-                            row[..w - 1].copy_from_slice(&src[1..]);
-                            row[w - 1] = 0.0;
+                    }
+                    1 => body.copy_from_slice(xc),
+                    _ => {
+                        body[..hw - 1].copy_from_slice(&xc[1..]);
+                        for v in body[w - 1..].iter_mut().step_by(w) {
+                            *v = 0.0;
                         }
                     }
                 }
@@ -723,9 +729,97 @@ fn backward_input(
     }
 }
 
+/// `out [cols, rows] = a^T` for a row-major `[rows, cols]` matrix `a`: in 16 x 16 blocks
+/// transposed in registers under AVX-512, the rest (and other levels) element by element. A
+/// copy: the same values either way.
+fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 && rows >= 16 {
+        let (a, out) = (&a[..rows * cols], &mut out[..rows * cols]);
+        let (rb, cb) = (rows / 16 * 16, cols / 16 * 16);
+        for r0 in (0..rb).step_by(16) {
+            for c0 in (0..cb).step_by(16) {
+                // SAFETY: the level says the CPU has AVX-512F; rows r0..r0+16 of `a` reach
+                // columns c0..c0+16 < cols, and rows c0..c0+16 of `out` columns r0..r0+16 <
+                // rows, inside the slices checked above.
+                unsafe {
+                    transpose16_avx512(
+                        a.as_ptr().add(r0 * cols + c0),
+                        cols,
+                        out.as_mut_ptr().add(c0 * rows + r0),
+                        rows,
+                    )
+                };
+            }
+        }
+        // The columns right of the blocks, then the rows below them.
+        for (r, ar) in a.chunks_exact(cols).enumerate() {
+            let from = if r < rb { cb } else { 0 };
+            for (c, &v) in ar.iter().enumerate().skip(from) {
+                out[c * rows + r] = v;
+            }
+        }
+        return;
+    }
+    transpose_scalar(a, rows, cols, out)
+}
+
+/// A 16 x 16 block of f32 transposed in registers: rows of `src` (row stride `ss`) become
+/// columns of `dst` (row stride `ds`). Unpacks of 32-bit, then 64-bit pairs within 128-bit
+/// lanes give each lane a 4 x 4 transposed piece; two rounds of lane shuffles place them.
+///
+/// # Safety
+/// The CPU has AVX-512F; `src + i * ss .. + 16` and `dst + i * ds .. + 16` are valid for
+/// `i < 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        *v = unsafe { _mm512_loadu_ps(src.add(i * ss)) };
+    }
+    // t[2i] lane L: a[2i][4L], a[2i+1][4L], a[2i][4L+1], a[2i+1][4L+1]; t[2i+1]: the next two.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + k] lane L: column 4L + k, rows 4g .. 4g + 4.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let pd = |v: __m512| _mm512_castps_pd(v);
+        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+    }
+    // For each k, the 4 x 4 transpose of 128-bit lanes of u[k], u[4 + k], u[8 + k], u[12 + k]:
+    // lane L of the result is column 4L + k, all 16 rows.
+    for k in 0..4 {
+        let (v0, v1, v2, v3) = (u[k], u[4 + k], u[8 + k], u[12 + k]);
+        let s0 = _mm512_shuffle_f32x4::<0x44>(v0, v1);
+        let s1 = _mm512_shuffle_f32x4::<0xEE>(v0, v1);
+        let s2 = _mm512_shuffle_f32x4::<0x44>(v2, v3);
+        let s3 = _mm512_shuffle_f32x4::<0xEE>(v2, v3);
+        let w = [
+            _mm512_shuffle_f32x4::<0x88>(s0, s2),
+            _mm512_shuffle_f32x4::<0xDD>(s0, s2),
+            _mm512_shuffle_f32x4::<0x88>(s1, s3),
+            _mm512_shuffle_f32x4::<0xDD>(s1, s3),
+        ];
+        for (l, &v) in w.iter().enumerate() {
+            // SAFETY: the caller's contract (row 4l + k < 16 of dst).
+            unsafe { _mm512_storeu_ps(dst.add((4 * l + k) * ds), v) };
+        }
+    }
+}
+
 crate::simd_kernel! {
-    /// `out [cols, rows] = a^T` for a row-major `[rows, cols]` matrix `a`.
-    fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    /// `transpose`, element by element.
+    fn transpose_scalar(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
         for (r, ar) in a[..rows * cols].chunks_exact(cols).enumerate() {
             for (c, &v) in ar.iter().enumerate() {
                 out[c * rows + r] = v;
@@ -773,6 +867,9 @@ pub struct Conv2d {
     /// For 3x3 same-size maps: where each row of the lowering starts in `shift3`'s buffer
     /// (empty for other geometries).
     shifted: Vec<usize>,
+    /// The bias gradient's per-example, per-channel sums (`[n, out]`), sized by `reserve` or
+    /// the first backward pass of a larger batch.
+    bias_sums: Vec<f64>,
 }
 
 impl Conv2d {
@@ -824,6 +921,7 @@ impl Conv2d {
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: Vec::new(),
             shifted: Vec::new(),
+            bias_sums: Vec::new(),
         }
         .with_shift_rows())
     }
@@ -883,9 +981,12 @@ impl Layer for Conv2d {
         self.out_ch * self.out_h * self.out_w
     }
 
-    /// The workspace is one example large whatever the batch: `max_batch` only says that it
-    /// is needed.
-    fn reserve(&mut self, _max_batch: usize) {
+    /// The workspace is one example large whatever the batch (`max_batch` sizes only the bias
+    /// gradient's sums).
+    fn reserve(&mut self, max_batch: usize) {
+        if self.bias.is_some() && self.bias_sums.len() < max_batch * self.out_ch {
+            self.bias_sums.resize(max_batch * self.out_ch, 0.0);
+        }
         let g = self.geom();
         let patches = if g.pointwise() {
             0
@@ -995,18 +1096,22 @@ impl Layer for Conv2d {
         }
         let [gwa, gwb] = &self.grad_wt;
         add_transposed(gwa, gwb, ckk, out_ch, &mut self.grad_weight);
+        if self.grad_bias.is_some() && self.bias_sums.len() < n * out_ch {
+            self.bias_sums.resize(n * out_ch, 0.0);
+        }
         if let Some(gb) = &mut self.grad_bias {
             let ohw = g.oh * g.ow;
+            // f64: a channel sums n*oh*ow values (25,088 for a batch of 32 at 28x28). Each
+            // example's map summed in order, then the maps' sums in order of the examples; the
+            // threads take blocks of examples for the first, and the channels' totals follow.
+            let ss = Disjoint::new(&mut self.bias_sums[..]);
+            par_ranges(ctx.threads, n, (1usize << 14).div_ceil(osz), |r| {
+                // SAFETY: the example blocks are disjoint.
+                let s = unsafe { ss.range(r.start * out_ch..r.end * out_ch) };
+                ordered_sums_f64(&dy[r.start * osz..r.end * osz], ohw, s);
+            });
             for (o, gbo) in gb.iter_mut().enumerate() {
-                // f64: a channel sums n*oh*ow values (25,088 for a batch of 32 at 28x28).
-                let s: f64 = (0..n)
-                    .map(|i| {
-                        dy[i * osz + o * ohw..][..ohw]
-                            .iter()
-                            .map(|&v| v as f64)
-                            .sum::<f64>()
-                    })
-                    .sum();
+                let s = (0..n).fold(-0.0f64, |a, i| a + self.bias_sums[i * out_ch + o]);
                 *gbo = s as f32;
             }
         }
@@ -1061,6 +1166,31 @@ impl Layer for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The register-block transpose (taken at this machine's SIMD level) gives the element-wise
+    /// transpose, for shapes with and without whole 16 x 16 blocks.
+    #[test]
+    fn transpose_matches_the_element_wise_copy() {
+        for (rows, cols) in [
+            (16, 16),
+            (16, 784),
+            (32, 196),
+            (64, 49),
+            (17, 33),
+            (5, 40),
+            (48, 7),
+        ] {
+            let a = values(rows * cols, (rows * 1000 + cols) as u32);
+            let (mut fast, mut slow) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
+            transpose(&a, rows, cols, &mut fast);
+            for r in 0..rows {
+                for c in 0..cols {
+                    slow[c * rows + r] = a[r * cols + c];
+                }
+            }
+            assert_eq!(fast, slow, "{rows} x {cols}");
+        }
+    }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);

@@ -5,7 +5,7 @@
 
 use super::conv::{checked_product, out_len, shape_error, valid_range};
 use super::{backward_nothing, check_forward, par_batch, span, Ctx, Layer};
-use crate::kernels::Disjoint;
+use crate::kernels::{ordered_sums_f64, par_ranges, Disjoint};
 use crate::{Error, Result};
 
 /// Window geometry shared by the two windowed pools.
@@ -548,17 +548,28 @@ impl Layer for GlobalAvgPool {
     }
     fn reserve(&mut self, _max_batch: usize) {}
 
-    fn forward(&mut self, _ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+    fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         check_forward(self, x, y, n)?;
-        let hw = self.h * self.w;
+        let (c, hw) = (self.c, self.h * self.w);
         let inv = 1.0 / hw as f64;
-        for (xp, v) in x[..n * self.c * hw]
-            .chunks_exact(hw)
-            .zip(&mut y[..n * self.c])
-        {
-            // f64: a long f32 sum loses the low bits of small terms.
-            *v = (xp.iter().map(|&a| a as f64).sum::<f64>() * inv) as f32;
-        }
+        let ys = Disjoint::new(&mut y[..n * c]);
+        // Examples in blocks over the threads, four maps' sums at a time (in order, in f64: a
+        // long f32 sum loses the low bits of small terms).
+        par_ranges(ctx.threads, n, (1usize << 14).div_ceil(c * hw), |r| {
+            // SAFETY: the example blocks are disjoint.
+            let yr = unsafe { ys.range(r.start * c..r.end * c) };
+            let mut sums = [0f64; 64];
+            for (xs, yo) in x[r.start * c * hw..r.end * c * hw]
+                .chunks(64 * hw)
+                .zip(yr.chunks_mut(64))
+            {
+                let s = &mut sums[..yo.len()];
+                ordered_sums_f64(xs, hw, s);
+                for (v, &t) in yo.iter_mut().zip(s.iter()) {
+                    *v = (t * inv) as f32;
+                }
+            }
+        });
         Ok(())
     }
 
