@@ -1050,20 +1050,47 @@ impl Layer for Conv2d {
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
         let ckk = g.ckk();
         // The weight gradient: two halves of the batch, each split by input channels into
-        // `blocks` row blocks when there are threads for more than two pieces.
+        // `blocks` row blocks when there are threads for more than two pieces. The input
+        // gradient: `p` blocks of examples. With more than one of those, both run as the
+        // pieces of one region (the weight gradient's first, as they are the longest), so
+        // that a thread done with its share takes the next piece of either instead of waiting
+        // at the end of the first.
         let blocks = ctx.threads.div_ceil(2).min(g.c).max(1);
-        let p = pieces(ctx.threads, n, 1);
-        self.workspaces((2 * blocks).max(p));
+        let p = if dx.is_some() {
+            pieces(ctx.threads, n, 1)
+        } else {
+            0
+        };
+        let wp = 2 * blocks;
+        let one_input = p == 1;
+        let input_pieces = if one_input { 0 } else { p };
+        self.workspaces(wp + input_pieces);
         let w = &self.weight[..];
         let h = n / 2;
         let halves = [0..h, h..n];
+        let mut dx = dx;
         {
             let [gwa, gwb] = &mut self.grad_wt;
             let gws = [Disjoint::new(&mut gwa[..]), Disjoint::new(&mut gwb[..])];
-            let ws = Disjoint::new(&mut self.cols[..2 * blocks]);
+            let ws = Disjoint::new(&mut self.cols[..wp + input_pieces]);
+            let dxs = match (&mut dx, one_input) {
+                (Some(d), false) => Some(Disjoint::new(&mut d[..n * isz])),
+                _ => None,
+            };
             let shifted = &self.shifted;
             let kk = g.k * g.k;
-            par_for(ctx.threads, 2 * blocks, |t| {
+            par_for(ctx.threads, wp + input_pieces, |t| {
+                if t >= wp {
+                    let j = t - wp;
+                    let r = part(n, p, j);
+                    let dxs = dxs.as_ref().expect("input pieces come with dx");
+                    // SAFETY: piece t alone has examples r of dx and workspace t.
+                    let (dxr, cols) =
+                        unsafe { (dxs.range(r.start * isz..r.end * isz), ws.range(t..t + 1)) };
+                    let dyr = &dy[r.start * osz..r.end * osz];
+                    backward_input(g, out_ch, w, dyr, dxr, &mut cols[0], 1);
+                    return;
+                }
                 let (half, b) = (t / blocks, t % blocks);
                 let chans = part(g.c, blocks, b);
                 let e = &halves[half];
@@ -1077,22 +1104,10 @@ impl Layer for Conv2d {
                 backward_weights(g, out_ch, xe, dye, chans, &mut cols[0], dwt, shifted);
             });
         }
-        if let Some(dx) = dx {
-            if p == 1 {
-                let cols = &mut self.cols[0];
-                backward_input(g, out_ch, w, &dy[..n * osz], dx, cols, ctx.threads);
-            } else {
-                let dxs = Disjoint::new(&mut dx[..n * isz]);
-                let ws = Disjoint::new(&mut self.cols[..p]);
-                par_for(ctx.threads, p, |t| {
-                    let r = part(n, p, t);
-                    // SAFETY: piece t alone has examples r and workspace t.
-                    let (dxr, cols) =
-                        unsafe { (dxs.range(r.start * isz..r.end * isz), ws.range(t..t + 1)) };
-                    let dyr = &dy[r.start * osz..r.end * osz];
-                    backward_input(g, out_ch, w, dyr, dxr, &mut cols[0], 1);
-                });
-            }
+        if let (Some(dx), true) = (dx, one_input) {
+            // One example (or one thread): the product splits its rows instead.
+            let cols = &mut self.cols[0];
+            backward_input(g, out_ch, w, &dy[..n * osz], dx, cols, ctx.threads);
         }
         let [gwa, gwb] = &self.grad_wt;
         add_transposed(gwa, gwb, ckk, out_ch, &mut self.grad_weight);
