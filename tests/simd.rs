@@ -249,6 +249,12 @@ fn pools_convolutions_and_linear_layers_are_the_same_at_every_level() {
             2,
         ),
         (
+            // Input gradient by taps (4 + 2 row tiles, column tails at 81 pixels).
+            "conv 3x3 6->5 on 9x9",
+            Box::new(|| Box::new(Conv2d::new(6, 5, 3, 1, 1, true, 9, 9).unwrap())),
+            3,
+        ),
+        (
             "conv 1x1 24->32 on 14x14",
             Box::new(|| Box::new(Conv2d::new(24, 32, 1, 1, 0, false, 14, 14).unwrap())),
             3,

@@ -697,11 +697,23 @@ fn backward_weights(
     }
 }
 
-/// The input gradients of the examples in `dy` into `dx`: `dcols = W^T dy_i`, then `col2im`.
+/// A 3x3 same-size layer's input gradient by taps (see `tap_sums`): dy's shifted-copy rows
+/// per tap, and the weights per tap transposed. Empty for other layers.
+#[derive(Clone, Copy)]
+struct Taps<'a> {
+    rows: &'a [usize],
+    weights: &'a [f32],
+}
+
+/// The input gradients of the examples in `dy` into `dx`: `dcols = W^T dy_i`, then `col2im`;
+/// for 3x3 same-size maps on one thread, `tap_sums` over dy's shifted copies instead (the
+/// same bits without the lowered matrix).
+#[allow(clippy::too_many_arguments)]
 fn backward_input(
     g: Geom,
     out_ch: usize,
     weight: &[f32],
+    taps: Taps<'_>,
     dy: &[f32],
     dx: &mut [f32],
     cols: &mut [f32],
@@ -712,6 +724,9 @@ fn backward_input(
     for (dyi, dxi) in dy.chunks_exact(osz).zip(dx.chunks_exact_mut(isz)) {
         if g.pointwise() {
             matmul(dxi, weight, dyi, ckk, out_ch, ohw, Trans::A, false, threads);
+        } else if !taps.rows.is_empty() && threads == 1 {
+            shift3(Geom { c: out_ch, ..g }, dyi, cols);
+            tap_sums(dxi, taps, cols, g.c, out_ch, ohw);
         } else {
             matmul(
                 cols,
@@ -726,6 +741,165 @@ fn backward_input(
             );
             col2im(g, cols, dxi);
         }
+    }
+}
+
+/// `dx [c, hw]` of one example of a 3x3, stride 1, padding 1 layer, from dy's shifted copies
+/// (`shift3` on dy, in `dyb`): for each tap t in order, the product of that tap's transposed
+/// weights `[c, out]` and dy shifted by the tap (rows `taps.rows[t * out..]`), one
+/// multiply-add chain over the output channels per element, added to the element's total.
+///
+/// The same bits as `matmul` (Trans::A, on `small_gemm`) into the lowered matrix followed by
+/// `col2im_same3`: there, row (c, t) of the lowered gradient is that same chain at the output
+/// pixel the tap reads, and col2im adds the taps to a zeroed plane in the same order. Where the
+/// tap reads outside the map, the shifted copy holds zeros: the chain is +0.0, and adding +0.0
+/// leaves a total that is never -0.0 unchanged, as col2im's skipping it does.
+fn tap_sums(dx: &mut [f32], taps: Taps<'_>, dyb: &[f32], c: usize, out: usize, n: usize) {
+    assert!(n >= 8 && dx.len() >= c * n && taps.weights.len() >= 9 * c * out);
+    assert!(taps.rows.len() >= 9 * out);
+    assert!(taps.rows[..9 * out].iter().all(|&r| r + n <= dyb.len()));
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::simd::Level;
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+        unsafe fn avx512(
+            dx: &mut [f32],
+            taps: Taps<'_>,
+            dyb: &[f32],
+            c: usize,
+            out: usize,
+            n: usize,
+        ) {
+            tap_sums_tiled::<32>(dx, taps, dyb, c, out, n)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            dx: &mut [f32],
+            taps: Taps<'_>,
+            dyb: &[f32],
+            c: usize,
+            out: usize,
+            n: usize,
+        ) {
+            tap_sums_tiled::<8>(dx, taps, dyb, c, out, n)
+        }
+        match crate::kernels::simd::level() {
+            // SAFETY: `simd::level` returns a level only when the CPU has its features.
+            Level::Avx512 => return unsafe { avx512(dx, taps, dyb, c, out, n) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(dx, taps, dyb, c, out, n) },
+            Level::Baseline => {}
+        }
+    }
+    tap_sums_tiled::<8>(dx, taps, dyb, c, out, n)
+}
+
+/// `tap_sums` in tiles of up to 4 rows and `W` columns, then 16 and 8 for the rest of a row
+/// block; the last tile may overlap the one before it (the overlapped elements are recomputed
+/// with the same operations, so they get the same values).
+#[inline(always)]
+fn tap_sums_tiled<const W: usize>(
+    dx: &mut [f32],
+    taps: Taps<'_>,
+    dyb: &[f32],
+    c: usize,
+    out: usize,
+    n: usize,
+) {
+    let mut r0 = 0;
+    while r0 < c {
+        let rows = (c - r0).min(4);
+        // SAFETY: `tap_sums` checked every row of dy's copies for n values, the weights for
+        // 9 * c * out, and dx for c rows of n (n >= 8); every tile lies inside columns 0..n.
+        unsafe {
+            match rows {
+                4 => tap_row_block::<4, W>(dx, taps, dyb, c, out, n, r0),
+                3 => tap_row_block::<3, W>(dx, taps, dyb, c, out, n, r0),
+                2 => tap_row_block::<2, W>(dx, taps, dyb, c, out, n, r0),
+                _ => tap_row_block::<1, W>(dx, taps, dyb, c, out, n, r0),
+            }
+        }
+        r0 += rows;
+    }
+}
+
+/// The column tiles of rows `r0..r0 + R` (see `tap_sums_tiled`).
+///
+/// # Safety
+/// As `tap_sums_tiled` states.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tap_row_block<const R: usize, const W: usize>(
+    dx: &mut [f32],
+    taps: Taps<'_>,
+    dyb: &[f32],
+    c: usize,
+    out: usize,
+    n: usize,
+    r0: usize,
+) {
+    let mut c0 = 0;
+    // SAFETY (all calls): columns c0..c0 + width <= n.
+    while c0 + W <= n {
+        unsafe { tap_tile::<R, W>(dx, taps, dyb, c, out, n, r0, c0) };
+        c0 += W;
+    }
+    while c0 < n {
+        if W > 16 && n - c0 > 8 && n >= 16 {
+            let s = c0.min(n - 16);
+            unsafe { tap_tile::<R, 16>(dx, taps, dyb, c, out, n, r0, s) };
+            c0 = s + 16;
+        } else {
+            let s = c0.min(n - 8);
+            unsafe { tap_tile::<R, 8>(dx, taps, dyb, c, out, n, r0, s) };
+            c0 = s + 8;
+        }
+    }
+}
+
+/// Rows `r0..r0 + R`, columns `c0..c0 + W` of `tap_sums`, the totals and each tap's chain in
+/// registers.
+///
+/// # Safety
+/// As `tap_sums_tiled` states, and `c0 + W <= n`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tap_tile<const R: usize, const W: usize>(
+    dx: &mut [f32],
+    taps: Taps<'_>,
+    dyb: &[f32],
+    c: usize,
+    out: usize,
+    n: usize,
+    r0: usize,
+    c0: usize,
+) {
+    let mut total = [[0f32; W]; R];
+    let (wp, bp) = (taps.weights.as_ptr(), dyb.as_ptr());
+    for t in 0..9 {
+        let mut acc = [[0f32; W]; R];
+        let a = t * c * out;
+        for oc in 0..out {
+            // SAFETY: the caller's contract (row t * out + oc of the table, columns c0..c0+W).
+            let bv: [f32; W] = unsafe {
+                std::ptr::read_unaligned(bp.add(taps.rows[t * out + oc] + c0) as *const [f32; W])
+            };
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: element (t, r0 + r, oc) of the [9, c, out] weights.
+                let av = unsafe { *wp.add(a + (r0 + r) * out + oc) };
+                for j in 0..W {
+                    row[j] = av.mul_add(bv[j], row[j]);
+                }
+            }
+        }
+        for (tr, ar) in total.iter_mut().zip(&acc) {
+            for j in 0..W {
+                tr[j] += ar[j];
+            }
+        }
+    }
+    for (r, row) in total.iter().enumerate() {
+        dx[(r0 + r) * n + c0..][..W].copy_from_slice(row);
     }
 }
 
@@ -867,6 +1041,11 @@ pub struct Conv2d {
     /// For 3x3 same-size maps: where each row of the lowering starts in `shift3`'s buffer
     /// (empty for other geometries).
     shifted: Vec<usize>,
+    /// For 3x3 same-size maps whose input gradient runs on our kernel: where row `oc` of tap
+    /// `t`'s shifted dy starts in `shift3`'s buffer of dy (`[9, out]`; empty otherwise), and
+    /// the weights per tap, transposed (`[9, in, out]`, refreshed every backward pass).
+    tap_rows: Vec<usize>,
+    tap_weights: Vec<f32>,
     /// The bias gradient's per-example, per-channel sums (`[n, out]`), sized by `reserve` or
     /// the first backward pass of a larger batch.
     bias_sums: Vec<f64>,
@@ -921,6 +1100,8 @@ impl Conv2d {
             grad_wt: [vec![0.0; wlen], vec![0.0; wlen]],
             cols: Vec::new(),
             shifted: Vec::new(),
+            tap_rows: Vec::new(),
+            tap_weights: Vec::new(),
             bias_sums: Vec::new(),
         }
         .with_shift_rows())
@@ -947,6 +1128,18 @@ impl Conv2d {
         let g = self.geom();
         if g.same3() {
             self.shifted = shift3_rows(g.c, g.h, g.w);
+            let hw = g.h * g.w;
+            // Only with tiles of 4 rows (input channels) to hide the multiply-add latency:
+            // with fewer, the lowered product (9 rows per channel) is faster.
+            if g.c >= 4 && hw >= 8 && runs_small(g.ckk(), self.out_ch, hw, Trans::A) {
+                // Tap t = (ki, kj) of dx reads dy shifted the other way: row (oc, 8 - t) of
+                // the forward table, on dy's planes.
+                let rows = shift3_rows(self.out_ch, g.h, g.w);
+                self.tap_rows = (0..9 * self.out_ch)
+                    .map(|i| rows[(i % self.out_ch) * 9 + 8 - i / self.out_ch])
+                    .collect();
+                self.tap_weights = vec![0.0; 9 * g.c * self.out_ch];
+            }
         }
         self
     }
@@ -993,8 +1186,14 @@ impl Layer for Conv2d {
         } else {
             g.ckk() * g.oh * g.ow
         };
-        // Patches, then dy of one example transposed (see `backward_weights`).
-        let len = patches + g.oh * g.ow * self.out_ch;
+        // Patches, then dy of one example transposed (see `backward_weights`); or dy's
+        // shifted copies (`backward_input`).
+        let shifted_dy = if self.tap_rows.is_empty() {
+            0
+        } else {
+            self.out_ch * 3 * (g.h + 2) * g.w
+        };
+        let len = (patches + g.oh * g.ow * self.out_ch).max(shifted_dy);
         for c in &mut self.cols {
             if c.len() < len {
                 c.resize(len, 0.0);
@@ -1065,6 +1264,18 @@ impl Layer for Conv2d {
         let one_input = p == 1;
         let input_pieces = if one_input { 0 } else { p };
         self.workspaces(wp + input_pieces);
+        if !self.tap_weights.is_empty() {
+            // tap_weights[t][c][oc] = weight[oc][c][t].
+            let (c, kk) = (g.c, 9);
+            for (i, v) in self.tap_weights.iter_mut().enumerate() {
+                let (t, ch, oc) = (i / (c * out_ch), i / out_ch % c, i % out_ch);
+                *v = self.weight[oc * c * kk + ch * kk + t];
+            }
+        }
+        let taps = Taps {
+            rows: &self.tap_rows,
+            weights: &self.tap_weights,
+        };
         let w = &self.weight[..];
         let h = n / 2;
         let halves = [0..h, h..n];
@@ -1088,7 +1299,7 @@ impl Layer for Conv2d {
                     let (dxr, cols) =
                         unsafe { (dxs.range(r.start * isz..r.end * isz), ws.range(t..t + 1)) };
                     let dyr = &dy[r.start * osz..r.end * osz];
-                    backward_input(g, out_ch, w, dyr, dxr, &mut cols[0], 1);
+                    backward_input(g, out_ch, w, taps, dyr, dxr, &mut cols[0], 1);
                     return;
                 }
                 let (half, b) = (t / blocks, t % blocks);
@@ -1107,7 +1318,7 @@ impl Layer for Conv2d {
         if let (Some(dx), true) = (dx, one_input) {
             // One example (or one thread): the product splits its rows instead.
             let cols = &mut self.cols[0];
-            backward_input(g, out_ch, w, &dy[..n * osz], dx, cols, ctx.threads);
+            backward_input(g, out_ch, w, taps, &dy[..n * osz], dx, cols, ctx.threads);
         }
         let [gwa, gwb] = &self.grad_wt;
         add_transposed(gwa, gwb, ckk, out_ch, &mut self.grad_weight);
@@ -1222,6 +1433,69 @@ mod tests {
     /// The 3x3 same-size products from `shift3`'s windows give the bits of the lowered matrix
     /// (`im2col_same3`): forward (with and without bias, accumulating onto it) and the weight
     /// gradient of a channel block, on maps from 2x2 to 28x28.
+    /// The input gradient by taps (`tap_sums` on dy's shifted copies) against the lowered
+    /// gradient and `col2im`, bit for bit, with values spanning magnitudes (so that a change
+    /// of the order of the additions shows), on maps from 2x4 to 28x28, channel counts that do
+    /// and do not fill the 4-row tiles, and widths that leave column tails.
+    #[test]
+    fn tap_sums_give_the_bits_of_col2im() {
+        for (c, h, w, out_ch) in [
+            (4, 2, 4, 3),
+            (5, 5, 7, 4),
+            (16, 7, 7, 8),
+            (6, 28, 28, 16),
+            (24, 14, 14, 32),
+            (7, 3, 11, 5),
+        ] {
+            let g = Geom {
+                c,
+                h,
+                w,
+                k: 3,
+                s: 1,
+                p: 1,
+                oh: h,
+                ow: w,
+            };
+            let (hw, ckk) = (h * w, g.ckk());
+            let n = 2;
+            let spread = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, x)| if i % 7 == 0 { x * 1e4 } else { x })
+                    .collect()
+            };
+            let weight = spread(values(out_ch * ckk, 5));
+            let dy = spread(values(n * out_ch * hw, 6));
+            let mut conv = Conv2d::new(c, out_ch, 3, 1, 1, false, h, w).unwrap();
+            conv.weight.copy_from_slice(&weight);
+            assert!(
+                !conv.tap_rows.is_empty(),
+                "{c}x{h}x{w}: the tap path applies"
+            );
+            for (i, v) in conv.tap_weights.iter_mut().enumerate() {
+                let (t, ch, oc) = (i / (c * out_ch), i / out_ch % c, i % out_ch);
+                *v = weight[oc * c * 9 + ch * 9 + t];
+            }
+            let taps = Taps {
+                rows: &conv.tap_rows,
+                weights: &conv.tap_weights,
+            };
+            let none = Taps {
+                rows: &[],
+                weights: &[],
+            };
+            let ws_len = (ckk * hw + hw * out_ch).max(out_ch * 3 * (h + 2) * w);
+            let mut dx = [vec![1f32; n * c * hw], vec![2f32; n * c * hw]];
+            for (d, t) in dx.iter_mut().zip([none, taps]) {
+                let mut ws = vec![0f32; ws_len];
+                backward_input(g, out_ch, &weight, t, &dy, d, &mut ws, 1);
+            }
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dx[0]), bits(&dx[1]), "{c}x{h}x{w} -> {out_ch}");
+        }
+    }
+
     #[test]
     fn shifted_windows_give_the_lowered_bits() {
         for (c, h, w, out_ch) in [
