@@ -600,3 +600,47 @@ impl Layer for GlobalAvgPool {
         format!("GlobalAvgPool() on {}x{}x{}", self.c, self.h, self.w)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2x2/2 path against the general rule written out: the first maximum wins ties, a NaN wins. Values
+    /// repeat often (ties) and include NaN and -inf.
+    #[test]
+    fn max_2x2_follows_the_general_rule() {
+        for (h, w) in [(28, 28), (16, 18), (14, 14), (10, 34), (4, 16)] {
+            let g = Window::new("MaxPool2d", 2, 2, 2, 0, h, w).unwrap();
+            let (hw, ohw) = (h * w, g.oh * g.ow);
+            let x: Vec<f32> = (0..2 * hw)
+                .map(|i| match (i * 7919) % 23 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    v => (v % 5) as f32 - 2.0,
+                })
+                .collect();
+            let (mut y, mut a) = (vec![0f32; 2 * ohw], vec![0u32; 2 * ohw]);
+            max_forward(g, &x, &mut y, &mut a);
+            for p in 0..2 {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut best = f32::NEG_INFINITY;
+                        let mut arg = 2 * oy * w + 2 * ox;
+                        for iy in 2 * oy..2 * oy + 2 {
+                            for ix in 2 * ox..2 * ox + 2 {
+                                let v = x[p * hw + iy * w + ix];
+                                if v > best || v.is_nan() {
+                                    best = v;
+                                    arg = iy * w + ix;
+                                }
+                            }
+                        }
+                        let o = p * ohw + oy * g.ow + ox;
+                        assert_eq!(y[o].to_bits(), best.to_bits(), "{h}x{w} output {o}");
+                        assert_eq!(a[o] as usize, arg, "{h}x{w} output {o}");
+                    }
+                }
+            }
+        }
+    }
+}
