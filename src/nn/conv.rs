@@ -1439,14 +1439,21 @@ mod tests {
     /// and do not fill the 4-row tiles, and widths that leave column tails.
     #[test]
     fn tap_sums_give_the_bits_of_col2im() {
-        for (c, h, w, out_ch) in [
-            (4, 2, 4, 3),
-            (5, 5, 7, 4),
-            (16, 7, 7, 8),
-            (6, 28, 28, 16),
-            (24, 14, 14, 32),
-            (7, 3, 11, 5),
-        ] {
+        let shapes: &[(usize, usize, usize, usize)] = if cfg!(miri) {
+            // Miri (the CI's check of the unsafe tiles): the small shapes, which still have
+            // 4-row and smaller tiles and column tails.
+            &[(4, 2, 4, 3), (5, 5, 7, 4), (7, 3, 11, 5)]
+        } else {
+            &[
+                (4, 2, 4, 3),
+                (5, 5, 7, 4),
+                (16, 7, 7, 8),
+                (6, 28, 28, 16),
+                (24, 14, 14, 32),
+                (7, 3, 11, 5),
+            ]
+        };
+        for &(c, h, w, out_ch) in shapes {
             let g = Geom {
                 c,
                 h,
