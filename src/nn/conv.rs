@@ -758,40 +758,19 @@ fn tap_sums(dx: &mut [f32], taps: Taps<'_>, dyb: &[f32], c: usize, out: usize, n
     assert!(n >= 8 && dx.len() >= c * n && taps.weights.len() >= 9 * c * out);
     assert!(taps.rows.len() >= 9 * out);
     assert!(taps.rows[..9 * out].iter().all(|&r| r + n <= dyb.len()));
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::kernels::simd::Level;
-        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-        unsafe fn avx512(
-            dx: &mut [f32],
-            taps: Taps<'_>,
-            dyb: &[f32],
-            c: usize,
-            out: usize,
-            n: usize,
-        ) {
+    tap_sums_at_level(dx, taps, dyb, c, out, n)
+}
+
+crate::simd_kernel! {
+    /// `tap_sums` compiled for each SIMD level: tiles 32 columns wide under AVX-512 (its 32
+    /// registers hold a 4 x 32 tile's totals and chains), 8 otherwise.
+    fn tap_sums_at_level(dx: &mut [f32], taps: Taps<'_>, dyb: &[f32], c: usize, out: usize, n: usize) {
+        if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 {
             tap_sums_tiled::<32>(dx, taps, dyb, c, out, n)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            dx: &mut [f32],
-            taps: Taps<'_>,
-            dyb: &[f32],
-            c: usize,
-            out: usize,
-            n: usize,
-        ) {
+        } else {
             tap_sums_tiled::<8>(dx, taps, dyb, c, out, n)
         }
-        match crate::kernels::simd::level() {
-            // SAFETY: `simd::level` returns a level only when the CPU has its features.
-            Level::Avx512 => return unsafe { avx512(dx, taps, dyb, c, out, n) },
-            // SAFETY: as above.
-            Level::Avx2 => return unsafe { avx2(dx, taps, dyb, c, out, n) },
-            Level::Baseline => {}
-        }
     }
-    tap_sums_tiled::<8>(dx, taps, dyb, c, out, n)
 }
 
 /// `tap_sums` in tiles of up to 4 rows and `W` columns, then 16 and 8 for the rest of a row
