@@ -1241,7 +1241,14 @@ impl Layer for Conv2d {
         };
         let wp = 2 * blocks;
         let one_input = p == 1;
-        let input_pieces = if one_input { 0 } else { p };
+        // The input gradient takes the pieces the weight gradient leaves of `p` (at least one
+        // per thread), so that the region needs no more workspaces than the larger of the two
+        // did when they ran as separate regions.
+        let input_pieces = if p <= 1 {
+            0
+        } else {
+            p.saturating_sub(wp).max(ctx.threads.min(n))
+        };
         self.workspaces(wp + input_pieces);
         if !self.tap_weights.is_empty() {
             // tap_weights[t][c][oc] = weight[oc][c][t].
@@ -1272,7 +1279,7 @@ impl Layer for Conv2d {
             par_for(ctx.threads, wp + input_pieces, |t| {
                 if t >= wp {
                     let j = t - wp;
-                    let r = part(n, p, j);
+                    let r = part(n, input_pieces, j);
                     let dxs = dxs.as_ref().expect("input pieces come with dx");
                     // SAFETY: piece t alone has examples r of dx and workspace t.
                     let (dxr, cols) =
