@@ -501,9 +501,9 @@ impl<T: Tracked + ?Sized> Observer for Checkpointing<'_, T> {
         } else {
             self.study.stop.requested()
         };
-        // The last step needs no checkpoint: the run's result follows at once.
-        let due =
-            step < self.steps && ((self.every > 0 && step.is_multiple_of(self.every)) || stop);
+        // The last step too: what follows it (Algorithm 2 over the training set, the final
+        // evaluations) can take long, and a stop or kill there resumes from here.
+        let due = (self.every > 0 && step.is_multiple_of(self.every)) || stop || step == self.steps;
         if due {
             self.study
                 .save_checkpoint(self.label, net, trainer, since, &*self.tracked)?;

@@ -852,6 +852,20 @@ pub fn population_statistics(
     batch: usize,
     max_batches: Option<usize>,
 ) -> Result<usize> {
+    population_statistics_or_stop(net, train, batch, max_batches, &mut || false)
+}
+
+/// [`population_statistics`], asking `stop` before each mini-batch: when it answers true, the
+/// pass ends with `Error::Stopped { step: 0 }` and the network is left with no population
+/// statistics at all. In a data-parallel run `stop` is called on
+/// every rank the same number of times, so it may be a collective (a stop agreed over them).
+pub fn population_statistics_or_stop(
+    net: &mut Network,
+    train: &Dataset,
+    batch: usize,
+    max_batches: Option<usize>,
+    stop: &mut dyn FnMut() -> bool,
+) -> Result<usize> {
     if !net.has_batch_norm() {
         return Ok(0);
     }
@@ -881,6 +895,10 @@ pub fn population_statistics(
     let mut indices = vec![0; slice.len()];
     net.for_each_batch_norm(&mut |bn| bn.begin_population());
     for b in 0..count {
+        if stop() {
+            abandon_population(net);
+            return Err(Error::Stopped { step: 0 });
+        }
         for (j, ix) in indices.iter_mut().enumerate() {
             *ix = b * batch + slice.start + j;
         }
@@ -901,6 +919,12 @@ pub fn population_statistics(
     }
     net.set_inference_stats(InferenceStats::Population);
     Ok(count)
+}
+
+/// End an Algorithm 2 pass early: every BN layer's accumulation is dropped and its population
+/// statistics cleared, so nothing half-computed is left behind.
+pub fn abandon_population(net: &mut Network) {
+    net.for_each_batch_norm(&mut |bn| bn.abandon_population());
 }
 
 /// The gradient of one parameter, under its `state_dict` name and in PyTorch's layout.

@@ -13,8 +13,8 @@ use crate::optim::Schedule;
 use crate::report::{CurvePoint, MnistReport, VariantRun};
 use crate::study::{Study, Tracked};
 use crate::train::{
-    percentile, population_statistics, Evaluator, LossSince, Observer, Order, Probe, TrainConfig,
-    Trainer,
+    percentile, population_statistics_or_stop, Evaluator, LossSince, Observer, Order, Probe,
+    TrainConfig, Trainer,
 };
 use crate::{Error, Result};
 use std::time::Instant;
@@ -275,7 +275,15 @@ pub fn run_variant(
     } = follow;
     let final_running = curve.last().map_or(0.0, |p| p.test_accuracy);
     let final_population = if net.has_batch_norm() {
-        population_statistics(&mut net, &data.train, setup.batch_size, None)?;
+        // A stop in this pass (over the whole training set) ends the run; the resume redoes
+        // it from the checkpoint of the last step.
+        population_statistics_or_stop(&mut net, &data.train, setup.batch_size, None, &mut || {
+            study.agree_stop()
+        })
+        .map_err(|e| match e {
+            Error::Stopped { .. } => Error::Stopped { step: setup.steps },
+            e => e,
+        })?;
         evaluator
             .evaluate(&mut net, &data.test, None, None)?
             .accuracy()

@@ -367,12 +367,15 @@ fn clear_population(net: &mut Network) {
 
 /// Algorithm 2 over the training examples `indices`, in mini-batches of `batch` (a tail
 /// shorter than a batch is left out, as Algorithm 2 averages equal batches); leaves the
-/// network using them for inference.
+/// network using them for inference. `stop` is asked before each mini-batch (on every rank
+/// alike, so it may be a collective): when it answers true, the pass is dropped
+/// (`abandon_population`) and ends with `Error::Stopped { step: 0 }`.
 pub fn population_of(
     net: &mut Network,
     train: &Dataset,
     indices: &[usize],
     batch: usize,
+    stop: &mut dyn FnMut() -> bool,
 ) -> Result<()> {
     let batch = batch.min(indices.len()).min(net.max_batch());
     if batch < 2 {
@@ -389,6 +392,10 @@ pub fn population_of(
     let slice = net.dist().map_or(0..batch, |d| d.slice(batch));
     net.for_each_batch_norm(&mut |bn| bn.begin_population());
     for chunk in indices.chunks_exact(batch) {
+        if stop() {
+            crate::train::abandon_population(net);
+            return Err(Error::Stopped { step: 0 });
+        }
         train.fill_batch(&chunk[slice.clone()], &mut x, &mut y);
         net.forward_of(&x, slice.len(), batch, Mode::Population)?;
     }
@@ -506,8 +513,9 @@ impl<P: Fn(usize, Option<f64>, bool)> Tracked for Follow<'_, P> {
 }
 
 /// Train and measure one run (continued from its checkpoint, if any); a stop request ends it
-/// after its current step (or between the draws of the sample-count measurement, which a
-/// resume redoes from the last checkpoint) with `Error::Stopped`.
+/// with `Error::Stopped` after its current step, or within the measurements after training
+/// (before any mini-batch of Algorithm 2's passes), which a resume redoes from the checkpoint
+/// of the last step.
 pub fn run_job(
     setup: &PreciseBnSetup,
     job: &Job,
@@ -603,7 +611,16 @@ pub fn run_job(
         let limit = Some(setup.test_examples);
         let mut evaluator = Evaluator::new(setup.eval_batch, features);
         let all: Vec<usize> = (0..data.train.len()).collect();
-        population_of(&mut net, &data.train, &all, setup.batch_size)?;
+        // A stop during the measurements (the whole training set's pass is long) ends the
+        // run; the resume redoes them from the checkpoint of the last step.
+        let stopped = |e: Error| match e {
+            Error::Stopped { .. } => Error::Stopped { step: setup.steps },
+            e => e,
+        };
+        population_of(&mut net, &data.train, &all, setup.batch_size, &mut || {
+            study.agree_stop()
+        })
+        .map_err(stopped)?;
         population_full = Some(
             evaluator
                 .evaluate(&mut net, &data.test, None, limit)?
@@ -616,7 +633,10 @@ pub fn run_job(
                     return Err(Error::Stopped { step: setup.steps });
                 }
                 let idx = draw_indices(setup.seed, data.train.len(), n, d);
-                population_of(&mut net, &data.train, &idx, setup.batch_size)?;
+                population_of(&mut net, &data.train, &idx, setup.batch_size, &mut || {
+                    study.agree_stop()
+                })
+                .map_err(stopped)?;
                 accuracies.push(
                     evaluator
                         .evaluate(&mut net, &data.test, None, limit)?
@@ -911,5 +931,155 @@ mod tests {
             "{:?}",
             follow.curve
         );
+    }
+
+    /// A stop answered before a mini-batch of Algorithm 2 ends the pass with `Stopped` and
+    /// leaves no population statistics and nothing accumulated: a full pass after it gives
+    /// the bits of a pass on a network that was never interrupted. The stop is asked before
+    /// every mini-batch (both passes: over given indices and over the first batches).
+    #[test]
+    fn algorithm_2_stops_before_a_batch_and_leaves_nothing_behind() {
+        let train = synthetic(200, 1);
+        let spec = model::preset("vgg-mini-bn").unwrap();
+        let input = model::resolve_input(&spec, Some(&[1, 12, 12])).unwrap();
+        let build = || Network::build(&spec, &input, 9, 16, 1).unwrap();
+        let stats = |net: &mut Network| {
+            let mut v = Vec::new();
+            net.for_each_batch_norm(&mut |bn| {
+                v.push((bn.population_mean.clone(), bn.population_var.clone()))
+            });
+            v
+        };
+        let idx: Vec<usize> = (0..200).rev().collect();
+        let (mut a, mut b) = (build(), build());
+        let mut asked = 0;
+        population_of(&mut b, &train, &idx, 16, &mut || {
+            asked += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(asked, 200 / 16, "asked before each mini-batch");
+        let want = stats(&mut b);
+        assert!(want.iter().all(|(m, v)| m.is_some() && v.is_some()));
+
+        // Statistics from an earlier pass must not survive a stopped one.
+        population_of(&mut a, &train, &idx[..64], 16, &mut || false).unwrap();
+        assert!(stats(&mut a).iter().all(|(m, _)| m.is_some()));
+        let mut asked = 0;
+        let e = population_of(&mut a, &train, &idx, 16, &mut || {
+            asked += 1;
+            asked == 4
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::Stopped { .. }), "{e}");
+        assert!(stats(&mut a)
+            .iter()
+            .all(|(m, v)| m.is_none() && v.is_none()));
+        population_of(&mut a, &train, &idx, 16, &mut || false).unwrap();
+        assert_eq!(
+            stats(&mut a),
+            want,
+            "the stopped pass left something behind"
+        );
+
+        let (mut a, mut b) = (build(), build());
+        population_statistics(&mut b, &train, 16, None).unwrap();
+        let want = stats(&mut b);
+        population_statistics(&mut a, &train, 16, Some(2)).unwrap();
+        assert!(stats(&mut a).iter().all(|(m, _)| m.is_some()));
+        let mut asked = 0;
+        let e = crate::train::population_statistics_or_stop(&mut a, &train, 16, None, &mut || {
+            asked += 1;
+            asked == 2
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::Stopped { .. }), "{e}");
+        assert!(stats(&mut a)
+            .iter()
+            .all(|(m, v)| m.is_none() && v.is_none()));
+        let mut asked = 0;
+        crate::train::population_statistics_or_stop(&mut a, &train, 16, None, &mut || {
+            asked += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(asked, 200 / 16);
+        assert_eq!(
+            stats(&mut a),
+            want,
+            "the stopped pass left something behind"
+        );
+    }
+
+    /// A stop asked for during the measurements after training (here: at the last step's
+    /// evaluation, so the stop is seen by the first Algorithm 2 pass) ends the study with
+    /// `Stopped`; the run's checkpoint is that of its last step, so the resumed study trains
+    /// nothing more and its results equal an uninterrupted study's.
+    #[test]
+    fn a_stop_after_training_resumes_from_the_last_step() {
+        let data = Split {
+            train: synthetic(320, 0),
+            test: synthetic(100, 3),
+        };
+        let setup = PreciseBnSetup {
+            lrs: vec![0.05],
+            steps: 20,
+            eval_every: 10,
+            batch_size: 16,
+            population_examples: 64,
+            test_examples: 100,
+            sample_counts: vec![16, 64],
+            draws: 2,
+            workers: 1,
+            eval_batch: 50,
+            ..PreciseBnSetup::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let value = serde_json::to_value(&setup).unwrap();
+        let json = |r: &[RunResult]| {
+            r.iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap();
+                    v.as_object_mut().unwrap().remove("seconds");
+                    v
+                })
+                .collect::<Vec<_>>()
+        };
+        let whole =
+            Study::create(&tmp.path().join("whole"), "precise-bn", value.clone(), None).unwrap();
+        let want = json(&run_study(&setup, &data, &whole, &|_| {}, &|_, _, _| {}).unwrap());
+
+        let stop = crate::stop::Stop::new();
+        let dir = tmp.path().join("cut");
+        let cut = Study::create(&dir, "precise-bn", value, None)
+            .unwrap()
+            .with_stop(stop.clone());
+        let ask = |p: Progress<'_>| {
+            if p.step == setup.steps && p.evaluated {
+                stop.request(2);
+            }
+        };
+        let e = run_study(&setup, &data, &cut, &ask, &|_, _, _| {}).unwrap_err();
+        assert!(matches!(e, Error::Stopped { .. }), "{e}");
+        let key = setup.jobs()[0].key();
+        assert!(dir
+            .join("runs")
+            .join(&key)
+            .join("checkpoint.safetensors")
+            .is_file());
+        assert!(!dir.join("runs").join(&key).join("result.json").exists());
+
+        let resumed = Study::open(&dir, "precise-bn").unwrap();
+        let first = Mutex::new(None);
+        let seen = |p: Progress<'_>| {
+            first.lock().unwrap().get_or_insert(p.step);
+        };
+        let got = json(&run_study(&setup, &data, &resumed, &seen, &|_, _, _| {}).unwrap());
+        assert_eq!(
+            *first.lock().unwrap(),
+            Some(setup.steps),
+            "resumed at the last step"
+        );
+        assert_eq!(got, want);
     }
 }

@@ -424,6 +424,15 @@ impl BatchNorm {
         self.population_summed = false;
     }
 
+    /// Drop an Algorithm 2 pass before its end (a stop request): no population statistics,
+    /// nothing accumulated left behind. Local to this process (no collective).
+    pub fn abandon_population(&mut self) {
+        self.population = None;
+        self.population_summed = false;
+        self.population_mean = None;
+        self.population_var = None;
+    }
+
     /// End Algorithm 2: fix `E[x]` and `Var[x]`. Returns the number of batches averaged.
     pub fn finish_population(&mut self) -> usize {
         let Some(mut p) = self.population.take() else {
