@@ -11,7 +11,7 @@ use bnlab::experiments::mnist::{self, MnistSetup, Progress};
 use bnlab::kernels::batch_norm::RunningAverage;
 use bnlab::model::{self, ModelSpec};
 use bnlab::network::Network;
-use bnlab::nn::{InferenceStats, RenormSchedule};
+use bnlab::nn::{ConvAlgo, InferenceStats, RenormSchedule};
 use bnlab::optim::Schedule;
 use bnlab::report;
 use bnlab::run::{self, Event, Run, RunSpec};
@@ -227,6 +227,7 @@ struct TrainArgs {
         "model", "out", "init", "steps", "batch_size", "lr", "momentum", "weight_decay",
         "schedule", "seed", "order", "eval_every", "checkpoint_every", "bn_momentum", "threads",
         "save", "normalize", "augment", "norm", "freeze_bn", "renorm_schedule", "bn_sync",
+        "conv",
     ])]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -299,6 +300,8 @@ struct TrainArgs {
     augment: String,
     #[command(flatten)]
     sync: SyncArgs,
+    #[command(flatten)]
+    conv: ConvArgs,
     #[command(flatten)]
     control: RunControl,
 }
@@ -409,8 +412,36 @@ struct BenchArgs {
     threads: Option<usize>,
     #[command(flatten)]
     sync: SyncArgs,
+    #[command(flatten)]
+    conv: ConvArgs,
     #[arg(long)]
     json: bool,
+}
+
+/// How the convolutions compute their 3x3 same-size products (`train`, `bench`, `eval`).
+#[derive(Args, Clone, Debug)]
+struct ConvArgs {
+    /// winograd (default: Winograd's F(2x2, 3x3) for the 3x3, stride-1 convolutions with 4 or
+    /// more input channels, forward pass and both gradients: the fastest; equal to direct up
+    /// to rounding) or direct (the lowered product, the arithmetic of the reproductions).
+    #[arg(
+        id = "conv",
+        long = "conv",
+        value_name = "winograd|direct",
+        default_value = "winograd"
+    )]
+    algo: String,
+}
+
+impl ConvArgs {
+    fn algo(&self) -> Result<ConvAlgo> {
+        ConvAlgo::parse(&self.algo).ok_or_else(|| {
+            Error::config(
+                "--conv",
+                format!("`{}` is not an algorithm (winograd or direct)", self.algo),
+            )
+        })
+    }
 }
 
 /// Continuing or reporting on a study kept in a directory (every `reproduce`).
@@ -863,6 +894,7 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
             };
             config.validate(spec.has_batch_norm())?;
             let normalize = data::parse_normalize_flag(&a.normalize)?;
+            let conv = a.conv.algo()?;
             if let Some(m) = &a.bn_momentum {
                 RunningAverage::parse(m)?;
             }
@@ -886,6 +918,7 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
                 bn_sync: (ranks.size() > 1)
                     .then(|| BnSync::parse(&a.sync.bn_sync))
                     .transpose()?,
+                conv,
             };
             let run = Run::new(
                 run_spec,
@@ -1240,6 +1273,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
+    let conv = a.conv.algo()?;
     let spec = a.norm.model(&a.model)?;
     let steps = positive("--steps", a.steps)?;
     let config = TrainConfig {
@@ -1261,6 +1295,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     let split = load_data(&a.data, Some(&spec))?;
     config.validate_for_data(split.train.len())?;
     let mut net = network_for(&spec, &split, 1, config.batch_size, config.threads)?;
+    net.set_conv_algo(conv);
     let bn_sync = BnSync::parse(&a.sync.bn_sync)?;
     if ranks.size() > 1 {
         ranks.agree(join_ranks(&mut net, ranks, bn_sync, &config))?;

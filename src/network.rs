@@ -305,6 +305,20 @@ impl Network {
         self.body.for_each_batch_norm(f)
     }
 
+    /// Compute every convolution's 3x3 same-size products with `algo` (`ConvAlgo::Direct`
+    /// unless set).
+    pub fn set_conv_algo(&mut self, algo: crate::nn::ConvAlgo) {
+        fn walk(layer: &mut dyn crate::nn::Layer, algo: crate::nn::ConvAlgo) {
+            if let Some(c) = layer.as_any_mut().downcast_mut::<crate::nn::Conv2d>() {
+                c.set_algo(algo);
+            }
+            for child in layer.children() {
+                walk(child, algo);
+            }
+        }
+        walk(&mut self.body, algo);
+    }
+
     /// Make every BatchNorm normalize with `stats` in `Mode::Eval` (population statistics
     /// only where Algorithm 2 has computed them, else the running averages).
     pub fn set_inference_stats(&mut self, stats: InferenceStats) {

@@ -69,6 +69,10 @@ pub struct RunSpec {
     /// `--bn-sync` of a data-parallel run.
     #[serde(default)]
     pub bn_sync: Option<crate::dist::BnSync>,
+    /// `--conv`: how the convolutions compute their 3x3 same-size products (a resumed run
+    /// keeps its own; runs written before the flag existed are `direct`).
+    #[serde(default)]
+    pub conv: crate::nn::ConvAlgo,
 }
 
 /// The progress of a run, kept in the state file.
@@ -330,6 +334,7 @@ impl Run {
             c.batch_size.max(EVAL_BATCH),
             c.threads,
         )?;
+        net.set_conv_algo(spec.conv);
         if let Some(init) = &spec.init {
             checkpoint::load(&mut net, init)?;
         }

@@ -15,6 +15,7 @@ use bnlab::checkpoint::{self, Loaded, TensorFile};
 use bnlab::data::{load_mnist_dir, Dataset, Pixels, Split};
 use bnlab::model;
 use bnlab::network::Network;
+use bnlab::nn::ConvAlgo;
 use bnlab::train::{gradients, Evaluator};
 use common::skip;
 use std::path::{Path, PathBuf};
@@ -58,7 +59,13 @@ fn floats(file: &TensorFile, name: &str) -> Vec<f64> {
     }
 }
 
-fn network(model_name: &str, norm: Option<&str>, data: &Dataset, max_batch: usize) -> Network {
+fn network(
+    model_name: &str,
+    norm: Option<&str>,
+    data: &Dataset,
+    max_batch: usize,
+    algo: ConvAlgo,
+) -> Network {
     let mut spec = model::preset(model_name).expect("preset");
     if let Some(norm) = norm {
         // `--norm`: e.g. resnet20-bn with every BatchNorm2d a GroupNorm(4, C), same names.
@@ -67,7 +74,9 @@ fn network(model_name: &str, norm: Option<&str>, data: &Dataset, max_batch: usiz
     }
     let input = model::resolve_input(&spec, Some(&[data.channels, data.rows, data.cols]))
         .expect("input shape");
-    Network::build(&spec, &input, 0, max_batch, 1).expect("network builds")
+    let mut net = Network::build(&spec, &input, 0, max_batch, 1).expect("network builds");
+    net.set_conv_algo(algo);
+    net
 }
 
 /// The batch of a `synthetic` case: `x` (F32, N x C x H x W, used as it is) and `labels` (I64).
@@ -114,8 +123,8 @@ fn xorshift_init(net: &mut Network, spec: &serde_json::Map<String, serde_json::V
     checkpoint::load(net, &path).expect("generated init loads");
 }
 
-/// Runs every case of `dir/cases.json`; returns how many ran.
-fn run_cases(dir: &Path) -> usize {
+/// Runs every case of `dir/cases.json` with the convolutions on `algo`; returns how many ran.
+fn run_cases(dir: &Path, algo: ConvAlgo) -> usize {
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut failures = Vec::new();
@@ -148,7 +157,7 @@ fn run_cases(dir: &Path) -> usize {
                 let batch = case["batch_size"].as_u64().unwrap() as usize;
                 let offset = case["offset"].as_u64().unwrap_or(0) as usize;
                 let tol = case["tolerance_rel_l2"].as_f64().unwrap();
-                let mut net = network(get("model"), norm, train, batch);
+                let mut net = network(get("model"), norm, train, batch, algo);
                 let expected = TensorFile::read(&dir.join(get("expected"))).unwrap();
                 match case.get("init_xorshift").and_then(|v| v.as_object()) {
                     Some(spec) => {
@@ -192,7 +201,8 @@ fn run_cases(dir: &Path) -> usize {
                 }
                 let ok = worst.1 <= tol;
                 println!(
-                    "{name}: {} tensors, loss {loss:.6} (PyTorch {want_loss:.6}); worst {} at {:.3e}, tolerance {tol:.1e}: {}",
+                    "{name} ({}): {} tensors, loss {loss:.6} (PyTorch {want_loss:.6}); worst {} at {:.3e}, tolerance {tol:.1e}: {}",
+                    algo.name(),
                     grads.len(),
                     worst.0,
                     worst.1,
@@ -207,7 +217,7 @@ fn run_cases(dir: &Path) -> usize {
             "eval" => {
                 let data = split.expect("eval cases need a data set's test split");
                 let want = case["test_correct"].as_u64().unwrap() as i64;
-                let mut net = network(get("model"), norm, &data.train, 500);
+                let mut net = network(get("model"), norm, &data.train, 500, algo);
                 checkpoint::load(&mut net, &dir.join(get("weights"))).expect("weights load");
                 let mut ev = Evaluator::new(500, data.test.features());
                 let got = ev
@@ -216,7 +226,8 @@ fn run_cases(dir: &Path) -> usize {
                     .correct as i64;
                 let ok = (got - want).abs() <= 2;
                 println!(
-                    "{name}: {got} correct, PyTorch {want} (allowed difference 2): {}",
+                    "{name} ({}): {got} correct, PyTorch {want} (allowed difference 2): {}",
+                    algo.name(),
                     if ok { "ok" } else { "FAIL" }
                 );
                 if ok {
@@ -234,8 +245,10 @@ fn run_cases(dir: &Path) -> usize {
 
 #[test]
 fn committed_gradient_cases() {
-    let ran = run_cases(&common::committed_reference_dir().join("grad"));
-    assert!(ran >= 2, "only {ran} committed gradient cases ran");
+    for algo in [ConvAlgo::Direct, ConvAlgo::Winograd] {
+        let ran = run_cases(&common::committed_reference_dir().join("grad"), algo);
+        assert!(ran >= 2, "only {ran} committed gradient cases ran");
+    }
 }
 
 #[test]
@@ -247,5 +260,7 @@ fn pytorch_gradient_and_eval_cases() {
         );
         return;
     };
-    assert!(run_cases(&dir) > 0, "no case ran");
+    for algo in [ConvAlgo::Direct, ConvAlgo::Winograd] {
+        assert!(run_cases(&dir, algo) > 0, "no case ran");
+    }
 }

@@ -6,8 +6,8 @@ mod common;
 use bnlab::data::load_mnist_dir;
 use bnlab::network::Network;
 use bnlab::nn::{
-    BatchNorm, Conv2d, Ctx, GlobalAvgPool, GroupNorm, Layer, Linear, Mode, Relu, Residual,
-    Sequential,
+    BatchNorm, Conv2d, ConvAlgo, Ctx, GlobalAvgPool, GroupNorm, Layer, Linear, Mode, Relu,
+    Residual, Sequential,
 };
 use bnlab::optim::Schedule;
 use bnlab::train::{Order, TrainConfig, Trainer};
@@ -49,6 +49,7 @@ fn assert_steps_allocate_nothing(
     lr: f64,
     warmup: usize,
     steps: usize,
+    conv: ConvAlgo,
 ) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dir) = common::mnist_or_skip() else {
@@ -75,7 +76,10 @@ fn assert_steps_allocate_nothing(
                 augment: bnlab::train::Augment::None,
                 bn: Default::default(),
             };
-            let mut net = Network::preset(preset, 3, batch, threads).unwrap();
+            let spec = bnlab::model::preset(preset).unwrap();
+            let input = bnlab::model::resolve_input(&spec, Some(&[1, 28, 28])).unwrap();
+            let mut net = Network::build(&spec, &input, 3, batch, threads).unwrap();
+            net.set_conv_algo(conv);
             let mut t = Trainer::new(cfg, data.train.len(), data.train.features());
             for _ in 0..warmup {
                 t.step(&mut net, &data.train).unwrap();
@@ -88,7 +92,8 @@ fn assert_steps_allocate_nothing(
             assert_eq!(
                 after - before,
                 0,
-                "{preset:?}, {threads} threads: allocations in steps"
+                "{preset:?} ({}), {threads} threads: allocations in steps",
+                conv.name()
             );
         }
     }
@@ -96,14 +101,21 @@ fn assert_steps_allocate_nothing(
 
 fn training_steps_do_not_allocate() {
     // 1,200 steps cross an epoch boundary (1,000 batches of 60), so reshuffling is covered too.
-    assert_steps_allocate_nothing(&["mlp-fig1", "mlp-fig1-bn"], 60, 0.1, 20, 1200);
+    let direct = ConvAlgo::Direct;
+    assert_steps_allocate_nothing(&["mlp-fig1", "mlp-fig1-bn"], 60, 0.1, 20, 1200, direct);
 }
 
 /// The convolutional presets too: im2col workspaces, transposed gradients and all products
 /// (our own kernels; no `gemm`-crate call, which would allocate packing buffers) are sized at
-/// `reserve`. Both the BN net and the no-BN net with dropout.
+/// `reserve`. Both the BN net and the no-BN net with dropout, with the direct products and
+/// with Winograd's (its transformed filters and tiles are sized by `set_algo`); ResNet-20 on
+/// Winograd's.
 fn convolutional_training_steps_do_not_allocate() {
-    assert_steps_allocate_nothing(&["inception-mini-bn", "inception-mini"], 32, 0.05, 3, 25);
+    let presets = ["inception-mini-bn", "inception-mini"];
+    for conv in [ConvAlgo::Direct, ConvAlgo::Winograd] {
+        assert_steps_allocate_nothing(&presets, 32, 0.05, 3, 25, conv);
+    }
+    assert_steps_allocate_nothing(&["resnet20-bn"], 16, 0.05, 2, 4, ConvAlgo::Winograd);
 }
 
 /// A ResNet-like stack built from `Residual` blocks (an identity block, then a projection block

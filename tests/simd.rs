@@ -8,8 +8,8 @@ use bnlab::kernels::activation;
 use bnlab::kernels::matmul::{matmul, Trans};
 use bnlab::kernels::simd::{self, Level};
 use bnlab::nn::{
-    AvgPool2d, BatchNorm, Conv2d, Ctx, GlobalAvgPool, Layer, Linear, MaxPool2d, Mode, Relu,
-    Sigmoid, Tanh,
+    AvgPool2d, BatchNorm, Conv2d, ConvAlgo, Ctx, GlobalAvgPool, Layer, Linear, MaxPool2d, Mode,
+    Relu, Sigmoid, Tanh,
 };
 use common::Lcg;
 use std::process::Command;
@@ -255,6 +255,16 @@ fn pools_convolutions_and_linear_layers_are_the_same_at_every_level() {
             3,
         ),
         (
+            // Winograd's transforms: 16 channels and a tail of 4 (masked lanes), odd maps.
+            "conv 3x3 20->18 on 7x9, winograd",
+            Box::new(|| {
+                let mut c = Conv2d::new(20, 18, 3, 1, 1, true, 7, 9).unwrap();
+                c.set_algo(ConvAlgo::Winograd);
+                Box::new(c)
+            }),
+            3,
+        ),
+        (
             "conv 1x1 24->32 on 14x14",
             Box::new(|| Box::new(Conv2d::new(24, 32, 1, 1, 0, false, 14, 14).unwrap())),
             3,
@@ -299,9 +309,14 @@ fn training_gives_the_same_weights_at_every_level() {
     let data = t.path().join("data");
     common::synthetic_mnist(&data, 256, 64);
     let d = data.to_str().unwrap();
-    for (model, batch) in [("inception-mini-bn", "16"), ("mlp-fig1-bn", "32")] {
+    // inception-mini-bn on the default --conv (winograd), and on direct.
+    for (model, batch, conv) in [
+        ("inception-mini-bn", "16", "winograd"),
+        ("inception-mini-bn", "16", "direct"),
+        ("mlp-fig1-bn", "32", "winograd"),
+    ] {
         let train = |name: &str, env: Option<&str>| {
-            let out = t.path().join(format!("{model}-{name}"));
+            let out = t.path().join(format!("{model}-{conv}-{name}"));
             let o = bnlab(
                 &[
                     "train",
@@ -325,6 +340,8 @@ fn training_gives_the_same_weights_at_every_level() {
                     out.to_str().unwrap(),
                     "--progress",
                     "plain",
+                    "--conv",
+                    conv,
                 ],
                 env,
             );

@@ -30,13 +30,16 @@ fn any_thread_count_trains_the_same_bits() {
     // is large enough for the `gemm` crate's path: 2 threads once gave other bits than 1
     // there), and ResNet-20 (strided and 1x1 convolutions, residual adds). Batches that do not
     // divide by the thread counts.
-    for (model, batch, steps) in [
-        ("inception-mini-bn", "16", "6"),
-        ("mlp-fig1-bn", "60", "6"),
-        ("resnet20-bn", "10", "2"),
+    // The convolutional nets on the default --conv (winograd) and on direct.
+    for (model, batch, steps, conv) in [
+        ("inception-mini-bn", "16", "6", "winograd"),
+        ("inception-mini-bn", "16", "6", "direct"),
+        ("mlp-fig1-bn", "60", "6", "winograd"),
+        ("resnet20-bn", "10", "2", "winograd"),
+        ("resnet20-bn", "10", "2", "direct"),
     ] {
         let train = |name: &str, extra: &[&str], env: Option<&str>| {
-            let out = t.path().join(format!("{model}-{name}"));
+            let out = t.path().join(format!("{model}-{conv}-{name}"));
             let mut args = vec![
                 "train",
                 "--model",
@@ -58,6 +61,9 @@ fn any_thread_count_trains_the_same_bits() {
                 "--progress",
                 "plain",
             ];
+            if conv != "winograd" {
+                args.extend_from_slice(&["--conv", conv]);
+            }
             args.extend_from_slice(extra);
             let o = bnlab(&args, env);
             assert!(
@@ -69,26 +75,27 @@ fn any_thread_count_trains_the_same_bits() {
         };
         let one = train("one", &["--threads", "1"], None);
         assert!(!one.is_empty());
-        let runs: &[(&str, &[&str], Option<&str>)] = if model == "inception-mini-bn" {
-            &[
-                ("default", &[], None),
-                ("two", &["--threads", "2"], None),
-                ("three", &["--threads", "3"], None),
-                ("eight", &["--threads", "8"], None),
-                ("env2", &[], Some("2")),
-                ("env1", &[], Some("1")),
-            ]
-        } else {
-            &[
-                ("two", &["--threads", "2"], None),
-                ("three", &["--threads", "3"], None),
-                ("eight", &["--threads", "8"], None),
-            ]
-        };
+        let runs: &[(&str, &[&str], Option<&str>)] =
+            if model == "inception-mini-bn" && conv == "winograd" {
+                &[
+                    ("default", &[], None),
+                    ("two", &["--threads", "2"], None),
+                    ("three", &["--threads", "3"], None),
+                    ("eight", &["--threads", "8"], None),
+                    ("env2", &[], Some("2")),
+                    ("env1", &[], Some("1")),
+                ]
+            } else {
+                &[
+                    ("two", &["--threads", "2"], None),
+                    ("three", &["--threads", "3"], None),
+                    ("eight", &["--threads", "8"], None),
+                ]
+            };
         for &(name, extra, env) in runs {
             assert!(
                 train(name, extra, env) == one,
-                "{model} {name}: other bits than one thread"
+                "{model} ({conv}) {name}: other bits than one thread"
             );
         }
     }

@@ -26,6 +26,7 @@
 //! chain of multiply-adds as it is. The two partial sums are added at the end in the same
 //! order, so results do not depend on the thread count.
 
+use super::winograd;
 use super::{check_forward, Ctx, Layer, TensorMut};
 use crate::kernels::matmul::{
     matmul, matmul_as, runs_small, small_gemm_rows, Stride, Table, Trans,
@@ -647,12 +648,26 @@ fn backward_weights(
     ws: &mut [f32],
     dwt: &mut [f32],
     shifted: &[usize],
+    wino: bool,
 ) {
     let (isz, hw, ohw, ckk) = (g.c * g.h * g.w, g.h * g.w, g.oh * g.ow, g.ckk());
     let osz = out_ch * ohw;
     let m = x.len() / isz;
     if m == 0 {
         dwt.fill(0.0);
+        return;
+    }
+    if wino {
+        // Summed over the examples in order in Winograd's domain, then turned into the 3x3
+        // gradient once (`[16, block, out]` at the start of the workspace).
+        let cb = chans.len();
+        let (du, rest) = ws.split_at_mut(16 * cb * out_ch);
+        for i in 0..m {
+            let xi = &x[i * isz + chans.start * hw..][..cb * hw];
+            let dyi = &dy[i * osz..][..osz];
+            winograd::weight_grad(xi, cb, dyi, out_ch, g.h, g.w, du, i > 0, rest, g.c);
+        }
+        winograd::grad_filter(du, cb, out_ch, dwt);
         return;
     }
     let gb = Geom {
@@ -714,6 +729,7 @@ fn backward_input(
     out_ch: usize,
     weight: &[f32],
     taps: Taps<'_>,
+    wino: Option<&[f32]>,
     dy: &[f32],
     dx: &mut [f32],
     cols: &mut [f32],
@@ -722,7 +738,10 @@ fn backward_input(
     let (isz, ohw, ckk) = (g.c * g.h * g.w, g.oh * g.ow, g.ckk());
     let osz = out_ch * ohw;
     for (dyi, dxi) in dy.chunks_exact(osz).zip(dx.chunks_exact_mut(isz)) {
-        if g.pointwise() {
+        if let Some(ub) = wino {
+            // The same-size convolution of dy with the filters turned (`ub`).
+            winograd::conv3x3(dyi, out_ch, g.c, g.h, g.w, ub, None, dxi, cols);
+        } else if g.pointwise() {
             matmul(dxi, weight, dyi, ckk, out_ch, ohw, Trans::A, false, threads);
         } else if !taps.rows.is_empty() && threads == 1 {
             shift3(Geom { c: out_ch, ..g }, dyi, cols);
@@ -885,7 +904,7 @@ unsafe fn tap_tile<const R: usize, const W: usize>(
 /// `out [cols, rows] = a^T` for a row-major `[rows, cols]` matrix `a`: in 16 x 16 blocks
 /// transposed in registers under AVX-512, the rest (and other levels) element by element. A
 /// copy: the same values either way.
-fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 && rows >= 16 {
         let (a, out) = (&a[..rows * cols], &mut out[..rows * cols]);
@@ -1028,7 +1047,53 @@ pub struct Conv2d {
     /// The bias gradient's per-example, per-channel sums (`[n, out]`), sized by `reserve` or
     /// the first backward pass of a larger batch.
     bias_sums: Vec<f64>,
+    /// How the 3x3 same-size products are computed (`ConvAlgo`).
+    algo: ConvAlgo,
+    /// Under `ConvAlgo::Winograd`: the transformed filters of the forward pass
+    /// (`[16, in, out]`) and of the input gradient (`[16, out, in]`), refreshed every pass.
+    wino_u: Vec<f32>,
+    wino_ub: Vec<f32>,
 }
+
+/// How a convolution computes its 3x3, stride 1, padding 1 products (other geometries are
+/// computed directly whatever the choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgo {
+    /// The product of the filters and the lowered input (shifted windows): every output a
+    /// multiply-add chain over the input channels and taps, the same bits as ever. The
+    /// library's default, and the reproductions' (their committed numbers are this one's).
+    #[default]
+    Direct,
+    /// Winograd's F(2x2, 3x3) (`nn::winograd`) for the forward pass, the input gradient and
+    /// the weight gradient of layers with at least `WINOGRAD_MIN_IN` input channels: 2.25
+    /// times fewer multiplications; results differ from `Direct` by rounding (a few units in
+    /// the last place of the terms' magnitude). Bit-identical across thread counts and SIMD
+    /// levels all the same.
+    Winograd,
+}
+
+impl ConvAlgo {
+    /// The name the command line takes: `direct` or `winograd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgo::Direct => "direct",
+            ConvAlgo::Winograd => "winograd",
+        }
+    }
+
+    /// The algorithm of a name (`direct` or `winograd`).
+    pub fn parse(s: &str) -> Option<ConvAlgo> {
+        [ConvAlgo::Direct, ConvAlgo::Winograd]
+            .into_iter()
+            .find(|a| a.name() == s)
+    }
+}
+
+/// The fewest input channels (of the forward pass) for which `ConvAlgo::Winograd` is used: with
+/// fewer, the transforms cost more than the multiplications they save (the ResNet stem's one
+/// channel).
+pub const WINOGRAD_MIN_IN: usize = 4;
 
 impl Conv2d {
     /// Zero-initialized; presets fill the weights. `in_h x in_w` is the input's spatial size.
@@ -1082,6 +1147,9 @@ impl Conv2d {
             tap_rows: Vec::new(),
             tap_weights: Vec::new(),
             bias_sums: Vec::new(),
+            algo: ConvAlgo::Direct,
+            wino_u: Vec::new(),
+            wino_ub: Vec::new(),
         }
         .with_shift_rows())
     }
@@ -1100,6 +1168,27 @@ impl Conv2d {
     /// bias.
     pub fn grad_bias(&self) -> Option<&[f32]> {
         self.grad_bias.as_deref()
+    }
+
+    /// Compute the 3x3 same-size products with `algo` from the next pass on.
+    pub fn set_algo(&mut self, algo: ConvAlgo) {
+        self.algo = algo;
+        if self.winograd() {
+            let n = 16 * self.in_ch * self.out_ch;
+            self.wino_u.resize(n, 0.0);
+            self.wino_ub.resize(n, 0.0);
+        }
+        self.reserve(0);
+    }
+
+    /// The algorithm set by `set_algo`.
+    pub fn algo(&self) -> ConvAlgo {
+        self.algo
+    }
+
+    /// Whether this layer's products run on Winograd's transforms.
+    fn winograd(&self) -> bool {
+        self.algo == ConvAlgo::Winograd && self.geom().same3() && self.in_ch >= WINOGRAD_MIN_IN
     }
 
     /// The table of `shift3`'s rows, for the geometries that use it.
@@ -1172,7 +1261,17 @@ impl Layer for Conv2d {
         } else {
             self.out_ch * 3 * (g.h + 2) * g.w
         };
-        let len = (patches + g.oh * g.ow * self.out_ch).max(shifted_dy);
+        let wino = if self.winograd() {
+            let (c, o) = (g.c, self.out_ch);
+            winograd::workspace_len(c, o, g.h, g.w)
+                .max(winograd::workspace_len(o, c, g.h, g.w))
+                .max(16 * c * o + winograd::grad_workspace_len(c, o, g.h, g.w))
+        } else {
+            0
+        };
+        let len = (patches + g.oh * g.ow * self.out_ch)
+            .max(shifted_dy)
+            .max(wino);
         for c in &mut self.cols {
             if c.len() < len {
                 c.resize(len, 0.0);
@@ -1185,6 +1284,25 @@ impl Layer for Conv2d {
         let (g, isz, osz, out_ch) = (self.geom(), self.in_size(), self.out_size(), self.out_ch);
         let p = pieces(ctx.threads, n, 1);
         self.workspaces(p);
+        if self.winograd() {
+            // One example at a time on each thread (its arithmetic never depends on the
+            // split).
+            winograd::filter_transform(&self.weight, out_ch, g.c, false, &mut self.wino_u);
+            let (u, bias) = (&self.wino_u[..], self.bias.as_deref());
+            let ys = Disjoint::new(&mut y[..n * osz]);
+            let ws = Disjoint::new(&mut self.cols[..p]);
+            par_for(ctx.threads, p, |t| {
+                let r = part(n, p, t);
+                // SAFETY: piece t alone has examples r and workspace t.
+                let (yr, cols) =
+                    unsafe { (ys.range(r.start * osz..r.end * osz), ws.range(t..t + 1)) };
+                for (i, yi) in r.zip(yr.chunks_exact_mut(osz)) {
+                    let xi = &x[i * isz..][..isz];
+                    winograd::conv3x3(xi, g.c, out_ch, g.h, g.w, u, bias, yi, &mut cols[0]);
+                }
+            });
+            return Ok(());
+        }
         let (w, bias) = (&self.weight[..], self.bias.as_deref());
         if p == 1 {
             // One piece (one thread, or one example): let the products split their rows.
@@ -1262,6 +1380,13 @@ impl Layer for Conv2d {
             rows: &self.tap_rows,
             weights: &self.tap_weights,
         };
+        let wino_w = self.winograd();
+        let wino = if self.winograd() && dx.is_some() {
+            winograd::filter_transform(&self.weight, out_ch, g.c, true, &mut self.wino_ub);
+            Some(&self.wino_ub[..])
+        } else {
+            None
+        };
         let w = &self.weight[..];
         let h = n / 2;
         let halves = [0..h, h..n];
@@ -1285,7 +1410,7 @@ impl Layer for Conv2d {
                     let (dxr, cols) =
                         unsafe { (dxs.range(r.start * isz..r.end * isz), ws.range(t..t + 1)) };
                     let dyr = &dy[r.start * osz..r.end * osz];
-                    backward_input(g, out_ch, w, taps, dyr, dxr, &mut cols[0], 1);
+                    backward_input(g, out_ch, w, taps, wino, dyr, dxr, &mut cols[0], 1);
                     return;
                 }
                 let (half, b) = (t / blocks, t % blocks);
@@ -1298,13 +1423,33 @@ impl Layer for Conv2d {
                     &x[e.start * isz..e.end * isz],
                     &dy[e.start * osz..e.end * osz],
                 );
-                backward_weights(g, out_ch, xe, dye, chans, &mut cols[0], dwt, shifted);
+                backward_weights(
+                    g,
+                    out_ch,
+                    xe,
+                    dye,
+                    chans,
+                    &mut cols[0],
+                    dwt,
+                    shifted,
+                    wino_w,
+                );
             });
         }
         if let (Some(dx), true) = (dx, one_input) {
             // One example (or one thread): the product splits its rows instead.
             let cols = &mut self.cols[0];
-            backward_input(g, out_ch, w, taps, &dy[..n * osz], dx, cols, ctx.threads);
+            backward_input(
+                g,
+                out_ch,
+                w,
+                taps,
+                wino,
+                &dy[..n * osz],
+                dx,
+                cols,
+                ctx.threads,
+            );
         }
         let [gwa, gwb] = &self.grad_wt;
         add_transposed(gwa, gwb, ckk, out_ch, &mut self.grad_weight);
@@ -1482,7 +1627,7 @@ mod tests {
             let mut dx = [vec![1f32; n * c * hw], vec![2f32; n * c * hw]];
             for (d, t) in dx.iter_mut().zip([none, taps]) {
                 let mut ws = vec![0f32; ws_len];
-                backward_input(g, out_ch, &weight, t, &dy, d, &mut ws, 1);
+                backward_input(g, out_ch, &weight, t, None, &dy, d, &mut ws, 1);
             }
             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&dx[0]), bits(&dx[1]), "{c}x{h}x{w} -> {out_ch}");
@@ -1536,7 +1681,7 @@ mod tests {
             let mut dwt = [vec![0f32; rows * out_ch], vec![0f32; rows * out_ch]];
             for (d, t) in dwt.iter_mut().zip([&[][..], &table[..]]) {
                 let mut ws = vec![0f32; ws_len];
-                backward_weights(g, out_ch, &x, &dy, chans.clone(), &mut ws, d, t);
+                backward_weights(g, out_ch, &x, &dy, chans.clone(), &mut ws, d, t, false);
             }
             assert!(
                 dwt[0]

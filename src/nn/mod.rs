@@ -44,11 +44,12 @@ pub mod noise;
 pub mod pool;
 pub mod residual;
 pub mod sequential;
+pub(crate) mod winograd;
 
 pub use activation::{Relu, Sigmoid, Tanh};
 pub use batch_norm::{BatchNorm, InferenceStats, Renorm, RenormSchedule};
 pub use concat::Concat;
-pub use conv::Conv2d;
+pub use conv::{Conv2d, ConvAlgo};
 pub use dropout::Dropout;
 pub use flatten::Flatten;
 pub use group_norm::GroupNorm;
