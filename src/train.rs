@@ -735,6 +735,9 @@ impl Trainer {
             let x = RowsPtr(self.x.as_mut_ptr());
             let fill = |cols: std::ops::Range<usize>| {
                 for (row, &i) in idx.iter().enumerate() {
+                    if let Some(&ahead) = idx.get(row + crate::data::dataset::PREFETCH_ROWS) {
+                        data.prefetch_row(ahead, cols.clone());
+                    }
                     // SAFETY: rows are within the buffer (checked above); this closure alone
                     // touches columns `cols` of each row, the other closure the rest, and
                     // `join` returns only when both are done.
