@@ -1364,6 +1364,8 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     if a.json {
         // The products' arithmetic: 2 FLOP per multiply-add, forward and the two backward
         // products (input and weight gradients); BN, activations and pools are not counted.
+        // Those of the direct products also under --conv winograd (which does fewer
+        // multiplications): `gflops` is then an effective rate, comparable across algorithms.
         let macs: u64 = model::build(&net.spec, &net.input_shape, 0, false)?
             .summary
             .iter()
@@ -1379,6 +1381,7 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             "bn_sync": (ranks.size() > 1).then(|| bn_sync.name()),
             "threads": config.threads,
             "simd": simd.name(),
+            "conv": conv.name(),
             "seconds": secs,
             "steps_per_s": rate,
             "flop_per_step": flop_per_step,

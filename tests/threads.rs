@@ -140,12 +140,16 @@ fn bench_reports_threads_and_rates() {
     assert!(rate > 0.0 && (gflops - flop * rate / 1e9).abs() < 1e-9 * gflops.max(1.0));
     assert_eq!(bench(&["--threads", "1"], None)["threads"], 1);
     assert_eq!(bench(&[], Some("1"))["threads"], 1);
+    // The convolution algorithm: winograd unless told.
+    assert_eq!(j["conv"], "winograd", "{j}");
+    assert_eq!(bench(&["--conv", "direct"], None)["conv"], "direct");
     // The flag wins over the environment.
     assert_eq!(bench(&["--threads", "1"], Some("2"))["threads"], 1);
     for (extra, env, needle) in [
         (&["--threads", "0"][..], None, "--threads"),
         (&[][..], Some("0"), "$BNLAB_THREADS"),
         (&[][..], Some("many"), "$BNLAB_THREADS"),
+        (&["--conv", "fast"][..], None, "--conv"),
     ] {
         let mut args = vec![
             "bench",
