@@ -92,6 +92,41 @@ fn sub(a: [f32; L], b: [f32; L]) -> [f32; L] {
     std::array::from_fn(|l| a[l] - b[l])
 }
 
+/// The `len <= L` values at `p` (the rest zero).
+///
+/// # Safety
+/// `p .. + len` is readable.
+#[inline(always)]
+unsafe fn load(p: *const f32, len: usize) -> [f32; L] {
+    if len == L {
+        // SAFETY: the caller's contract.
+        return unsafe { std::ptr::read_unaligned(p as *const [f32; L]) };
+    }
+    let mut v = [0f32; L];
+    for (l, x) in v[..len].iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        *x = unsafe { *p.add(l) };
+    }
+    v
+}
+
+/// The first `len <= L` values of `v` to `p`.
+///
+/// # Safety
+/// `p .. + len` is writable.
+#[inline(always)]
+unsafe fn store(p: *mut f32, v: &[f32; L], len: usize) {
+    if len == L {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; L], *v) };
+        return;
+    }
+    for (l, &x) in v[..len].iter().enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe { *p.add(l) = x };
+    }
+}
+
 /// `B^T d B` of one tile for the `len <= L` channels at `src[i]` (i = 4a + b: row a, column b
 /// of the tile), into `dst + i * stride`.
 ///
@@ -99,18 +134,8 @@ fn sub(a: [f32; L], b: [f32; L]) -> [f32; L] {
 /// `src[i] .. + len` are readable and `dst + i * stride .. + len` writable for every i < 16.
 #[inline(always)]
 unsafe fn tile_in(src: &[*const f32; 16], dst: *mut f32, stride: usize, len: usize) {
-    let mut p = [[0f32; L]; 16];
-    for (pi, &si) in p.iter_mut().zip(src) {
-        if len == L {
-            // SAFETY: the caller's contract.
-            *pi = unsafe { std::ptr::read_unaligned(si as *const [f32; L]) };
-        } else {
-            for (l, v) in pi[..len].iter_mut().enumerate() {
-                // SAFETY: the caller's contract.
-                *v = unsafe { *si.add(l) };
-            }
-        }
-    }
+    // SAFETY: the caller's contract.
+    let p: [[f32; L]; 16] = std::array::from_fn(|i| unsafe { load(src[i], len) });
     // Columns: e = d B; then rows: B^T e.
     let mut e = [[0f32; L]; 16];
     for a in 0..4 {
@@ -130,16 +155,7 @@ unsafe fn tile_in(src: &[*const f32; 16], dst: *mut f32, stride: usize, len: usi
     }
     for (i, oi) in o.iter().enumerate() {
         // SAFETY: the caller's contract.
-        let d = unsafe { dst.add(i * stride) };
-        if len == L {
-            // SAFETY: as above.
-            unsafe { std::ptr::write_unaligned(d as *mut [f32; L], *oi) };
-        } else {
-            for (l, &v) in oi[..len].iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { *d.add(l) = v };
-            }
-        }
+        unsafe { store(dst.add(i * stride), oi, len) };
     }
 }
 
@@ -153,41 +169,48 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, v: &mut [f32], zero:
         #[target_feature(enable = "avx512f")]
         unsafe fn avx512(x: &[f32], c: usize, h: usize, w: usize, v: &mut [f32], zero: &[f32]) {
             // SAFETY: this function runs only where the CPU has AVX-512F.
-            input_loop(x, c, h, w, v, zero, |s, d, st, len| unsafe {
+            window_loop::<4, 16>(x, c, h, w, 1, v, zero, |s, d, st, len| unsafe {
                 x86::tile_in(s, d, st, len)
             })
         }
         // SAFETY: the level says the CPU has AVX-512F.
         return unsafe { avx512(x, c, h, w, v, zero) };
     }
-    // SAFETY: `input_loop` passes runs that satisfy `tile_in`'s contract.
-    input_loop(x, c, h, w, v, zero, |s, d, st, len| unsafe {
+    // SAFETY: `window_loop` passes runs that satisfy `tile_in`'s contract.
+    window_loop::<4, 16>(x, c, h, w, 1, v, zero, |s, d, st, len| unsafe {
         tile_in(s, d, st, len)
     })
 }
 
-/// `input_transform`'s loop over the tiles, with `tile` the per-tile kernel (`tile_in`'s
-/// contract).
+/// The loop of `input_transform` (`S = 4`, `back = 1`: the 4x4 window around each 2x2 block)
+/// and of `dy_transform` (`S = 2`, `back = 0`: the block itself) over the tiles of
+/// `x [h][w][c]` (channels last): for each tile and each group of up to `L` channels, `tile`
+/// gets the window's `N = S * S` runs (row-major; `zero` where the window leaves the map), the
+/// tile's first destination in `out [16][tiles][c]` and the stride between its 16 rows, and
+/// the group's length (the per-tile kernels' contract).
 #[inline(always)]
-fn input_loop(
+#[allow(clippy::too_many_arguments)]
+fn window_loop<const S: usize, const N: usize>(
     x: &[f32],
     c: usize,
     h: usize,
     w: usize,
-    v: &mut [f32],
+    back: usize,
+    out: &mut [f32],
     zero: &[f32],
-    tile: impl Fn(&[*const f32; 16], *mut f32, usize, usize),
+    tile: impl Fn(&[*const f32; N], *mut f32, usize, usize),
 ) {
+    assert!(N == S * S);
     let (th, tw) = tiles(h, w);
     let t = th * tw;
-    assert!(x.len() >= h * w * c && v.len() >= 16 * t * c && zero.len() >= c);
-    let vp = v.as_mut_ptr();
+    assert!(x.len() >= h * w * c && out.len() >= 16 * t * c && zero.len() >= c);
+    let op = out.as_mut_ptr();
     for ti in 0..th {
         for tj in 0..tw {
             let at = ti * tw + tj;
-            let (r0, c0) = ((2 * ti).wrapping_sub(1), (2 * tj).wrapping_sub(1));
-            let src: [*const f32; 16] = std::array::from_fn(|i| {
-                let (r, col) = (r0.wrapping_add(i / 4), c0.wrapping_add(i % 4));
+            let (r0, c0) = ((2 * ti).wrapping_sub(back), (2 * tj).wrapping_sub(back));
+            let src: [*const f32; N] = std::array::from_fn(|i| {
+                let (r, col) = (r0.wrapping_add(i / S), c0.wrapping_add(i % S));
                 if r < h && col < w {
                     x[(r * w + col) * c..].as_ptr()
                 } else {
@@ -199,9 +222,9 @@ fn input_loop(
                 let len = L.min(c - ch);
                 // SAFETY: (only pointer arithmetic) each src run is a pixel's c channels (or c
                 // zeros) and ch + len <= c; the destination runs (xi * t + at) * c + ch .. + len
-                // lie in v.
+                // lie in out.
                 let s = src.map(|p| unsafe { p.add(ch) });
-                tile(&s, unsafe { vp.add(at * c + ch) }, t * c, len);
+                tile(&s, unsafe { op.add(at * c + ch) }, t * c, len);
                 ch += len;
             }
         }
@@ -222,20 +245,8 @@ unsafe fn tile_out(
     dst: &[Option<*mut f32>; 4],
     len: usize,
 ) {
-    let mut p = [[0f32; L]; 16];
-    for (i, pi) in p.iter_mut().enumerate() {
-        // SAFETY: the caller's contract.
-        let s = unsafe { src.add(i * stride) };
-        if len == L {
-            // SAFETY: as above.
-            *pi = unsafe { std::ptr::read_unaligned(s as *const [f32; L]) };
-        } else {
-            for (l, v) in pi[..len].iter_mut().enumerate() {
-                // SAFETY: as above.
-                *v = unsafe { *s.add(l) };
-            }
-        }
-    }
+    // SAFETY: the caller's contract.
+    let p: [[f32; L]; 16] = std::array::from_fn(|i| unsafe { load(src.add(i * stride), len) });
     // Rows: q = A^T M (2 x 4); then columns: q A (2 x 2).
     let mut q = [[0f32; L]; 8];
     for b in 0..4 {
@@ -250,15 +261,9 @@ unsafe fn tile_out(
         o[s * 2 + 1] = add(sub(sub(q1, q2), q3), *bias);
     }
     for (oi, d) in o.iter().zip(dst) {
-        let Some(d) = *d else { continue };
-        if len == L {
+        if let Some(d) = *d {
             // SAFETY: the caller's contract.
-            unsafe { std::ptr::write_unaligned(d as *mut [f32; L], *oi) };
-        } else {
-            for (l, &v) in oi[..len].iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { *d.add(l) = v };
-            }
+            unsafe { store(d, oi, len) };
         }
     }
 }
@@ -462,13 +467,8 @@ mod x86 {
 /// `src[j] .. + len` readable for j < 4, `dst + i * stride .. + len` writable for i < 16.
 #[inline(always)]
 unsafe fn tile_dy(src: &[*const f32; 4], dst: *mut f32, stride: usize, len: usize) {
-    let mut p = [[0f32; L]; 4];
-    for (pi, &si) in p.iter_mut().zip(src) {
-        for (l, v) in pi[..len].iter_mut().enumerate() {
-            // SAFETY: the caller's contract.
-            *v = unsafe { *si.add(l) };
-        }
-    }
+    // SAFETY: the caller's contract.
+    let p: [[f32; L]; 4] = std::array::from_fn(|j| unsafe { load(src[j], len) });
     // Rows: t = A dy (4 x 2); then columns: t A^T (4 x 4).
     let neg = |a: [f32; L]| a.map(|v| -v);
     let t = [
@@ -486,11 +486,7 @@ unsafe fn tile_dy(src: &[*const f32; 4], dst: *mut f32, stride: usize, len: usiz
         let o = [t0, add(t0, t1), sub(t0, t1), neg(t1)];
         for (b, ob) in o.iter().enumerate() {
             // SAFETY: the caller's contract.
-            let d = unsafe { dst.add((a * 4 + b) * stride) };
-            for (l, &v) in ob[..len].iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { *d.add(l) = v };
-            }
+            unsafe { store(dst.add((a * 4 + b) * stride), ob, len) };
         }
     }
 }
@@ -504,57 +500,17 @@ fn dy_transform(dy: &[f32], k: usize, h: usize, w: usize, g: &mut [f32], zero: &
         #[target_feature(enable = "avx512f")]
         unsafe fn avx512(dy: &[f32], k: usize, h: usize, w: usize, g: &mut [f32], zero: &[f32]) {
             // SAFETY: this function runs only where the CPU has AVX-512F.
-            dy_loop(dy, k, h, w, g, zero, |s, d, st, len| unsafe {
+            window_loop::<2, 4>(dy, k, h, w, 0, g, zero, |s, d, st, len| unsafe {
                 x86::tile_dy(s, d, st, len)
             })
         }
         // SAFETY: the level says the CPU has AVX-512F.
         return unsafe { avx512(dy, k, h, w, g, zero) };
     }
-    // SAFETY: `dy_loop` passes runs that satisfy `tile_dy`'s contract.
-    dy_loop(dy, k, h, w, g, zero, |s, d, st, len| unsafe {
+    // SAFETY: `window_loop` passes runs that satisfy `tile_dy`'s contract.
+    window_loop::<2, 4>(dy, k, h, w, 0, g, zero, |s, d, st, len| unsafe {
         tile_dy(s, d, st, len)
     })
-}
-
-/// `dy_transform`'s loop over the tiles, with `tile` the per-tile kernel (`tile_dy`'s
-/// contract).
-#[inline(always)]
-fn dy_loop(
-    dy: &[f32],
-    k: usize,
-    h: usize,
-    w: usize,
-    g: &mut [f32],
-    zero: &[f32],
-    tile: impl Fn(&[*const f32; 4], *mut f32, usize, usize),
-) {
-    let (th, tw) = tiles(h, w);
-    let t = th * tw;
-    assert!(dy.len() >= h * w * k && g.len() >= 16 * t * k && zero.len() >= k);
-    let gp = g.as_mut_ptr();
-    for ti in 0..th {
-        for tj in 0..tw {
-            let at = ti * tw + tj;
-            let src: [*const f32; 4] = std::array::from_fn(|j| {
-                let (r, col) = (2 * ti + j / 2, 2 * tj + j % 2);
-                if r < h && col < w {
-                    dy[(r * w + col) * k..].as_ptr()
-                } else {
-                    zero.as_ptr()
-                }
-            });
-            let mut ch = 0;
-            while ch < k {
-                let len = L.min(k - ch);
-                // SAFETY: (pointer arithmetic) each src run is a pixel's k channels (or k
-                // zeros), ch + len <= k; g holds (xi * t + at) * k + ch .. + len.
-                let s = src.map(|p| unsafe { p.add(ch) });
-                tile(&s, unsafe { gp.add(at * k + ch) }, t * k, len);
-                ch += len;
-            }
-        }
-    }
 }
 
 /// Values of one example's workspace for `weight_grad`: the example's channel block and dy
