@@ -229,7 +229,7 @@ impl Team {
 /// Panics (after every piece has finished) if a piece panicked.
 pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
     if threads <= 1 || tasks <= 1 {
-        (0..tasks).for_each(&f);
+        run_here(tasks, &f);
         return;
     }
     let team = team();
@@ -238,7 +238,7 @@ pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
-        (0..tasks).for_each(&f);
+        run_here(tasks, &f);
         return;
     }
     assert!((tasks as u64) < CLOSED, "par_for: too many pieces");
@@ -283,6 +283,20 @@ pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
     let panicked = team.panicked.swap(false, Ordering::Relaxed);
     team.busy.store(false, Ordering::Release);
     assert!(!panicked, "a parallel piece of work panicked");
+}
+
+/// Run every piece on this thread, in order; as on the team, a piece that panics does not stop
+/// the others, and the first panic is raised again once all have run.
+fn run_here<F: Fn(usize)>(tasks: usize, f: &F) {
+    let mut first = None;
+    for i in 0..tasks {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+            first.get_or_insert(p);
+        }
+    }
+    if let Some(p) = first {
+        std::panic::resume_unwind(p);
+    }
 }
 
 /// A slot written by exactly one piece of a region.
@@ -529,5 +543,16 @@ mod tests {
             n.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(n.load(Ordering::Relaxed), 10);
+        // On one thread (as when another region is running) the pieces run here, and the
+        // others still run.
+        let ran = AtomicUsize::new(0);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            par_for(1, 10, |i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert!(i != 4, "piece 4 fails");
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(ran.load(Ordering::Relaxed), 10);
     }
 }
