@@ -8,6 +8,7 @@
 use crate::network::Network;
 use crate::nn::Layer;
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How the learning rate changes with the step (0-based), from the base rate `lr`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -121,7 +122,23 @@ pub struct Sgd {
     velocity: Vec<Vec<f32>>,
     /// Updates applied so far (the schedule's step).
     pub steps_taken: usize,
+    /// The tensors of the step being taken (kept to reuse the list's storage).
+    params: Vec<Param>,
 }
+
+/// One parameter tensor during an update: its weights, gradient and momentum buffer (null
+/// without momentum), `len` values each.
+struct Param {
+    w: *mut f32,
+    g: *const f32,
+    v: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a `Param` only lives inside `Sgd::step_with`, which shares it with the pieces of one
+// region; each piece touches its own part of each tensor. Between steps the list is empty.
+unsafe impl Send for Param {}
+unsafe impl Sync for Param {}
 
 impl Sgd {
     /// SGD with these settings; the momentum buffers are created by the first step.
@@ -133,6 +150,7 @@ impl Sgd {
             schedule,
             velocity: Vec::new(),
             steps_taken: 0,
+            params: Vec::new(),
         }
     }
 
@@ -154,12 +172,18 @@ impl Sgd {
             net.body
                 .for_each_param(&mut |w, _| self.velocity.push(vec![0.0; w.len()]));
         }
+        // The tensors, gathered once per step into a list sized on the first step; then one
+        // region in which piece `t` of `threads` updates the `t`-th part of every tensor. Each
+        // weight's update depends on that weight alone, so any split gives the same values.
+        // The parts follow the input layer's feature blocks (its weight's first and second
+        // halves on two threads), and piece 0 runs on the thread that computed the first
+        // block's gradient, so those weights stay in that core's cache.
+        let threads = net.threads.max(1);
+        let params = &mut self.params;
+        params.clear();
+        let mut at = 0;
         let mut idx = 0;
         let velocity = &mut self.velocity;
-        // One thread: splitting the update across cores measured slower (the halves of the
-        // weights then have to travel between the cores' caches every step).
-        let mut finite = true;
-        let mut at = 0;
         net.body.for_each_param(&mut |w, g| {
             let g = match grads {
                 Some(all) => {
@@ -168,13 +192,50 @@ impl Sgd {
                 }
                 None => g,
             };
-            finite &= if mom == 0.0 {
-                update_plain(w, g, lr, wd)
+            assert_eq!(w.len(), g.len(), "a gradient for every weight");
+            let v = if mom == 0.0 {
+                std::ptr::null_mut()
             } else {
-                update_momentum(w, g, &mut velocity[idx], lr, wd, mom, first)
+                assert_eq!(velocity[idx].len(), w.len(), "a velocity for every weight");
+                velocity[idx].as_mut_ptr()
             };
+            params.push(Param {
+                w: w.as_mut_ptr(),
+                g: g.as_ptr(),
+                v,
+                len: w.len(),
+            });
             idx += 1;
         });
+        let params = &self.params;
+        let finite = AtomicBool::new(true);
+        crate::kernels::par_for(threads, threads, |t| {
+            let mut ok = true;
+            for p in params {
+                let r = crate::kernels::part(p.len, threads, t);
+                // SAFETY: the pointers come from the slices borrowed above, which outlive the
+                // region; piece `t` alone touches elements `r` of each (the parts of one tensor
+                // are disjoint), and a tensor's weights, gradient and velocity do not overlap.
+                let (w, g) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(p.w.add(r.start), r.len()),
+                        std::slice::from_raw_parts(p.g.add(r.start), r.len()),
+                    )
+                };
+                ok &= if p.v.is_null() {
+                    update_plain(w, g, lr, wd)
+                } else {
+                    // SAFETY: as above.
+                    let v = unsafe { std::slice::from_raw_parts_mut(p.v.add(r.start), r.len()) };
+                    update_momentum(w, g, v, lr, wd, mom, first)
+                };
+            }
+            if !ok {
+                finite.store(false, Ordering::Relaxed);
+            }
+        });
+        self.params.clear();
+        let finite = finite.into_inner();
         self.steps_taken += 1;
         finite
     }

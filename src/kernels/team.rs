@@ -223,8 +223,9 @@ impl Team {
 }
 
 /// Run `f(0)`, `f(1)`, ..., `f(tasks - 1)`, each exactly once, on up to `threads` threads (this
-/// one and the team's workers), and return when all have finished. With `threads <= 1`, one
-/// piece, or another region running, they run here in order.
+/// one and the team's workers), and return when all have finished. Piece 0 always runs on
+/// this thread. With `threads <= 1`, one piece, or another region running, they all run here
+/// in order.
 ///
 /// Panics (after every piece has finished) if a piece panicked.
 pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
@@ -263,12 +264,21 @@ pub fn par_for<F: Fn(usize) + Sync>(threads: usize, tasks: usize, f: F) {
     team.done.store(0, Ordering::Relaxed);
     team.panicked.store(false, Ordering::Relaxed);
     team.limit.store(helpers, Ordering::Relaxed);
-    team.state.store(epoch << 32, Ordering::Release);
+    // Piece 0 is the caller's: open the region at piece 1. The first piece of every region
+    // then runs on the same thread, and with as many pieces as threads the others mostly do
+    // too (an awake worker claims its piece while the caller runs piece 0), so data a piece
+    // writes stays in the cache of the core that reads it in the next region split the same
+    // way (the input layer's feature blocks, their weights' update).
+    team.state.store(epoch << 32 | 1, Ordering::Release);
     for w in &team.workers[..helpers] {
         if let Some(t) = w.get() {
             t.unpark();
         }
     }
+    if catch_unwind(AssertUnwindSafe(|| f(0))).is_err() {
+        team.panicked.store(true, Ordering::Relaxed);
+    }
+    team.done.fetch_add(1, Ordering::Release);
     team.work();
     let mut waited = 0u32;
     while team.done.load(Ordering::Acquire) < tasks {

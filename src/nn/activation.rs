@@ -15,11 +15,15 @@ pub trait Nonlinearity: Send + 'static {
     fn backward(y: &[f32], dy: &[f32], dx: &mut [f32]);
     /// The same function as a BatchNorm applies it fused (`None`: it cannot).
     const FUSED: Option<crate::kernels::batch_norm::Act> = None;
+    /// Below this many values a layer's work stays on one thread.
+    const PARALLEL_MIN_LEN: usize = PARALLEL_MIN_LEN;
 }
 
 /// The logistic sigmoid, `1 / (1 + exp(-x))`; derivative `y (1 - y)`.
 pub struct SigmoidFn;
 impl Nonlinearity for SigmoidFn {
+    // An exponential per value: worth splitting from the MLP's 60 x 100 up.
+    const PARALLEL_MIN_LEN: usize = 4096;
     const NAME: &'static str = "Sigmoid()";
     const FUSED: Option<crate::kernels::batch_norm::Act> =
         Some(crate::kernels::batch_norm::Act::Sigmoid);
@@ -48,6 +52,8 @@ impl Nonlinearity for ReluFn {
 /// tanh, whose derivative is `1 - y^2` of the saved output.
 pub struct TanhFn;
 impl Nonlinearity for TanhFn {
+    // An exponential per value: worth splitting from the MLP's 60 x 100 up.
+    const PARALLEL_MIN_LEN: usize = 4096;
     const NAME: &'static str = "Tanh()";
     fn forward(x: &[f32], y: &mut [f32]) {
         k::tanh_forward(x, y)
@@ -58,7 +64,7 @@ impl Nonlinearity for TanhFn {
 }
 
 /// Below this many values a layer's work stays on one thread (the MLP's layers are far
-/// smaller; the convolutional maps far larger).
+/// smaller; the convolutional maps far larger), unless the nonlinearity says otherwise.
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
 /// The layer for a nonlinearity on `size` features per example. Stateless: works without
@@ -99,13 +105,13 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
     fn forward(&mut self, ctx: Ctx, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
         check_forward(self, x, y, n)?;
         let len = n * self.size;
-        let threads = if len >= PARALLEL_MIN_LEN {
+        let threads = if len >= F::PARALLEL_MIN_LEN {
             ctx.threads
         } else {
             1
         };
         let ys = Disjoint::new(&mut y[..len]);
-        par_ranges(threads, len, PARALLEL_MIN_LEN / 2, |r| {
+        par_ranges(threads, len, F::PARALLEL_MIN_LEN / 2, |r| {
             // SAFETY: the ranges are disjoint.
             F::forward(&x[r.clone()], unsafe { ys.range(r) })
         });
@@ -122,13 +128,13 @@ impl<F: Nonlinearity> Layer for Elementwise<F> {
     ) {
         if let Some(dx) = dx {
             let len = n * self.size;
-            let threads = if len >= PARALLEL_MIN_LEN {
+            let threads = if len >= F::PARALLEL_MIN_LEN {
                 ctx.threads
             } else {
                 1
             };
             let dxs = Disjoint::new(&mut dx[..len]);
-            par_ranges(threads, len, PARALLEL_MIN_LEN / 2, |r| {
+            par_ranges(threads, len, F::PARALLEL_MIN_LEN / 2, |r| {
                 // SAFETY: the ranges are disjoint.
                 F::backward(&y[r.clone()], &dy[r.clone()], unsafe { dxs.range(r) })
             });

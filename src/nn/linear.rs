@@ -269,11 +269,8 @@ impl Layer for Linear {
     }
 }
 
-/// `out (cols x rows) = m^T` for a row-major `rows x cols` matrix `m`.
+/// `out (cols x rows) = m^T` for a row-major `rows x cols` matrix `m` (16 x 16 blocks in
+/// registers where the CPU has AVX-512).
 fn transpose(m: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    for r in 0..rows {
-        for (c, &v) in m[r * cols..(r + 1) * cols].iter().enumerate() {
-            out[c * rows + r] = v;
-        }
-    }
+    super::conv::transpose(m, rows, cols, out)
 }
