@@ -183,12 +183,24 @@ fn stats_features(
     let inv_m = 1.0 / d.m() as f64;
     for (j, ((mo, lo), vo)) in mean.iter_mut().zip(mean_lo).zip(var).enumerate() {
         let ch = c0 + j;
-        let runs = || (0..d.n).map(move |i| &x[(i * d.c + ch) * d.s..][..d.s]);
+        let run = |i: usize| &x[(i * d.c + ch) * d.s..][..d.s];
+        // The next example's run is `c * s` values on: start loading it while on this one.
+        let ahead = |i: usize| {
+            if i + 1 < d.n {
+                super::prefetch(run(i + 1));
+            }
+        };
         let mut acc = [0f64; LANES];
-        runs().for_each(|r| add_f64(r, &mut acc));
+        for i in 0..d.n {
+            ahead(i);
+            add_f64(run(i), &mut acc);
+        }
         let mu = reduce(&acc) * inv_m;
         let mut acc = [0f64; LANES];
-        runs().for_each(|r| add_sq_dev(r, mu, &mut acc));
+        for i in 0..d.n {
+            ahead(i);
+            add_sq_dev(run(i), mu, &mut acc);
+        }
         *mo = mu as f32;
         *lo = (mu - *mo as f64) as f32;
         *vo = (reduce(&acc) * inv_m) as f32;
@@ -624,6 +636,12 @@ fn grad_sums_features(
         let (v, stats) = xhat.source(ch, inv_std);
         for i in 0..d.n {
             let off = (i * d.c + ch) * d.s;
+            if i + 1 < d.n {
+                // The next example's runs (see `stats_features`).
+                let next = off + d.c * d.s;
+                super::prefetch(&dy[next..next + d.s]);
+                super::prefetch(&v[next..next + d.s]);
+            }
             let (dyr, vr) = (&dy[off..off + d.s], &v[off..off + d.s]);
             match mask {
                 Some(m) => add_dy_dyxhat_relu(dyr, vr, stats, m.affine(ch), &mut sa, &mut sb),

@@ -902,25 +902,34 @@ unsafe fn tap_tile<const R: usize, const W: usize>(
 }
 
 /// `out [cols, rows] = a^T` for a row-major `[rows, cols]` matrix `a`: in 16 x 16 blocks
-/// transposed in registers under AVX-512, the rest (and other levels) element by element. A
-/// copy: the same values either way.
+/// transposed in registers under AVX-512 (the blocks at the right and bottom edges partial,
+/// with masked loads and stores), element by element on other levels. A copy: the same values
+/// either way.
 pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 && rows >= 16 {
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 {
         let (a, out) = (&a[..rows * cols], &mut out[..rows * cols]);
-        let (rb, cb) = (rows / 16 * 16, cols / 16 * 16);
+        // Blocks cover the rows and columns up to a thin edge (fewer than `MIN_EDGE` left),
+        // which is copied element by element: a masked block costs the same as a whole one.
+        const MIN_EDGE: usize = 8;
+        let covered = |n: usize| if n % 16 >= MIN_EDGE { n } else { n / 16 * 16 };
+        let (rb, cb) = (covered(rows), covered(cols));
         for r0 in (0..rb).step_by(16) {
             for c0 in (0..cb).step_by(16) {
-                // SAFETY: the level says the CPU has AVX-512F; rows r0..r0+16 of `a` reach
-                // columns c0..c0+16 < cols, and rows c0..c0+16 of `out` columns r0..r0+16 <
-                // rows, inside the slices checked above.
+                let (nr, nc) = ((rb - r0).min(16), (cb - c0).min(16));
+                // SAFETY: the level says the CPU has AVX-512F; the block reads rows
+                // r0..r0+nr of `a` at columns c0..c0+nc, and writes rows c0..c0+nc of `out` at
+                // columns r0..r0+nr, inside the slices checked above.
                 unsafe {
-                    transpose16_avx512(
+                    let (src, dst) = (
                         a.as_ptr().add(r0 * cols + c0),
-                        cols,
                         out.as_mut_ptr().add(c0 * rows + r0),
-                        rows,
-                    )
+                    );
+                    if nr == 16 && nc == 16 {
+                        transpose16_avx512::<true>(src, cols, dst, rows, 16, 16)
+                    } else {
+                        transpose16_avx512::<false>(src, cols, dst, rows, nr, nc)
+                    }
                 };
             }
         }
@@ -936,21 +945,44 @@ pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     transpose_scalar(a, rows, cols, out)
 }
 
-/// A 16 x 16 block of f32 transposed in registers: rows of `src` (row stride `ss`) become
-/// columns of `dst` (row stride `ds`). Unpacks of 32-bit, then 64-bit pairs within 128-bit
-/// lanes give each lane a 4 x 4 transposed piece; two rounds of lane shuffles place them.
+/// A block of up to 16 x 16 f32 transposed in registers: the first `nr` rows of `src` (row
+/// stride `ss`), `nc` values each, become the first `nc` rows of `dst` (row stride `ds`), `nr`
+/// values each; nothing outside is read or written. Unpacks of 32-bit, then 64-bit pairs within
+/// 128-bit lanes give each lane a 4 x 4 transposed piece; two rounds of lane shuffles place
+/// them.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `src + i * ss .. + 16` and `dst + i * ds .. + 16` are valid for
-/// `i < 16`.
+/// The CPU has AVX-512F; `nr, nc <= 16`; `src + i * ss .. + nc` is readable for `i < nr` and
+/// `dst + j * ds .. + nr` writable for `j < nc`.
+/// `FULL`: a whole block (`nr = nc = 16`), with plain loads and stores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16_avx512(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+unsafe fn transpose16_avx512<const FULL: bool>(
+    src: *const f32,
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    nr: usize,
+    nc: usize,
+) {
     use std::arch::x86_64::*;
+    let lanes = |k: usize| -> __mmask16 {
+        if k >= 16 {
+            !0
+        } else {
+            (1u16 << k) - 1
+        }
+    };
+    let (nr, nc) = if FULL { (16, 16) } else { (nr, nc) };
+    let (load, store) = (lanes(nc), lanes(nr));
     let mut r = [_mm512_setzero_ps(); 16];
     for (i, v) in r.iter_mut().enumerate() {
-        // SAFETY: the caller's contract.
-        *v = unsafe { _mm512_loadu_ps(src.add(i * ss)) };
+        // SAFETY: the caller's contract (row i < nr, the first nc values).
+        if FULL {
+            *v = unsafe { _mm512_loadu_ps(src.add(i * ss)) };
+        } else if i < nr {
+            *v = unsafe { _mm512_maskz_loadu_ps(load, src.add(i * ss)) };
+        }
     }
     // t[2i] lane L: a[2i][4L], a[2i+1][4L], a[2i][4L+1], a[2i+1][4L+1]; t[2i+1]: the next two.
     let mut t = [_mm512_setzero_ps(); 16];
@@ -983,8 +1015,12 @@ unsafe fn transpose16_avx512(src: *const f32, ss: usize, dst: *mut f32, ds: usiz
             _mm512_shuffle_f32x4::<0xDD>(s1, s3),
         ];
         for (l, &v) in w.iter().enumerate() {
-            // SAFETY: the caller's contract (row 4l + k < 16 of dst).
-            unsafe { _mm512_storeu_ps(dst.add((4 * l + k) * ds), v) };
+            // SAFETY: the caller's contract (row 4l + k < nc of dst, its first nr values).
+            if FULL {
+                unsafe { _mm512_storeu_ps(dst.add((4 * l + k) * ds), v) };
+            } else if 4 * l + k < nc {
+                unsafe { _mm512_mask_storeu_ps(dst.add((4 * l + k) * ds), store, v) };
+            }
         }
     }
 }
@@ -1536,6 +1572,13 @@ mod tests {
             (17, 33),
             (5, 40),
             (48, 7),
+            (1, 1),
+            (3, 1),
+            (1, 20),
+            (24, 196),
+            (196, 24),
+            (49, 64),
+            (31, 47),
         ] {
             let a = values(rows * cols, (rows * 1000 + cols) as u32);
             let (mut fast, mut slow) = (vec![0f32; rows * cols], vec![1f32; rows * cols]);
