@@ -1404,12 +1404,17 @@ impl Layer for Conv2d {
             p.saturating_sub(wp).max(ctx.threads.min(n))
         };
         self.workspaces(wp + input_pieces);
-        if !self.tap_weights.is_empty() {
+        // The input gradient by taps needs the weights tap-major (not when Winograd's
+        // transform takes it).
+        if !(self.tap_weights.is_empty() || self.winograd() && dx.is_some()) {
             // tap_weights[t][c][oc] = weight[oc][c][t].
             let (c, kk) = (g.c, 9);
-            for (i, v) in self.tap_weights.iter_mut().enumerate() {
-                let (t, ch, oc) = (i / (c * out_ch), i / out_ch % c, i % out_ch);
-                *v = self.weight[oc * c * kk + ch * kk + t];
+            for (t, plane) in self.tap_weights.chunks_exact_mut(c * out_ch).enumerate() {
+                for (ch, row) in plane.chunks_exact_mut(out_ch).enumerate() {
+                    for (oc, v) in row.iter_mut().enumerate() {
+                        *v = self.weight[oc * c * kk + ch * kk + t];
+                    }
+                }
             }
         }
         let taps = Taps {

@@ -118,11 +118,95 @@ fn max_forward(g: Window, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     }
 }
 
+/// The 2x2, stride 2 window of one plane, taps in PyTorch's order (row by row), with the same
+/// rule as the general loop: a later tap wins if strictly greater, or NaN. On AVX-512, 16
+/// windows at a time (the taps split into even and odd columns by permutes); elsewhere
+/// branch-free selects. The same values and indices either way.
+fn max_2x2(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512 {
+        assert!(
+            xp.len() >= g.h * g.w && 2 * g.oh <= g.h && 2 * g.ow <= g.w,
+            "max_2x2: the plane holds every window"
+        );
+        assert!(yp.len() >= g.oh * g.ow && ap.len() >= g.oh * g.ow);
+        // SAFETY: the level says the CPU has AVX-512F; the checks above bound every access.
+        unsafe { max_2x2_avx512(g, xp, yp, ap) };
+        return;
+    }
+    max_2x2_portable(g, xp, yp, ap)
+}
+
+/// `max_2x2` on AVX-512.
+///
+/// # Safety
+/// The CPU has AVX-512F; `xp` holds the `h x w` plane with `2 oh <= h` and `2 ow <= w`; `yp`
+/// and `ap` hold `oh x ow` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_2x2_avx512(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let w = g.w;
+    let lanes = |k: usize| -> __mmask16 {
+        if k >= 16 {
+            !0
+        } else {
+            (1u16 << k) - 1
+        }
+    };
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    let iota2 = _mm512_slli_epi32::<1>(_mm512_setr_epi32(
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+    ));
+    let offs = [1u32, w as u32, w as u32 + 1].map(|o| _mm512_set1_epi32(o as i32));
+    for oy in 0..g.oh {
+        let (r0, r1) = (
+            xp.as_ptr().add(2 * oy * w),
+            xp.as_ptr().add((2 * oy + 1) * w),
+        );
+        let (yr, ar) = (
+            yp.as_mut_ptr().add(oy * g.ow),
+            ap.as_mut_ptr().add(oy * g.ow),
+        );
+        let base = (2 * oy * w) as u32;
+        let mut ox = 0;
+        while ox < g.ow {
+            let cnt = (g.ow - ox).min(16);
+            // The 2 * cnt inputs of each row: the first 16, then the rest.
+            let (m0, m1) = (lanes(2 * cnt), lanes((2 * cnt).saturating_sub(16)));
+            let pair = |r: *const f32| {
+                let a = _mm512_maskz_loadu_ps(m0, r.add(2 * ox));
+                let b = _mm512_maskz_loadu_ps(m1, r.add(2 * ox + 16));
+                (
+                    _mm512_permutex2var_ps(a, even, b),
+                    _mm512_permutex2var_ps(a, odd, b),
+                )
+            };
+            let ((p00, p01), (p10, p11)) = (pair(r0), pair(r1));
+            let mut best = p00;
+            let mut off = _mm512_setzero_si512();
+            for (v, o) in [(p01, offs[0]), (p10, offs[1]), (p11, offs[2])] {
+                let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best)
+                    | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                best = _mm512_mask_blend_ps(take, best, v);
+                off = _mm512_mask_blend_epi32(take, off, o);
+            }
+            let m = lanes(cnt);
+            _mm512_mask_storeu_ps(yr.add(ox), m, best);
+            let idx = _mm512_add_epi32(
+                _mm512_set1_epi32((base + 2 * ox as u32) as i32),
+                _mm512_add_epi32(iota2, off),
+            );
+            _mm512_mask_storeu_epi32(ar.add(ox).cast(), m, idx);
+            ox += 16;
+        }
+    }
+}
+
 crate::simd_kernel! {
-    /// The 2x2, stride 2 window of one plane, taps in PyTorch's order (row by row), with the
-    /// same rule as the general loop: a later tap wins if strictly greater, or NaN. Branch-free
-    /// selects, so the loop vectorizes.
-    fn max_2x2(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    /// `max_2x2` on the AVX2 and baseline levels.
+    fn max_2x2_portable(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
         let w = g.w;
         for oy in 0..g.oh {
             let r0 = &xp[2 * oy * w..][..2 * g.ow];
@@ -609,7 +693,16 @@ mod tests {
     /// repeat often (ties) and include NaN and -inf.
     #[test]
     fn max_2x2_follows_the_general_rule() {
-        for (h, w) in [(28, 28), (16, 18), (14, 14), (10, 34), (4, 16)] {
+        for (h, w) in [
+            (28, 28),
+            (16, 18),
+            (14, 14),
+            (10, 34),
+            (4, 16),
+            (7, 7),
+            (5, 67),
+            (3, 2),
+        ] {
             let g = Window::new("MaxPool2d", 2, 2, 2, 0, h, w).unwrap();
             let (hw, ohw) = (h * w, g.oh * g.ow);
             let x: Vec<f32> = (0..2 * hw)
