@@ -1323,7 +1323,14 @@ impl Layer for Conv2d {
         if self.winograd() {
             // One example at a time on each thread (its arithmetic never depends on the
             // split).
-            winograd::filter_transform(&self.weight, out_ch, g.c, false, &mut self.wino_u);
+            winograd::filter_transform(
+                &self.weight,
+                out_ch,
+                g.c,
+                false,
+                &mut self.wino_u,
+                ctx.threads,
+            );
             let (u, bias) = (&self.wino_u[..], self.bias.as_deref());
             let ys = Disjoint::new(&mut y[..n * osz]);
             let ws = Disjoint::new(&mut self.cols[..p]);
@@ -1423,7 +1430,14 @@ impl Layer for Conv2d {
         };
         let wino_w = self.winograd();
         let wino = if self.winograd() && dx.is_some() {
-            winograd::filter_transform(&self.weight, out_ch, g.c, true, &mut self.wino_ub);
+            winograd::filter_transform(
+                &self.weight,
+                out_ch,
+                g.c,
+                true,
+                &mut self.wino_ub,
+                ctx.threads,
+            );
             Some(&self.wino_ub[..])
         } else {
             None

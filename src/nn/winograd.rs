@@ -38,43 +38,63 @@ pub(crate) fn workspace_len(inp: usize, out: usize, h: usize, w: usize) -> usize
 /// operand of the products (`[tiles][inp] x [inp][out]`). With `flip`, those of the input
 /// gradient, whose input is the layer's output: `u [16][out][inp]` from `weight[o][c]` turned
 /// by 180 degrees. In f64, rounded once.
+/// The rows of each plane `u[ξ]` (input channels, or output channels with `flip`) are split
+/// among up to `threads` threads; each value is computed alone, so the split changes nothing.
 #[allow(clippy::needless_range_loop)] // the matrices' index notation
-pub(crate) fn filter_transform(weight: &[f32], out: usize, inp: usize, flip: bool, u: &mut [f32]) {
+pub(crate) fn filter_transform(
+    weight: &[f32],
+    out: usize,
+    inp: usize,
+    flip: bool,
+    u: &mut [f32],
+    threads: usize,
+) {
     assert!(weight.len() >= out * inp * 9 && u.len() >= 16 * out * inp);
     let plane = out * inp;
-    for o in 0..out {
-        for c in 0..inp {
-            let w = &weight[(o * inp + c) * 9..][..9];
-            let g = |i: usize, j: usize| {
-                if flip {
-                    w[(2 - i) * 3 + (2 - j)] as f64
-                } else {
-                    w[i * 3 + j] as f64
+    // A plane's row is one input channel's `out` values, or with `flip` one output
+    // channel's `inp` values.
+    let (rows, row_len) = if flip { (out, inp) } else { (inp, out) };
+    let us = crate::kernels::Disjoint::new(&mut u[..16 * plane]);
+    crate::kernels::par_ranges(threads, rows, 8, |r| {
+        // SAFETY: each piece takes rows `r` of the 16 planes: disjoint ranges.
+        let dst: [&mut [f32]; 16] = std::array::from_fn(|p| unsafe {
+            us.range(p * plane + r.start * row_len..p * plane + r.end * row_len)
+        });
+        for row in r.clone() {
+            for col in 0..row_len {
+                let (o, c) = if flip { (row, col) } else { (col, row) };
+                let w = &weight[(o * inp + c) * 9..][..9];
+                let g = |i: usize, j: usize| {
+                    if flip {
+                        w[(2 - i) * 3 + (2 - j)] as f64
+                    } else {
+                        w[i * 3 + j] as f64
+                    }
+                };
+                // t = G g (4 x 3), then t G^T (4 x 4).
+                let mut t = [[0f64; 3]; 4];
+                for j in 0..3 {
+                    let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
+                    t[0][j] = g0;
+                    t[1][j] = 0.5 * (g0 + g1 + g2);
+                    t[2][j] = 0.5 * (g0 - g1 + g2);
+                    t[3][j] = g2;
                 }
-            };
-            // t = G g (4 x 3), then t G^T (4 x 4).
-            let mut t = [[0f64; 3]; 4];
-            for j in 0..3 {
-                let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
-                t[0][j] = g0;
-                t[1][j] = 0.5 * (g0 + g1 + g2);
-                t[2][j] = 0.5 * (g0 - g1 + g2);
-                t[3][j] = g2;
-            }
-            let at = if flip { o * inp + c } else { c * out + o };
-            for (a, r) in t.iter().enumerate() {
-                let row = [
-                    r[0],
-                    0.5 * (r[0] + r[1] + r[2]),
-                    0.5 * (r[0] - r[1] + r[2]),
-                    r[2],
-                ];
-                for (b, v) in row.into_iter().enumerate() {
-                    u[(a * 4 + b) * plane + at] = v as f32;
+                let at = (row - r.start) * row_len + col;
+                for (a, tr) in t.iter().enumerate() {
+                    let v = [
+                        tr[0],
+                        0.5 * (tr[0] + tr[1] + tr[2]),
+                        0.5 * (tr[0] - tr[1] + tr[2]),
+                        tr[2],
+                    ];
+                    for (b, x) in v.into_iter().enumerate() {
+                        dst[a * 4 + b][at] = x as f32;
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 /// Channels handled at once: one AVX-512 register of f32.
@@ -708,7 +728,7 @@ mod tests {
             let wt = values(out * inp * 9, (out * 17 + w) as u64);
             let bias = values(out, 5);
             let mut u = vec![0f32; 16 * out * inp];
-            filter_transform(&wt, out, inp, false, &mut u);
+            filter_transform(&wt, out, inp, false, &mut u, 3);
             let mut ws = vec![f32::NAN; workspace_len(inp, out, h, w)];
             let mut y = vec![f32::NAN; out * h * w];
             conv3x3(&x, inp, out, h, w, &u, Some(&bias), &mut y, &mut ws);
@@ -724,7 +744,7 @@ mod tests {
             }
             // The input gradient: dx = conv(dy, flipped filters), out and in swapped.
             let dy = values(out * h * w, 99);
-            filter_transform(&wt, out, inp, true, &mut u);
+            filter_transform(&wt, out, inp, true, &mut u, 1);
             let mut ws = vec![f32::NAN; workspace_len(out, inp, h, w)];
             let mut dx = vec![f32::NAN; inp * h * w];
             conv3x3(&dy, out, inp, h, w, &u, None, &mut dx, &mut ws);
