@@ -238,6 +238,33 @@ crate::simd_kernel! {
 fn max_backward(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
     let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
     let planes = dx.len() / hw.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if g.k == 2
+        && g.s == 2
+        && g.p == 0
+        && crate::kernels::simd::level() == crate::kernels::simd::Level::Avx512
+    {
+        assert!(dy.len() >= planes * ohw && argmax.len() >= planes * ohw);
+        assert!(2 * g.oh <= g.h && 2 * g.ow <= g.w);
+        for ((dxp, dyp), ap) in dx
+            .chunks_exact_mut(hw)
+            .zip(dy.chunks_exact(ohw))
+            .zip(argmax.chunks_exact(ohw))
+        {
+            // SAFETY: the level says the CPU has AVX-512F; the checks above bound every
+            // access.
+            unsafe { max_2x2_backward_avx512(g, dyp, ap, dxp) };
+        }
+        return;
+    }
+    max_scatter(g, dy, argmax, dx)
+}
+
+/// `max_backward` on any CPU and window: fill with zeros, then add each output gradient to
+/// its winner.
+fn max_scatter(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
+    let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let planes = dx.len() / hw.max(1);
     let dxs = dx.chunks_exact_mut(hw);
     let args = argmax[..planes * ohw].chunks_exact(ohw);
     for ((dxp, dyp), ap) in dxs.zip(dy[..planes * ohw].chunks_exact(ohw)).zip(args) {
@@ -247,6 +274,70 @@ fn max_backward(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
             dxp[a as usize] += d;
         }
     }
+}
+
+/// `max_backward` of one plane for the 2x2, stride 2 windows on AVX-512: each input gets
+/// `0 + dy` of its window if it won it, else 0 (the values the fill and scatter give, `-0`
+/// becoming `+0` alike), written row by row instead of filled then scattered.
+///
+/// # Safety
+/// The CPU has AVX-512F; `dyp` and `ap` hold `oh x ow` values, `dxp` the `h x w` plane, with
+/// `2 oh <= h` and `2 ow <= w`. (An index in `ap` outside its window, which `max_2x2` never
+/// writes, would be ignored, not followed.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_2x2_backward_avx512(g: Window, dyp: &[f32], ap: &[u32], dxp: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let w = g.w;
+    let lanes = |k: usize| -> __mmask16 {
+        if k >= 16 {
+            !0
+        } else {
+            (1u16 << k) - 1
+        }
+    };
+    // Interleave two vectors of 16: lanes 0..16 of the pair's first 32, then 16..32.
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let iota2 = _mm512_slli_epi32::<1>(_mm512_setr_epi32(
+        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+    ));
+    let (one, wv) = (_mm512_set1_epi32(1), _mm512_set1_epi32(w as i32));
+    for oy in 0..g.oh {
+        let (dr, ar) = (dyp.as_ptr().add(oy * g.ow), ap.as_ptr().add(oy * g.ow));
+        let rows = [
+            dxp.as_mut_ptr().add(2 * oy * w),
+            dxp.as_mut_ptr().add((2 * oy + 1) * w),
+        ];
+        let mut ox = 0;
+        while ox < g.ow {
+            let cnt = (g.ow - ox).min(16);
+            let m = lanes(cnt);
+            let v = _mm512_add_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, dr.add(ox)));
+            let a = _mm512_maskz_loadu_epi32(m, ar.add(ox).cast());
+            // The window's top-left input of each of the 16 outputs.
+            let p00 = _mm512_add_epi32(_mm512_set1_epi32((2 * oy * w + 2 * ox) as i32), iota2);
+            let p10 = _mm512_add_epi32(p00, wv);
+            for (row, p0) in rows.iter().zip([p00, p10]) {
+                let left = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(a, p0), v);
+                let right =
+                    _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(a, _mm512_add_epi32(p0, one)), v);
+                let (m0, m1) = (lanes(2 * cnt), lanes((2 * cnt).saturating_sub(16)));
+                let dst = row.add(2 * ox);
+                _mm512_mask_storeu_ps(dst, m0, _mm512_permutex2var_ps(left, lo, right));
+                _mm512_mask_storeu_ps(dst.add(16), m1, _mm512_permutex2var_ps(left, hi, right));
+            }
+            ox += 16;
+        }
+        // An odd width's last column is in no window.
+        for r in rows {
+            for x in 2 * g.ow..w {
+                *r.add(x) = 0.0;
+            }
+        }
+    }
+    // An odd height's last row is in no window.
+    dxp[2 * g.oh * w..g.h * w].fill(0.0);
 }
 
 /// Largest map (`h * w`) the 3x3 box filter handles with its buffers on the stack.
@@ -734,6 +825,31 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The row-by-row backward of the 2x2/2 windows against fill and scatter: the same bits,
+    /// `-0` and NaN gradients included, odd sizes' uncovered edges zero.
+    #[test]
+    fn max_2x2_backward_matches_the_scatter() {
+        for (h, w) in [(28, 28), (14, 14), (7, 7), (5, 67), (3, 2), (9, 34)] {
+            let g = Window::new("MaxPool2d", 2, 2, 2, 0, h, w).unwrap();
+            let (hw, ohw) = (h * w, g.oh * g.ow);
+            let x: Vec<f32> = (0..3 * hw).map(|i| ((i * 7919) % 23) as f32).collect();
+            let (mut y, mut a) = (vec![0f32; 3 * ohw], vec![0u32; 3 * ohw]);
+            max_forward(g, &x, &mut y, &mut a);
+            let dy: Vec<f32> = (0..3 * ohw)
+                .map(|i| match i % 11 {
+                    0 => -0.0,
+                    1 => f32::NAN,
+                    v => v as f32 - 4.5,
+                })
+                .collect();
+            let (mut fast, mut slow) = (vec![7f32; 3 * hw], vec![9f32; 3 * hw]);
+            max_backward(g, &dy, &a, &mut fast);
+            max_scatter(g, &dy, &a, &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "{h}x{w}");
         }
     }
 }
