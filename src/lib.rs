@@ -28,5 +28,6 @@ pub mod run;
 pub mod stop;
 pub mod study;
 pub mod train;
+pub mod tune;
 
 pub use error::{Error, Result};

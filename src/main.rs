@@ -286,7 +286,9 @@ struct TrainArgs {
     #[arg(long, value_name = "X|cumulative")]
     bn_momentum: Option<String>,
     /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
-    /// available to the process, shared among the ranks of this host under mpirun).
+    /// available to the process, shared among the ranks of this host under mpirun). Without
+    /// either, the steps move to fewer threads while that runs faster (as when the host runs
+    /// this machine's CPUs badly) and back when it no longer does; results are the same.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Input normalization per channel: none, auto (the training set's mean and standard
@@ -407,7 +409,9 @@ struct BenchArgs {
     #[arg(long, default_value_t = 60)]
     batch_size: i64,
     /// Threads for the kernels (default: every core: $BNLAB_THREADS if set, else the cores
-    /// available to the process, shared among the ranks of this host under mpirun).
+    /// available to the process, shared among the ranks of this host under mpirun). Without
+    /// either, the steps move to fewer threads while that runs faster (as when the host runs
+    /// this machine's CPUs badly) and back when it no longer does; results are the same.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     #[command(flatten)]
@@ -931,6 +935,9 @@ fn train(a: TrainArgs, stop: &bnlab::stop::Stop, ranks: &Ranks) -> Result<()> {
     };
     let (run, split) = (&mut run.0, &run.1);
     run.stop = stop.clone();
+    if threads_adaptive(a.threads) {
+        run.trainer.tune_threads(run.spec.config.threads);
+    }
     if ranks.size() > 1 {
         let bn_sync = run.spec.bn_sync.unwrap_or(BnSync::Global);
         // The same check on every rank: said once, every rank ending normally.
@@ -1152,6 +1159,12 @@ fn population_batch_size(flag: Option<i64>, net: &Network) -> Result<usize> {
 /// available to the process (divided among the MPI ranks of this host when run under
 /// mpirun); at most `kernels::MAX_THREADS` (said on stderr when fewer than asked). Results do
 /// not depend on it.
+/// Whether the steps may choose their thread count as they run (`tune::ThreadTuner`): when
+/// neither `--threads` nor `$BNLAB_THREADS` fixes it.
+fn threads_adaptive(asked: Option<usize>) -> bool {
+    asked.is_none() && std::env::var("BNLAB_THREADS").map_or(true, |v| v.trim().is_empty())
+}
+
 fn threads_used(asked: Option<usize>) -> Result<usize> {
     let (n, explicit) = match asked {
         Some(n) => (n, "--threads"),
@@ -1301,6 +1314,9 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         ranks.agree(join_ranks(&mut net, ranks, bn_sync, &config))?;
     }
     let mut trainer = Trainer::new(config.clone(), split.train.len(), split.train.features());
+    if threads_adaptive(a.threads) {
+        trainer.tune_threads(config.threads);
+    }
     let warmup = (steps / 10).clamp(1, 200);
     /// Keeps the last loss; nothing is evaluated.
     struct LastLoss(f64);
@@ -1333,6 +1349,9 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         &mut last,
     )?;
     ranks.barrier();
+    if let Some(t) = trainer.tuner_mut() {
+        t.reset_counts();
+    }
     let t = Instant::now();
     train_loop(
         &mut net,
@@ -1355,8 +1374,21 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     } else {
         String::new()
     };
+    // With the thread count left to bnlab: the steps on fewer threads than the most, if any.
+    let by_threads = trainer.tuner().map(|t| t.steps_by_threads());
+    let fewer: u64 = by_threads
+        .iter()
+        .flatten()
+        .filter(|&&(n, _)| n < config.threads)
+        .map(|&(_, s)| s)
+        .sum();
+    let adaptive = match &by_threads {
+        Some(_) if fewer > 0 => format!(", adaptive: {fewer} steps on fewer"),
+        Some(_) => ", adaptive".to_string(),
+        None => String::new(),
+    };
     println!(
-        "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({procs}{} threads, last loss {loss:.4})",
+        "{}: {steps} steps of batch {} in {secs:.3} s: {rate:.0} steps/s ({procs}{} threads{adaptive}, last loss {loss:.4})",
         net.name(),
         config.batch_size,
         config.threads
@@ -1380,6 +1412,12 @@ fn bench(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             "processes": ranks.size(),
             "bn_sync": (ranks.size() > 1).then(|| bn_sync.name()),
             "threads": config.threads,
+            "threads_adaptive": by_threads.is_some(),
+            "steps_by_threads": by_threads
+                .iter()
+                .flatten()
+                .map(|&(n, s)| serde_json::json!({"threads": n, "steps": s}))
+                .collect::<Vec<_>>(),
             "simd": simd.name(),
             "conv": conv.name(),
             "seconds": secs,

@@ -666,6 +666,9 @@ pub struct Trainer {
     /// A data-parallel step's gradients, every parameter's one after another, summed over the
     /// ranks (sized at the first such step).
     grads: Vec<f32>,
+    /// Chooses the network's thread count step by step, when the user left it to bnlab
+    /// (`tune_threads`).
+    tuner: Option<crate::tune::ThreadTuner>,
 }
 
 impl Trainer {
@@ -690,7 +693,30 @@ impl Trainer {
             y: vec![0; b],
             augment: None,
             grads: Vec::new(),
+            tuner: None,
         }
+    }
+
+    /// Let the steps choose their thread count among `1..=max` as they run
+    /// (`tune::ThreadTuner`): for runs whose user did not fix it. Results do not change.
+    pub fn tune_threads(&mut self, max: usize) {
+        self.tuner = (max > 1).then(|| crate::tune::ThreadTuner::new(max));
+    }
+
+    /// Choose the thread count with `tuner` (see `tune_threads`; tests pass
+    /// `ThreadTuner::cycling`).
+    pub fn set_tuner(&mut self, tuner: crate::tune::ThreadTuner) {
+        self.tuner = Some(tuner);
+    }
+
+    /// The thread tuner, when the steps choose their thread count.
+    pub fn tuner(&self) -> Option<&crate::tune::ThreadTuner> {
+        self.tuner.as_ref()
+    }
+
+    /// The thread tuner, mutable (to reset its counts).
+    pub fn tuner_mut(&mut self) -> Option<&mut crate::tune::ThreadTuner> {
+        self.tuner.as_mut()
     }
 
     /// Set up the configured augmentation for examples of `shape` (`[C, H, W]`); a no-op for
@@ -721,13 +747,27 @@ impl Trainer {
     /// One SGD step on the next mini-batch; returns the loss. A NaN or infinite loss stops
     /// training with `Error::Diverged` before the weights are touched.
     pub fn step(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
+        let Some(threads) = self.tuner.as_ref().map(|t| t.threads()) else {
+            return self.step_on(net, data);
+        };
+        net.threads = threads;
+        let t = std::time::Instant::now();
+        let loss = self.step_on(net, data);
+        if let Some(tuner) = &mut self.tuner {
+            tuner.record(t.elapsed().as_secs_f64());
+        }
+        loss
+    }
+
+    /// `step` on the network's current thread count.
+    fn step_on(&mut self, net: &mut Network, data: &Dataset) -> Result<f64> {
         if net.dist().is_some() {
             return self.step_data_parallel(net, data);
         }
         let b = self.config.batch_size;
         self.batches.set_labels(&data.labels)?;
         let idx = self.batches.next_batch();
-        if self.config.threads > 1 && self.augment.is_none() {
+        if net.threads > 1 && self.augment.is_none() {
             // Each thread converts the half of every image that its half of the input layer
             // reads (see `kernels::sparse`), so the pixels stay in that core's cache.
             let f = data.features();
@@ -1178,6 +1218,63 @@ mod tests {
 
     /// Evaluating with batch statistics normalizes each batch as training does, and changes
     /// no state: the running statistics and the eval-mode results stay as they were.
+    /// A run whose thread count changes between steps (as under `tune_threads`) ends with the
+    /// bits of a run on one thread: the sparse input layer, BN, the update and the batch fill
+    /// all split their work without changing the arithmetic.
+    #[test]
+    fn changing_the_thread_count_between_steps_changes_no_bit() {
+        let n = 120;
+        let pixels: Vec<f32> = (0..n * 784)
+            .map(|i| {
+                if (i * 7919) % 5 == 0 {
+                    ((i * 31) % 255) as f32 / 255.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let data = Dataset::new(Pixels::F32(pixels), labels, [1, 28, 28], 10).unwrap();
+        let config = TrainConfig {
+            steps: 9,
+            batch_size: 20,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            schedule: Schedule::Constant,
+            seed: 5,
+            order: Order::Shuffle,
+            eval_every: 0,
+            threads: 3,
+            augment: Augment::None,
+            bn: Default::default(),
+        };
+        let train = |tuner: Option<crate::tune::ThreadTuner>| {
+            let threads = if tuner.is_some() { 3 } else { 1 };
+            let mut net = Network::preset("mlp-fig1-bn", 3, 20, threads).unwrap();
+            let mut trainer = Trainer::new(config.clone(), n, 784);
+            if let Some(t) = tuner {
+                trainer.set_tuner(t);
+            }
+            let mut losses = Vec::new();
+            for _ in 0..9 {
+                losses.push(trainer.step(&mut net, &data).unwrap().to_bits());
+            }
+            let mut all = losses;
+            net.visit_state(&mut |_, _, t| match t {
+                TensorMut::F32(v) | TensorMut::F32T(v) => {
+                    all.extend(v.iter().map(|x| x.to_bits() as u64))
+                }
+                TensorMut::I64(v) => all.push(*v as u64),
+            });
+            (all, trainer.tuner().map(|t| t.steps_by_threads()))
+        };
+        let (one, _) = train(None);
+        let (cycled, used) = train(Some(crate::tune::ThreadTuner::cycling(3)));
+        assert_eq!(used, Some(vec![(3, 3), (2, 3), (1, 3)]));
+        assert!(one == cycled, "other bits when the thread count changes");
+    }
+
     #[test]
     fn batch_statistics_evaluation_changes_nothing() {
         let n = 24;
