@@ -8,8 +8,8 @@
 //! arithmetic is the same), so a run may change it between any two steps. When the user does
 //! not fix the count (`--threads`, `$BNLAB_THREADS`), [`ThreadTuner`] times windows of steps
 //! and now and then one window at another count (half the current one, or back up towards the
-//! most), and moves to it when that window ran faster. A window much slower than the recent
-//! ones starts such a probe at once, so a collapse is left within a window or two.
+//! most), and moves to it when that window ran faster. Two windows much slower than the recent
+//! ones start such a probe at once, so a collapse is left within a few windows.
 
 /// Seconds a timed window should last at least: long enough to average a step's noise.
 const WINDOW_SECS: f64 = 0.05;
@@ -28,7 +28,8 @@ const INTERVAL_DOWN: usize = 32;
 const MAX_INTERVAL_DOWN: usize = 512;
 /// A probe moves the count when its window ran this much faster.
 const MARGIN: f64 = 1.05;
-/// A window below this share of the recent best rate at the current count starts a probe.
+/// Two windows in a row below this share of the recent best rate at the current count start a
+/// probe.
 const DROP: f64 = 0.8;
 
 /// Chooses among `1..=max` threads by timing windows of training steps (see the module doc).
@@ -38,7 +39,8 @@ pub struct ThreadTuner {
     current: usize,
     /// The count the steps of the window being timed run on (`current`, or the one probed).
     count: usize,
-    /// Steps per window (doubled until a window lasts `WINDOW_SECS`).
+    /// Steps per window: from one, doubled until a window lasts `WINDOW_SECS` (one step of a
+    /// ResNet, hundreds of the MLP's), so that a probe costs little however long a step is.
     window: usize,
     steps: usize,
     secs: f64,
@@ -47,6 +49,8 @@ pub struct ThreadTuner {
     /// The best window rate at `current` since the count last changed, slowly forgotten.
     recent_best: f64,
     probing: bool,
+    /// The last window fell below `DROP` of the recent best.
+    low: bool,
     windows_since_probe: usize,
     interval: usize,
     /// Steps run on each count (`steps_at[n - 1]` on `n` threads).
@@ -61,12 +65,13 @@ impl ThreadTuner {
             max,
             current: max,
             count: max,
-            window: 4,
+            window: 1,
             steps: 0,
             secs: 0.0,
             last_rate: 0.0,
             recent_best: 0.0,
             probing: false,
+            low: false,
             windows_since_probe: 0,
             interval: MIN_INTERVAL,
             steps_at: vec![0; max],
@@ -176,7 +181,9 @@ impl ThreadTuner {
         // Forget old bests slowly, so that a lasting change of the host resets the reference.
         self.recent_best = (self.recent_best * 0.99).max(rate);
         self.windows_since_probe += 1;
-        let dropped = rate < DROP * self.recent_best;
+        let below = rate < DROP * self.recent_best;
+        let dropped = below && self.low;
+        self.low = below && !dropped;
         let next = self.candidate();
         if next != self.current && (dropped || self.windows_since_probe >= self.interval) {
             if dropped {
@@ -235,6 +242,16 @@ mod tests {
         // The host recovers: a probe finds two threads faster again.
         run(&mut t, 3_000, |n| if n == 2 { 1e-3 } else { 1.7e-3 });
         assert_eq!(t.settled(), 2, "did not come back to two threads");
+    }
+
+    #[test]
+    fn long_steps_probe_one_step_at_a_time() {
+        let mut t = ThreadTuner::new(2);
+        // A ResNet-20 step: 140 ms on two threads, 250 ms on one. Windows are single steps,
+        // so 30 steps hold one probe of one step.
+        let used = run(&mut t, 30, |n| if n == 2 { 0.14 } else { 0.25 });
+        assert_eq!(used.iter().filter(|&&n| n == 1).count(), 1, "{used:?}");
+        assert_eq!(t.settled(), 2);
     }
 
     #[test]
