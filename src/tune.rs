@@ -22,8 +22,10 @@ const MIN_INTERVAL: usize = 4;
 const MAX_INTERVAL_UP: usize = 64;
 /// Windows between probes for fewer threads, once the first one did not help (then doubling
 /// up to `MAX_INTERVAL_DOWN`): a collapse is caught by the drop of the rate, so these are
-/// rare, and cost a fraction of a percent.
-const INTERVAL_DOWN: usize = 32;
+/// rare. A probe window on half the threads costs at most about one window (a step on one of
+/// two cores takes up to twice as long), so they cost at most about 1.5% at first, and less
+/// and less.
+const INTERVAL_DOWN: usize = 64;
 /// The most windows between probes for fewer threads.
 const MAX_INTERVAL_DOWN: usize = 512;
 /// A probe moves the count when its window ran this much faster.
@@ -217,9 +219,9 @@ mod tests {
         let used = run(&mut t, 20_000, |n| if n == 2 { 1e-3 } else { 1.7e-3 });
         assert_eq!(t.settled(), 2);
         let on_one = used.iter().filter(|&&n| n == 1).count();
-        // A window is 64 steps of 1 ms; 20 000 steps are 312 windows. Probes after windows
-        // 4, 36, 100 and 228 (intervals 32, 64, 128): four windows of 64 steps.
-        assert_eq!(on_one, 4 * 64, "{on_one} of {} steps probing", used.len());
+        // A window is 64 steps of 1 ms; 20 000 steps are about 312 windows. Probes after
+        // windows 4, 69 and 198 (intervals 64, 128): three windows of 64 steps.
+        assert_eq!(on_one, 3 * 64, "{on_one} of {} steps probing", used.len());
         assert_eq!(
             t.steps_by_threads(),
             vec![(2, (20_000 - on_one) as u64), (1, on_one as u64)]
