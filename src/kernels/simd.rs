@@ -13,6 +13,18 @@
 //! detection, not this level.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The AVX-512 mask of the first `k` of 16 lanes (all of them from 16 up): for the masked loads
+/// and stores of a last, partial register.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn lanes(k: usize) -> std::arch::x86_64::__mmask16 {
+    if k >= 16 {
+        !0
+    } else {
+        (1u16 << k) - 1
+    }
+}
 use std::sync::Once;
 
 /// A vector instruction set the kernels are compiled for.

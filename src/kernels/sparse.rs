@@ -322,20 +322,13 @@ simd_kernel! {
 /// 32 columns wait about three cycles per nonzero each).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::kernels::simd::lanes as mask;
     use std::arch::x86_64::*;
 
     /// Lanes of f32 in a register.
     const L: usize = 16;
     /// Registers of accumulators: the widest chunk of columns done in one pass.
     const MAX_V: usize = 8;
-
-    fn mask(len: usize) -> __mmask16 {
-        if len >= L {
-            !0
-        } else {
-            (1u16 << len) - 1
-        }
-    }
 
     /// `super::gather_row_portable` with a compare and two compresses per 16 values.
     ///

@@ -965,14 +965,8 @@ unsafe fn transpose16_avx512<const FULL: bool>(
     nr: usize,
     nc: usize,
 ) {
+    use crate::kernels::simd::lanes;
     use std::arch::x86_64::*;
-    let lanes = |k: usize| -> __mmask16 {
-        if k >= 16 {
-            !0
-        } else {
-            (1u16 << k) - 1
-        }
-    };
     let (nr, nc) = if FULL { (16, 16) } else { (nr, nc) };
     let (load, store) = (lanes(nc), lanes(nr));
     let mut r = [_mm512_setzero_ps(); 16];

@@ -147,13 +147,7 @@ fn max_2x2(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
 unsafe fn max_2x2_avx512(g: Window, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
     use std::arch::x86_64::*;
     let w = g.w;
-    let lanes = |k: usize| -> __mmask16 {
-        if k >= 16 {
-            !0
-        } else {
-            (1u16 << k) - 1
-        }
-    };
+    use crate::kernels::simd::lanes;
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     let iota2 = _mm512_slli_epi32::<1>(_mm512_setr_epi32(
@@ -289,13 +283,7 @@ fn max_scatter(g: Window, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
 unsafe fn max_2x2_backward_avx512(g: Window, dyp: &[f32], ap: &[u32], dxp: &mut [f32]) {
     use std::arch::x86_64::*;
     let w = g.w;
-    let lanes = |k: usize| -> __mmask16 {
-        if k >= 16 {
-            !0
-        } else {
-            (1u16 << k) - 1
-        }
-    };
+    use crate::kernels::simd::lanes;
     // Interleave two vectors of 16: lanes 0..16 of the pair's first 32, then 16..32.
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);

@@ -370,6 +370,7 @@ fn output_loop(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::L;
+    use crate::kernels::simd::lanes;
     use std::arch::x86_64::*;
 
     /// `super::tile_in` on AVX-512.
@@ -379,7 +380,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_in(src: &[*const f32; 16], dst: *mut f32, stride: usize, len: usize) {
-        let mask: __mmask16 = if len >= L { !0 } else { (1u16 << len) - 1 };
+        let mask = lanes(len);
         // SAFETY: the caller's contract: the masked lanes are readable / writable.
         unsafe {
             let p: [__m512; 16] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, src[i]));
@@ -408,7 +409,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_dy(src: &[*const f32; 4], dst: *mut f32, stride: usize, len: usize) {
-        let mask: __mmask16 = if len >= L { !0 } else { (1u16 << len) - 1 };
+        let mask = lanes(len);
         // SAFETY: the caller's contract: the masked lanes are readable / writable.
         unsafe {
             let p: [__m512; 4] = std::array::from_fn(|j| _mm512_maskz_loadu_ps(mask, src[j]));
@@ -452,7 +453,7 @@ mod x86 {
         dst: &[Option<*mut f32>; 4],
         len: usize,
     ) {
-        let mask: __mmask16 = if len >= L { !0 } else { (1u16 << len) - 1 };
+        let mask = lanes(len);
         // SAFETY: the caller's contract: the masked lanes are readable / writable.
         unsafe {
             let p: [__m512; 16] =
